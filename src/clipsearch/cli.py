@@ -1,0 +1,524 @@
+"""The ``clipsearch`` command line: ingest, search, embed, duplicates, export, info, failures.
+
+Settings come from flags, then ``CLIPSEARCH_*`` environment variables, then the model recorded
+for the namespace (so ``search`` uses whatever ``ingest`` used), then the defaults.
+Exit codes: 0 success, 1 some items failed, 2 a usage or set-up error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .errors import ClipsearchError, UsageError
+
+app = typer.Typer(
+    name="clipsearch",
+    help="Self-hosted CLIP embeddings and semantic image search.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# -- shared options ------------------------------------------------------------------------
+DbOpt = Annotated[
+    str,
+    typer.Option("--db", envvar="CLIPSEARCH_DB", help="SQLite database file.", show_default=True),
+]
+NamespaceOpt = Annotated[
+    str,
+    typer.Option("--namespace", "-n", envvar="CLIPSEARCH_NAMESPACE", help="Namespace inside the store."),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        envvar="CLIPSEARCH_MODEL",
+        help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), hf-hub:ORG/REPO, or hf:REPO for "
+        "transformers. Default: the namespace's model, else ViT-B-32.",
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option("--pretrained", envvar="CLIPSEARCH_PRETRAINED", help="open_clip pretrained tag (default: openai)."),
+]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights",
+        envvar="CLIPSEARCH_WEIGHTS",
+        help="Local weights: a checkpoint file, or a saved model folder (open_clip or transformers).",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", envvar="CLIPSEARCH_DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("open_clip").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def handle_errors(fn: F) -> F:
+    """Turn user-facing errors into one ``error:`` line and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClipsearchError as e:
+            err.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"clipsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    _quiet_libraries()
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _open(db: str, must_exist: bool = False):
+    from .store import open_store
+
+    if must_exist and "://" not in db and not Path(db).exists():
+        raise UsageError(f"no database at {db}; run `clipsearch ingest` first or pass --db")
+    return open_store(db)
+
+
+def _model_spec(model: str | None, pretrained: str | None, weights: Path | None, device: str, recorded: dict | None):
+    from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
+
+    if model is None and pretrained is None and weights is None and recorded:
+        return ModelSpec.from_dict(recorded, device)
+    return ModelSpec(
+        model=model or DEFAULT_MODEL,
+        pretrained=pretrained if pretrained is not None else DEFAULT_PRETRAINED,
+        weights=weights,
+        device=device,
+    )
+
+
+def _load_encoder(spec):
+    from .encoders import load_encoder
+
+    with err.status(f"loading {spec.model} ...", spinner="dots") if err.is_terminal else _nullcontext():
+        return load_encoder(spec)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _encoder_for_namespace(store, namespace, model, pretrained, weights, device):
+    """The encoder to query ``namespace`` with: its recorded model unless told otherwise, and
+    never one that would mix vector spaces."""
+    from .store import check_same_model
+
+    info = store.namespace(namespace)
+    if info is None:
+        raise UsageError(f"namespace {namespace!r} does not exist in {store.location}; run `clipsearch ingest` first")
+    spec = _model_spec(model, pretrained, weights, device, info.model_spec)
+    encoder = _load_encoder(spec)
+    check_same_model(namespace, info.identity, encoder.identity)
+    return encoder
+
+
+def _parse_filters(values: list[str] | None) -> dict[str, Any] | None:
+    if not values:
+        return None
+    filters: dict[str, list[str]] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --filter {v!r}: use KEY=VALUE, e.g. --filter label=cat")
+        filters.setdefault(key.strip(), []).append(value.strip())
+    return filters
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f} items/s" if speed else "    -- items/s", style="progress.data.speed")
+
+
+# -- commands ------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def ingest(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="DIR, images:DIR, image-list:FILE, or an image file.", show_default=False),
+    ],
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=1, envvar="CLIPSEARCH_BATCH_SIZE", help="Images per model call."),
+    ] = 32,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="Embed at most N new items.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders.")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, envvar="CLIPSEARCH_WORKERS", help="Decode threads (default: cores, max 4)."),
+    ] = None,
+    max_megapixels: Annotated[
+        float,
+        typer.Option(
+            "--max-megapixels", envvar="CLIPSEARCH_MAX_MEGAPIXELS", help="Refuse larger images (0: no limit)."
+        ),
+    ] = 50.0,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Try items that failed in earlier runs again.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed images from folders and image lists into the store (resumable, incremental)."""
+    from .pipeline import IngestOptions, Ingestor
+    from .sources import parse_source
+    from .store import validate_namespace
+
+    validate_namespace(namespace)
+    parsed = [parse_source(s, recursive=recursive) for s in sources]
+    store = _open(db)
+    info = store.namespace(namespace)
+    spec = _model_spec(model, pretrained, weights, device, info.model_spec if info else None)
+    encoder = _load_encoder(spec)
+    options = IngestOptions(
+        namespace=namespace,
+        batch_size=batch_size,
+        limit=limit,
+        workers=workers,
+        retry_failed=retry_failed,
+        max_megapixels=max_megapixels,
+    )
+    ingestor = Ingestor(store, encoder, spec, options)
+
+    if err.is_terminal and not as_json:
+        columns = (
+            SpinnerColumn(),
+            TextColumn("[bold]ingest[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task("ingest", total=None)
+            report = ingestor.run(parsed, lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        report = ingestor.run(parsed)
+
+    if as_json:
+        out.print_json(data=report.as_dict())
+    else:
+        rate = report.embedded / report.seconds if report.seconds > 0 else 0.0
+        line = (
+            f"embedded {report.embedded}, skipped {report.skipped}, failed {report.failed} "
+            f"in {report.seconds:.1f} s ({rate:.1f} images/s)"
+        )
+        if report.previously_failed:
+            line += f"; {report.previously_failed} failed in an earlier run (see `clipsearch failures`, --retry-failed)"
+        out.print(line, highlight=False)
+        for f in report.failures[:20]:
+            err.print(f"  failed: {f.source}: {f.reason}", highlight=False, markup=False)
+        if len(report.failures) > 20:
+            err.print(f"  ... and {len(report.failures) - 20} more (clipsearch failures)", highlight=False)
+    store.close()
+    if report.interrupted:
+        raise typer.Exit(130)
+    if report.failed or report.previously_failed:
+        raise typer.Exit(1)
+
+
+def _hits_output(hits, as_json: bool) -> None:
+    if as_json:
+        for h in hits:
+            line = {
+                "id": h.item.id,
+                "score": round(h.score, 6),
+                "path": h.item.metadata.get("path"),
+                "metadata": h.item.metadata,
+            }
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+        return
+    if not hits:
+        out.print("no results")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path", overflow="fold")
+    table.add_column("label")
+    for rank, h in enumerate(hits, 1):
+        meta = h.item.metadata
+        table.add_row(str(rank), f"{h.score:.4f}", str(meta.get("path", h.item.id)), str(meta.get("label", "")))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text to search for.", show_default=False)] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Search by this image instead.")] = None,
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    limit: Annotated[int, typer.Option("--limit", "-k", min=1, help="Number of results.")] = 10,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="Only items whose metadata KEY=VALUE (repeatable).")
+    ] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines: id, score, path, metadata.")] = False,
+) -> None:
+    """Search the store by text (QUERY) or by image (--image PATH)."""
+    from .imaging import decode_file
+    from .search import search_image, search_text
+
+    if (query is None) == (image is None):
+        raise UsageError("give a text QUERY or --image PATH (exactly one)")
+    filters = _parse_filters(filter_)
+    store = _open(db, must_exist=True)
+    encoder = _encoder_for_namespace(store, namespace, model, pretrained, weights, device)
+    if image is not None:
+        decoded = decode_file(image)
+        hits = search_image(store, encoder, namespace, decoded.image, limit, filters)
+    else:
+        hits = search_text(store, encoder, namespace, query or "", limit, filters)
+    _hits_output(hits, as_json)
+    store.close()
+
+
+@app.command()
+@handle_errors
+def embed(
+    text: Annotated[str | None, typer.Option("--text", help="Text to embed.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Image file to embed.")] = None,
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Print the embedding of a text or an image as a JSON array.
+
+    Uses the namespace's model when the database has one, else --model/--pretrained/--weights.
+    """
+    from .imaging import decode_file
+
+    if (text is None) == (image is None):
+        raise UsageError("give --text TEXT or --image PATH (exactly one)")
+    recorded = None
+    if "://" not in db and Path(db).exists():
+        store = _open(db)
+        info = store.namespace(namespace)
+        recorded = info.model_spec if info else None
+        store.close()
+    encoder = _load_encoder(_model_spec(model, pretrained, weights, device, recorded))
+    if image is not None:
+        vector = encoder.embed_images([decode_file(image).image])[0]
+    else:
+        vector = encoder.embed_texts([text or ""])[0]
+    sys.stdout.write(json.dumps([round(float(x), 8) for x in vector]) + "\n")
+
+
+@app.command()
+@handle_errors
+def duplicates(
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    threshold: Annotated[
+        float,
+        typer.Option("--threshold", min=0.0, max=1.0, help="Cosine similarity that counts as a duplicate."),
+    ] = 0.95,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one group each.")] = False,
+) -> None:
+    """Groups of near-identical images: identical bytes first, then close vectors."""
+    from .search import find_duplicates
+
+    store = _open(db, must_exist=True)
+    if store.namespace(namespace) is None:
+        raise UsageError(f"namespace {namespace!r} does not exist in {store.location}")
+    groups = find_duplicates(store, namespace, threshold)
+    if as_json:
+        for g in groups:
+            sys.stdout.write(json.dumps(g.as_dict(), ensure_ascii=False) + "\n")
+    elif not groups:
+        out.print(f"no duplicates at threshold {threshold}")
+    else:
+        for i, g in enumerate(groups, 1):
+            out.print(f"[bold]group {i}[/] ({g.kind}, {len(g.items)} items, similarity >= {g.score:.4f})")
+            for it in g.items:
+                out.print(f"  {it.metadata.get('path', it.id)}", highlight=False, markup=False)
+    store.close()
+
+
+@app.command()
+@handle_errors
+def export(
+    npy: Annotated[Path, typer.Option("--npy", help="Output .npy file: float32 (N, D).")],
+    meta: Annotated[Path, typer.Option("--meta", help="Output JSON: ids and metadata in the same order.")],
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+) -> None:
+    """Export a namespace's vectors and metadata."""
+    from .search import export_vectors
+
+    store = _open(db, must_exist=True)
+    if store.namespace(namespace) is None:
+        raise UsageError(f"namespace {namespace!r} does not exist in {store.location}")
+    n = export_vectors(store, namespace, npy, meta)
+    out.print(f"exported {n} vectors to {npy} and metadata to {meta}", highlight=False)
+    store.close()
+
+
+@app.command()
+@handle_errors
+def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
+    """Per namespace: model, dimensions, items, failures, index kind and freshness."""
+    store = _open(db, must_exist=True)
+    rows = []
+    for ns in store.namespaces():
+        status = store.index_status(ns.name)
+        rows.append(
+            {
+                "namespace": ns.name,
+                "model": ns.identity.model_id,
+                "backend": ns.identity.backend,
+                "dim": ns.identity.dim,
+                "items": ns.items,
+                "failures": ns.failures,
+                "index": status.kind,
+                "index_fresh": status.fresh,
+                "identity": ns.identity.as_dict(),
+                "model_spec": ns.model_spec,
+            }
+        )
+    if as_json:
+        out.print_json(data={"db": store.location, "namespaces": rows})
+    else:
+        out.print(f"database: {store.location}", highlight=False)
+        table = Table(show_edge=False, pad_edge=False)
+        for col in ("namespace", "model", "dim", "items", "failures", "index"):
+            table.add_column(col)
+        for r in rows:
+            index = "none" if r["index"] == "none" else f"{r['index']} ({'fresh' if r['index_fresh'] else 'stale'})"
+            table.add_row(
+                r["namespace"],
+                f"{r['backend']} {r['model']}",
+                str(r["dim"]),
+                str(r["items"]),
+                str(r["failures"]),
+                index,
+            )
+        out.print(table)
+    store.close()
+
+
+@app.command()
+@handle_errors
+def failures(
+    db: DbOpt = "clipsearch.db",
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n", envvar="CLIPSEARCH_NAMESPACE", help="Only this namespace."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one failure each.")] = False,
+) -> None:
+    """List the items that failed to ingest, with their reasons."""
+    store = _open(db, must_exist=True)
+    rows = store.failures(namespace)
+    if as_json:
+        for f in rows:
+            line = {
+                "namespace": f.namespace,
+                "id": f.id,
+                "source": f.source,
+                "reason": f.reason,
+                "attempts": f.attempts,
+                "last_failed_at": f.last_failed_at,
+            }
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+    elif not rows:
+        out.print("no failures")
+    else:
+        table = Table(show_edge=False, pad_edge=False)
+        for col in ("namespace", "source", "reason", "attempts"):
+            table.add_column(col, overflow="fold")
+        for f in rows:
+            table.add_row(f.namespace, f.source, f.reason, str(f.attempts))
+        out.print(table)
+    store.close()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

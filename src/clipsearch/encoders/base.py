@@ -1,0 +1,224 @@
+"""The encoder interface, model identity and device selection shared by every backend."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DeviceUnavailableError, UsageError
+from ..imaging import Preprocessor, PreprocessSpec
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: a model name, its pretrained tag, optional local weights, a device."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    weights: Path | None = None
+    device: str = "auto"
+
+    @property
+    def backend(self) -> str:
+        if self.model.startswith("hf:"):
+            return "hf"
+        if self.weights is not None and self.weights.is_dir():
+            if (self.weights / "open_clip_config.json").is_file():
+                return "open_clip"
+            if (self.weights / "config.json").is_file():
+                return "hf"
+        return "open_clip"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "weights": str(self.weights) if self.weights else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], device: str = "auto") -> ModelSpec:
+        weights = data.get("weights")
+        return cls(
+            model=data.get("model") or DEFAULT_MODEL,
+            pretrained=data.get("pretrained"),
+            weights=Path(weights) if weights else None,
+            device=device,
+        )
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Everything that determines which vector space an embedding lives in.
+
+    Two encoders may write to one namespace only if their ``compat_key`` is equal. Runtime and
+    float precision are recorded but not compared: fp16 on CUDA and fp32 on CPU give the same
+    vectors to ~1e-4. Quantisation changes them more, so it is part of the key.
+    """
+
+    backend: str
+    model: str
+    pretrained: str
+    dim: int
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "torch"
+    precision: str = "fp32"
+    quantization: str = "none"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "dim": self.dim,
+            "preprocess": self.preprocess,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "quantization": self.quantization,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    @property
+    def compat_key(self) -> str:
+        keep = ("backend", "model", "pretrained", "dim", "preprocess", "quantization")
+        return json.dumps({k: self.as_dict()[k] for k in keep}, sort_keys=True)
+
+    @property
+    def model_id(self) -> str:
+        """Short stable name, e.g. ``ViT-B-32/openai`` or ``hf:openai/clip-vit-base-patch32``."""
+        return f"{self.model}/{self.pretrained}" if self.pretrained else self.model
+
+    def describe(self) -> str:
+        extra = "" if self.quantization == "none" else f", {self.quantization}"
+        return f"{self.backend} {self.model_id} ({self.dim}-d{extra})"
+
+    def differences(self, other: ModelIdentity) -> list[str]:
+        """Human-readable list of the compared fields that differ."""
+        a, b = self.as_dict(), other.as_dict()
+        keys = ("backend", "model", "pretrained", "dim", "preprocess", "quantization")
+        return [f"{k} {a[k]!r} vs {b[k]!r}" for k in keys if a[k] != b[k]]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU. An explicit device that is absent is an error."""
+    name = (requested or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"--device {requested} was asked for, but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
+                "use --device cpu (or auto)"
+            )
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"--device {requested} was asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return dev
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceUnavailableError(
+                "--device mps was asked for, but Apple's MPS backend is not available here; use --device cpu"
+            )
+        return torch.device("mps")
+    raise UsageError(f"unknown --device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+class Encoder(ABC):
+    """Maps images and texts into one L2-normalised vector space.
+
+    ``embed_images`` and ``embed_texts`` return float32 arrays of shape (n, dim).
+    """
+
+    identity: ModelIdentity
+    preprocess: Preprocessor
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    @property
+    def model_id(self) -> str:
+        return self.identity.model_id
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return self.preprocess.spec
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_pixels(self.preprocess.batch(list(images)))
+
+    @abstractmethod
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed preprocessed images, float32 (n, 3, H, W)."""
+
+    @abstractmethod
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed a list of strings."""
+
+
+class TorchEncoder(Encoder):
+    """Shared inference plumbing for PyTorch backends: device, fp16 on CUDA, batching, norm."""
+
+    text_batch_size = 256
+
+    def __init__(self, identity: ModelIdentity, preprocess: Preprocessor, device: torch.device):
+        self.identity = identity
+        self.preprocess = preprocess
+        self.device = device
+        # fp16 halves memory traffic on GPUs; on CPU it is slower and less exact.
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+
+    @abstractmethod
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _text_features(self, texts: list[str]) -> torch.Tensor: ...
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        else:
+            tensor = tensor.to(self.device)
+        with torch.inference_mode():
+            feats = self._image_features(tensor.to(self.dtype))
+            return _normalize(feats)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        texts = [str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.text_batch_size):
+                out.append(_normalize(self._text_features(texts[i : i + self.text_batch_size])))
+        return np.concatenate(out)
+
+
+def _normalize(feats: torch.Tensor) -> np.ndarray:
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    return feats.cpu().numpy().astype(np.float32, copy=False)

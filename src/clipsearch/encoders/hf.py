@@ -1,0 +1,156 @@
+"""Hugging Face ``transformers`` backend: CLIP and SigLIP checkpoints (``--model hf:REPO``).
+
+Preprocessing is read from the checkpoint's ``preprocessor_config.json`` and done by our own
+imaging module, so no transformers image processor (nor torchvision) runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._compat import ensure_torchvision_importable
+from ..errors import MissingWeightsError, UsageError
+from ..imaging import Preprocessor, PreprocessSpec
+from . import hub
+from .base import ModelIdentity, ModelSpec, TorchEncoder, resolve_device
+
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_SUPPORTED_TYPES = ("clip", "siglip", "siglip2")
+
+
+class HFEncoder(TorchEncoder):
+    def __init__(self, model: Any, tokenizer: Any, identity: ModelIdentity, device: torch.device):
+        super().__init__(identity, Preprocessor(PreprocessSpec.from_dict(identity.preprocess)), device)
+        self.model = model
+        self.tokenizer = tokenizer
+        model_type = model.config.model_type
+        if model_type.startswith("siglip"):
+            # SigLIP was trained on text padded to a fixed length; its pooling reads every position.
+            self._text_kwargs = {
+                "padding": "max_length",
+                "max_length": _text_max_length(model),
+                "truncation": True,
+            }
+        else:
+            # CLIP's text tower is causal and pools the end-of-text token: padding can stop at
+            # the longest text of the batch without changing any vector.
+            self._text_kwargs = {"padding": True, "max_length": _text_max_length(model), "truncation": True}
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixels))
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, return_tensors="pt", **self._text_kwargs)
+        kwargs = {"input_ids": enc["input_ids"].to(self.device)}
+        if "attention_mask" in enc and not self.model.config.model_type.startswith("siglip"):
+            kwargs["attention_mask"] = enc["attention_mask"].to(self.device)
+        return _features(self.model.get_text_features(**kwargs))
+
+
+def _features(out: Any) -> torch.Tensor:
+    # transformers 4.x returns the projected tensor; 5.x a model output whose pooler_output it is.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _text_max_length(model: Any) -> int:
+    return int(model.config.text_config.max_position_embeddings)
+
+
+def load(spec: ModelSpec) -> HFEncoder:
+    device = resolve_device(spec.device)
+    ensure_torchvision_importable()  # transformers' model modules import torchvision
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("the transformers backend needs the 'hf' extra: pip install 'clipsearch[hf]'") from None
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # our CLI shows its own progress
+    repo = spec.model.removeprefix("hf:")
+    if spec.weights is not None:
+        folder = spec.weights
+        if not (folder / "config.json").is_file():
+            raise MissingWeightsError(
+                f"--weights {folder} is not a transformers model folder (no config.json); save one with "
+                "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)"
+            )
+        label = spec.model if spec.model.startswith("hf:") else f"hf:{folder.resolve().name}"
+    else:
+        if not repo:
+            raise UsageError("--model hf: needs a repository name, e.g. hf:openai/clip-vit-base-patch32")
+        folder = hub.hub_snapshot(repo, _WEIGHT_PATTERNS)
+        if folder is None or not (folder / "config.json").is_file():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                hub.fetch_or_explain(
+                    f"transformers model {repo}",
+                    f"the Hugging Face cache ({hub.hub_cache_dir()}/models--{repo.replace('/', '--')})",
+                    hub.hub_endpoint(),
+                    lambda: snapshot_download(repo, allow_patterns=_WEIGHT_PATTERNS),
+                )
+            )
+        label = spec.model
+
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    if model_type not in _SUPPORTED_TYPES:
+        raise UsageError(
+            f"{label} is a {model_type or 'unknown'!r} model; the transformers backend supports "
+            f"{', '.join(_SUPPORTED_TYPES)} checkpoints"
+        )
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        model = transformers.AutoModel.from_pretrained(folder, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingWeightsError(f"could not load {label} from {folder}: {first[:300]}") from None
+    model.to(device).eval()
+
+    preprocess = _preprocess_spec(folder, model)
+    dim = int(model.config.projection_dim) if hasattr(model.config, "projection_dim") else 0
+    if not dim:
+        dim = int(model.config.text_config.hidden_size)
+    identity = ModelIdentity(
+        backend="hf",
+        model=label,
+        pretrained="",
+        dim=dim,
+        preprocess=preprocess.to_dict(),
+        precision="fp16" if dtype == torch.float16 else "fp32",
+    )
+    return HFEncoder(model, tokenizer, identity, device)
+
+
+def _preprocess_spec(folder: Path, model: Any) -> PreprocessSpec:
+    """Translate a transformers ``preprocessor_config.json`` into our PreprocessSpec."""
+    path = folder / "preprocessor_config.json"
+    cfg: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    image_size = int(model.config.vision_config.image_size)
+    size = cfg.get("size", {"shortest_edge": image_size})
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    crop = cfg.get("crop_size", size)
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
+    if "shortest_edge" in size and cfg.get("do_center_crop", True):
+        target = (int(crop.get("height", image_size)), int(crop.get("width", image_size)))
+        mode = "shortest"
+    elif "height" in size:
+        target, mode = (int(size["height"]), int(size["width"])), "squash"
+    else:
+        edge = int(size.get("shortest_edge", image_size))
+        target, mode = (edge, edge), "squash"
+    return PreprocessSpec(
+        size=target,
+        mean=tuple(cfg.get("image_mean", PreprocessSpec.mean)),  # type: ignore[arg-type]
+        std=tuple(cfg.get("image_std", PreprocessSpec.std)),  # type: ignore[arg-type]
+        interpolation=_PIL_RESAMPLE.get(int(cfg.get("resample", 3)), "bicubic"),
+        resize_mode=mode,
+    )

@@ -1,0 +1,166 @@
+"""OpenCLIP backend: any open_clip architecture with a pretrained tag, a hub repo or local weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._compat import import_open_clip
+from ..errors import MissingWeightsError, UsageError
+from ..imaging import Preprocessor, PreprocessSpec
+from . import hub
+from .base import ModelIdentity, ModelSpec, TorchEncoder, resolve_device
+
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+_WEIGHT_PATTERNS = [
+    "open_clip_config.json",
+    "*.safetensors",
+    "open_clip_pytorch_model.bin",
+    "*.json",
+    "*.txt",
+]
+
+
+class OpenClipEncoder(TorchEncoder):
+    def __init__(self, model: Any, tokenizer: Any, identity: ModelIdentity, device: torch.device):
+        spec = PreprocessSpec.from_dict(identity.preprocess)
+        super().__init__(identity, Preprocessor(spec), device)
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.model.encode_text(tokens)
+
+
+def load(spec: ModelSpec) -> OpenClipEncoder:
+    device = resolve_device(spec.device)
+    open_clip = import_open_clip()
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    weights = spec.weights
+
+    if weights is not None and not weights.exists():
+        raise MissingWeightsError(
+            f"--weights {weights} does not exist; give a checkpoint file or a folder in open_clip's hub "
+            "layout (open_clip_config.json + weights)"
+        )
+
+    if weights is not None and weights.is_dir():
+        model_name = f"local-dir:{weights}"
+        model = _create(open_clip, model_name, device=device, precision=precision)
+        tokenizer = open_clip.get_tokenizer(model_name)
+        label = spec.model if spec.model.startswith("hf-hub:") else f"local:{weights.resolve().name}"
+        pretrained = ""
+    elif spec.model.startswith("hf-hub:"):
+        repo = spec.model.removeprefix("hf-hub:")
+        folder = hub.hub_snapshot(repo, _WEIGHT_PATTERNS)
+        if folder is None or not (folder / "open_clip_config.json").is_file():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                hub.fetch_or_explain(
+                    f"open_clip {spec.model}",
+                    f"the Hugging Face cache ({hub.hub_cache_dir()})",
+                    hub.hub_endpoint(),
+                    lambda: snapshot_download(repo, allow_patterns=_WEIGHT_PATTERNS),
+                )
+            )
+        model_name = f"local-dir:{folder}"
+        model = _create(open_clip, model_name, device=device, precision=precision)
+        tokenizer = open_clip.get_tokenizer(model_name)
+        label, pretrained = spec.model, ""
+    else:
+        name = spec.model
+        if name not in open_clip.list_models():
+            raise UsageError(
+                f"open_clip has no model {name!r}; use one of open_clip.list_models() (e.g. ViT-B-32, "
+                "ViT-B-16, ViT-L-14), hf-hub:ORG/REPO, or hf:REPO for a transformers checkpoint"
+            )
+        tag = spec.pretrained or ""
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+        if weights is not None:
+            checkpoint = str(weights)
+        elif not tag_cfg:
+            known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise UsageError(
+                f"open_clip has no pretrained weights {tag!r} for {name} (known: {known}); "
+                "or give your own checkpoint with --weights PATH"
+            )
+        else:
+            checkpoint = _tag_checkpoint(open_clip, name, tag, tag_cfg)
+        preprocess_overrides = {k: tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}
+        model = _create(
+            open_clip,
+            name,
+            pretrained=checkpoint,
+            device=device,
+            precision=precision,
+            # open_clip only warns when a tag was trained with QuickGELU and the config lacks it;
+            # the resulting vectors would be subtly wrong, so follow the tag.
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            force_preprocess_cfg=preprocess_overrides,
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+        label, pretrained = name, tag or f"file:{Path(checkpoint).name}"
+
+    model.eval()
+    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    dim = _embed_dim(model)
+    identity = ModelIdentity(
+        backend="open_clip",
+        model=label,
+        pretrained=pretrained,
+        dim=dim,
+        preprocess=PreprocessSpec.from_dict(preprocess_cfg).to_dict(),
+        precision=precision,
+    )
+    return OpenClipEncoder(model, tokenizer, identity, device)
+
+
+def _create(open_clip: Any, name: str, **kwargs: Any) -> Any:
+    try:
+        return open_clip.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingWeightsError(f"could not load open_clip model {name}: {first[:300]}") from None
+
+
+def _tag_checkpoint(open_clip: Any, name: str, tag: str, cfg: dict[str, Any]) -> str:
+    """Local path of a pretrained tag's checkpoint: cached, freshly downloaded, or an error."""
+    from open_clip.pretrained import download_pretrained
+
+    hf_hub = cfg.get("hf_hub", "")
+    if hf_hub:
+        repo, filename = os.path.split(hf_hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        candidates = [filename.replace(".bin", ".safetensors"), "open_clip_model.safetensors", filename]
+        cached = hub.hub_file(repo, list(dict.fromkeys(candidates)))
+        if cached:
+            return cached
+        where = f"the Hugging Face cache ({hub.hub_cache_dir()}/models--{repo.replace('/', '--')})"
+        url = hub.hub_endpoint()
+    else:
+        url = cfg.get("url", "")
+        cached_file = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if cached_file.is_file():
+            return str(cached_file)
+        where = str(cached_file)
+    return str(hub.fetch_or_explain(f"open_clip {name} '{tag}'", where, url, lambda: download_pretrained(cfg)))
+
+
+def _embed_dim(model: Any) -> int:
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Parameter | torch.Tensor):
+        return int(proj.shape[-1])
+    with torch.inference_mode():
+        size = model.visual.preprocess_cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        param = next(model.parameters())
+        dummy = torch.zeros((1, 3, *size), dtype=param.dtype, device=param.device)
+        return int(model.encode_image(dummy).shape[-1])

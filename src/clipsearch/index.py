@@ -1,0 +1,132 @@
+"""FAISS indexes: derived data, built from a store's vectors and kept beside it.
+
+Vectors are L2-normalised, so inner product is cosine similarity. Below ``hnsw_threshold``
+vectors the index is exact (``IndexFlatIP``); above it, HNSW on inner product. Each index file
+records the store generation it reflects, so a stale or missing index is rebuilt (or, when rows
+were only appended, extended) on the next search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+DEFAULT_HNSW_THRESHOLD = 50_000
+DEFAULT_HNSW_M = 32
+DEFAULT_EF_CONSTRUCTION = 128
+DEFAULT_EF_SEARCH = 128
+
+
+@dataclass
+class IndexSettings:
+    kind: str = "auto"  # auto | flat | hnsw
+    hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD
+    hnsw_m: int = DEFAULT_HNSW_M
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION
+    ef_search: int = DEFAULT_EF_SEARCH
+
+    @classmethod
+    def from_env(cls) -> IndexSettings:
+        env = os.environ
+        return cls(
+            kind=env.get("CLIPSEARCH_INDEX", "auto"),
+            hnsw_threshold=int(env.get("CLIPSEARCH_HNSW_THRESHOLD", DEFAULT_HNSW_THRESHOLD)),
+            hnsw_m=int(env.get("CLIPSEARCH_HNSW_M", DEFAULT_HNSW_M)),
+            ef_construction=int(env.get("CLIPSEARCH_EF_CONSTRUCTION", DEFAULT_EF_CONSTRUCTION)),
+            ef_search=int(env.get("CLIPSEARCH_EF_SEARCH", DEFAULT_EF_SEARCH)),
+        )
+
+    def kind_for(self, count: int) -> str:
+        if self.kind in ("flat", "hnsw"):
+            return self.kind
+        return "hnsw" if count >= self.hnsw_threshold else "flat"
+
+
+@dataclass
+class IndexState:
+    """The store state an index file was built from."""
+
+    kind: str
+    dim: int
+    count: int
+    generation: int
+    rebuild_generation: int
+    max_seq: int
+
+
+class VectorIndex:
+    """A FAISS index over (int64 sequence number -> vector)."""
+
+    def __init__(self, index: faiss.Index, state: IndexState, settings: IndexSettings):
+        self.index = index
+        self.state = state
+        self.settings = settings
+
+    @classmethod
+    def empty(cls, kind: str, dim: int, settings: IndexSettings) -> VectorIndex:
+        if kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = settings.ef_construction
+        else:
+            inner = faiss.IndexFlatIP(dim)
+        state = IndexState(kind=kind, dim=dim, count=0, generation=0, rebuild_generation=0, max_seq=0)
+        return cls(faiss.IndexIDMap2(inner), state, settings)
+
+    def add(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
+        if len(seqs):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), seqs.astype(np.int64))
+            self.state.count = int(self.index.ntotal)
+            self.state.max_seq = max(self.state.max_seq, int(seqs.max()))
+
+    def add_batches(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+        for seqs, vectors in batches:
+            self.add(seqs, vectors)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and sequence numbers, shape (n, k); missing neighbours have seq -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = max(1, min(k, self.state.count)) if self.state.count else 1
+        params = None
+        if self.state.kind == "hnsw":
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(self.settings.ef_search, k)
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            if params is None:
+                params = faiss.SearchParameters()
+            params.sel = selector
+        if self.state.count == 0:
+            n = len(queries)
+            return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
+        scores, seqs = self.index.search(queries, k, params=params)
+        return scores, seqs
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, path)  # readers never see a half-written index
+        meta = path.with_suffix(".json")
+        meta_tmp = meta.with_suffix(".json.tmp")
+        meta_tmp.write_text(json.dumps(asdict(self.state)))
+        os.replace(meta_tmp, meta)
+
+    @classmethod
+    def load(cls, path: Path, settings: IndexSettings) -> VectorIndex | None:
+        meta = path.with_suffix(".json")
+        if not path.is_file() or not meta.is_file():
+            return None
+        try:
+            state = IndexState(**json.loads(meta.read_text()))
+            index = faiss.read_index(str(path))
+        except (OSError, ValueError, TypeError, RuntimeError):
+            return None  # unreadable derived data is simply rebuilt
+        if int(index.ntotal) != state.count:
+            return None
+        return cls(index, state, settings)

@@ -1,0 +1,162 @@
+"""Sources: where items to ingest come from, and the metadata each one starts with.
+
+``DIR`` / ``images:DIR`` walks a folder (recursive by default, symlink cycles are cut), and
+``image-list:FILE`` reads ``path[,label[,more...]]`` lines. A source only lists items; reading,
+decoding and embedding happen in the pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import UsageError
+from .imaging import IMAGE_EXTENSIONS
+
+
+@dataclass
+class SourceItem:
+    """One thing to embed: a stable id, where its bytes are, and its starting metadata."""
+
+    id: str
+    source: str  # shown to the user and recorded with failures
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+
+class Source(Protocol):
+    description: str
+
+    def __iter__(self) -> Iterator[SourceItem]: ...
+
+
+def file_id(path: Path) -> str:
+    """Stable id of a file item: a digest of its absolute path (URL-safe, fixed length)."""
+    return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def file_item(path: Path, extra: dict[str, Any] | None = None) -> SourceItem:
+    path = Path(os.path.abspath(path))
+    try:
+        st = path.stat()
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:
+        size = mtime = None  # the pipeline records why it cannot be read
+    metadata: dict[str, Any] = {
+        "type": "image",
+        "filename": path.name,
+        "path": str(path),
+        "extension": path.suffix.lower().lstrip("."),
+    }
+    if extra:
+        metadata.update(extra)
+    return SourceItem(id=file_id(path), source=str(path), path=path, metadata=metadata, size=size, mtime_ns=mtime)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+class FolderSource:
+    def __init__(self, root: Path, recursive: bool = True):
+        self.root = root
+        self.recursive = recursive
+        self.description = f"images:{root}"
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        seen_dirs: set[tuple[int, int]] = set()
+        yield from self._walk(Path(os.path.abspath(self.root)), seen_dirs)
+
+    def _walk(self, folder: Path, seen: set[tuple[int, int]]) -> Iterator[SourceItem]:
+        try:
+            st = folder.stat()
+        except OSError:
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen:  # a symlink cycle, or the same folder reached twice
+            return
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        subdirs = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    subdirs.append(entry)
+                elif entry.is_file(follow_symlinks=True) and is_image_name(entry.name):
+                    yield file_item(Path(entry.path))
+            except OSError:
+                continue
+        if self.recursive:
+            for entry in subdirs:
+                yield from self._walk(Path(entry.path), seen)
+
+
+class ImageListSource:
+    """``path[,label[,label_2,...]]`` per line; ``#`` comments; paths relative to the list."""
+
+    def __init__(self, list_file: Path):
+        self.list_file = list_file
+        self.description = f"image-list:{list_file}"
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        base = self.list_file.resolve().parent
+        with self.list_file.open(newline="", encoding="utf-8-sig") as f:
+            lines = (line for line in f if line.strip() and not line.lstrip().startswith("#"))
+            for row in csv.reader(lines, skipinitialspace=True):
+                if not row or not row[0].strip():
+                    continue
+                path = Path(os.path.expanduser(row[0].strip()))
+                if not path.is_absolute():
+                    path = base / path
+                labels = {
+                    ("label" if i == 0 else f"label_{i + 1}"): value.strip()
+                    for i, value in enumerate(row[1:])
+                    if value.strip()
+                }
+                yield file_item(path, labels)
+
+
+class SingleFileSource:
+    def __init__(self, path: Path):
+        self.path = path
+        self.description = str(path)
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        yield file_item(self.path)
+
+
+def parse_source(spec: str, recursive: bool = True) -> Source:
+    """Turn a command-line SOURCE into a Source, or raise a UsageError that says why not."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("images", "image-list") and rest:
+        path = Path(os.path.expanduser(rest))
+        if kind == "images":
+            if not path.is_dir():
+                raise UsageError(f"source {spec}: {path} is not a folder")
+            return FolderSource(path, recursive)
+        if not path.is_file():
+            raise UsageError(f"source {spec}: list file {path} does not exist")
+        return ImageListSource(path)
+    if sep and len(kind) > 1 and not Path(spec).exists():
+        raise UsageError(
+            f"unknown source kind {kind!r} in {spec!r}; use DIR, images:DIR, image-list:FILE or an image file"
+        )
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        return FolderSource(path, recursive)
+    if path.is_file():
+        return SingleFileSource(path)
+    raise UsageError(f"source {spec}: no such file or folder")

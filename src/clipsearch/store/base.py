@@ -1,0 +1,145 @@
+"""The store interface: what ingest, search and the API need from a vector database.
+
+A store keeps, per namespace, the model identity that produced its vectors, the items
+(id, metadata, content hash, vector) and the failures. It also owns nearest-neighbour search,
+because each backend does it differently (FAISS beside SQLite, SQL on pgvector).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..encoders.base import ModelIdentity
+
+DEFAULT_NAMESPACE = "default"
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class NamespaceInfo:
+    name: str
+    identity: ModelIdentity
+    model_spec: dict[str, Any]  # how to load the model again: model, pretrained, weights
+    items: int = 0
+    failures: int = 0
+    created_at: str = ""
+
+
+@dataclass
+class FileState:
+    """What the store remembers of a source file, to skip it cheaply next time."""
+
+    sha256: str | None
+    size: int | None
+    mtime_ns: int | None
+
+
+@dataclass
+class NewItem:
+    id: str
+    metadata: dict[str, Any]
+    sha256: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass
+class FailureRecord:
+    id: str
+    source: str
+    reason: str
+    sha256: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failure(FailureRecord):
+    namespace: str = DEFAULT_NAMESPACE
+    attempts: int = 1
+    first_failed_at: str = ""
+    last_failed_at: str = ""
+
+
+@dataclass
+class Item:
+    id: str
+    namespace: str
+    metadata: dict[str, Any]
+    sha256: str | None = None
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass
+class Hit:
+    item: Item
+    score: float
+
+
+@dataclass
+class IndexStatus:
+    kind: str  # flat | hnsw | none
+    fresh: bool
+    vectors: int
+
+
+class Store(Protocol):
+    """Backend-neutral store; every method is safe to call from one thread at a time."""
+
+    location: str
+
+    # -- namespaces --------------------------------------------------------------------
+    def namespace(self, name: str) -> NamespaceInfo | None: ...
+    def namespaces(self) -> list[NamespaceInfo]: ...
+    def bind_namespace(self, name: str, identity: ModelIdentity, model_spec: dict[str, Any]) -> NamespaceInfo:
+        """Create the namespace for this model, or check that it already holds this model's
+        vectors (raise ModelMismatchError otherwise)."""
+        ...
+
+    # -- writing -----------------------------------------------------------------------
+    def file_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]: ...
+    def failure_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]: ...
+    def write_batch(
+        self,
+        namespace: str,
+        items: list[NewItem],
+        vectors: np.ndarray,
+        failures: list[FailureRecord] = (),  # type: ignore[assignment]
+        touched: list[NewItem] = (),  # type: ignore[assignment]
+    ) -> None:
+        """Atomically upsert items with their vectors, record failures, and refresh the file
+        state (size, mtime) of unchanged items in ``touched``."""
+        ...
+
+    def delete_items(self, namespace: str, ids: list[str]) -> int: ...
+
+    # -- reading -----------------------------------------------------------------------
+    def get_items(self, namespace: str, ids: list[str]) -> list[Item]: ...
+    def count(self, namespace: str) -> int: ...
+    def failures(self, namespace: str | None = None) -> list[Failure]: ...
+    def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
+        """All items with their vectors, in a stable (insertion) order."""
+        ...
+
+    def hash_groups(self, namespace: str) -> list[list[Item]]:
+        """Groups of two or more items whose content hashes are equal."""
+        ...
+
+    # -- search ------------------------------------------------------------------------
+    def search(
+        self, namespace: str, queries: np.ndarray, k: int, filters: dict[str, Any] | None = None
+    ) -> list[list[Hit]]: ...
+    def index_status(self, namespace: str) -> IndexStatus: ...
+    def build_index(self, namespace: str) -> IndexStatus: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,207 @@
+"""Shared fixtures: tiny random-init checkpoints saved to disk (loaded back through the real
+loading code), generated images, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipsearch._compat import import_open_clip
+
+# No test may reach the network: an unroutable hub endpoint makes the download path fail fast.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TINY_OPENCLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 224,
+        "layers": 2,
+        "width": 64,
+        "patch_size": 32,
+        "head_width": 32,
+        "no_ln_pre": True,
+    },
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def make_tiny_openclip(folder: Path, seed: int = 0) -> Path:
+    """An open_clip model folder in the hub layout (open_clip_config.json + safetensors).
+
+    Random init makes every image look alike to a ViT (the class token dominates); no ln_pre and
+    a small class/position embedding make the vectors depend on the picture, so tests that
+    compare embeddings can fail.
+    """
+    import_open_clip()
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = CLIP(**TINY_OPENCLIP_CFG)
+    with torch.no_grad():
+        model.visual.conv1.weight.normal_(0, 0.05)
+        model.visual.positional_embedding.mul_(0.1)
+        model.visual.class_embedding.mul_(0.1)
+        model.token_embedding.weight.normal_(0, 1.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPENCLIP_CFG}))
+    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def make_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
+    """A transformers CLIP folder written with save_pretrained: byte-level tokenizer, 2 layers."""
+    from clipsearch._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": 514,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": 512,
+            "eos_token_id": 513,
+            "pad_token_id": 513,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        projection_dim=24,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "size": {"shortest_edge": 64},
+                "crop_size": {"height": 64, "width": 64},
+                "do_center_crop": True,
+                "resample": 3,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }
+        )
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_openclip(tmp_path_factory) -> Path:
+    return make_tiny_openclip(tmp_path_factory.mktemp("models") / "tiny-openclip")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_tiny_hf_clip(tmp_path_factory.mktemp("models") / "tiny-hf-clip")
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_openclip):
+    from clipsearch.encoders import ModelSpec, load_encoder
+
+    return load_encoder(ModelSpec(weights=tiny_openclip, device="cpu"))
+
+
+SAMPLE_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "colorwheel", "immunohistochemistry"]
+
+
+def sample_photo(name: str) -> Image.Image:
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
+def write_photos(folder: Path, names: list[str] | None = None, fmt: str = "JPEG") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names or SAMPLE_PHOTOS:
+        ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+        path = folder / f"{name}.{ext}"
+        sample_photo(name).save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        paths.append(path)
+    return paths
+
+
+def noise_images(folder: Path, n: int, size: tuple[int, int] = (320, 240), seed: int = 0) -> list[Path]:
+    """Distinct random-texture PNGs (smooth blobs, so that each looks different to the model)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+        path = folder / f"img_{i:04d}.png"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    write_photos(folder)
+    return folder
+
+
+@pytest.fixture
+def cli(tiny_openclip, tmp_path):
+    """Run the real Typer app in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    runner = CliRunner()
+    db = tmp_path / "test.db"
+
+    def run(*args: str, weights: bool = True, env: dict | None = None):
+        argv = [str(a) for a in args]
+        if "--db" not in argv and argv and argv[0] not in ("--version",):
+            argv += ["--db", str(db)]
+        if weights and argv and argv[0] in ("ingest",) and "--weights" not in argv:
+            argv += ["--weights", str(tiny_openclip)]
+        result = runner.invoke(app, argv, env=env, catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    run.db = db  # type: ignore[attr-defined]
+    return run

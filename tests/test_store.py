@@ -1,0 +1,165 @@
+"""The SQLite store and its FAISS index: identity checks, writes, freshness, filters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipsearch.encoders import ModelIdentity
+from clipsearch.errors import DimensionError, ModelMismatchError, NotFoundError, UsageError
+from clipsearch.index import IndexSettings
+from clipsearch.store import FailureRecord, NewItem, SQLiteStore, open_store
+
+IDENT = ModelIdentity("open_clip", "tiny", "", 8, {"size": [224, 224]})
+
+
+def _vectors(n, dim=8, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _store(tmp_path, **settings) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "s.db", IndexSettings(**settings))
+
+
+def _fill(store, n, ns="default", seed=0, labels=None):
+    store.bind_namespace(ns, IDENT, {"model": "tiny"})
+    vecs = _vectors(n, seed=seed)
+    items = [
+        NewItem(f"id{i}", {"path": f"/p/{i}.jpg", "label": (labels[i] if labels else "x")}, sha256=f"h{i}")
+        for i in range(n)
+    ]
+    store.write_batch(ns, items, vecs)
+    return vecs
+
+
+def test_namespace_binding_refuses_another_model(tmp_path):
+    store = _store(tmp_path)
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    store.bind_namespace("default", IDENT, {"model": "tiny", "weights": "/moved"})  # same model: fine
+    assert store.namespace("default").model_spec["weights"] == "/moved"
+    other = ModelIdentity("open_clip", "ViT-B-32", "openai", 512, {"size": [224, 224]})
+    with pytest.raises(ModelMismatchError, match=r"namespace 'default' holds vectors of open_clip tiny \(8-d\)"):
+        store.bind_namespace("default", other, {})
+    store.bind_namespace("big", other, {})
+    assert [n.name for n in store.namespaces()] == ["big", "default"]
+    with pytest.raises(UsageError, match="bad namespace"):
+        store.bind_namespace("../evil", IDENT, {})
+
+
+def test_search_finds_each_vector_first(tmp_path):
+    store = _store(tmp_path)
+    vecs = _fill(store, 50)
+    results = store.search("default", vecs[:5], k=3)
+    for i, hits in enumerate(results):
+        assert hits[0].item.id == f"id{i}"
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
+    with pytest.raises(DimensionError, match="has 4 dimensions"):
+        store.search("default", np.ones((1, 4), np.float32), 3)
+    with pytest.raises(NotFoundError):
+        store.search("nope", vecs[:1], 3)
+
+
+def test_index_is_persisted_extended_and_rebuilt(tmp_path):
+    store = _store(tmp_path)
+    vecs = _fill(store, 20)
+    store.search("default", vecs[:1], 1)
+    assert store.index_status("default").fresh
+    assert (tmp_path / "s.db-index" / "default.faiss").is_file()
+
+    # appending makes it stale; the next search extends it and finds the new item
+    new = _vectors(1, seed=99)
+    store.write_batch("default", [NewItem("new", {"path": "/p/new.jpg"})], new)
+    assert not store.index_status("default").fresh
+    assert store.search("default", new, 1)[0][0].item.id == "new"
+    assert store.index_status("default").fresh and store.index_status("default").vectors == 21
+
+    # re-embedding an item (same id, new vector) and deleting force a rebuild
+    store.write_batch("default", [NewItem("id0", {"path": "/p/0.jpg"})], new)
+    top = store.search("default", new, 2)[0]
+    assert {h.item.id for h in top} == {"id0", "new"}
+    assert store.delete_items("default", ["new"]) == 1
+    assert [h.item.id for h in store.search("default", new, 1)[0]] == ["id0"]
+    assert store.index_status("default").vectors == 20
+
+    # a second process (a fresh store object) reads the saved index and finds it fresh
+    store.close()
+    again = _store(tmp_path)
+    assert again.index_status("default").fresh
+    assert again.count("default") == 20
+
+
+def test_missing_or_corrupt_index_is_rebuilt(tmp_path):
+    store = _store(tmp_path)
+    vecs = _fill(store, 10)
+    store.build_index("default")
+    store.close()
+    (tmp_path / "s.db-index" / "default.faiss").write_bytes(b"garbage")
+    store = _store(tmp_path)
+    assert store.index_status("default").kind == "none"
+    assert store.search("default", vecs[3:4], 1)[0][0].item.id == "id3"
+
+
+def test_hnsw_above_threshold_agrees_with_exact(tmp_path):
+    hnsw = SQLiteStore(tmp_path / "h.db", IndexSettings(hnsw_threshold=100))
+    flat = SQLiteStore(tmp_path / "f.db", IndexSettings(kind="flat"))
+    for s in (hnsw, flat):
+        _fill(s, 400, seed=3)
+    q = _vectors(20, seed=4)
+    assert hnsw.build_index("default").kind == "hnsw"
+    assert flat.build_index("default").kind == "flat"
+    recall = np.mean(
+        [
+            len({h.item.id for h in a} & {h.item.id for h in b}) / 10
+            for a, b in zip(hnsw.search("default", q, 10), flat.search("default", q, 10), strict=True)
+        ]
+    )
+    assert recall >= 0.95
+
+
+def test_metadata_filters_are_exact(tmp_path):
+    store = _store(tmp_path)
+    labels = ["cat" if i % 3 == 0 else "dog" for i in range(30)]
+    vecs = _fill(store, 30, labels=labels)
+    hits = store.search("default", vecs[1:2], 5, {"label": "cat"})[0]
+    assert len(hits) == 5 and all(h.item.metadata["label"] == "cat" for h in hits)
+    assert store.search("default", vecs[1:2], 5, {"label": ["cat", "dog"]})[0][0].item.id == "id1"
+    assert store.search("default", vecs[1:2], 5, {"label": "bird"})[0] == []
+    with pytest.raises(UsageError):
+        store.search("default", vecs[1:2], 5, {"label') OR 1=1 --": "x"})
+
+
+def test_failures_and_file_states(tmp_path):
+    store = _store(tmp_path)
+    store.bind_namespace("default", IDENT, {})
+    f = FailureRecord("bad", "/p/bad.jpg", "not an image", size=5, mtime_ns=7)
+    store.write_batch("default", [], np.zeros((0, 8), np.float32), [f])
+    store.write_batch("default", [], np.zeros((0, 8), np.float32), [f])
+    (fail,) = store.failures()
+    assert (fail.source, fail.reason, fail.attempts) == ("/p/bad.jpg", "not an image", 2)
+    assert store.failure_states("default", ["bad", "x"])["bad"].size == 5
+    # a success clears the failure
+    store.write_batch("default", [NewItem("bad", {}, "h", 5, 8)], _vectors(1))
+    assert store.failures() == []
+    assert store.file_states("default", ["bad"])["bad"].mtime_ns == 8
+    with pytest.raises(DimensionError):
+        store.write_batch("default", [NewItem("z", {})], np.ones((1, 3), np.float32))
+
+
+def test_hash_groups(tmp_path):
+    store = _store(tmp_path)
+    store.bind_namespace("default", IDENT, {})
+    items = [NewItem("a", {}, "same"), NewItem("b", {}, "same"), NewItem("c", {}, "other")]
+    store.write_batch("default", items, _vectors(3))
+    groups = store.hash_groups("default")
+    assert [[i.id for i in g] for g in groups] == [["a", "b"]]
+
+
+def test_open_store_rejects_non_database_and_postgres(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_text("not sqlite at all" * 100)
+    with pytest.raises(UsageError, match="not a clipsearch database"):
+        open_store(bad)
+    with pytest.raises(UsageError, match="PostgreSQL"):
+        open_store("postgresql://u@localhost/db")
