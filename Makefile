@@ -30,11 +30,11 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/clipsearch search --image "$$($(BIN)/python scripts/demo_photos.py --pick "$(DEMO_PHOTOS)")" --db $(DEMO_DB) --limit 5
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean:
