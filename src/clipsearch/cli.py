@@ -277,7 +277,7 @@ def ingest(
         rate = report.embedded / report.seconds if report.seconds > 0 else 0.0
         line = (
             f"embedded {report.embedded}, skipped {report.skipped}, failed {report.failed} "
-            f"in {report.seconds:.1f} s ({rate:.1f} images/s)"
+            f"in {report.seconds:.2f} s ({rate:.1f} images/s)"
         )
         if report.previously_failed:
             line += f"; {report.previously_failed} failed in an earlier run (see `clipsearch failures`, --retry-failed)"
@@ -345,7 +345,8 @@ def search(
     store = _open(db, must_exist=True)
     encoder = _encoder_for_namespace(store, namespace, model, pretrained, weights, device)
     if image is not None:
-        decoded = decode_file(image)
+        # decode exactly as ingest does, so a stored file searched by itself scores 1.0
+        decoded = decode_file(image, draft_size=encoder.preprocess_spec.draft_size)
         hits = search_image(store, encoder, namespace, decoded.image, limit, filters)
     else:
         hits = search_text(store, encoder, namespace, query or "", limit, filters)
@@ -381,7 +382,8 @@ def embed(
         store.close()
     encoder = _load_encoder(_model_spec(model, pretrained, weights, device, recorded))
     if image is not None:
-        vector = encoder.embed_images([decode_file(image).image])[0]
+        decoded = decode_file(image, draft_size=encoder.preprocess_spec.draft_size)
+        vector = encoder.embed_images([decoded.image])[0]
     else:
         vector = encoder.embed_texts([text or ""])[0]
     sys.stdout.write(json.dumps([round(float(x), 8) for x in vector]) + "\n")
