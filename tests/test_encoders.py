@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +188,30 @@ def test_identity_compatibility_rules():
     assert base.compat_key != other.compat_key
     assert ModelIdentity.from_dict(base.as_dict()) == base
     assert "pretrained 'openai' vs 'laion2b_s34b_b79k'" in base.differences(other)
+
+
+def _fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache does after a download of ``repo``."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(revision)
+
+
+def test_models_load_from_the_hub_cache_without_network(monkeypatch, tmp_path, tiny_openclip, tiny_hf):
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "tiny-org/tiny-openclip", tiny_openclip)
+    _fake_hub_cache(cache, "tiny-org/tiny-clip", tiny_hf)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    oc = load_encoder(ModelSpec(model="hf-hub:tiny-org/tiny-openclip", device="cpu"))
+    assert oc.identity.model_id == "hf-hub:tiny-org/tiny-openclip" and oc.dim == 32
+    hf = load_encoder(ModelSpec(model="hf:tiny-org/tiny-clip", device="cpu"))
+    assert hf.identity.model_id == "hf:tiny-org/tiny-clip" and hf.dim == 24
+    # the same weights through --weights give the same vectors
+    img = [sample_photo("rocket")]
+    local = load_encoder(ModelSpec(weights=tiny_openclip, device="cpu"))
+    np.testing.assert_allclose(oc.embed_images(img), local.embed_images(img), atol=1e-6)

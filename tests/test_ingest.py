@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from .conftest import noise_images, sample_photo, write_photos
@@ -268,10 +269,12 @@ def test_info_and_failures_human_output(cli, photos):
     assert "bad.gif" in out
 
 
-def test_killed_ingest_resumes_without_loss_or_duplicates(tmp_path, tiny_openclip):
-    """Run ingest in a subprocess, SIGKILL it mid-run, run it again: every image is stored once."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_interrupted_ingest_resumes_without_loss_or_duplicates(tmp_path, tiny_openclip, sig):
+    """Run ingest in a subprocess, kill it (or press Ctrl-C) mid-run, run it again: every image
+    is stored exactly once."""
     folder = tmp_path / "many"
-    n = 160
+    n = 120
     noise_images(folder, n, size=(900, 700))
     db = tmp_path / "kill.db"
     cmd = [
@@ -301,8 +304,9 @@ def test_killed_ingest_resumes_without_loss_or_duplicates(tmp_path, tiny_opencli
             if stored >= 12:
                 break
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    returncode = proc.wait(timeout=60)
+    assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), proc.stderr.read()
     partial = _count(db)[0]
     assert 12 <= partial < n, f"the kill should land mid-run (stored {partial} of {n})"
 
