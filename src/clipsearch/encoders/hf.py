@@ -83,18 +83,7 @@ def load(spec: ModelSpec) -> HFEncoder:
     else:
         if not repo:
             raise UsageError("--model hf: needs a repository name, e.g. hf:openai/clip-vit-base-patch32")
-        folder = hub.hub_snapshot(repo, _WEIGHT_PATTERNS)
-        if folder is None or not (folder / "config.json").is_file():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(
-                hub.fetch_or_explain(
-                    f"transformers model {repo}",
-                    f"the Hugging Face cache ({hub.hub_cache_dir()}/models--{repo.replace('/', '--')})",
-                    hub.hub_endpoint(),
-                    lambda: snapshot_download(repo, allow_patterns=_WEIGHT_PATTERNS),
-                )
-            )
+        folder = hub.snapshot_or_fetch(repo, _WEIGHT_PATTERNS, "config.json", f"transformers model {repo}")
         label = spec.model
 
     config = json.loads((folder / "config.json").read_text())

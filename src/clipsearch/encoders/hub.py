@@ -87,3 +87,21 @@ def fetch_or_explain(
         "Provide them with --weights PATH (a checkpoint file or a saved model folder), "
         "or run once with network access to fill the cache."
     )
+
+
+def snapshot_or_fetch(repo_id: str, allow_patterns: list[str], required: str, what: str) -> Path:
+    """Folder of ``repo_id`` from the hub cache, downloaded if needed and possible.
+
+    ``required`` names the file that proves the snapshot is usable (e.g. ``config.json``).
+    """
+    folder = hub_snapshot(repo_id, allow_patterns)
+    if folder is not None and (folder / required).is_file():
+        return folder
+
+    def download() -> str:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=allow_patterns)
+
+    where = f"the Hugging Face cache ({hub_cache_dir()}/models--{repo_id.replace('/', '--')})"
+    return Path(fetch_or_explain(what, where, hub_endpoint(), download))

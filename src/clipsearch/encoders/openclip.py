@@ -59,18 +59,7 @@ def load(spec: ModelSpec) -> OpenClipEncoder:
         pretrained = ""
     elif spec.model.startswith("hf-hub:"):
         repo = spec.model.removeprefix("hf-hub:")
-        folder = hub.hub_snapshot(repo, _WEIGHT_PATTERNS)
-        if folder is None or not (folder / "open_clip_config.json").is_file():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(
-                hub.fetch_or_explain(
-                    f"open_clip {spec.model}",
-                    f"the Hugging Face cache ({hub.hub_cache_dir()})",
-                    hub.hub_endpoint(),
-                    lambda: snapshot_download(repo, allow_patterns=_WEIGHT_PATTERNS),
-                )
-            )
+        folder = hub.snapshot_or_fetch(repo, _WEIGHT_PATTERNS, "open_clip_config.json", f"open_clip {spec.model}")
         model_name = f"local-dir:{folder}"
         model = _create(open_clip, model_name, device=device, precision=precision)
         tokenizer = open_clip.get_tokenizer(model_name)

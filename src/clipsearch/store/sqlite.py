@@ -187,18 +187,18 @@ class SQLiteStore:
             raise NotFoundError(f"namespace {namespace!r} does not exist in {self.location}; ingest into it first")
         return rows[0]
 
+    def _select_in(self, sql: str, params: list, values: list) -> Iterator[sqlite3.Row]:
+        """Run ``sql`` (ending in ``IN ({marks})``) over ``values`` in chunks."""
+        for i in range(0, len(values), _CHUNK):
+            chunk = values[i : i + _CHUNK]
+            yield from self._query(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
+
     # -- writing -----------------------------------------------------------------------
     def _states(self, table: str, namespace: str, ids: list[str]) -> dict[str, FileState]:
-        out: dict[str, FileState] = {}
-        for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(
-                f"SELECT id, sha256, size, mtime_ns FROM {table} WHERE namespace = ? AND id IN ({marks})",
-                [namespace, *chunk],
-            ):
-                out[r["id"]] = FileState(r["sha256"], r["size"], r["mtime_ns"])
-        return out
+        sql = f"SELECT id, sha256, size, mtime_ns FROM {table} WHERE namespace = ? AND id IN ({{marks}})"
+        return {
+            r["id"]: FileState(r["sha256"], r["size"], r["mtime_ns"]) for r in self._select_in(sql, [namespace], ids)
+        }
 
     def file_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
         return self._states("items", namespace, ids)
@@ -314,27 +314,9 @@ class SQLiteStore:
     _ITEM_COLS = "seq, id, namespace, metadata, sha256, created_at, updated_at"
 
     def get_items(self, namespace: str, ids: list[str]) -> list[Item]:
-        found: dict[str, Item] = {}
-        for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(
-                f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ? AND id IN ({marks})",
-                [namespace, *chunk],
-            ):
-                found[r["id"]] = self._item(r)
+        sql = f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ? AND id IN ({{marks}})"
+        found = {r["id"]: self._item(r) for r in self._select_in(sql, [namespace], ids)}
         return [found[i] for i in ids if i in found]
-
-    def get_vectors(self, namespace: str, ids: list[str]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(
-                f"SELECT id, vector FROM items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
-            ):
-                out[r["id"]] = np.frombuffer(r["vector"], dtype="<f4").astype(np.float32)
-        return out
 
     def count(self, namespace: str) -> int:
         return int(self._query("SELECT count(*) AS n FROM items WHERE namespace = ?", (namespace,))[0]["n"])
@@ -456,12 +438,8 @@ class SQLiteStore:
             return [[] for _ in queries]
         scores, seqs = index.search(queries, k, allowed)
         wanted = sorted({int(s) for s in seqs.ravel() if s >= 0})
-        by_seq: dict[int, Item] = {}
-        for i in range(0, len(wanted), _CHUNK):
-            chunk = wanted[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT {self._ITEM_COLS} FROM items WHERE seq IN ({marks})", chunk):
-                by_seq[r["seq"]] = self._item(r)
+        sql = f"SELECT {self._ITEM_COLS} FROM items WHERE seq IN ({{marks}})"
+        by_seq = {r["seq"]: self._item(r) for r in self._select_in(sql, [], wanted)}
         return [
             [Hit(by_seq[int(s)], float(sc)) for sc, s in zip(row_scores, row_seqs, strict=True) if int(s) in by_seq]
             for row_scores, row_seqs in zip(scores, seqs, strict=True)
