@@ -180,6 +180,14 @@ def _encoder_for_namespace(store, namespace, model, pretrained, weights, device)
     return encoder
 
 
+def _query_image(encoder, path: Path):
+    """Decode a query image exactly as ingest decodes stored ones (same DCT-scaled path), so a
+    stored file searched by itself scores 1.0."""
+    from .imaging import decode_file
+
+    return decode_file(path, draft_size=encoder.preprocess_spec.draft_size).image
+
+
 def _parse_filters(values: list[str] | None) -> dict[str, Any] | None:
     if not values:
         return None
@@ -336,7 +344,6 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines: id, score, path, metadata.")] = False,
 ) -> None:
     """Search the store by text (QUERY) or by image (--image PATH)."""
-    from .imaging import decode_file
     from .search import search_image, search_text
 
     if (query is None) == (image is None):
@@ -345,9 +352,7 @@ def search(
     store = _open(db, must_exist=True)
     encoder = _encoder_for_namespace(store, namespace, model, pretrained, weights, device)
     if image is not None:
-        # decode exactly as ingest does, so a stored file searched by itself scores 1.0
-        decoded = decode_file(image, draft_size=encoder.preprocess_spec.draft_size)
-        hits = search_image(store, encoder, namespace, decoded.image, limit, filters)
+        hits = search_image(store, encoder, namespace, _query_image(encoder, image), limit, filters)
     else:
         hits = search_text(store, encoder, namespace, query or "", limit, filters)
     _hits_output(hits, as_json)
@@ -370,7 +375,6 @@ def embed(
 
     Uses the namespace's model when the database has one, else --model/--pretrained/--weights.
     """
-    from .imaging import decode_file
 
     if (text is None) == (image is None):
         raise UsageError("give --text TEXT or --image PATH (exactly one)")
@@ -382,8 +386,7 @@ def embed(
         store.close()
     encoder = _load_encoder(_model_spec(model, pretrained, weights, device, recorded))
     if image is not None:
-        decoded = decode_file(image, draft_size=encoder.preprocess_spec.draft_size)
-        vector = encoder.embed_images([decoded.image])[0]
+        vector = encoder.embed_images([_query_image(encoder, image)])[0]
     else:
         vector = encoder.embed_texts([text or ""])[0]
     sys.stdout.write(json.dumps([round(float(x), 8) for x in vector]) + "\n")
