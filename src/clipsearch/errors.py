@@ -45,3 +45,15 @@ class ImageError(ClipsearchError):
     """An input could not be turned into an image; the message is the recorded reason."""
 
     exit_code = 1
+
+
+class TooLargeError(ImageError):
+    """An image, download or request over a configured size limit."""
+
+
+class FetchError(ImageError):
+    """An image URL could not be fetched (HTTP status, timeout, connection, not an image)."""
+
+
+class ForbiddenURLError(FetchError):
+    """A URL the server refuses to fetch: not http(s), or pointing at a private address."""

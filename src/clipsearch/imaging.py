@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, TooLargeError
 
 # Our own --max-megapixels check runs on the header before any pixel is decoded; Pillow's
 # global limit would otherwise refuse (or warn about) images the user explicitly allowed.
@@ -117,7 +117,7 @@ def decode_image(
     width, height = img.size
     megapixels = width * height / 1e6
     if max_megapixels > 0 and megapixels > max_megapixels:
-        raise ImageError(
+        raise TooLargeError(
             f"image too large: {width}x{height} is {megapixels:.0f} MP, over the {max_megapixels:g} MP "
             "limit (raise --max-megapixels to allow it)"
         )
@@ -154,6 +154,15 @@ def decode_file(path: str | Path, **kwargs: Any) -> DecodedImage:
     except OSError as e:
         raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
     return decode_image(data, **kwargs)
+
+
+def make_thumbnail(image: Image.Image, max_edge: int = 256, quality: int = 85) -> bytes:
+    """A JPEG no larger than ``max_edge`` on either side, aspect ratio kept."""
+    thumb = to_rgb(image).copy()
+    thumb.thumbnail((max_edge, max_edge), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
 
 
 def _exif_orientation(img: Image.Image) -> int | None:

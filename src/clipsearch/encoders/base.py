@@ -177,6 +177,15 @@ class Encoder(ABC):
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed a list of strings."""
 
+    @abstractmethod
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens each text occupies in the text tower (special tokens included, after truncation)."""
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image occupies in a ViT image tower (patches + class token); 0 if unknown."""
+        return 0
+
 
 class TorchEncoder(Encoder):
     """Shared inference plumbing for PyTorch backends: device, fp16 on CUDA, batching, norm."""

@@ -51,6 +51,16 @@ class HFEncoder(TorchEncoder):
             kwargs["attention_mask"] = enc["attention_mask"].to(self.device)
         return _features(self.model.get_text_features(**kwargs))
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        kwargs = {k: v for k, v in self._text_kwargs.items() if k != "padding"}
+        enc = self.tokenizer([str(t) for t in texts], **kwargs)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    @property
+    def image_tokens(self) -> int:
+        vc = self.model.config.vision_config
+        return (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1
+
 
 def _features(out: Any) -> torch.Tensor:
     # transformers 4.x returns the projected tensor; 5.x a model output whose pooler_output it is.

@@ -30,13 +30,65 @@ class OpenClipEncoder(TorchEncoder):
         super().__init__(identity, Preprocessor(spec), device)
         self.model = model
         self.tokenizer = tokenizer
+        self.trim_text_padding = _can_trim_padding(model)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
+        if self.trim_text_padding:
+            return _encode_text_trimmed(self.model, tokens)
         return self.model.encode_text(tokens)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        tokens = self.tokenizer([str(t) for t in texts])
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        return [int(n) for n in (tokens != pad).sum(dim=-1)]
+
+    @property
+    def image_tokens(self) -> int:
+        grid = getattr(self.model.visual, "grid_size", None)
+        if isinstance(grid, tuple | list) and len(grid) == 2:
+            return int(grid[0]) * int(grid[1]) + 1
+        return 0
+
+
+def _can_trim_padding(model: Any) -> bool:
+    """True for open_clip's built-in causal text tower that pools the end-of-text token.
+
+    With a causal mask, no real token attends to a padding position, and pooling reads the
+    end-of-text position: so every position after the longest real sequence in a batch can be
+    cut without changing any vector (a test checks this against the padded output). SigLIP-style
+    towers (no causal mask, or pooling the last or first position) read the padding and keep it.
+    """
+    return (
+        type(model).__name__ == "CLIP"
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+        and hasattr(model, "positional_embedding")
+    )
+
+
+def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` on tokens cut to the longest real sequence of the batch."""
+    if model.text_pool_type == "argmax":
+        # the end-of-text token has the highest id, so argmax finds each sequence's end
+        lengths = tokens.argmax(dim=-1) + 1
+    else:
+        lengths = (tokens == model.text_eos_id).int().argmax(dim=-1) + 1
+    n = int(lengths.max())
+    tokens = tokens[:, :n]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:n].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
 
 
 def load(spec: ModelSpec) -> OpenClipEncoder:

@@ -318,6 +318,13 @@ class SQLiteStore:
         found = {r["id"]: self._item(r) for r in self._select_in(sql, [namespace], ids)}
         return [found[i] for i in ids if i in found]
 
+    def get_vectors(self, namespace: str, ids: list[str]) -> dict[str, np.ndarray]:
+        sql = "SELECT id, vector FROM items WHERE namespace = ? AND id IN ({marks})"
+        return {
+            r["id"]: np.frombuffer(r["vector"], dtype="<f4").astype(np.float32)
+            for r in self._select_in(sql, [namespace], ids)
+        }
+
     def count(self, namespace: str) -> int:
         return int(self._query("SELECT count(*) AS n FROM items WHERE namespace = ?", (namespace,))[0]["n"])
 
@@ -436,7 +443,8 @@ class SQLiteStore:
         allowed = self._allowed_seqs(namespace, filters) if filters else None
         if allowed is not None and len(allowed) == 0:
             return [[] for _ in queries]
-        scores, seqs = index.search(queries, k, allowed)
+        with self._lock:  # another thread may be extending this index object
+            scores, seqs = index.search(queries, k, allowed)
         wanted = sorted({int(s) for s in seqs.ravel() if s >= 0})
         sql = f"SELECT {self._ITEM_COLS} FROM items WHERE seq IN ({{marks}})"
         by_seq = {r["seq"]: self._item(r) for r in self._select_in(sql, [], wanted)}

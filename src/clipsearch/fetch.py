@@ -1,0 +1,196 @@
+"""Fetching image bytes from outside: http(s) URLs, data URIs and bare base64.
+
+The guard against server-side request forgery lives here. A URL that arrives over the API is
+resolved first, and every address it resolves to must be public: loopback, private, link-local,
+shared, multicast and reserved ranges are refused unless ``allow_private`` is set. The request
+then goes to the address that was checked (the Host header and TLS server name keep the
+original host), so a DNS answer that changes between check and connect (DNS rebinding) cannot
+redirect it. Redirects are followed by hand, each hop checked the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from .errors import FetchError, ForbiddenURLError, ImageError, TooLargeError
+
+_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+_BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    allow_private: bool = False
+    timeout: float = 10.0  # seconds for the whole fetch, redirects included
+    max_bytes: int = 20 * 1024 * 1024
+    max_redirects: int = 3
+    user_agent: str = "clipsearch"
+
+
+def decode_base64_image(data: str, max_bytes: int) -> bytes:
+    """Bytes of a ``data:`` URI or of bare (standard or URL-safe) base64."""
+    match = _DATA_URI.match(data)
+    if match:
+        if not match.group("b64"):
+            raise ImageError("data URI must be base64-encoded (data:image/jpeg;base64,...)")
+        payload = data[match.end() :]
+    else:
+        payload = data
+    if len(payload) * 3 // 4 > max_bytes:
+        raise TooLargeError(f"image is larger than the {_mib(max_bytes)} limit")
+    compact = "".join(payload.split())
+    if not compact or not _BASE64_CHARS.match(compact):
+        raise ImageError("image must be an http(s) URL, a data: URI or base64-encoded bytes")
+    try:
+        if "-" in compact or "_" in compact:
+            raw = base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
+        else:
+            raw = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("image is not valid base64") from None
+    if not raw:
+        raise ImageError("image data is empty")
+    return raw
+
+
+def is_url(ref: str) -> bool:
+    return ref[:8].lower().startswith(("http://", "https://"))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 / 1024:g} MiB"
+
+
+def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_private:
+        return "a private address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip.is_unspecified or ip.is_reserved or not ip.is_global:
+        return "not a public address"
+    return None
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    try:
+        ip = ipaddress.ip_address(host)
+        return [str(ip)]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise FetchError(f"cannot resolve host {host!r} ({e.strerror})") from None
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+async def _checked_target(url: str, policy: FetchPolicy) -> tuple[str, str, str]:
+    """(url to request, Host header, TLS server name) for ``url``, or ForbiddenURLError."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ForbiddenURLError(f"refusing to fetch {url[:200]!r}: only http and https URLs are allowed")
+    host = parts.hostname
+    if not host:
+        raise ForbiddenURLError(f"refusing to fetch {url[:200]!r}: the URL has no host")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise ForbiddenURLError(f"refusing to fetch {url[:200]!r}: bad port") from None
+    addresses = await _resolve(host, port)
+    if policy.allow_private:
+        return url, parts.netloc.rsplit("@", 1)[-1], host
+    for addr in addresses:
+        reason = _blocked_reason(ipaddress.ip_address(addr.split("%", 1)[0]))
+        if reason:
+            raise ForbiddenURLError(
+                f"refusing to fetch {url[:200]}: {host} resolves to {addr}, {reason} "
+                "(start the server with --allow-private-urls to allow such URLs)"
+            )
+    pinned = addresses[0]
+    netloc = f"[{pinned}]" if ":" in pinned else pinned
+    if parts.port:
+        netloc += f":{parts.port}"
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, "")), host_header, host
+
+
+async def fetch_url(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes:
+    """GET ``url`` under ``policy``: checked addresses, a size cap, a total timeout."""
+    try:
+        return await asyncio.wait_for(_fetch(client, url, policy), timeout=policy.timeout)
+    except TimeoutError:
+        raise FetchError(f"timed out after {policy.timeout:g} s fetching {url[:200]}") from None
+
+
+async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes:
+    current = url
+    for _ in range(policy.max_redirects + 1):
+        target, host_header, server_name = await _checked_target(current, policy)
+        request = client.build_request(
+            "GET",
+            target,
+            headers={"Host": host_header, "User-Agent": policy.user_agent, "Accept": "image/*"},
+            extensions={"sni_hostname": server_name},
+        )
+        try:
+            response = await client.send(request, stream=True, follow_redirects=False)
+        except httpx.TimeoutException:
+            raise FetchError(f"timed out fetching {current[:200]}") from None
+        except httpx.HTTPError as e:
+            raise FetchError(f"cannot fetch {current[:200]}: {type(e).__name__} {e}".rstrip()) from None
+        try:
+            if response.is_redirect:
+                location = response.headers.get("location")
+                if not location:
+                    raise FetchError(f"{current[:200]} redirected without a Location")
+                current = urljoin(current, location)
+                continue
+            if response.status_code != 200:
+                raise FetchError(f"{current[:200]} answered HTTP {response.status_code}")
+            ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
+                raise FetchError(f"{current[:200]} is not an image (content-type {ctype})")
+            length = response.headers.get("content-length")
+            if length and length.isdigit() and int(length) > policy.max_bytes:
+                raise TooLargeError(f"{current[:200]} is {int(length)} bytes, over the {_mib(policy.max_bytes)} limit")
+            chunks, total = [], 0
+            async for chunk in response.aiter_bytes():
+                total += len(chunk)
+                if total > policy.max_bytes:
+                    raise TooLargeError(f"{current[:200]} is larger than the {_mib(policy.max_bytes)} limit")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        except httpx.TimeoutException:
+            raise FetchError(f"timed out reading {current[:200]}") from None
+        except httpx.HTTPError as e:
+            raise FetchError(f"cannot read {current[:200]}: {type(e).__name__}") from None
+        finally:
+            await response.aclose()
+    raise FetchError(f"{url[:200]} redirected more than {policy.max_redirects} times")
+
+
+async def load_image_ref(client: httpx.AsyncClient, ref: str, policy: FetchPolicy) -> bytes:
+    """Bytes of an image given as an http(s) URL, a data URI, or base64."""
+    ref = ref.strip()
+    if is_url(ref):
+        return await fetch_url(client, ref, policy)
+    if "://" in ref[:16]:
+        raise ForbiddenURLError(f"refusing to fetch {ref[:100]!r}: only http and https URLs are allowed")
+    return decode_base64_image(ref, policy.max_bytes)

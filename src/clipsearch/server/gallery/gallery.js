@@ -1,0 +1,191 @@
+// The clipsearch gallery: plain JavaScript over the JSON API, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { key: localStorage.getItem("clipsearch-api-key") || "", blobUrls: [] };
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (state.key) headers.set("Authorization", "Bearer " + state.key);
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    $("key-form").hidden = false;
+    $("api-key").focus();
+    throw new Error("this server needs an API key: enter it above");
+  }
+  if (!response.ok) {
+    let message = response.status + " " + response.statusText;
+    try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+async function apiJson(path, body) {
+  const options = body === undefined ? {} : {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  };
+  return (await api(path, options)).json();
+}
+
+// Thumbnails need the API key too, so they are fetched and shown as blob URLs.
+async function loadThumbnail(img, url) {
+  try {
+    const blob = await (await api(url)).blob();
+    const objectUrl = URL.createObjectURL(blob);
+    state.blobUrls.push(objectUrl);
+    img.src = objectUrl;
+  } catch (e) {
+    img.alt = "no preview";
+    img.classList.add("missing");
+  }
+}
+
+function itemName(item) {
+  const m = item.metadata || {};
+  return m.title || m.label || m.filename || item.id;
+}
+
+function renderResults(results, what) {
+  state.blobUrls.forEach((u) => URL.revokeObjectURL(u));
+  state.blobUrls = [];
+  const grid = $("results");
+  grid.replaceChildren();
+  for (const hit of results) {
+    const card = document.createElement("button");
+    card.type = "button";
+    card.className = "card";
+    card.dataset.id = hit.id;
+    const img = document.createElement("img");
+    img.alt = itemName(hit);
+    img.loading = "lazy";
+    const caption = document.createElement("div");
+    caption.className = "caption";
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = itemName(hit);
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = hit.score.toFixed(3);
+    caption.append(name, score);
+    card.append(img, caption);
+    card.addEventListener("click", () => showItem(hit));
+    grid.append(card);
+    loadThumbnail(img, hit.thumbnail_url);
+  }
+  setStatus(results.length ? `${results.length} results ${what}` : `no results ${what}`);
+}
+
+function namespace() {
+  return $("namespace").value || undefined;
+}
+
+async function searchText(text) {
+  setStatus("searching…");
+  try {
+    const data = await apiJson("/api/v1/search", { text, namespace: namespace(), limit: 40 });
+    renderResults(data.results, `for “${text}”`);
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+async function searchImage(file) {
+  setStatus(`searching by ${file.name}…`);
+  const form = new FormData();
+  form.append("file", file);
+  form.append("limit", "40");
+  if (namespace()) form.append("namespace", namespace());
+  try {
+    const data = await (await api("/api/v1/images/search", { method: "POST", body: form })).json();
+    renderResults(data.results, `similar to ${file.name}`);
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+async function showItem(hit) {
+  const detail = $("detail");
+  detail.hidden = false;
+  detail.dataset.id = hit.id;
+  $("detail-title").textContent = itemName(hit);
+  const table = $("detail-meta");
+  table.replaceChildren();
+  const rows = { id: hit.id, score: hit.score.toFixed(4), ...hit.metadata };
+  for (const [key, value] of Object.entries(rows)) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = key;
+    tr.insertCell().textContent = typeof value === "object" ? JSON.stringify(value) : String(value);
+  }
+  loadThumbnail($("detail-image"), hit.thumbnail_url.replace("/thumbnail?", "/thumbnail?size=512&"));
+  setStatus("finding more like this…");
+  try {
+    const ns = encodeURIComponent(namespace() || "");
+    const path = `/api/v1/items/${encodeURIComponent(hit.id)}/similar?limit=40` + (ns ? `&namespace=${ns}` : "");
+    const data = await apiJson(path);
+    renderResults(data.results, `like ${itemName(hit)}`);
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+  window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+async function loadNamespaces() {
+  try {
+    const data = await apiJson("/api/v1/namespaces");
+    const select = $("namespace");
+    select.replaceChildren();
+    for (const ns of data.namespaces) {
+      const option = document.createElement("option");
+      option.value = ns.name;
+      option.textContent = `${ns.name} (${ns.items})`;
+      option.selected = ns.name === data.default;
+      select.append(option);
+    }
+    select.hidden = data.namespaces.length === 0;
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+$("search-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("query").value.trim();
+  if (text) searchText(text);
+});
+$("image-file").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (file) searchImage(file);
+  event.target.value = "";
+});
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.key = $("api-key").value.trim();
+  localStorage.setItem("clipsearch-api-key", state.key);
+  $("key-form").hidden = true;
+  setStatus("key saved");
+  loadNamespaces();
+});
+$("detail-close").addEventListener("click", () => { $("detail").hidden = true; });
+
+let dragDepth = 0;
+window.addEventListener("dragenter", (e) => { e.preventDefault(); dragDepth++; $("drop-hint").hidden = false; });
+window.addEventListener("dragleave", () => { if (--dragDepth <= 0) { dragDepth = 0; $("drop-hint").hidden = true; } });
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => {
+  e.preventDefault();
+  dragDepth = 0;
+  $("drop-hint").hidden = true;
+  const file = [...(e.dataTransfer?.files || [])].find((f) => f.type.startsWith("image/"));
+  if (file) searchImage(file);
+  else setStatus("drop an image file", true);
+});
+
+loadNamespaces();

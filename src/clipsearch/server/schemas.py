@@ -1,0 +1,176 @@
+"""Typed request and response bodies of the HTTP API (they also make the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FilterValue = str | int | float | bool | list[str | int | float | bool]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# -- OpenAI-compatible embeddings ----------------------------------------------------------
+class TextInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
+class ImageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="An http(s) URL, a data: URI, or base64-encoded image bytes.")
+
+
+class EmbeddingRequest(BaseModel):
+    input: str | list[str | TextInput | ImageInput] = Field(
+        description="A string, a list of strings, or a list of {'text': ...} / {'image': URL|data-URI|base64} items."
+    )
+    model: str | None = Field(None, description="The served model (see GET /v1/models).")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
+    )
+    dimensions: int | None = Field(None, description="Must equal the model's dimension if given.")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "clipsearch"
+    dimensions: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ImageEmbedding(BaseModel):
+    embedding: list[float]
+    dimensions: int
+    model: str
+
+
+# -- health --------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: Literal["healthy", "starting", "failed"]
+    model: str | None
+    device: str | None
+    dimensions: int | None
+    items: int
+    message: str | None = None
+
+
+# -- search --------------------------------------------------------------------------------
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, description="What to look for.")
+    namespace: str | None = None
+    limit: int = Field(10, ge=1, le=1000)
+    filter: dict[str, FilterValue] | None = Field(None, description="Exact metadata matches, e.g. {'label': 'cat'}.")
+
+
+class VectorSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    embedding: list[float] = Field(min_length=1)
+    namespace: str | None = None
+    limit: int = Field(10, ge=1, le=1000)
+    filter: dict[str, FilterValue] | None = None
+
+
+class ImageSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="An http(s) URL, a data: URI, or base64-encoded image bytes.")
+    namespace: str | None = None
+    limit: int = Field(10, ge=1, le=1000)
+    filter: dict[str, FilterValue] | None = None
+
+
+class SearchResult(BaseModel):
+    id: str
+    score: float
+    metadata: dict[str, Any]
+    thumbnail_url: str
+
+
+class SearchResponse(BaseModel):
+    namespace: str
+    results: list[SearchResult]
+
+
+# -- items ---------------------------------------------------------------------------------
+class ItemResponse(BaseModel):
+    id: str
+    namespace: str
+    metadata: dict[str, Any]
+    created_at: str
+    updated_at: str
+    thumbnail_url: str
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    namespace: str
+    deleted: bool
+
+
+class DuplicateItem(BaseModel):
+    id: str
+    metadata: dict[str, Any]
+    thumbnail_url: str
+
+
+class DuplicateGroupModel(BaseModel):
+    kind: Literal["exact", "near"]
+    score: float
+    items: list[DuplicateItem]
+
+
+class DuplicatesResponse(BaseModel):
+    namespace: str
+    threshold: float
+    groups: list[DuplicateGroupModel]
+
+
+class NamespaceModel(BaseModel):
+    name: str
+    model: str
+    backend: str
+    dimensions: int
+    items: int
+    failures: int
+    searchable_by_text: bool = Field(description="True when the served model made this namespace's vectors.")
+
+
+class NamespaceList(BaseModel):
+    default: str
+    namespaces: list[NamespaceModel]

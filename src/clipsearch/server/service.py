@@ -1,0 +1,311 @@
+"""What the HTTP API does, without the HTTP: model loading, batched embedding, search, items.
+
+One ``Service`` owns the store, the encoder (loaded in the background at start-up, then warmed
+up), a single model thread that every batch runs on (so text and image batches never fight
+for the cores), a small decode pool, and an HTTP client for image URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from ..encoders import Encoder, ModelSpec
+from ..errors import ClipsearchError, DimensionError, NotFoundError, UsageError
+from ..fetch import FetchPolicy, load_image_ref
+from ..imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
+from ..search import DuplicateGroup, find_duplicates, search_vector
+from ..store import Hit, Item, NewItem, Store, check_same_model, validate_namespace
+from .batching import MicroBatcher
+from .media import Media
+
+log = logging.getLogger("clipsearch.server")
+R = TypeVar("R")
+
+
+class StartingError(ClipsearchError):
+    """The model is still loading (HTTP 503)."""
+
+
+class LoadFailedError(ClipsearchError):
+    """The model could not be loaded (HTTP 503, with the reason)."""
+
+
+@dataclass
+class ServerSettings:
+    db: str = "clipsearch.db"
+    namespace: str = "default"  # used when a request names none
+    api_key: str | None = None
+    allow_private_urls: bool = False
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    url_timeout: float = 10.0
+    max_batch: int = 64
+    batch_wait_ms: float = 5.0
+    max_inputs: int = 2048
+    decode_workers: int = 2
+    media_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def media_root(self) -> Path:
+        if self.media_dir is not None:
+            return self.media_dir
+        if "://" in self.db:
+            return Path(os.path.expanduser("~/.cache/clipsearch/media"))
+        return Path(self.db + "-media")
+
+
+Loader = Callable[[], tuple[Encoder, ModelSpec]]
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, store: Store, loader: Loader):
+        self.settings = settings
+        self.store = store
+        self.media = Media(settings.media_root)
+        self._loader = loader
+        self.encoder: Encoder | None = None
+        self.spec: ModelSpec | None = None
+        self.status = "starting"
+        self.error: str | None = None
+        self.on_load_failure: Callable[[str], None] | None = None
+        self.started_at = int(time.time())
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-model")
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.decode_workers), thread_name_prefix="clipsearch-decode"
+        )
+        wait = settings.batch_wait_ms / 1000.0
+        self.text_batcher: MicroBatcher[str] = MicroBatcher(self._embed_text_batch, self._model_thread, 256, wait)
+        self.image_batcher: MicroBatcher[np.ndarray] = MicroBatcher(
+            self._embed_pixel_batch, self._model_thread, settings.max_batch, wait
+        )
+        self.fetch_policy = FetchPolicy(
+            allow_private=settings.allow_private_urls,
+            timeout=settings.url_timeout,
+            max_bytes=settings.max_image_bytes,
+        )
+        self._http: httpx.AsyncClient | None = None
+        self._load_task: asyncio.Task | None = None
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.text_batcher.start()
+        self.image_batcher.start()
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.settings.url_timeout), trust_env=False)
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            encoder, spec = await loop.run_in_executor(self._model_thread, self._load_and_warm)
+        except ClipsearchError as e:
+            self._fail(e.message)
+        except Exception as e:
+            log.exception("loading the model failed")
+            self._fail(f"loading the model failed: {type(e).__name__}: {e}")
+        else:
+            self.encoder, self.spec = encoder, spec
+            self.status = "healthy"
+            log.info("model %s ready on %s", encoder.model_id, getattr(encoder, "device", "cpu"))
+
+    def _fail(self, message: str) -> None:
+        self.status, self.error = "failed", message
+        if self.on_load_failure:
+            self.on_load_failure(message)
+
+    def _load_and_warm(self) -> tuple[Encoder, ModelSpec]:
+        encoder, spec = self._loader()
+        # The first call through a model allocates and picks kernels; do it before any client waits.
+        encoder.embed_texts(["warm up"])
+        h, w = encoder.preprocess_spec.size
+        encoder.embed_pixels(np.zeros((1, 3, h, w), dtype=np.float32))
+        return encoder, spec
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        if self._load_task is not None:
+            await asyncio.wait_for(asyncio.shield(self._load_task), timeout)
+
+    async def close(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        await self.text_batcher.stop()
+        await self.image_batcher.stop()
+        if self._http is not None:
+            await self._http.aclose()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    def ready_encoder(self) -> Encoder:
+        if self.encoder is not None:
+            return self.encoder
+        if self.status == "failed":
+            raise LoadFailedError(f"the model could not be loaded: {self.error}")
+        raise StartingError("the model is still loading; retry in a few seconds")
+
+    @property
+    def model_id(self) -> str | None:
+        return self.encoder.model_id if self.encoder else None
+
+    @property
+    def device(self) -> str | None:
+        if self.encoder is None:
+            return None
+        return str(getattr(self.encoder, "device", "cpu"))
+
+    # -- embedding -----------------------------------------------------------------------
+    def _embed_text_batch(self, texts: list[str]) -> np.ndarray:
+        assert self.encoder is not None
+        return self.encoder.embed_texts(texts)
+
+    def _embed_pixel_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
+        assert self.encoder is not None
+        return self.encoder.embed_pixels(np.stack(pixels))
+
+    async def embed_texts(self, texts: list[str]) -> np.ndarray:
+        self.ready_encoder()
+        return await self.text_batcher.submit(texts)
+
+    async def count_tokens(self, texts: list[str]) -> int:
+        encoder = self.ready_encoder()
+        if len(texts) <= 64:
+            return sum(encoder.count_tokens(texts))
+        return sum(await asyncio.to_thread(encoder.count_tokens, texts))
+
+    def _prepare(self, data: bytes) -> np.ndarray:
+        encoder = self.ready_encoder()
+        decoded = decode_image(
+            data, max_megapixels=self.settings.max_megapixels, draft_size=encoder.preprocess_spec.draft_size
+        )
+        return encoder.preprocess(decoded.image)
+
+    async def embed_images(self, images: list[bytes]) -> np.ndarray:
+        """Decode in the decode pool (in parallel with whatever the model is doing), then batch."""
+        self.ready_encoder()
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._prepare, d) for d in images))
+        return await self.image_batcher.submit(list(pixels))
+
+    async def image_bytes(self, ref: str) -> bytes:
+        assert self._http is not None
+        return await load_image_ref(self._http, ref, self.fetch_policy)
+
+    # -- store access (blocking calls run in worker threads) ---------------------------------
+    @staticmethod
+    async def run(fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.to_thread(fn, *args)
+
+    def namespace_name(self, namespace: str | None) -> str:
+        return validate_namespace(namespace or self.settings.namespace)
+
+    def _searchable(self, namespace: str) -> None:
+        """The served model must have made this namespace's vectors to query it by text or image."""
+        encoder = self.ready_encoder()
+        info = self.store.namespace(namespace)
+        if info is None:
+            raise NotFoundError(f"namespace {namespace!r} does not exist")
+        check_same_model(namespace, info.identity, encoder.identity)
+
+    async def search_query_vector(
+        self, namespace: str, vector: np.ndarray, limit: int, filters: dict[str, Any] | None
+    ) -> list[Hit]:
+        await self.run(self._searchable, namespace)
+        return await self.run(search_vector, self.store, namespace, vector, limit, filters)
+
+    async def search_embedding(
+        self, namespace: str, embedding: list[float], limit: int, filters: dict[str, Any] | None
+    ) -> list[Hit]:
+        def check() -> None:
+            info = self.store.namespace(namespace)
+            if info is None:
+                raise NotFoundError(f"namespace {namespace!r} does not exist")
+            if len(embedding) != info.identity.dim:
+                raise DimensionError(
+                    f"embedding has {len(embedding)} dimensions; namespace {namespace!r} holds "
+                    f"{info.identity.dim}-d vectors of {info.identity.model_id}"
+                )
+
+        await self.run(check)
+        return await self.run(search_vector, self.store, namespace, np.asarray(embedding, np.float32), limit, filters)
+
+    def similar(self, namespace: str, item_id: str, limit: int) -> list[Hit]:
+        vectors = self.store.get_vectors(namespace, [item_id])
+        if item_id not in vectors:
+            raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
+        hits = search_vector(self.store, namespace, vectors[item_id], limit + 1)
+        return [h for h in hits if h.item.id != item_id][:limit]
+
+    def get_item(self, namespace: str, item_id: str) -> Item:
+        if self.store.namespace(namespace) is None:
+            raise NotFoundError(f"namespace {namespace!r} does not exist")
+        found = self.store.get_items(namespace, [item_id])
+        if not found:
+            raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
+        return found[0]
+
+    async def add_item(
+        self, namespace: str, data: bytes, filename: str | None, metadata: dict[str, Any], item_id: str | None
+    ) -> Item:
+        encoder = self.ready_encoder()
+        assert self.spec is not None
+        if item_id is not None and (not 0 < len(item_id) <= 200 or item_id.strip() != item_id):
+            raise UsageError("id must be 1-200 characters without leading or trailing spaces")
+        item_id = item_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+
+        def decode() -> tuple[np.ndarray, Any]:
+            decoded = decode_image(
+                data, max_megapixels=self.settings.max_megapixels, draft_size=encoder.preprocess_spec.draft_size
+            )
+            return encoder.preprocess(decoded.image), decoded
+
+        pixels, decoded = await loop.run_in_executor(self._decode_pool, decode)
+        await self.run(self.store.bind_namespace, namespace, encoder.identity, self.spec.to_dict())
+        vector = (await self.image_batcher.submit([pixels]))[0]
+        digest = hashlib.sha256(data).hexdigest()
+        path = await self.run(self.media.save_upload, namespace, item_id, decoded.format, data)
+        meta = dict(metadata)
+        meta.update(
+            type="image",
+            source="upload",
+            filename=filename or path.name,
+            path=str(path),
+            namespace=namespace,
+            width=decoded.width,
+            height=decoded.height,
+            sha256=digest,
+            bytes=len(data),
+        )
+        new = NewItem(item_id, meta, sha256=digest, size=len(data), mtime_ns=None)
+        await self.run(self.store.write_batch, namespace, [new], vector[None, :])
+        return (await self.run(self.store.get_items, namespace, [item_id]))[0]
+
+    def delete_item(self, namespace: str, item_id: str) -> None:
+        item = self.get_item(namespace, item_id)
+        self.store.delete_items(namespace, [item_id])
+        self.media.remove_upload(namespace, item_id, item.metadata.get("path"))
+
+    def thumbnail(self, namespace: str, item_id: str, size: int) -> bytes:
+        return self.media.thumbnail(self.get_item(namespace, item_id), size)
+
+    def duplicates(self, namespace: str, threshold: float) -> list[DuplicateGroup]:
+        if self.store.namespace(namespace) is None:
+            raise NotFoundError(f"namespace {namespace!r} does not exist")
+        return find_duplicates(self.store, namespace, threshold)
+
+    def total_items(self) -> int:
+        return sum(ns.items for ns in self.store.namespaces())
