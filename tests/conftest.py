@@ -3,6 +3,7 @@ loading code), generated images, and a CLI runner."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -205,3 +206,139 @@ def cli(tiny_openclip, tmp_path):
 
     run.db = db  # type: ignore[attr-defined]
     return run
+
+
+# -- servers on 127.0.0.1 -------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A real uvicorn server in a background thread; ``url`` is its base address."""
+
+    def __init__(self, app, port: int | None = None):
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> RunningServer:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if httpx.get(self.url + "/health").status_code == 200:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("model did not load")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class ImageHandlerServer:
+    """A small HTTP server for fetch tests: real images, errors, slow and oversized answers.
+
+    Routes: /img/NAME.jpg (a sample photo), /status/CODE, /flaky/KEY (500 twice, then the image),
+    /slow (sleeps 5 s), /html, /big (5 MB of JPEG-looking bytes), /redirect-loop, /redirect-to/PATH.
+    ``hits`` counts requests per path.
+    """
+
+    def __init__(self):
+        import io
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits: Counter[str] = Counter()
+        images: dict[str, bytes] = {}
+        for name in SAMPLE_PHOTOS:
+            buf = io.BytesIO()
+            sample_photo(name).save(buf, "JPEG", quality=90)
+            images[name] = buf.getvalue()
+        self.images = images
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes, ctype: str = "image/jpeg", headers: dict | None = None) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                import time
+
+                path = self.path.split("?")[0]
+                owner.hits[path] += 1
+                parts = path.strip("/").split("/")
+                if parts[0] == "img" and len(parts) == 2 and parts[1].removesuffix(".jpg") in images:
+                    self._send(200, images[parts[1].removesuffix(".jpg")])
+                elif parts[0] == "status" and len(parts) == 2:
+                    self._send(int(parts[1]), b"error", "text/plain")
+                elif parts[0] == "flaky":
+                    if owner.hits[path] <= 2:
+                        self._send(500, b"try again", "text/plain")
+                    else:
+                        self._send(200, images["coffee"])
+                elif path == "/slow":
+                    time.sleep(5)
+                    self._send(200, images["coffee"])
+                elif path == "/html":
+                    self._send(200, b"<html><body>not an image</body></html>", "text/html")
+                elif path == "/big":
+                    self._send(200, b"\xff\xd8\xff" + b"\0" * (5 * 1024 * 1024))
+                elif path == "/redirect-loop":
+                    self._send(302, b"", "text/plain", {"Location": "/redirect-loop"})
+                elif parts[0] == "redirect-to":
+                    self._send(302, b"", "text/plain", {"Location": "/" + "/".join(parts[1:])})
+                else:
+                    self._send(404, b"not found", "text/plain")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    server = ImageHandlerServer()
+    yield server
+    server.close()

@@ -215,3 +215,39 @@ def test_models_load_from_the_hub_cache_without_network(monkeypatch, tmp_path, t
     img = [sample_photo("rocket")]
     local = load_encoder(ModelSpec(weights=tiny_openclip, device="cpu"))
     np.testing.assert_allclose(oc.embed_images(img), local.embed_images(img), atol=1e-6)
+
+
+def test_text_padding_cut_equals_padded_output(encoder):
+    """CLIP's causal text tower: cutting padding after the longest real sequence changes nothing."""
+    from clipsearch.encoders.openclip import _encode_text_trimmed
+
+    assert encoder.trim_text_padding
+    texts = ["a", "a photo of a cat", "a red dress with long sleeves, " * 3, "word " * 200]  # the last is truncated
+    tokens = encoder.tokenizer(texts)
+    with torch.inference_mode():
+        padded = encoder.model.encode_text(tokens)
+        trimmed = _encode_text_trimmed(encoder.model, tokens)
+        alone = torch.cat([_encode_text_trimmed(encoder.model, encoder.tokenizer([t])) for t in texts])
+    assert float((padded - trimmed).abs().max()) <= 1e-5
+    assert float((padded - alone).abs().max()) <= 1e-5
+    assert encoder.count_tokens(["a photo of a cat", "word " * 200]) == [7, 77]
+
+
+def test_text_padding_kept_for_non_causal_towers(encoder):
+    from clipsearch.encoders.openclip import _can_trim_padding
+
+    def fake_clip(**attrs):
+        base = {"attn_mask": torch.zeros(2, 2), "text_pool_type": "argmax", "positional_embedding": None}
+        return type("CLIP", (), {**base, **attrs})()
+
+    assert _can_trim_padding(fake_clip())
+    assert not _can_trim_padding(fake_clip(attn_mask=None))  # bidirectional: padding is read
+    assert not _can_trim_padding(fake_clip(text_pool_type="last"))  # pools the last (padding) position
+    assert _can_trim_padding(encoder.model)
+
+
+def test_hf_token_and_image_counts(tiny_hf):
+    enc = load_encoder(ModelSpec(model="hf:tiny", weights=tiny_hf, device="cpu"))
+    assert enc.image_tokens == (64 // 16) ** 2 + 1
+    ids = enc.tokenizer(["ab cd", "x"])["input_ids"]
+    assert enc.count_tokens(["ab cd", "x"]) == [len(ids[0]), len(ids[1])]

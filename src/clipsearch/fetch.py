@@ -73,6 +73,8 @@ def _mib(n: int) -> str:
 def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if ip.is_unspecified:
+        return "the unspecified address"
     if ip.is_loopback:
         return "a loopback address"
     if ip.is_link_local:
@@ -81,7 +83,7 @@ def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
         return "a private address"
     if ip.is_multicast:
         return "a multicast address"
-    if ip.is_unspecified or ip.is_reserved or not ip.is_global:
+    if ip.is_reserved or not ip.is_global:
         return "not a public address"
     return None
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -362,20 +363,22 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         tokens = (await service.count_tokens([t for _, t in texts]) if texts else 0) + len(images) * (
             encoder.image_tokens
         )
+        matrix = np.ascontiguousarray(np.stack(vectors), dtype="<f4")
         if req.encoding_format == "base64":
             data = [
-                {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
-                for i, v in enumerate(vectors)
+                {"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode()}
+                for i, row in enumerate(matrix)
             ]
         else:
-            data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
+            # orjson writes float32 arrays directly, with the shortest exact float32 digits
+            data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(matrix)]
         body = {
             "object": "list",
             "data": data,
             "model": encoder.model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
     async def _read_upload(upload: UploadFile | StarletteUploadFile) -> bytes:
         data = await upload.read(settings.max_image_bytes + 1)

@@ -53,7 +53,8 @@ class ServerSettings:
     max_image_bytes: int = 20 * 1024 * 1024
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     url_timeout: float = 10.0
-    max_batch: int = 64
+    max_batch: int = 32  # images per model call
+    max_text_batch: int = int(os.environ.get('CLIPSEARCH_MAX_TEXT_BATCH', 16))  # texts per model call
     batch_wait_ms: float = 5.0
     max_inputs: int = 2048
     decode_workers: int = 2
@@ -89,7 +90,9 @@ class Service:
             max_workers=max(1, settings.decode_workers), thread_name_prefix="clipsearch-decode"
         )
         wait = settings.batch_wait_ms / 1000.0
-        self.text_batcher: MicroBatcher[str] = MicroBatcher(self._embed_text_batch, self._model_thread, 256, wait)
+        self.text_batcher: MicroBatcher[str] = MicroBatcher(
+            self._embed_text_batch, self._model_thread, settings.max_text_batch, wait
+        )
         self.image_batcher: MicroBatcher[np.ndarray] = MicroBatcher(
             self._embed_pixel_batch, self._model_thread, settings.max_batch, wait
         )

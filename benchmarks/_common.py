@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmarks: random-init checkpoints of real architectures, test photos,
+and percentile tables. Speed does not depend on weight values, so random weights measure it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+CACHE = Path(os.environ.get("CLIPSEARCH_BENCH_CACHE", Path.home() / ".cache" / "clipsearch-bench"))
+
+
+def random_checkpoint(arch: str = "ViT-B-32") -> Path:
+    """A checkpoint file of ``arch`` with random weights, written once and reused."""
+    path = CACHE / f"{arch}-random.pt"
+    if path.is_file():
+        return path
+    import torch
+
+    from clipsearch._compat import import_open_clip
+
+    open_clip = import_open_clip()
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict()}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def photos(n: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
+    """``n`` real JPEG photos: the shared ImageNet sample when present (mostly ~500x375), else
+    scikit-image's sample photos resized to ``size`` and written under the cache folder."""
+    sample = SHARED / "imagenet-sample"
+    if sample.is_dir():
+        files = sorted(sample.glob("*.JPEG"))
+        if files:
+            return (files * (n // len(files) + 1))[:n]
+    import skimage.data
+    from PIL import Image
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field"]
+    folder = CACHE / f"photos-{size[0]}x{size[1]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        path = folder / f"{i:05d}.jpg"
+        if not path.is_file():
+            img = Image.fromarray(getattr(skimage.data, names[i % len(names)])()).convert("RGB").resize(size)
+            # a little per-file variation, so no two files are identical
+            arr = np.asarray(img, dtype=np.int16) + (i % 17) - 8
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
+        out.append(path)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def print_table(title: str, headers: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")

@@ -1,0 +1,140 @@
+"""Throughput and latency of `clipsearch serve` under load, clients on 127.0.0.1.
+
+Starts the real server (a subprocess, ViT-B-32 with random weights by default), then runs each
+load for a bounded time and prints p50/p99 latency and items/s:
+
+- 1 client, one short text per request (/v1/embeddings)
+- 32 concurrent clients, one short text each
+- 4 concurrent clients, 8 images (~500x375 JPEG, base64) per request
+- 1 client, text search (/api/v1/search) over the ingested photos
+
+    python benchmarks/server.py [--seconds 10] [--model ViT-B-32] [--port 8799]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import pct, photos, print_table, random_checkpoint
+
+NOUNS = ["cat", "dog", "red dress", "rocket", "cup of coffee", "mountain lake", "city at night", "bicycle"]
+
+
+def text(i: int) -> str:
+    return f"a photo of a {NOUNS[i % len(NOUNS)]} number {i}"  # distinct texts: no cache can help
+
+
+async def run_load(url: str, clients: int, seconds: float, make_body, path: str, items_per_request: int):
+    latencies: list[float] = []
+    stop_at = 0.0
+    counter = 0
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal counter
+        while time.perf_counter() < stop_at:
+            counter += 1
+            body = make_body(counter)
+            started = time.perf_counter()
+            r = await c.post(path, json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"{path}: HTTP {r.status_code} {r.text[:200]}")
+            latencies.append(time.perf_counter() - started)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        stop_at = time.perf_counter() + min(2.0, seconds / 4)  # warm-up, not measured
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        latencies.clear()
+        started = time.perf_counter()
+        stop_at = started + seconds
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    n = len(latencies)
+    return {
+        "requests": n,
+        "p50": pct(latencies, 50) * 1000,
+        "p99": pct(latencies, 99) * 1000,
+        "items_s": n * items_per_request / elapsed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured time per load")
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--port", type=int, default=8799)
+    ap.add_argument("--images", type=int, default=64, help="distinct photos to send and to ingest")
+    args = ap.parse_args()
+
+    checkpoint = random_checkpoint(args.model)
+    files = photos(args.images)
+    blobs = [base64.b64encode(p.read_bytes()).decode() for p in files]
+    tmp = Path(tempfile.mkdtemp(prefix="clipsearch-bench-"))
+    db = tmp / "bench.db"
+    listing = tmp / "list.csv"
+    listing.write_text("".join(f"{p}\n" for p in files))
+    env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(checkpoint)}
+    exe = [sys.executable, "-m", "clipsearch.cli"]
+    subprocess.run(
+        [*exe, "ingest", f"image-list:{listing}", "--db", str(db)], env=env, check=True, stdout=subprocess.DEVNULL
+    )
+    server = subprocess.Popen(
+        [*exe, "serve", "--db", str(db), "--port", str(args.port), "--log-level", "warning"],
+        env=env,
+    )
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("server did not become healthy")
+            time.sleep(0.2)
+        health = httpx.get(url + "/health").json()
+
+        loads = [
+            ("1 client, 1 short text", 1, lambda i: {"input": text(i)}, "/v1/embeddings", 1, "texts"),
+            ("32 clients, 1 short text each", 32, lambda i: {"input": text(i)}, "/v1/embeddings", 1, "texts"),
+            (
+                "4 clients x 8 images (base64)",
+                4,
+                lambda i: {"input": [{"image": blobs[(i * 8 + k) % len(blobs)]} for k in range(8)]},
+                "/v1/embeddings",
+                8,
+                "images",
+            ),
+            ("1 client, text search", 1, lambda i: {"text": text(i), "limit": 10}, "/api/v1/search", 1, "queries"),
+        ]
+        rows = []
+        for name, clients, body, path, per, unit in loads:
+            r = asyncio.run(run_load(url, clients, args.seconds, body, path, per))
+            rows.append([name, r["requests"], f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['items_s']:.1f} {unit}/s"])
+        cpu = os.cpu_count()
+        print_table(
+            f"clipsearch serve: {health['model']} ({health['dimensions']}-d, random weights) on {health['device']}, "
+            f"{cpu} CPUs, {args.seconds:g} s per load",
+            ["load", "requests", "p50 ms", "p99 ms", "throughput"],
+            rows,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The web gallery in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Locally the test is skipped when no Chromium is installed; CI sets CLIPSEARCH_REQUIRE_BROWSER=1
+(and installs Chromium), so there it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clipsearch.encoders import ModelSpec, load_encoder
+from clipsearch.pipeline import IngestOptions, Ingestor
+from clipsearch.server import ServerSettings, create_app
+from clipsearch.sources import FolderSource
+from clipsearch.store import SQLiteStore
+
+from .conftest import RunningServer, write_photos
+
+CHROMIUM = os.environ.get("CLIPSEARCH_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    # this machine has no route out; background fetches would only produce refused connections
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+if not CHROMIUM:
+    if os.environ.get("CLIPSEARCH_REQUIRE_BROWSER") == "1":
+        raise RuntimeError("CLIPSEARCH_REQUIRE_BROWSER=1 but no chromium is installed (apt-get install chromium)")
+    pytest.skip("no chromium installed (apt-get install chromium)", allow_module_level=True)
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, tiny_openclip):
+    root = tmp_path_factory.mktemp("gallery")
+    write_photos(root / "photos")
+    spec = ModelSpec(weights=tiny_openclip, device="cpu")
+    store = SQLiteStore(root / "g.db")
+    Ingestor(store, load_encoder(spec), spec, IngestOptions()).run([FolderSource(root / "photos")])
+    store.close()
+    app = create_app(ServerSettings(db=str(root / "g.db"), api_key="gallery-key"), lambda: (load_encoder(spec), spec))
+    with RunningServer(app) as srv:
+        yield srv.wait_ready(), root
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_search_click_and_more_like_this(gallery, browser):
+    server, root = gallery
+    shots = Path(os.environ.get("CLIPSEARCH_SCREENSHOTS", root))
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+
+    # the API needs a key: the page asks for it, then loads the namespaces
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.fill("#api-key", "gallery-key")
+    page.press("#api-key", "Enter")
+    page.wait_for_function("document.querySelectorAll('#namespace option').length > 0")
+    assert page.input_value("#namespace") == "default"
+
+    page.fill("#query", "a cat")
+    page.press("#query", "Enter")
+    page.wait_for_selector(".card img[src^='blob:']")
+    page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
+    cards = page.locator(".card")
+    assert cards.count() == 6
+    scores = [float(s) for s in page.locator(".card .score").all_text_contents()]
+    assert scores == sorted(scores, reverse=True)
+    page.screenshot(path=str(shots / "gallery-search.png"))
+
+    first = cards.nth(0).get_attribute("data-id")
+    cards.nth(0).click()
+    page.wait_for_selector("#detail:not([hidden])")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('5 results like')")
+    similar_ids = page.locator(".card").evaluate_all("cards => cards.map(c => c.dataset.id)")
+    assert len(similar_ids) == 5 and first not in similar_ids
+    assert "filename" in page.text_content("#detail-meta")
+    page.screenshot(path=str(shots / "gallery-similar.png"))
+
+    # search by image: pick a file
+    page.set_input_files("#image-file", str(root / "photos" / "rocket.jpg"))
+    page.wait_for_function("document.querySelector('#status').textContent.includes('similar to rocket.jpg')")
+    assert page.locator(".card .name").first.text_content() == "rocket.jpg"
+    assert errors == []
+    page.close()
