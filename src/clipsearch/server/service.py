@@ -54,7 +54,7 @@ class ServerSettings:
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     url_timeout: float = 10.0
     max_batch: int = 32  # images per model call
-    max_text_batch: int = int(os.environ.get('CLIPSEARCH_MAX_TEXT_BATCH', 16))  # texts per model call
+    max_text_batch: int = int(os.environ.get("CLIPSEARCH_MAX_TEXT_BATCH", 16))  # texts per model call
     batch_wait_ms: float = 5.0
     max_inputs: int = 2048
     decode_workers: int = 2
