@@ -8,7 +8,9 @@ load for a bounded time and prints p50/p99 latency and items/s:
 - 4 concurrent clients, 8 images (~500x375 JPEG, base64) per request
 - 1 client, text search (/api/v1/search) over the ingested photos
 
-    python benchmarks/server.py [--seconds 10] [--model ViT-B-32] [--port 8799]
+    python benchmarks/server.py [--seconds 10] [--model ViT-B-32] [--runtimes torch,onnx] [--port 8799]
+
+Each runtime gets its own server, one after the other, on the same files in one run.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--port", type=int, default=8799)
     ap.add_argument("--images", type=int, default=64, help="distinct photos to send and to ingest")
+    ap.add_argument("--runtimes", default="torch,onnx", help="comma-separated: torch, onnx, onnx-int8")
     args = ap.parse_args()
 
     checkpoint = random_checkpoint(args.model)
@@ -89,13 +92,36 @@ def main() -> None:
     subprocess.run(
         [*exe, "ingest", f"image-list:{listing}", "--db", str(db)], env=env, check=True, stdout=subprocess.DEVNULL
     )
+    rows = []
+    for runtime in args.runtimes.split(","):
+        rows += bench_runtime(runtime.strip(), exe, env, db, blobs, args)
+    print_table(
+        f"clipsearch serve: {args.model} (random weights), {os.cpu_count()} CPUs, {args.seconds:g} s per load",
+        ["runtime", "load", "requests", "p50 ms", "p99 ms", "throughput"],
+        rows,
+    )
+
+
+def bench_runtime(runtime: str, exe: list[str], env: dict, db: Path, blobs: list[str], args) -> list[list[object]]:
+    flags = {"torch": [], "onnx": ["--runtime", "onnx"], "onnx-int8": ["--runtime", "onnx", "--precision", "int8"]}
+    if runtime not in flags:
+        raise SystemExit(f"unknown runtime {runtime!r}")
+    namespace = ["--namespace", "int8"] if runtime == "onnx-int8" else []
+    if runtime == "onnx-int8":  # its own identity, so its own namespace
+        subprocess.run(
+            [*exe, "ingest", f"image-list:{db.parent / 'list.csv'}", "--db", str(db), *namespace, *flags[runtime]],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     server = subprocess.Popen(
-        [*exe, "serve", "--db", str(db), "--port", str(args.port), "--log-level", "warning"],
+        [*exe, "serve", "--db", str(db), "--port", str(args.port), "--log-level", "warning", *namespace]
+        + flags[runtime],
         env=env,
     )
     url = f"http://127.0.0.1:{args.port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
                 if httpx.get(url + "/health").status_code == 200:
@@ -105,8 +131,6 @@ def main() -> None:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit("server did not become healthy")
             time.sleep(0.2)
-        health = httpx.get(url + "/health").json()
-
         loads = [
             ("1 client, 1 short text", 1, lambda i: {"input": text(i)}, "/v1/embeddings", 1, "texts"),
             ("32 clients, 1 short text each", 32, lambda i: {"input": text(i)}, "/v1/embeddings", 1, "texts"),
@@ -120,17 +144,13 @@ def main() -> None:
             ),
             ("1 client, text search", 1, lambda i: {"text": text(i), "limit": 10}, "/api/v1/search", 1, "queries"),
         ]
-        rows = []
+        rows: list[list[object]] = []
         for name, clients, body, path, per, unit in loads:
             r = asyncio.run(run_load(url, clients, args.seconds, body, path, per))
-            rows.append([name, r["requests"], f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['items_s']:.1f} {unit}/s"])
-        cpu = os.cpu_count()
-        print_table(
-            f"clipsearch serve: {health['model']} ({health['dimensions']}-d, random weights) on {health['device']}, "
-            f"{cpu} CPUs, {args.seconds:g} s per load",
-            ["load", "requests", "p50 ms", "p99 ms", "throughput"],
-            rows,
-        )
+            rows.append(
+                [runtime, name, r["requests"], f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['items_s']:.1f} {unit}/s"]
+            )
+        return rows
     finally:
         server.terminate()
         server.wait(timeout=30)

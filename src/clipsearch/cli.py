@@ -81,6 +81,23 @@ DeviceOpt = Annotated[
     str,
     typer.Option("--device", envvar="CLIPSEARCH_DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
 ]
+RuntimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--runtime",
+        envvar="CLIPSEARCH_RUNTIME",
+        help="torch, or onnx (ONNX Runtime on the CPU; towers exported once to a cache). Default: the "
+        "namespace's, else torch.",
+    ),
+]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        envvar="CLIPSEARCH_PRECISION",
+        help="fp32, or int8 (ONNX Runtime dynamic quantisation; a separate model identity). fp16 is automatic on CUDA.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
 
 
@@ -138,17 +155,35 @@ def _open(db: str, must_exist: bool = False):
     return open_store(db)
 
 
-def _model_spec(model: str | None, pretrained: str | None, weights: Path | None, device: str, recorded: dict | None):
+def _model_spec(
+    model: str | None,
+    pretrained: str | None,
+    weights: Path | None,
+    device: str,
+    recorded: dict | None,
+    runtime: str | None = None,
+    precision: str | None = None,
+):
+    """Flags first, then the namespace's recorded model, then the defaults. Runtime and precision
+    are execution choices: given alone, they apply to the recorded model."""
+    import dataclasses
+
     from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec
 
     if model is None and pretrained is None and weights is None and recorded:
-        return ModelSpec.from_dict(recorded, device)
-    return ModelSpec(
-        model=model or DEFAULT_MODEL,
-        pretrained=pretrained if pretrained is not None else DEFAULT_PRETRAINED,
-        weights=weights,
-        device=device,
-    )
+        spec = ModelSpec.from_dict(recorded, device)
+    else:
+        spec = ModelSpec(
+            model=model or DEFAULT_MODEL,
+            pretrained=pretrained if pretrained is not None else DEFAULT_PRETRAINED,
+            weights=weights,
+            device=device,
+        )
+    if runtime is not None:
+        spec = dataclasses.replace(spec, runtime=runtime.strip().lower())
+    if precision is not None:
+        spec = dataclasses.replace(spec, precision=precision.strip().lower())
+    return spec
 
 
 def _load_encoder(spec):
@@ -166,7 +201,7 @@ class _nullcontext:
         return None
 
 
-def _encoder_for_namespace(store, namespace, model, pretrained, weights, device):
+def _encoder_for_namespace(store, namespace, model, pretrained, weights, device, runtime=None, precision=None):
     """The encoder to query ``namespace`` with: its recorded model unless told otherwise, and
     never one that would mix vector spaces."""
     from .store import check_same_model
@@ -174,7 +209,7 @@ def _encoder_for_namespace(store, namespace, model, pretrained, weights, device)
     info = store.namespace(namespace)
     if info is None:
         raise UsageError(f"namespace {namespace!r} does not exist in {store.location}; run `clipsearch ingest` first")
-    spec = _model_spec(model, pretrained, weights, device, info.model_spec)
+    spec = _model_spec(model, pretrained, weights, device, info.model_spec, runtime, precision)
     encoder = _load_encoder(spec)
     check_same_model(namespace, info.identity, encoder.identity)
     return encoder
@@ -220,6 +255,8 @@ def ingest(
     pretrained: PretrainedOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
     batch_size: Annotated[
         int,
         typer.Option("--batch-size", min=1, envvar="CLIPSEARCH_BATCH_SIZE", help="Images per model call."),
@@ -250,7 +287,7 @@ def ingest(
     parsed = [parse_source(s, recursive=recursive) for s in sources]
     store = _open(db)
     info = store.namespace(namespace)
-    spec = _model_spec(model, pretrained, weights, device, info.model_spec if info else None)
+    spec = _model_spec(model, pretrained, weights, device, info.model_spec if info else None, runtime, precision)
     encoder = _load_encoder(spec)
     options = IngestOptions(
         namespace=namespace,
@@ -341,6 +378,8 @@ def search(
     pretrained: PretrainedOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines: id, score, path, metadata.")] = False,
 ) -> None:
     """Search the store by text (QUERY) or by image (--image PATH)."""
@@ -350,7 +389,7 @@ def search(
         raise UsageError("give a text QUERY or --image PATH (exactly one)")
     filters = _parse_filters(filter_)
     store = _open(db, must_exist=True)
-    encoder = _encoder_for_namespace(store, namespace, model, pretrained, weights, device)
+    encoder = _encoder_for_namespace(store, namespace, model, pretrained, weights, device, runtime, precision)
     if image is not None:
         hits = search_image(store, encoder, namespace, _query_image(encoder, image), limit, filters)
     else:
@@ -370,6 +409,8 @@ def embed(
     pretrained: PretrainedOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Print the embedding of a text or an image as a JSON array.
 
@@ -384,7 +425,7 @@ def embed(
         info = store.namespace(namespace)
         recorded = info.model_spec if info else None
         store.close()
-    encoder = _load_encoder(_model_spec(model, pretrained, weights, device, recorded))
+    encoder = _load_encoder(_model_spec(model, pretrained, weights, device, recorded, runtime, precision))
     if image is not None:
         vector = encoder.embed_images([_query_image(encoder, image)])[0]
     else:
@@ -576,6 +617,8 @@ def serve(
     pretrained: PretrainedOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", envvar="CLIPSEARCH_LOG_LEVEL")] = "info",
 ) -> None:
     """Run the HTTP API (OpenAI-compatible /v1/embeddings, search, items) and the web gallery."""
@@ -588,7 +631,7 @@ def serve(
     validate_namespace(namespace)
     store = _open(db)
     info = store.namespace(namespace)
-    spec = _model_spec(model, pretrained, weights, device, info.model_spec if info else None)
+    spec = _model_spec(model, pretrained, weights, device, info.model_spec if info else None, runtime, precision)
     settings = ServerSettings(
         db=db,
         namespace=namespace,
@@ -601,7 +644,7 @@ def serve(
         max_batch=max_batch,
         batch_wait_ms=batch_wait_ms,
     )
-    web = create_app(settings, lambda: (load_encoder(spec), spec), store=store)
+    web = create_app(settings, lambda: (load_encoder(spec, serving=True), spec), store=store)
     config = uvicorn.Config(web, host=host, port=port, log_level=log_level.lower(), access_log=False)
     server = uvicorn.Server(config)
     failure: list[str] = []

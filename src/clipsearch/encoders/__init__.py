@@ -6,6 +6,9 @@ with ``--weights``) uses transformers; anything else uses open_clip.
 
 from __future__ import annotations
 
+import dataclasses
+
+from ..errors import UsageError
 from .base import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -16,14 +19,30 @@ from .base import (
 )
 
 
-def load_encoder(spec: ModelSpec) -> Encoder:
+def load_encoder(spec: ModelSpec, *, serving: bool = False) -> Encoder:
+    """Load the encoder ``spec`` describes. ``serving`` tunes thread pools for a server that
+    shares the cores with its event loop (ONNX Runtime threads sleep instead of spinning)."""
+    if spec.runtime not in ("torch", "onnx"):
+        raise UsageError(f"unknown --runtime {spec.runtime!r}; use torch or onnx")
+    if spec.precision not in ("fp32", "int8"):
+        raise UsageError(f"unknown --precision {spec.precision!r}; use fp32 or int8")
+    if spec.precision == "int8" and spec.runtime != "onnx":
+        raise UsageError("--precision int8 needs --runtime onnx (dynamic int8 quantisation in ONNX Runtime)")
+    if spec.runtime == "onnx" and spec.device not in ("auto", "cpu"):
+        raise UsageError(f"--runtime onnx runs on the CPU; use --runtime torch for --device {spec.device}")
     if spec.backend == "hf":
         from . import hf
 
-        return hf.load(spec)
-    from . import openclip
+        base: Encoder = hf.load(spec)
+    else:
+        from . import openclip
 
-    return openclip.load(spec)
+        base = openclip.load(dataclasses.replace(spec, device="cpu") if spec.runtime == "onnx" else spec)
+    if spec.runtime == "onnx":
+        from . import onnx
+
+        return onnx.load(spec, base, spin=not serving)
+    return base
 
 
 __all__ = [

@@ -28,6 +28,8 @@ class ModelSpec:
     pretrained: str | None = DEFAULT_PRETRAINED
     weights: Path | None = None
     device: str = "auto"
+    runtime: str = "torch"  # torch | onnx
+    precision: str = "fp32"  # fp32 | int8 (int8: ONNX Runtime on CPU only)
 
     @property
     def backend(self) -> str:
@@ -45,6 +47,8 @@ class ModelSpec:
             "model": self.model,
             "pretrained": self.pretrained,
             "weights": str(self.weights) if self.weights else None,
+            "runtime": self.runtime,
+            "precision": self.precision,
         }
 
     @classmethod
@@ -55,6 +59,8 @@ class ModelSpec:
             pretrained=data.get("pretrained"),
             weights=Path(weights) if weights else None,
             device=device,
+            runtime=data.get("runtime") or "torch",
+            precision=data.get("precision") or "fp32",
         )
 
 
