@@ -20,6 +20,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,9 @@ import torch
 
 from ..errors import UsageError
 from .base import Encoder, ModelIdentity, ModelSpec
-from .openclip import OpenClipEncoder
+from .openclip import OpenClipEncoder, count_tokens, encode_text_cut, trim_tokens
 
-EXPORT_VERSION = 1  # bump when the exported graphs change
-PRECISIONS = ("fp32", "int8")
+EXPORT_VERSION = 2  # bump when the exported graphs change (2: text pooling follows the model)
 
 
 def cache_root() -> Path:
@@ -57,14 +57,7 @@ class _TextTower(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        n = tokens.shape[1]
-        x = m.token_embedding(tokens) + m.positional_embedding[:n]
-        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
-        x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
-        proj = m.text_projection
-        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return encode_text_cut(self.model, tokens)
 
 
 class _FixedTextTower(torch.nn.Module):
@@ -134,7 +127,11 @@ class OnnxEncoder(Encoder):
         self.tokenizer = base.tokenizer
         self.trim_text_padding = base.trim_text_padding
         self._image_tokens = base.image_tokens
-        self._pad = getattr(base.tokenizer, "pad_token_id", None) or 0
+        # trim_tokens needs only the pooling rule; the PyTorch model itself is not kept
+        self._pooling = SimpleNamespace(
+            text_pool_type=getattr(base.model, "text_pool_type", None),
+            text_eos_id=getattr(base.model, "text_eos_id", None),
+        )
         self.folder = folder
         quantization = "int8-dynamic" if precision == "int8" else "none"
         self.identity = dataclasses.replace(
@@ -168,14 +165,14 @@ class OnnxEncoder(Encoder):
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        tokens = self.tokenizer(texts).numpy().astype(np.int64)
+        tokens = self.tokenizer(texts)
         if self.trim_text_padding:
-            tokens = tokens[:, : int(tokens.argmax(axis=-1).max()) + 1]
-        return _normalize(self._text.run(None, {"clipsearch_input": np.ascontiguousarray(tokens)})[0])
+            tokens = trim_tokens(self._pooling, tokens)
+        feed = np.ascontiguousarray(tokens.numpy(), dtype=np.int64)
+        return _normalize(self._text.run(None, {"clipsearch_input": feed})[0])
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        tokens = self.tokenizer([str(t) for t in texts])
-        return [int(n) for n in (tokens != self._pad).sum(dim=-1)]
+        return count_tokens(self.tokenizer, texts)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -213,14 +210,11 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
 
 
 def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> OnnxEncoder:
-    if spec.precision not in PRECISIONS:
-        raise UsageError(f"unknown --precision {spec.precision!r}; use fp32 or int8")
+    """``base`` loaded on the CPU; ``load_encoder`` has checked runtime, precision and device."""
     if not isinstance(base, OpenClipEncoder):
         raise UsageError(
             "--runtime onnx supports open_clip models; use --runtime torch for transformers (hf:) checkpoints"
         )
-    if base.device.type != "cpu":
-        raise UsageError(f"--runtime onnx runs on the CPU, but --device is {base.device}; use --runtime torch there")
     _import_ort()
     folder = prepare(base, spec.precision)
     return OnnxEncoder(base, folder, spec.precision, spin=spin)

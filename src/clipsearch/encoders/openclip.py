@@ -42,9 +42,7 @@ class OpenClipEncoder(TorchEncoder):
         return self.model.encode_text(tokens)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        tokens = self.tokenizer([str(t) for t in texts])
-        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-        return [int(n) for n in (tokens != pad).sum(dim=-1)]
+        return count_tokens(self.tokenizer, texts)
 
     @property
     def image_tokens(self) -> int:
@@ -70,25 +68,44 @@ def _can_trim_padding(model: Any) -> bool:
     )
 
 
-def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text`` on tokens cut to the longest real sequence of the batch."""
+def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Non-padding tokens of each text, special tokens included, after truncation."""
+    tokens = tokenizer([str(t) for t in texts])
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    return [int(n) for n in (tokens != pad).sum(dim=-1)]
+
+
+def _text_ends(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Position of each sequence's end-of-text token, the one the tower pools."""
     if model.text_pool_type == "argmax":
-        # the end-of-text token has the highest id, so argmax finds each sequence's end
-        lengths = tokens.argmax(dim=-1) + 1
-    else:
-        lengths = (tokens == model.text_eos_id).int().argmax(dim=-1) + 1
-    n = int(lengths.max())
-    tokens = tokens[:, :n]
+        return tokens.argmax(dim=-1)  # the end-of-text token has the highest id
+    return (tokens == model.text_eos_id).int().argmax(dim=-1)
+
+
+def trim_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens cut after the longest real sequence of the batch."""
+    return tokens[:, : int(_text_ends(model, tokens).max()) + 1]
+
+
+def encode_text_cut(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` for tokens of any length up to the context (already cut). Shapes
+    come from the input only, so the ONNX export of this function keeps a dynamic length."""
+    n = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:n].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+    x = x[torch.arange(x.shape[0], device=x.device), _text_ends(model, tokens)]
     proj = model.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
     return x
+
+
+def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` on tokens cut to the longest real sequence of the batch."""
+    return encode_text_cut(model, trim_tokens(model, tokens))
 
 
 def load(spec: ModelSpec) -> OpenClipEncoder:

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,7 +41,6 @@ from ..errors import (
     UsageError,
 )
 from ..store import Hit, Item, Store, open_store
-from .media import THUMBNAIL_SIZES
 from .schemas import (
     DeletedResponse,
     DuplicatesResponse,
@@ -58,7 +58,15 @@ from .schemas import (
     SearchResponse,
     VectorSearchRequest,
 )
-from .service import Loader, LoadFailedError, ServerSettings, Service, StartingError
+from .service import (
+    Loader,
+    LoadFailedError,
+    ServerSettings,
+    Service,
+    StartingError,
+    gather_in_order,
+    labelled,
+)
 
 log = logging.getLogger("clipsearch.server")
 GALLERY = resources.files("clipsearch.server") / "gallery"
@@ -188,9 +196,12 @@ def _item_response(item: Item) -> ItemResponse:
     )
 
 
-def _indexed(i: int, e: ClipsearchError) -> ClipsearchError:
-    """The same error, its message prefixed with the input's position."""
-    return type(e)(f"input[{i}]: {e.message}")
+def _multipart_body(properties: dict[str, Any], also: dict[str, Any] | None = None, **schema: Any) -> dict[str, Any]:
+    """OpenAPI request body of a multipart form with an image ``file`` (for routes that parse the
+    form themselves, so FastAPI cannot describe it); ``also`` adds other content types."""
+    fields = {"file": {"type": "string", "format": "binary"}, **properties}
+    form = {"schema": {"type": "object", "required": ["file"], "properties": fields, **schema}}
+    return {"required": True, "content": {"multipart/form-data": form, **(also or {})}}
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -329,25 +340,17 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
             else:
                 texts.append((i, x.text))
 
+        async def fetch(i: int, ref: str) -> bytes:
+            try:
+                return await service.image_bytes(ref)
+            except ClipsearchError as e:
+                raise labelled(f"input[{i}]", e) from None
+
         async def image_vectors() -> np.ndarray:
             if not images:
                 return np.zeros((0, encoder.dim), np.float32)
-            blobs = []
-            for i, ref in images:
-                try:
-                    blobs.append(await service.image_bytes(ref))
-                except ClipsearchError as e:
-                    raise _indexed(i, e) from None
-            try:
-                return await service.embed_images(blobs)
-            except ImageError:
-                # find which input failed, for a precise message
-                for (i, _), blob in zip(images, blobs, strict=True):
-                    try:
-                        await service.embed_images([blob])
-                    except ImageError as e:
-                        raise _indexed(i, e) from None
-                raise
+            blobs = await gather_in_order(fetch(i, ref) for i, ref in images)
+            return await service.embed_images(blobs, [f"input[{i}]" for i, _ in images])
 
         async def text_vectors() -> np.ndarray:
             if not texts:
@@ -388,6 +391,16 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
             raise ImageError("the uploaded file is empty")
         return data
 
+    async def _form_with_file(request: Request, max_fields: int) -> tuple[FormData, bytes, str | None]:
+        """A multipart form whose ``file`` field holds one image: (form, image bytes, file name)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise UsageError("send a multipart form with the image in a field named 'file'")
+        form = await request.form(max_files=1, max_fields=max_fields)
+        upload = form.get("file")
+        if not isinstance(upload, StarletteUploadFile):
+            raise UsageError("send the image as a multipart file field named 'file'")
+        return form, await _read_upload(upload), upload.filename
+
     @api.post("/embed", response_model=ImageEmbedding, tags=["embeddings"])
     async def embed_upload(file: UploadFile = File(..., description="An image file.")):
         """Embed one uploaded image."""
@@ -400,51 +413,32 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def search_text(req: SearchRequest):
         """Text → image search."""
         namespace = service.namespace_name(req.namespace)
-        await service.run(service._searchable, namespace)
+        await service.run(service.check_searchable, namespace)
         vector = (await service.embed_texts([req.text]))[0]
-        hits = await service.search_query_vector(namespace, vector, req.limit, req.filter)
-        return _results(namespace, hits)
+        return _results(namespace, await service.run(service.search, namespace, vector, req.limit, req.filter))
 
     @api.post("/api/v1/vectors/search", response_model=SearchResponse, tags=["search"])
     async def search_by_vector(req: VectorSearchRequest):
         """Nearest items to a raw vector (it is L2-normalised first)."""
         namespace = service.namespace_name(req.namespace)
-        hits = await service.search_embedding(namespace, req.embedding, req.limit, req.filter)
-        return _results(namespace, hits)
+        return _results(namespace, await service.run(service.search, namespace, req.embedding, req.limit, req.filter))
 
     @api.post(
         "/api/v1/images/search",
         response_model=SearchResponse,
         tags=["search"],
         openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["file"],
-                            "properties": {
-                                "file": {"type": "string", "format": "binary"},
-                                "namespace": {"type": "string"},
-                                "limit": {"type": "integer", "default": 10},
-                            },
-                        }
-                    },
-                    "application/json": {"schema": ImageSearchRequest.model_json_schema()},
-                },
-            }
+            "requestBody": _multipart_body(
+                {"namespace": {"type": "string"}, "limit": {"type": "integer", "default": 10}},
+                also={"application/json": {"schema": ImageSearchRequest.model_json_schema()}},
+            )
         },
     )
     async def search_by_image(request: Request):
         """Image → image search: a multipart ``file``, or JSON ``{"image": URL | data-URI}``."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=20)
-            upload = form.get("file")
-            if not isinstance(upload, StarletteUploadFile):
-                raise UsageError("send the image as a multipart file field named 'file'")
-            data = await _read_upload(upload)
+            form, data, _ = await _form_with_file(request, max_fields=20)
             try:
                 limit = int(str(form.get("limit") or 10))
             except ValueError:
@@ -468,10 +462,9 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
                 raise RequestValidationError(e.errors()) from None
             data = await service.image_bytes(req.image)
         namespace = service.namespace_name(req.namespace)
-        await service.run(service._searchable, namespace)
+        await service.run(service.check_searchable, namespace)
         vector = (await service.embed_images([data]))[0]
-        hits = await service.search_query_vector(namespace, vector, req.limit, req.filter)
-        return _results(namespace, hits)
+        return _results(namespace, await service.run(service.search, namespace, vector, req.limit, req.filter))
 
     # -- items -------------------------------------------------------------------------
     @api.post(
@@ -480,35 +473,19 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         status_code=201,
         tags=["items"],
         openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["file"],
-                            "properties": {
-                                "file": {"type": "string", "format": "binary"},
-                                "namespace": {"type": "string"},
-                                "id": {"type": "string", "description": "Default: a new random id."},
-                                "metadata": {"type": "string", "description": "A JSON object merged into metadata."},
-                            },
-                            "additionalProperties": {"type": "string", "description": "Stored as metadata."},
-                        }
-                    }
+            "requestBody": _multipart_body(
+                {
+                    "namespace": {"type": "string"},
+                    "id": {"type": "string", "description": "Default: a new random id."},
+                    "metadata": {"type": "string", "description": "A JSON object merged into metadata."},
                 },
-            }
+                additionalProperties={"type": "string", "description": "Stored as metadata."},
+            )
         },
     )
     async def add_item(request: Request):
         """Store and index an uploaded image; other form fields become its metadata."""
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise UsageError("send a multipart form with the image in a field named 'file'")
-        form = await request.form(max_files=1, max_fields=200)
-        upload = form.get("file")
-        if not isinstance(upload, StarletteUploadFile):
-            raise UsageError("send the image as a multipart file field named 'file'")
-        data = await _read_upload(upload)
+        form, data, filename = await _form_with_file(request, max_fields=200)
         metadata: dict[str, Any] = {}
         raw_meta = form.get("metadata")
         if raw_meta:
@@ -525,7 +502,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         namespace = service.namespace_name(str(form.get("namespace") or "") or None)
         item_id = form.get("id")
         item = await service.add_item(
-            namespace, data, upload.filename, metadata, str(item_id) if item_id is not None else None
+            namespace, data, filename, metadata, str(item_id) if item_id is not None else None
         )
         return _item_response(item)
 
@@ -536,8 +513,6 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         item_id: str, namespace: str | None = NamespaceQuery, size: int = Query(256, description="128, 256 or 512")
     ):
         """A small JPEG of the item's image (cached)."""
-        if size not in THUMBNAIL_SIZES:
-            raise UsageError(f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
         data = await service.run(service.thumbnail, service.namespace_name(namespace), item_id, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 

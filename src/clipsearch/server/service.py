@@ -13,9 +13,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,11 +23,11 @@ import httpx
 import numpy as np
 
 from ..encoders import Encoder, ModelSpec
-from ..errors import ClipsearchError, DimensionError, NotFoundError, UsageError
+from ..errors import ClipsearchError, ImageError, NotFoundError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
 from ..search import DuplicateGroup, find_duplicates, search_vector
-from ..store import Hit, Item, NewItem, Store, check_same_model, validate_namespace
+from ..store import Hit, Item, NamespaceInfo, NewItem, Store, check_same_model, validate_namespace
 from .batching import MicroBatcher
 from .media import Media
 
@@ -59,7 +59,6 @@ class ServerSettings:
     max_inputs: int = 2048
     decode_workers: int = 2
     media_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def media_root(self) -> Path:
@@ -71,6 +70,21 @@ class ServerSettings:
 
 
 Loader = Callable[[], tuple[Encoder, ModelSpec]]
+
+
+def labelled(label: str | None, e: ClipsearchError) -> ClipsearchError:
+    """The same error, its message prefixed with ``label`` (which input of a request it was)."""
+    return e if label is None else type(e)(f"{label}: {e.message}")
+
+
+async def gather_in_order(awaitables: Iterable[Awaitable[R]]) -> list[R]:
+    """Await all concurrently; if any failed, raise the first failure in input order, so a
+    request with several bad inputs always reports the same one."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
 
 
 class Service:
@@ -138,10 +152,6 @@ class Service:
         encoder.embed_pixels(np.zeros((1, 3, h, w), dtype=np.float32))
         return encoder, spec
 
-    async def wait_ready(self, timeout: float = 120.0) -> None:
-        if self._load_task is not None:
-            await asyncio.wait_for(asyncio.shield(self._load_task), timeout)
-
     async def close(self) -> None:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
@@ -189,19 +199,27 @@ class Service:
             return sum(encoder.count_tokens(texts))
         return sum(await asyncio.to_thread(encoder.count_tokens, texts))
 
-    def _prepare(self, data: bytes) -> np.ndarray:
+    def _prepare(self, data: bytes, label: str | None = None) -> np.ndarray:
         encoder = self.ready_encoder()
-        decoded = decode_image(
-            data, max_megapixels=self.settings.max_megapixels, draft_size=encoder.preprocess_spec.draft_size
-        )
+        try:
+            decoded = decode_image(
+                data, max_megapixels=self.settings.max_megapixels, draft_size=encoder.preprocess_spec.draft_size
+            )
+        except ImageError as e:
+            raise labelled(label, e) from None
         return encoder.preprocess(decoded.image)
 
-    async def embed_images(self, images: list[bytes]) -> np.ndarray:
-        """Decode in the decode pool (in parallel with whatever the model is doing), then batch."""
+    async def embed_images(self, images: list[bytes], labels: list[str] | None = None) -> np.ndarray:
+        """Decode in the decode pool (in parallel with whatever the model is doing), then batch.
+        A decode error names its image's label (e.g. ``input[3]``) when labels are given."""
         self.ready_encoder()
         loop = asyncio.get_running_loop()
-        pixels = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._prepare, d) for d in images))
-        return await self.image_batcher.submit(list(pixels))
+        names = labels or [None] * len(images)
+        pixels = await gather_in_order(
+            loop.run_in_executor(self._decode_pool, self._prepare, data, name)
+            for data, name in zip(images, names, strict=True)
+        )
+        return await self.image_batcher.submit(pixels)
 
     async def image_bytes(self, ref: str) -> bytes:
         assert self._http is not None
@@ -215,35 +233,24 @@ class Service:
     def namespace_name(self, namespace: str | None) -> str:
         return validate_namespace(namespace or self.settings.namespace)
 
-    def _searchable(self, namespace: str) -> None:
-        """The served model must have made this namespace's vectors to query it by text or image."""
-        encoder = self.ready_encoder()
+    def _namespace_info(self, namespace: str) -> NamespaceInfo:
         info = self.store.namespace(namespace)
         if info is None:
             raise NotFoundError(f"namespace {namespace!r} does not exist")
-        check_same_model(namespace, info.identity, encoder.identity)
+        return info
 
-    async def search_query_vector(
-        self, namespace: str, vector: np.ndarray, limit: int, filters: dict[str, Any] | None
+    def check_searchable(self, namespace: str) -> None:
+        """The served model must have made this namespace's vectors to query it by text or image.
+        Checked before the query is embedded, so a bad namespace costs no model time."""
+        encoder = self.ready_encoder()
+        check_same_model(namespace, self._namespace_info(namespace).identity, encoder.identity)
+
+    def search(
+        self, namespace: str, vector: np.ndarray | list[float], limit: int, filters: dict[str, Any] | None
     ) -> list[Hit]:
-        await self.run(self._searchable, namespace)
-        return await self.run(search_vector, self.store, namespace, vector, limit, filters)
-
-    async def search_embedding(
-        self, namespace: str, embedding: list[float], limit: int, filters: dict[str, Any] | None
-    ) -> list[Hit]:
-        def check() -> None:
-            info = self.store.namespace(namespace)
-            if info is None:
-                raise NotFoundError(f"namespace {namespace!r} does not exist")
-            if len(embedding) != info.identity.dim:
-                raise DimensionError(
-                    f"embedding has {len(embedding)} dimensions; namespace {namespace!r} holds "
-                    f"{info.identity.dim}-d vectors of {info.identity.model_id}"
-                )
-
-        await self.run(check)
-        return await self.run(search_vector, self.store, namespace, np.asarray(embedding, np.float32), limit, filters)
+        """Nearest items to ``vector``; the store checks its length against the namespace."""
+        self._namespace_info(namespace)
+        return search_vector(self.store, namespace, np.asarray(vector, np.float32), limit, filters)
 
     def similar(self, namespace: str, item_id: str, limit: int) -> list[Hit]:
         vectors = self.store.get_vectors(namespace, [item_id])
@@ -253,8 +260,7 @@ class Service:
         return [h for h in hits if h.item.id != item_id][:limit]
 
     def get_item(self, namespace: str, item_id: str) -> Item:
-        if self.store.namespace(namespace) is None:
-            raise NotFoundError(f"namespace {namespace!r} does not exist")
+        self._namespace_info(namespace)
         found = self.store.get_items(namespace, [item_id])
         if not found:
             raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
@@ -306,8 +312,7 @@ class Service:
         return self.media.thumbnail(self.get_item(namespace, item_id), size)
 
     def duplicates(self, namespace: str, threshold: float) -> list[DuplicateGroup]:
-        if self.store.namespace(namespace) is None:
-            raise NotFoundError(f"namespace {namespace!r} does not exist")
+        self._namespace_info(namespace)
         return find_duplicates(self.store, namespace, threshold)
 
     def total_items(self) -> int:
