@@ -231,6 +231,9 @@ def test_text_padding_cut_equals_padded_output(encoder):
     assert float((padded - trimmed).abs().max()) <= 1e-5
     assert float((padded - alone).abs().max()) <= 1e-5
     assert encoder.count_tokens(["a photo of a cat", "word " * 200]) == [7, 77]
+    vectors, counts = encoder.embed_texts_counted(texts)  # one tokenisation for both
+    np.testing.assert_allclose(vectors, encoder.embed_texts(texts), atol=1e-6)
+    assert counts == encoder.count_tokens(texts)
 
 
 def test_text_padding_kept_for_non_causal_towers(encoder):

@@ -51,6 +51,8 @@ def test_fp32_onnx_equals_torch(encoders):
     alone = np.concatenate([fp32.embed_texts([t]) for t in TEXTS])
     assert float(np.abs(alone - b).max()) <= 1e-5
     assert fp32.count_tokens(TEXTS) == torch_enc.count_tokens(TEXTS)
+    vectors, counts = fp32.embed_texts_counted(TEXTS)
+    assert counts == torch_enc.count_tokens(TEXTS) and np.array_equal(vectors, b)
     assert fp32.identity.runtime == "onnx" and fp32.identity.compat_key == torch_enc.identity.compat_key
 
 

@@ -187,6 +187,11 @@ class Encoder(ABC):
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens each text occupies in the text tower (special tokens included, after truncation)."""
 
+    def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """``embed_texts`` plus ``count_tokens``; backends override it to tokenise only once."""
+        texts = [str(t) for t in texts]
+        return self.embed_texts(texts), self.count_tokens(texts)
+
     @property
     def image_tokens(self) -> int:
         """Tokens one image occupies in a ViT image tower (patches + class token); 0 if unknown."""
@@ -221,7 +226,7 @@ class TorchEncoder(Encoder):
             tensor = tensor.to(self.device)
         with torch.inference_mode():
             feats = self._image_features(tensor.to(self.dtype))
-            return _normalize(feats)
+            return normalize(feats)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         texts = [str(t) for t in texts]
@@ -230,10 +235,10 @@ class TorchEncoder(Encoder):
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.text_batch_size):
-                out.append(_normalize(self._text_features(texts[i : i + self.text_batch_size])))
+                out.append(normalize(self._text_features(texts[i : i + self.text_batch_size])))
         return np.concatenate(out)
 
 
-def _normalize(feats: torch.Tensor) -> np.ndarray:
+def normalize(feats: torch.Tensor) -> np.ndarray:
     feats = torch.nn.functional.normalize(feats.float(), dim=-1)
     return feats.cpu().numpy().astype(np.float32, copy=False)

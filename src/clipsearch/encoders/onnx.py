@@ -28,7 +28,7 @@ import torch
 
 from ..errors import UsageError
 from .base import Encoder, ModelIdentity, ModelSpec
-from .openclip import OpenClipEncoder, count_tokens, encode_text_cut, trim_tokens
+from .openclip import OpenClipEncoder, count_tokens, encode_text_cut, token_counts, trim_tokens
 
 EXPORT_VERSION = 2  # bump when the exported graphs change (2: text pooling follows the model)
 
@@ -162,14 +162,18 @@ class OnnxEncoder(Encoder):
         return _normalize(out)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embed_texts_counted(texts)[0]
+
+    def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
         texts = [str(t) for t in texts]
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32), []
         tokens = self.tokenizer(texts)
+        counts = token_counts(self.tokenizer, tokens)
         if self.trim_text_padding:
             tokens = trim_tokens(self._pooling, tokens)
         feed = np.ascontiguousarray(tokens.numpy(), dtype=np.int64)
-        return _normalize(self._text.run(None, {"clipsearch_input": feed})[0])
+        return _normalize(self._text.run(None, {"clipsearch_input": feed})[0]), counts
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return count_tokens(self.tokenizer, texts)

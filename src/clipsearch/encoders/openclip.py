@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._compat import import_open_clip
 from ..errors import MissingWeightsError, UsageError
 from ..imaging import Preprocessor, PreprocessSpec
 from . import hub
-from .base import ModelIdentity, ModelSpec, TorchEncoder, resolve_device
+from .base import ModelIdentity, ModelSpec, TorchEncoder, normalize, resolve_device
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 _WEIGHT_PATTERNS = [
@@ -36,13 +38,28 @@ class OpenClipEncoder(TorchEncoder):
         return self.model.encode_image(pixels)
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts).to(self.device)
+        return self._token_features(self.tokenizer(texts))
+
+    def _token_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
         if self.trim_text_padding:
             return _encode_text_trimmed(self.model, tokens)
         return self.model.encode_text(tokens)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return count_tokens(self.tokenizer, texts)
+
+    def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        texts = [str(t) for t in texts]
+        vectors, counts = [], []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.text_batch_size):
+                tokens = self.tokenizer(texts[i : i + self.text_batch_size])
+                counts += token_counts(self.tokenizer, tokens)
+                vectors.append(normalize(self._token_features(tokens)))
+        if not vectors:
+            return np.zeros((0, self.dim), np.float32), []
+        return np.concatenate(vectors), counts
 
     @property
     def image_tokens(self) -> int:
@@ -70,9 +87,12 @@ def _can_trim_padding(model: Any) -> bool:
 
 def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
     """Non-padding tokens of each text, special tokens included, after truncation."""
-    tokens = tokenizer([str(t) for t in texts])
+    return token_counts(tokenizer, tokenizer([str(t) for t in texts]))
+
+
+def token_counts(tokenizer: Any, tokens: torch.Tensor) -> list[int]:
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    return [int(n) for n in (tokens != pad).sum(dim=-1)]
+    return (tokens != pad).sum(dim=-1).tolist()
 
 
 def _text_ends(model: Any, tokens: torch.Tensor) -> torch.Tensor:

@@ -352,20 +352,18 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
             blobs = await gather_in_order(fetch(i, ref) for i, ref in images)
             return await service.embed_images(blobs, [f"input[{i}]" for i, _ in images])
 
-        async def text_vectors() -> np.ndarray:
+        async def text_vectors() -> tuple[np.ndarray, int]:
             if not texts:
-                return np.zeros((0, encoder.dim), np.float32)
+                return np.zeros((0, encoder.dim), np.float32), 0
             return await service.embed_texts([t for _, t in texts])
 
-        text_out, image_out = await asyncio.gather(text_vectors(), image_vectors())
+        (text_out, text_tokens), image_out = await asyncio.gather(text_vectors(), image_vectors())
         vectors: list[np.ndarray] = [None] * len(inputs)  # type: ignore[list-item]
         for (i, _), v in zip(texts, text_out, strict=True):
             vectors[i] = v
         for (i, _), v in zip(images, image_out, strict=True):
             vectors[i] = v
-        tokens = (await service.count_tokens([t for _, t in texts]) if texts else 0) + len(images) * (
-            encoder.image_tokens
-        )
+        tokens = text_tokens + len(images) * encoder.image_tokens
         matrix = np.ascontiguousarray(np.stack(vectors), dtype="<f4")
         if req.encoding_format == "base64":
             data = [
@@ -414,7 +412,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         """Text → image search."""
         namespace = service.namespace_name(req.namespace)
         await service.run(service.check_searchable, namespace)
-        vector = (await service.embed_texts([req.text]))[0]
+        vector = (await service.embed_texts([req.text]))[0][0]
         return _results(namespace, await service.run(service.search, namespace, vector, req.limit, req.filter))
 
     @api.post("/api/v1/vectors/search", response_model=SearchResponse, tags=["search"])

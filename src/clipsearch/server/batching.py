@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
-import numpy as np
-
 T = TypeVar("T")
+R = TypeVar("R")
 
 
-class MicroBatcher(Generic[T]):
+class MicroBatcher(Generic[T, R]):
+    """``run_batch`` maps a list of inputs to one result per input (e.g. the rows of a matrix)."""
+
     def __init__(
         self,
-        run_batch: Callable[[list[T]], np.ndarray],
+        run_batch: Callable[[list[T]], Sequence[R]],
         executor: Executor,
         max_batch: int = 64,
         max_wait: float = 0.005,
@@ -48,8 +49,8 @@ class MicroBatcher(Generic[T]):
                 await self._task
             self._task = None
 
-    async def submit(self, items: list[T]) -> np.ndarray:
-        """Results for ``items`` in order, stacked; the first error of any batch is raised."""
+    async def submit(self, items: list[T]) -> list[R]:
+        """Results for ``items`` in order; the first error of any batch is raised."""
         if self._queue is None:
             raise RuntimeError("batcher not started")
         loop = asyncio.get_running_loop()
@@ -62,7 +63,7 @@ class MicroBatcher(Generic[T]):
             for fut in futures:  # a cancelled request frees its queued slots
                 fut.cancel()
             raise
-        return np.stack(results) if results else np.zeros((0, 0), dtype=np.float32)
+        return results
 
     async def _loop(self) -> None:
         assert self._queue is not None

@@ -104,10 +104,10 @@ class Service:
             max_workers=max(1, settings.decode_workers), thread_name_prefix="clipsearch-decode"
         )
         wait = settings.batch_wait_ms / 1000.0
-        self.text_batcher: MicroBatcher[str] = MicroBatcher(
+        self.text_batcher: MicroBatcher[str, tuple[np.ndarray, int]] = MicroBatcher(
             self._embed_text_batch, self._model_thread, settings.max_text_batch, wait
         )
-        self.image_batcher: MicroBatcher[np.ndarray] = MicroBatcher(
+        self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
             self._embed_pixel_batch, self._model_thread, settings.max_batch, wait
         )
         self.fetch_policy = FetchPolicy(
@@ -181,23 +181,22 @@ class Service:
         return str(getattr(self.encoder, "device", "cpu"))
 
     # -- embedding -----------------------------------------------------------------------
-    def _embed_text_batch(self, texts: list[str]) -> np.ndarray:
+    def _embed_text_batch(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
         assert self.encoder is not None
-        return self.encoder.embed_texts(texts)
+        vectors, counts = self.encoder.embed_texts_counted(texts)
+        return list(zip(vectors, counts, strict=True))
 
     def _embed_pixel_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
         assert self.encoder is not None
         return self.encoder.embed_pixels(np.stack(pixels))
 
-    async def embed_texts(self, texts: list[str]) -> np.ndarray:
-        self.ready_encoder()
-        return await self.text_batcher.submit(texts)
-
-    async def count_tokens(self, texts: list[str]) -> int:
+    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors for ``texts`` and the tokens they occupied, from one tokenisation."""
         encoder = self.ready_encoder()
-        if len(texts) <= 64:
-            return sum(encoder.count_tokens(texts))
-        return sum(await asyncio.to_thread(encoder.count_tokens, texts))
+        results = await self.text_batcher.submit(texts)
+        if not results:
+            return np.zeros((0, encoder.dim), np.float32), 0
+        return np.stack([v for v, _ in results]), sum(n for _, n in results)
 
     def _prepare(self, data: bytes, label: str | None = None) -> np.ndarray:
         encoder = self.ready_encoder()
@@ -219,7 +218,7 @@ class Service:
             loop.run_in_executor(self._decode_pool, self._prepare, data, name)
             for data, name in zip(images, names, strict=True)
         )
-        return await self.image_batcher.submit(pixels)
+        return np.stack(await self.image_batcher.submit(pixels))
 
     async def image_bytes(self, ref: str) -> bytes:
         assert self._http is not None
