@@ -57,6 +57,29 @@ def photos(n: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
     return out
 
 
+def large_photos(n: int, size: tuple[int, int] = (3000, 2000), quality: int = 90) -> list[Path]:
+    """``n`` big JPEGs like product and phone photos (3000x2000, about 1.4 MB): the photos of
+    ``photos(n)`` upscaled, with a little sensor-like grain so they compress like real ones.
+    Written once under the cache folder."""
+    from PIL import Image
+
+    folder = CACHE / f"photos-{size[0]}x{size[1]}-q{quality}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, src in enumerate(photos(n)):
+        path = folder / f"{i:05d}-{src.stem}.jpg"
+        if not path.is_file():
+            rng = np.random.default_rng(i)
+            img = Image.open(src).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+            grain = rng.normal(0, 4, (size[1], size[0], 1)).astype(np.int16)
+            arr = np.clip(np.asarray(img, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
+            tmp = path.with_suffix(".tmp")
+            Image.fromarray(arr).save(tmp, "JPEG", quality=quality)
+            tmp.replace(path)
+        out.append(path)
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 

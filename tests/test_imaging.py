@@ -125,6 +125,36 @@ def test_exif_rotated_jpeg_is_turned_upright():
     assert r > 200 and b < 60
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_scaled_jpeg_decode_follows_exif_orientation_like_pillow(orientation):
+    """The libjpeg-turbo scaled path (simplejpeg) and Pillow's full decode + exif_transpose give
+    the same upright picture, for all eight EXIF orientations."""
+    img = sample_photo("astronaut").resize((1200, 800))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    fast = decode_image(data, draft_size=224)
+    exact = decode_image(data)
+    assert (fast.width, fast.height) == (exact.width, exact.height) == exact.image.size
+    assert fast.image.size == ((450, 300) if orientation < 5 else (300, 450))  # 3/8 scale
+    reference = np.asarray(exact.image.resize(fast.image.size, Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(fast.image, dtype=np.float32) - reference).mean() < 4
+
+
+def test_scaled_jpeg_decode_uses_eighths_pillow_cannot():
+    # 500x375: Pillow's draft would need a full decode; libjpeg-turbo decodes at 5/8
+    data = _encode(sample_photo("coffee").resize((500, 375)), "JPEG", quality=90)
+    d = decode_image(data, draft_size=224)
+    assert d.image.size == (313, 235) and (d.width, d.height) == (500, 375)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_scaled_decode_of_other_jpeg_colour_modes(mode):
+    img = sample_photo("astronaut").resize((1200, 800)).convert(mode)
+    d = decode_image(_encode(img, "JPEG", quality=90), draft_size=224)
+    assert d.image.mode == "RGB" and d.image.size == (600, 400)  # Pillow's draft: 1/2 scale
+
+
 def test_animated_gif_gives_the_first_frame():
     frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     buf = io.BytesIO()
@@ -162,6 +192,8 @@ def test_draft_decodes_large_jpeg_at_reduced_scale():
     assert d.image.size == (375, 250)  # 1/8 scale: both edges still >= 224
     full = decode_image(data)
     assert full.image.size == (3000, 2000)
+    with pytest.raises(ImageError, match="truncated"):  # broken data still says what is wrong
+        decode_image(data[: len(data) // 2], draft_size=224)
 
 
 @pytest.mark.parametrize(

@@ -265,8 +265,21 @@ def ingest(
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders.")] = True,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", min=1, envvar="CLIPSEARCH_WORKERS", help="Decode threads (default: cores, max 4)."),
+        typer.Option(
+            "--workers",
+            min=1,
+            envvar="CLIPSEARCH_WORKERS",
+            help="Decode workers (default: threads, one per core up to 4; processes, cores - 1).",
+        ),
     ] = None,
+    worker_type: Annotated[
+        str,
+        typer.Option(
+            "--worker-type",
+            envvar="CLIPSEARCH_WORKER_TYPE",
+            help="thread, process, or auto: threads when the model runs on the CPU, processes with a GPU.",
+        ),
+    ] = "auto",
     max_megapixels: Annotated[
         float,
         typer.Option(
@@ -279,11 +292,12 @@ def ingest(
     as_json: JsonOpt = False,
 ) -> None:
     """Embed images from folders and image lists into the store (resumable, incremental)."""
-    from .pipeline import IngestOptions, Ingestor
+    from .pipeline import IngestOptions, Ingestor, resolve_worker_type
     from .sources import parse_source
     from .store import validate_namespace
 
     validate_namespace(namespace)
+    resolve_worker_type(worker_type, "cpu")  # a typo fails before the model loads
     parsed = [parse_source(s, recursive=recursive) for s in sources]
     store = _open(db)
     info = store.namespace(namespace)
@@ -294,6 +308,7 @@ def ingest(
         batch_size=batch_size,
         limit=limit,
         workers=workers,
+        worker_type=worker_type,
         retry_failed=retry_failed,
         max_megapixels=max_megapixels,
     )

@@ -21,6 +21,8 @@ DEFAULT_HNSW_THRESHOLD = 50_000
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 128
 DEFAULT_EF_SEARCH = 128
+_PARALLEL_QUERIES = 16  # fewer queries than this are searched on the calling thread alone
+_MAX_THREADS = faiss.omp_get_max_threads()
 
 
 @dataclass
@@ -104,6 +106,10 @@ class VectorIndex:
         if self.state.count == 0:
             n = len(queries)
             return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
+        # FAISS parallelises over queries. For a few queries extra OpenMP threads only cost: they
+        # spin after the search and steal the cores the next text embedding needs (a single
+        # query went from 10 ms to 19 ms end to end on 2 cores). The setting is per thread.
+        faiss.omp_set_num_threads(1 if len(queries) < _PARALLEL_QUERIES else _MAX_THREADS)
         scores, seqs = self.index.search(queries, k, params=params)
         return scores, seqs
 

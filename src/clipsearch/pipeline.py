@@ -1,5 +1,10 @@
-"""The ingest pipeline: source items -> skip check -> read + hash + decode (threads) -> batched
-encode -> one store transaction per batch.
+"""The ingest pipeline: source items -> skip check -> read + hash + decode + crop (worker threads
+or processes, ``decoding``) -> batched normalise + encode -> one store transaction per batch.
+
+Decoding overlaps inference: a bounded window of items is in the workers while the model runs
+on the previous batch. On a CPU the workers are threads (the decoders release the GIL, and the
+model needs the cores more than a second interpreter does); with a GPU they are processes, since
+decoding is then the bottleneck and must scale past one interpreter.
 
 Properties it guarantees:
 - resumable: every batch commits its vectors and failures together, so a crash or Ctrl-C loses
@@ -11,20 +16,23 @@ Properties it guarantees:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import multiprocessing
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .decoding import DecodeSettings, Unchanged, decode_item
 from .encoders import Encoder, ModelSpec
-from .errors import ImageError
-from .imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
+from .errors import ImageError, UsageError
+from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .sources import Source, SourceItem
 from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store
 
@@ -36,7 +44,8 @@ class IngestOptions:
     namespace: str = DEFAULT_NAMESPACE
     batch_size: int = 32
     limit: int | None = None
-    workers: int | None = None  # decode threads; default: one per core, at most 4
+    workers: int | None = None  # decode workers; default: see default_workers()
+    worker_type: str = "auto"  # auto | thread | process
     retry_failed: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     draft: bool = True  # DCT-scaled JPEG decode
@@ -67,7 +76,7 @@ class IngestReport:
 @dataclass
 class _Prepared:
     item: NewItem
-    pixels: np.ndarray
+    crop: np.ndarray
 
 
 @dataclass
@@ -75,11 +84,31 @@ class _Unchanged:
     item: NewItem  # same content as stored; only size/mtime are refreshed
 
 
+@dataclass
+class _InFlight:
+    item: SourceItem
+    known: FileState | None
+    future: Future
+
+
 ProgressCallback = Callable[[int, int], None]  # (items done, items total)
 
 
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+def default_workers(worker_type: str = "thread") -> int:
+    """Threads: one per core, at most 4 (the model uses the cores too). Processes (GPU): every
+    core but one, which feeds the GPU."""
+    cores = os.cpu_count() or 1
+    if worker_type == "process":
+        return max(1, cores - 1)
+    return max(1, min(4, cores))
+
+
+def resolve_worker_type(requested: str, device: str) -> str:
+    if requested not in ("auto", "thread", "process"):
+        raise UsageError(f"unknown --worker-type {requested!r}; use auto, thread or process")
+    if requested != "auto":
+        return requested
+    return "thread" if device == "cpu" else "process"
 
 
 class Ingestor:
@@ -88,7 +117,19 @@ class Ingestor:
         self.encoder = encoder
         self.options = options
         self.namespace = options.namespace
+        device = str(getattr(encoder, "device", "cpu")).split(":")[0]
+        self.worker_type = resolve_worker_type(options.worker_type, device)
+        self.workers = options.workers or default_workers(self.worker_type)
+        self.settings = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, options.draft)
         store.bind_namespace(self.namespace, encoder.identity, model_spec.to_dict())
+
+    def _executor(self) -> Executor:
+        if self.worker_type == "process":
+            # spawn: a fresh interpreter that imports only the decode stage, never a fork of a
+            # process holding a model and thread pools
+            context = multiprocessing.get_context("spawn")
+            return ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="clipsearch-decode")
 
     def run(self, sources: Iterable[Source], progress: ProgressCallback | None = None) -> IngestReport:
         started = time.perf_counter()
@@ -114,14 +155,11 @@ class Ingestor:
         def flush() -> None:
             if not batch and not pending_failures and not pending_touched:
                 return
-            vectors = self.encoder.embed_pixels(np.stack([p.pixels for p in batch])) if batch else None
-            self.store.write_batch(
-                self.namespace,
-                [p.item for p in batch],
-                vectors if vectors is not None else np.zeros((0, self.encoder.dim), np.float32),
-                pending_failures,
-                pending_touched,
-            )
+            if batch:
+                vectors = self.encoder.embed_crops(np.stack([p.crop for p in batch]))
+            else:
+                vectors = np.zeros((0, self.encoder.dim), np.float32)
+            self.store.write_batch(self.namespace, [p.item for p in batch], vectors, pending_failures, pending_touched)
             report.embedded += len(batch)
             report.failed += len(pending_failures)
             report.failures.extend(pending_failures)
@@ -130,35 +168,97 @@ class Ingestor:
             pending_failures.clear()
             pending_touched.clear()
 
-        workers = self.options.workers or default_workers()
-        window = max(2 * self.options.batch_size, 4 * workers)
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipsearch-decode")
-        in_flight: deque[tuple[SourceItem, Future]] = deque()
+        window = max(2 * self.options.batch_size, 4 * self.workers)
+        executor = self._executor()
+        in_flight: deque[_InFlight] = deque()
+
+        def submit(entry: _InFlight) -> None:
+            known_sha = entry.known.sha256 if entry.known else None
+            entry.future = executor.submit(decode_item, entry.item, known_sha, self.settings)
+
+        def file_result(entry: _InFlight) -> None:
+            """Put one finished item where it belongs: the batch, the failures or the touched."""
+            nonlocal queued
+            item = entry.item
+            try:
+                result = entry.future.result()
+            except ImageError as e:
+                reason = e.message
+            except MemoryError:
+                reason = "out of memory while decoding"
+            except BrokenProcessPool:
+                reason = "the decoder process crashed on this file"
+            except Exception as e:  # one bad file must never stop the run
+                reason = f"unexpected {type(e).__name__}: {e}"
+            else:
+                if isinstance(result, Unchanged):
+                    pending_touched.append(NewItem(item.id, {}, result.sha256, result.size, item.mtime_ns))
+                    report.skipped += 1
+                    queued -= 1  # failed or unchanged: it does not use up the limit
+                    return
+                metadata = dict(item.metadata)
+                metadata.update(
+                    namespace=self.namespace,
+                    width=result.width,
+                    height=result.height,
+                    sha256=result.sha256,
+                    bytes=result.size,
+                )
+                new = NewItem(item.id, metadata, result.sha256, result.size, item.mtime_ns)
+                batch.append(_Prepared(new, result.crop))
+                if len(batch) >= self.options.batch_size:
+                    flush()
+                return
+            pending_failures.append(_failure(item, reason))
+            queued -= 1
+
+        def collect() -> None:
+            nonlocal executor
+            entry = in_flight.popleft()
+            try:
+                entry.future.result()
+            except BrokenProcessPool:
+                # A decoder process died (a crash in a native decoder on some file), and every
+                # item in flight with it. Decode those again one at a time in fresh processes, so
+                # that the file that kills a process again is the one recorded as failed.
+                suspects = [entry, *in_flight]
+                in_flight.clear()
+                executor.shutdown(wait=False, cancel_futures=True)
+                executor = self._executor()
+                for suspect in suspects:
+                    submit(suspect)
+                    with contextlib.suppress(Exception):
+                        suspect.future.result()
+                    if isinstance(suspect.future.exception(), BrokenProcessPool):
+                        executor.shutdown(wait=False, cancel_futures=True)
+                        executor = self._executor()
+                    file_result(suspect)
+                return
+            except Exception:
+                pass  # filed below with its reason (Ctrl-C, a BaseException, goes through)
+            file_result(entry)
+
         try:
             for chunk_start in range(0, total, _LOOKUP_CHUNK):
                 chunk = items[chunk_start : chunk_start + _LOOKUP_CHUNK]
-                todo = self._filter_known(chunk, report, advance)
-                for item, known in todo:
+                for item, known in self._filter_known(chunk, report, advance):
                     if limit is not None and queued >= limit:
                         break
-                    in_flight.append((item, executor.submit(self._prepare, item, known)))
+                    entry = _InFlight(item, known, Future())
+                    submit(entry)
+                    in_flight.append(entry)
                     queued += 1
                     while len(in_flight) >= window or (limit is not None and queued >= limit and in_flight):
-                        if not self._collect(in_flight.popleft(), batch, pending_failures, pending_touched, report):
-                            queued -= 1  # failed or unchanged: it does not use up the limit
-                        if len(batch) >= self.options.batch_size:
-                            flush()
+                        collect()
                 if limit is not None and queued >= limit:
                     break
             while in_flight:
-                self._collect(in_flight.popleft(), batch, pending_failures, pending_touched, report)
-                if len(batch) >= self.options.batch_size:
-                    flush()
+                collect()
             flush()
         except KeyboardInterrupt:
             report.interrupted = True
-            for _, fut in in_flight:
-                fut.cancel()
+            for entry in in_flight:
+                entry.future.cancel()
         finally:
             executor.shutdown(wait=not report.interrupted, cancel_futures=True)
         if report.embedded and not report.interrupted:
@@ -201,59 +301,6 @@ class Ingestor:
                 continue
             todo.append((item, known))
         return todo
-
-    def _prepare(self, item: SourceItem, known: FileState | None) -> _Prepared | _Unchanged:
-        """Runs in a worker thread: read, hash, and (if new or changed) decode + preprocess."""
-        try:
-            data = item.read()
-        except FileNotFoundError:
-            raise ImageError("file does not exist") from None
-        except IsADirectoryError:
-            raise ImageError("is a directory, not a file") from None
-        except OSError as e:
-            raise ImageError(f"cannot read file ({e.strerror or e})") from None
-        digest = hashlib.sha256(data).hexdigest()
-        size = len(data)
-        if known is not None and known.sha256 == digest:
-            return _Unchanged(NewItem(item.id, {}, digest, size, item.mtime_ns))
-        spec = self.encoder.preprocess_spec
-        decoded = decode_image(
-            data,
-            max_megapixels=self.options.max_megapixels,
-            draft_size=spec.draft_size if self.options.draft else None,
-        )
-        pixels = self.encoder.preprocess(decoded.image)
-        metadata = dict(item.metadata)
-        metadata.update(namespace=self.namespace, width=decoded.width, height=decoded.height, sha256=digest, bytes=size)
-        return _Prepared(NewItem(item.id, metadata, digest, size, item.mtime_ns), pixels)
-
-    def _collect(
-        self,
-        entry: tuple[SourceItem, Future],
-        batch: list[_Prepared],
-        failures: list[FailureRecord],
-        touched: list[NewItem],
-        report: IngestReport,
-    ) -> bool:
-        """Wait for one prepared item and file it; True if it joined the batch to embed."""
-        item, fut = entry
-        try:
-            result = fut.result()
-        except ImageError as e:
-            failures.append(_failure(item, e.message))
-            return False
-        except MemoryError:
-            failures.append(_failure(item, "out of memory while decoding"))
-            return False
-        except Exception as e:  # one bad file must never stop the run
-            failures.append(_failure(item, f"unexpected {type(e).__name__}: {e}"))
-            return False
-        if isinstance(result, _Unchanged):
-            touched.append(result.item)
-            report.skipped += 1
-            return False
-        batch.append(result)
-        return True
 
 
 def _same_file(state: FileState, item: SourceItem) -> bool:

@@ -37,7 +37,10 @@ def load_encoder(spec: ModelSpec, *, serving: bool = False) -> Encoder:
     else:
         from . import openclip
 
-        base = openclip.load(dataclasses.replace(spec, device="cpu") if spec.runtime == "onnx" else spec)
+        if spec.runtime == "onnx":
+            base = openclip.load(dataclasses.replace(spec, device="cpu"), fast_cpu=False)
+        else:
+            base = openclip.load(spec)
     if spec.runtime == "onnx":
         from . import onnx
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -179,6 +180,10 @@ class Encoder(ABC):
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embed preprocessed images, float32 (n, 3, H, W)."""
 
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Embed resized and cropped images, uint8 (n, H, W, 3): normalised here, per batch."""
+        return self.embed_pixels(self.preprocess.normalize(crops))
+
     @abstractmethod
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed a list of strings."""
@@ -202,6 +207,8 @@ class TorchEncoder(Encoder):
     """Shared inference plumbing for PyTorch backends: device, fp16 on CUDA, batching, norm."""
 
     text_batch_size = 256
+    model: torch.nn.Module
+    onednn = False  # whether the matrix products run on oneDNN (see ``use_onednn``)
 
     def __init__(self, identity: ModelIdentity, preprocess: Preprocessor, device: torch.device):
         self.identity = identity
@@ -209,6 +216,23 @@ class TorchEncoder(Encoder):
         self.device = device
         # fp16 halves memory traffic on GPUs; on CPU it is slower and less exact.
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def use_onednn(self) -> bool:
+        """On the CPU, run the model's matrix products with oneDNN instead of MKL (``onednn``
+        explains why); kept only if a sample image and text give the same vectors as before.
+        ``CLIPSEARCH_ONEDNN=0`` turns it off."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or os.environ.get("CLIPSEARCH_ONEDNN") == "0":
+            return False
+        from . import onednn
+
+        h, w = self.preprocess_spec.size
+        pixels = torch.randn((2, 3, h, w), generator=torch.Generator().manual_seed(0))
+        texts = ["a photo of a cat", "a diagram of a bicycle with two wheels"]
+        self.onednn = onednn.accelerate(
+            self.model, [lambda: self._image_features(pixels), lambda: self._text_features(texts)]
+        )
+        return self.onednn
 
     @abstractmethod
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor: ...
@@ -227,6 +251,23 @@ class TorchEncoder(Encoder):
         with torch.inference_mode():
             feats = self._image_features(tensor.to(self.dtype))
             return normalize(feats)
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.uint8))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        else:
+            tensor = tensor.to(self.device)
+        if self._norm is None or self._norm[0].device != tensor.device:
+            scale = torch.from_numpy(self.preprocess.scale).to(tensor.device).view(1, 3, 1, 1)
+            offset = torch.from_numpy(self.preprocess.offset).to(tensor.device).view(1, 3, 1, 1)
+            self._norm = (scale, offset)
+        scale, offset = self._norm
+        with torch.inference_mode():
+            pixels = torch.addcmul(offset, tensor.permute(0, 3, 1, 2).float(), scale)
+            return normalize(self._image_features(pixels.contiguous().to(self.dtype)))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         texts = [str(t) for t in texts]

@@ -124,7 +124,9 @@ def load(spec: ModelSpec) -> HFEncoder:
         preprocess=preprocess.to_dict(),
         precision="fp16" if dtype == torch.float16 else "fp32",
     )
-    return HFEncoder(model, tokenizer, identity, device)
+    encoder = HFEncoder(model, tokenizer, identity, device)
+    encoder.use_onednn()
+    return encoder
 
 
 def _preprocess_spec(folder: Path, model: Any) -> PreprocessSpec:

@@ -128,7 +128,9 @@ def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return encode_text_cut(model, trim_tokens(model, tokens))
 
 
-def load(spec: ModelSpec) -> OpenClipEncoder:
+def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
+    """``fast_cpu``: swap in oneDNN kernels on the CPU (not wanted when the model is only the
+    source of an ONNX export)."""
     device = resolve_device(spec.device)
     open_clip = import_open_clip()
     precision = "fp16" if device.type == "cuda" else "fp32"
@@ -198,7 +200,10 @@ def load(spec: ModelSpec) -> OpenClipEncoder:
         preprocess=PreprocessSpec.from_dict(preprocess_cfg).to_dict(),
         precision=precision,
     )
-    return OpenClipEncoder(model, tokenizer, identity, device)
+    encoder = OpenClipEncoder(model, tokenizer, identity, device)
+    if fast_cpu:
+        encoder.use_onednn()
+    return encoder
 
 
 def _create(open_clip: Any, name: str, **kwargs: Any) -> Any:

@@ -108,7 +108,7 @@ class Service:
             self._embed_text_batch, self._model_thread, settings.max_text_batch, wait
         )
         self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
-            self._embed_pixel_batch, self._model_thread, settings.max_batch, wait
+            self._embed_crop_batch, self._model_thread, settings.max_batch, wait
         )
         self.fetch_policy = FetchPolicy(
             allow_private=settings.allow_private_urls,
@@ -149,7 +149,7 @@ class Service:
         # The first call through a model allocates and picks kernels; do it before any client waits.
         encoder.embed_texts(["warm up"])
         h, w = encoder.preprocess_spec.size
-        encoder.embed_pixels(np.zeros((1, 3, h, w), dtype=np.float32))
+        encoder.embed_crops(np.zeros((1, h, w, 3), dtype=np.uint8))
         return encoder, spec
 
     async def close(self) -> None:
@@ -186,9 +186,9 @@ class Service:
         vectors, counts = self.encoder.embed_texts_counted(texts)
         return list(zip(vectors, counts, strict=True))
 
-    def _embed_pixel_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
+    def _embed_crop_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
         assert self.encoder is not None
-        return self.encoder.embed_pixels(np.stack(pixels))
+        return self.encoder.embed_crops(np.stack(pixels))
 
     async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors for ``texts`` and the tokens they occupied, from one tokenisation."""
@@ -206,7 +206,7 @@ class Service:
             )
         except ImageError as e:
             raise labelled(label, e) from None
-        return encoder.preprocess(decoded.image)
+        return encoder.preprocess.crop(decoded.image)
 
     async def embed_images(self, images: list[bytes], labels: list[str] | None = None) -> np.ndarray:
         """Decode in the decode pool (in parallel with whatever the model is doing), then batch.
@@ -279,7 +279,7 @@ class Service:
             decoded = decode_image(
                 data, max_megapixels=self.settings.max_megapixels, draft_size=encoder.preprocess_spec.draft_size
             )
-            return encoder.preprocess(decoded.image), decoded
+            return encoder.preprocess.crop(decoded.image), decoded
 
         pixels, decoded = await loop.run_in_executor(self._decode_pool, decode)
         await self.run(self.store.bind_namespace, namespace, encoder.identity, self.spec.to_dict())

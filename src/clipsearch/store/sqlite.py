@@ -392,12 +392,13 @@ class SQLiteStore:
         settings = self.index_settings
         with self._lock:
             index = self._indexes.get(namespace) or VectorIndex.load(self._index_path(namespace), settings)
-            count = self.count(namespace)
-            kind = settings.kind_for(count)
             gen, rebuild_gen = ns["generation"], ns["rebuild_generation"]
             if index is not None and index.state.generation == gen and index.state.rebuild_generation == rebuild_gen:
                 self._indexes[namespace] = index
                 return index
+            # counting rows is a scan (25 ms at 1M rows): only when the index must catch up
+            count = self.count(namespace)
+            kind = settings.kind_for(count)
             appendable = (
                 index is not None
                 and index.state.rebuild_generation == rebuild_gen

@@ -1,0 +1,69 @@
+"""The decode stage of ingest: read one item's bytes, hash them, decode and crop the image.
+
+It runs in worker threads or worker processes (``--worker-type``), so it imports nothing heavy
+(no torch, no store): a spawned process starts in a fraction of a second and holds only Pillow,
+simplejpeg and numpy. Its results are small picklable records; the pipeline turns them into
+store rows. Normalisation is left to the encoder, per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import ImageError
+from .imaging import DEFAULT_MAX_MEGAPIXELS, Preprocessor, PreprocessSpec, decode_image
+from .sources import SourceItem
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    spec: PreprocessSpec
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    draft: bool = True  # DCT-scaled JPEG decode
+
+
+@dataclass
+class Decoded:
+    sha256: str
+    size: int
+    width: int  # of the original, upright
+    height: int
+    crop: np.ndarray  # uint8 (H, W, 3), ready for Preprocessor.normalize
+
+
+@dataclass
+class Unchanged:
+    """The bytes hash to what the store already holds: nothing to decode."""
+
+    sha256: str
+    size: int
+
+
+@lru_cache(maxsize=8)
+def _preprocessor(spec: PreprocessSpec) -> Preprocessor:
+    return Preprocessor(spec)
+
+
+def decode_item(item: SourceItem, known_sha256: str | None, settings: DecodeSettings) -> Decoded | Unchanged:
+    """Read, hash and (if new or changed) decode + crop one item; ImageError says why not."""
+    try:
+        data = item.read()
+    except FileNotFoundError:
+        raise ImageError("file does not exist") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not a file") from None
+    except OSError as e:
+        raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if known_sha256 == digest:
+        return Unchanged(digest, len(data))
+    spec = settings.spec
+    decoded = decode_image(
+        data, max_megapixels=settings.max_megapixels, draft_size=spec.draft_size if settings.draft else None
+    )
+    crop = _preprocessor(spec).crop(decoded.image)
+    return Decoded(digest, len(data), decoded.width, decoded.height, crop)
