@@ -56,6 +56,12 @@ def test_self_attention_matches_multihead_attention(batch_first):
         torch.testing.assert_close(fast(x, other, other, need_weights=False)[0], mha(x, other, other)[0])
         out, weights = fast(x, x, x)  # attention weights asked for
         assert weights is not None
+        padding = torch.zeros(3, 7, dtype=torch.bool)
+        padding[:, -2:] = True
+        torch.testing.assert_close(
+            fast(x, x, x, need_weights=False, key_padding_mask=padding)[0],
+            mha(x, x, x, need_weights=False, key_padding_mask=padding)[0],
+        )
         bool_mask = torch.ones(7, 7, dtype=torch.bool).triu(1)
         torch.testing.assert_close(
             fast(x, x, x, need_weights=False, attn_mask=bool_mask)[0],

@@ -71,7 +71,7 @@ class OneDnnSelfAttention(nn.Module):
         usable = (
             query is key is value
             and not need_weights
-            and not kwargs.get("key_padding_mask")
+            and kwargs.get("key_padding_mask") is None
             and not kwargs.get("is_causal")
             and (attn_mask is None or attn_mask.is_floating_point())
             and query.device.type == "cpu"
