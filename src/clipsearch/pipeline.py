@@ -16,7 +16,6 @@ Properties it guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import time
@@ -77,11 +76,6 @@ class IngestReport:
 class _Prepared:
     item: NewItem
     crop: np.ndarray
-
-
-@dataclass
-class _Unchanged:
-    item: NewItem  # same content as stored; only size/mtime are refreshed
 
 
 @dataclass
@@ -215,28 +209,23 @@ class Ingestor:
         def collect() -> None:
             nonlocal executor
             entry = in_flight.popleft()
-            try:
-                entry.future.result()
-            except BrokenProcessPool:
-                # A decoder process died (a crash in a native decoder on some file), and every
-                # item in flight with it. Decode those again one at a time in fresh processes, so
-                # that the file that kills a process again is the one recorded as failed.
-                suspects = [entry, *in_flight]
-                in_flight.clear()
-                executor.shutdown(wait=False, cancel_futures=True)
-                executor = self._executor()
-                for suspect in suspects:
-                    submit(suspect)
-                    with contextlib.suppress(Exception):
-                        suspect.future.result()
-                    if isinstance(suspect.future.exception(), BrokenProcessPool):
-                        executor.shutdown(wait=False, cancel_futures=True)
-                        executor = self._executor()
-                    file_result(suspect)
+            # exception() waits for the item; Ctrl-C while waiting goes through
+            if not isinstance(entry.future.exception(), BrokenProcessPool):
+                file_result(entry)
                 return
-            except Exception:
-                pass  # filed below with its reason (Ctrl-C, a BaseException, goes through)
-            file_result(entry)
+            # A decoder process died (a crash in a native decoder on some file), and every item
+            # in flight with it. Decode those again one at a time in fresh processes, so that the
+            # file that kills a process again is the one recorded as failed.
+            suspects = [entry, *in_flight]
+            in_flight.clear()
+            executor.shutdown(wait=False, cancel_futures=True)
+            executor = self._executor()
+            for suspect in suspects:
+                submit(suspect)
+                if isinstance(suspect.future.exception(), BrokenProcessPool):
+                    executor.shutdown(wait=False, cancel_futures=True)
+                    executor = self._executor()
+                file_result(suspect)
 
         try:
             for chunk_start in range(0, total, _LOOKUP_CHUNK):

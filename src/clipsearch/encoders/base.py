@@ -216,7 +216,9 @@ class TorchEncoder(Encoder):
         self.device = device
         # fp16 halves memory traffic on GPUs; on CPU it is slower and less exact.
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
+        # uint8 crops are normalised on the device: x * scale + offset, per channel
+        self._scale = torch.from_numpy(preprocess.scale).to(device).view(1, 3, 1, 1)
+        self._offset = torch.from_numpy(preprocess.offset).to(device).view(1, 3, 1, 1)
 
     def use_onednn(self) -> bool:
         """On the CPU, run the model's matrix products with oneDNN instead of MKL (``onednn``
@@ -240,33 +242,25 @@ class TorchEncoder(Encoder):
     @abstractmethod
     def _text_features(self, texts: list[str]) -> torch.Tensor: ...
 
+    def _to_device(self, array: np.ndarray, dtype: type) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        else:
-            tensor = tensor.to(self.device)
+        tensor = self._to_device(pixels, np.float32)
         with torch.inference_mode():
-            feats = self._image_features(tensor.to(self.dtype))
-            return normalize(feats)
+            return normalize(self._image_features(tensor.to(self.dtype)))
 
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         if len(crops) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        tensor = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.uint8))
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        else:
-            tensor = tensor.to(self.device)
-        if self._norm is None or self._norm[0].device != tensor.device:
-            scale = torch.from_numpy(self.preprocess.scale).to(tensor.device).view(1, 3, 1, 1)
-            offset = torch.from_numpy(self.preprocess.offset).to(tensor.device).view(1, 3, 1, 1)
-            self._norm = (scale, offset)
-        scale, offset = self._norm
+        tensor = self._to_device(crops, np.uint8)
         with torch.inference_mode():
-            pixels = torch.addcmul(offset, tensor.permute(0, 3, 1, 2).float(), scale)
+            pixels = torch.addcmul(self._offset, tensor.permute(0, 3, 1, 2).float(), self._scale)
             return normalize(self._image_features(pixels.contiguous().to(self.dtype)))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,33 +49,16 @@ def _import_ort() -> Any:
     return onnxruntime
 
 
-class _TextTower(torch.nn.Module):
-    """open_clip's causal text tower on tokens already cut to the batch's longest sequence."""
+class _Tower(torch.nn.Module):
+    """One of the model's towers as a module to export: ``forward(x) = fn(model, x)``."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, fn: Callable[[Any, torch.Tensor], torch.Tensor]):
         super().__init__()
         self.model = model
+        self.fn = fn
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return encode_text_cut(self.model, tokens)
-
-
-class _FixedTextTower(torch.nn.Module):
-    def __init__(self, model: Any):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
-
-
-class _ImageTower(torch.nn.Module):
-    def __init__(self, model: Any):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.model, x)
 
 
 def weights_digest(model: torch.nn.Module, identity: ModelIdentity) -> str:
@@ -193,7 +176,9 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
     meta = folder / "meta.json"
     if not (folder / "image.onnx").is_file():
         batch = torch.export.Dim("batch", min=1, max=4096)
-        _export(_ImageTower(model), torch.zeros(2, 3, h, w), {0: batch}, folder / "image.onnx")
+        _export(
+            _Tower(model, lambda m, x: m.encode_image(x)), torch.zeros(2, 3, h, w), {0: batch}, folder / "image.onnx"
+        )
     if not (folder / "text.onnx").is_file():
         ctx = int(getattr(model, "context_length", 77))
         example = base.tokenizer(["a photo", "an example text"])
@@ -201,9 +186,12 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
         if base.trim_text_padding:
             n = int(example.argmax(dim=-1).max()) + 1
             length = torch.export.Dim("length", min=2, max=ctx)
-            _export(_TextTower(model), example[:, : max(n, 3)], {0: batch, 1: length}, folder / "text.onnx")
+            # open_clip's causal text tower on tokens already cut to the batch's longest sequence
+            _export(
+                _Tower(model, encode_text_cut), example[:, : max(n, 3)], {0: batch, 1: length}, folder / "text.onnx"
+            )
         else:
-            _export(_FixedTextTower(model), example, {0: batch}, folder / "text.onnx")
+            _export(_Tower(model, lambda m, x: m.encode_text(x)), example, {0: batch}, folder / "text.onnx")
     if precision == "int8":
         for tower in ("image", "text"):
             if not (folder / f"{tower}.int8.onnx").is_file():

@@ -49,6 +49,9 @@ class OpenClipEncoder(TorchEncoder):
     def count_tokens(self, texts: list[str]) -> list[int]:
         return count_tokens(self.tokenizer, texts)
 
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embed_texts_counted(texts)[0]
+
     def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
         texts = [str(t) for t in texts]
         vectors, counts = [], []
