@@ -4,6 +4,7 @@ loading code), generated images, and a CLI runner."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -178,6 +179,18 @@ def noise_images(folder: Path, n: int, size: tuple[int, int] = (320, 240), seed:
     return paths
 
 
+@functools.lru_cache(maxsize=4096)
+def noise_png(n: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    """The n-th of many distinct small images (smooth colour blobs), as PNG bytes."""
+    import io
+
+    rng = np.random.default_rng(1000 + n)
+    small = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(buf, "PNG")
+    return buf.getvalue()
+
+
 @pytest.fixture
 def photos(tmp_path) -> Path:
     folder = tmp_path / "photos"
@@ -263,8 +276,9 @@ class RunningServer:
 class ImageHandlerServer:
     """A small HTTP server for fetch tests: real images, errors, slow and oversized answers.
 
-    Routes: /img/NAME.jpg (a sample photo), /status/CODE, /flaky/KEY (500 twice, then the image),
-    /slow (sleeps 5 s), /html, /big (5 MB of JPEG-looking bytes), /redirect-loop, /redirect-to/PATH.
+    Routes: /img/NAME.jpg (a sample photo), /noise/N.png (the N-th of many distinct small
+    images), /status/CODE, /flaky/KEY (500 twice, then the image), /slow?s=SECONDS (default 5),
+    /html, /big (5 MB of JPEG-looking bytes), /redirect-loop, /redirect-to/PATH.
     ``hits`` counts requests per path.
     """
 
@@ -275,6 +289,7 @@ class ImageHandlerServer:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.hits: Counter[str] = Counter()
+        self.lock = threading.Lock()
         images: dict[str, bytes] = {}
         for name in SAMPLE_PHOTOS:
             buf = io.BytesIO()
@@ -300,11 +315,14 @@ class ImageHandlerServer:
             def do_GET(self) -> None:
                 import time
 
-                path = self.path.split("?")[0]
-                owner.hits[path] += 1
+                path, _, query = self.path.partition("?")
+                with owner.lock:
+                    owner.hits[path] += 1
                 parts = path.strip("/").split("/")
                 if parts[0] == "img" and len(parts) == 2 and parts[1].removesuffix(".jpg") in images:
                     self._send(200, images[parts[1].removesuffix(".jpg")])
+                elif parts[0] == "noise" and len(parts) == 2 and parts[1].removesuffix(".png").isdigit():
+                    self._send(200, noise_png(int(parts[1].removesuffix(".png"))), "image/png")
                 elif parts[0] == "status" and len(parts) == 2:
                     self._send(int(parts[1]), b"error", "text/plain")
                 elif parts[0] == "flaky":
@@ -313,7 +331,7 @@ class ImageHandlerServer:
                     else:
                         self._send(200, images["coffee"])
                 elif path == "/slow":
-                    time.sleep(5)
+                    time.sleep(float(query.removeprefix("s=") or 5))
                     self._send(200, images["coffee"])
                 elif path == "/html":
                     self._send(200, b"<html><body>not an image</body></html>", "text/html")

@@ -153,6 +153,13 @@ def test_image_list_labels_reach_search_results(cli, photos, tmp_path):
     assert meta["label"] == "cat" and meta["label_2"] == "pet"
     code, out, _ = cli("search", "anything", "--filter", "label=space", "--json")
     assert [json.loads(line)["metadata"]["label"] for line in out.splitlines()] == ["space"]
+    # a new label for an unchanged file updates its metadata without embedding it again
+    lst.write_text(f"photos/chelsea.jpg,tabby\n{photos / 'rocket.jpg'},space\n")
+    code, out, _ = cli("ingest", f"image-list:{lst}", "--json")
+    assert (_summary(out)["embedded"], _summary(out)["skipped"]) == (0, 2)
+    code, out, _ = cli("search", "tabby", "--mode", "keyword", "--json")
+    meta = json.loads(out)["metadata"]
+    assert meta["label"] == "tabby" and "label_2" not in meta and meta["width"] == 451
 
 
 def test_namespaces_are_separate_and_models_never_mix(cli, photos, tiny_hf):

@@ -480,3 +480,30 @@ def test_query_image_decoding_matches_ingest(library):
     path = library["paths"]["coffee"]
     image = decode_file(path, draft_size=encoder.preprocess_spec.draft_size).image
     assert float(np.dot(encoder.embed_images([image])[0], stored_vector(library, "coffee"))) > 0.9999
+
+
+# -- keyword and hybrid search, similar within a group -------------------------------------------
+def test_search_modes_over_http(client):
+    keyword = client.post("/api/v1/search", json={"text": "animal", "mode": "keyword"})
+    assert keyword.status_code == 200, keyword.text
+    results = keyword.json()["results"]
+    assert [r["metadata"]["filename"] for r in results] == ["chelsea.jpg"] and results[0]["score"] > 0
+    vector = client.post("/api/v1/search", json={"text": "animal", "limit": 6}).json()["results"]
+    hybrid = client.post("/api/v1/search", json={"text": "animal", "mode": "hybrid", "limit": 6}).json()["results"]
+    fused = {r["id"]: 1 / (60 + rank) for rank, r in enumerate(vector, 1)}
+    fused[results[0]["id"]] += 1 / 61
+    assert hybrid[0]["id"] == results[0]["id"]  # first in keyword, and in the vector list: first fused
+    assert all(abs(r["score"] - round(fused[r["id"]], 6)) < 1e-6 for r in hybrid)
+    assert_error(client.post("/api/v1/search", json={"text": "x", "mode": "fuzzy"}), 422, "mode")
+    assert_error(client.post("/api/v1/search", json={"text": "!!", "mode": "keyword"}), 400, "no words")
+
+
+def test_similar_within_the_same_metadata_value(client, library):
+    wheel = client.post("/api/v1/search", json={"text": "abstract", "mode": "keyword"}).json()["results"]
+    assert len(wheel) == 2
+    first, other = wheel[0]["id"], wheel[1]["id"]
+    same = client.get(f"/api/v1/items/{first}/similar", params={"same_filter": "label"})
+    assert same.status_code == 200 and [r["id"] for r in same.json()["results"]] == [other]
+    everything = client.get(f"/api/v1/items/{first}/similar", params={"limit": 10}).json()["results"]
+    assert len(everything) == 5 and first not in {r["id"] for r in everything}
+    assert_error(client.get(f"/api/v1/items/{first}/similar", params={"same_filter": "client"}), 400, "no client")

@@ -163,3 +163,72 @@ def test_open_store_rejects_non_database_and_postgres(tmp_path):
         open_store(bad)
     with pytest.raises(UsageError, match="PostgreSQL"):
         open_store("postgresql://u@localhost/db")
+
+
+# The schema of clipsearch 0.1 files (schema 1), as that version created it.
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE namespaces (name TEXT PRIMARY KEY, identity TEXT NOT NULL, model_spec TEXT NOT NULL,
+    dim INTEGER NOT NULL, generation INTEGER NOT NULL DEFAULT 0,
+    rebuild_generation INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE TABLE items (seq INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL REFERENCES namespaces(name),
+    id TEXT NOT NULL, sha256 TEXT, size INTEGER, mtime_ns INTEGER, metadata TEXT NOT NULL, vector BLOB NOT NULL,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, UNIQUE (namespace, id));
+CREATE INDEX items_sha256 ON items (namespace, sha256);
+CREATE TABLE failures (namespace TEXT NOT NULL, id TEXT NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL,
+    sha256 TEXT, size INTEGER, mtime_ns INTEGER, metadata TEXT NOT NULL DEFAULT '{}',
+    attempts INTEGER NOT NULL DEFAULT 1, first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, id));
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
+    import json
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    vec = _vectors(2)
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_1)
+        conn.execute(
+            "INSERT INTO namespaces (name, identity, model_spec, dim, created_at) VALUES (?, ?, ?, ?, ?)",
+            ("default", json.dumps(IDENT.as_dict()), "{}", 8, "2026-01-01"),
+        )
+        for i, label in enumerate(["tabby cat", "red rocket"]):
+            conn.execute(
+                "INSERT INTO items (namespace, id, sha256, size, mtime_ns, metadata, vector, created_at, updated_at) "
+                "VALUES ('default', ?, ?, 1, 1, ?, ?, 'x', 'x')",
+                (f"id{i}", f"h{i}", json.dumps({"label": label, "sha256": f"h{i}"}), vec[i].tobytes()),
+            )
+    store = SQLiteStore(path)
+    try:
+        assert [h.item.id for h in store.keyword_search("default", "rocket", 5)] == ["id1"]
+        assert store.search("default", vec[:1], 1)[0][0].item.id == "id0"
+        assert store.file_states("default", ["id0"])["id0"].fingerprint is None
+        store.write_batch("default", [NewItem("id2", {"label": "new"}, fingerprint="f", text="a new text")], vec[:1])
+        assert [h.item.id for h in store.keyword_search("default", "text", 5)] == ["id2"]
+    finally:
+        store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    SQLiteStore(path).close()  # opening a migrated file again changes nothing
+
+
+def test_text_vectors_have_their_own_index_and_follow_their_items(tmp_path):
+    store = _store(tmp_path)
+    image = _fill(store, 6)
+    text = _vectors(6, seed=7)
+    touched = [NewItem(f"id{i}", {"path": f"/p/{i}.jpg"}, f"h{i}", text=f"t{i}", text_vector=text[i]) for i in range(6)]
+    store.write_batch("default", [], np.zeros((0, 8), np.float32), touched=touched)
+    assert store.has_text_vectors("default")
+    for i in range(6):
+        assert store.search("default", text[i : i + 1], 1, field="text")[0][0].item.id == f"id{i}"
+        assert store.search("default", image[i : i + 1], 1)[0][0].item.id == f"id{i}"
+    assert store.get_items("default", ["id0"])[0].metadata == {"path": "/p/0.jpg"}  # the source's, replaced
+    store.delete_items("default", ["id0"])
+    hits = store.search("default", text[:1], 6, field="text")[0]
+    assert "id0" not in {h.item.id for h in hits} and len(hits) == 5
+    with pytest.raises(DimensionError):
+        store.write_batch("default", [], np.zeros((0, 8)), touched=[NewItem("id1", {}, text_vector=np.ones(3))])
+    store.close()

@@ -1,4 +1,5 @@
-"""The ``clipsearch`` command line: ingest, search, embed, duplicates, export, info, failures.
+"""The ``clipsearch`` command line: ingest, search, similar, embed, duplicates, export, info,
+failures, serve.
 
 Settings come from flags, then ``CLIPSEARCH_*`` environment variables, then the model recorded
 for the namespace (so ``search`` uses whatever ``ingest`` used), then the defaults.
@@ -99,6 +100,7 @@ PrecisionOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
+_CAT = "Catalogs and selection"
 
 
 def _quiet_libraries() -> None:
@@ -289,16 +291,116 @@ def ingest(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Try items that failed in earlier runs again.")
     ] = False,
+    filter_: Annotated[
+        list[str] | None,
+        typer.Option("--filter", help="Only items (catalog rows) whose KEY=VALUE (repeatable).", rich_help_panel=_CAT),
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option("--sample", min=0, help="A reproducible random sample of N items.", rich_help_panel=_CAT),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Which sample --sample takes.", rich_help_panel=_CAT)] = 0,
+    id_column: Annotated[
+        str, typer.Option("--id-column", help="Catalog column with the item id.", rich_help_panel=_CAT)
+    ] = "id",
+    image_column: Annotated[
+        str | None,
+        typer.Option(
+            "--image-column",
+            help="Catalog column with the image URL or path (default: image_url, image, url, image_path or path).",
+            rich_help_panel=_CAT,
+        ),
+    ] = None,
+    text_columns: Annotated[
+        str | None,
+        typer.Option(
+            "--text-columns",
+            help="Comma-separated catalog columns that make the item's text (keyword search, --embed-text).",
+            rich_help_panel=_CAT,
+        ),
+    ] = None,
+    embed_text: Annotated[
+        bool,
+        typer.Option(
+            "--embed-text", help="Also store the text tower's vector of the item's text.", rich_help_panel=_CAT
+        ),
+    ] = False,
+    download_missing: Annotated[
+        bool,
+        typer.Option(
+            "--download-missing/--offline",
+            envvar="CLIPSEARCH_DOWNLOAD",
+            help="Download image URLs not in the cache, or use the cache only (the rest fail as 'not cached').",
+            rich_help_panel=_CAT,
+        ),
+    ] = True,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            envvar="CLIPSEARCH_CACHE_DIR",
+            help="Download cache (default: DB-cache beside the database).",
+            rich_help_panel=_CAT,
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency", min=1, envvar="CLIPSEARCH_CONCURRENCY", help="Downloads at once.", rich_help_panel=_CAT
+        ),
+    ] = 16,
+    download_timeout: Annotated[
+        float,
+        typer.Option(
+            "--download-timeout",
+            min=0.1,
+            envvar="CLIPSEARCH_DOWNLOAD_TIMEOUT",
+            help="Seconds per download attempt.",
+            rich_help_panel=_CAT,
+        ),
+    ] = 30.0,
+    retries: Annotated[
+        int,
+        typer.Option(
+            "--retries",
+            min=0,
+            envvar="CLIPSEARCH_RETRIES",
+            help="Retries of a download after a timeout, a broken connection, 5xx or 429 (with backoff).",
+            rich_help_panel=_CAT,
+        ),
+    ] = 3,
+    max_download_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-download-mb",
+            min=0.001,
+            envvar="CLIPSEARCH_MAX_DOWNLOAD_MB",
+            help="Refuse larger downloads.",
+            rich_help_panel=_CAT,
+        ),
+    ] = 50.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed images from folders and image lists into the store (resumable, incremental)."""
-    from .pipeline import IngestOptions, Ingestor, resolve_worker_type
+    """Embed images from folders, image lists and catalogs into the store (resumable, incremental)."""
+    import dataclasses
+
+    from .catalog import CatalogOptions, CatalogSource
+    from .downloads import CATALOG_POLICY, DownloadSettings
+    from .pipeline import IngestOptions, Ingestor, default_cache_dir, resolve_worker_type
     from .sources import parse_source
     from .store import validate_namespace
 
     validate_namespace(namespace)
     resolve_worker_type(worker_type, "cpu")  # a typo fails before the model loads
-    parsed = [parse_source(s, recursive=recursive) for s in sources]
+    filters = _parse_filters(filter_)
+    columns = [c.strip() for c in (text_columns or "").split(",") if c.strip()]
+    if embed_text and not columns:
+        raise UsageError("--embed-text needs --text-columns: the catalog columns to embed")
+    catalog = CatalogOptions(id_column, image_column, columns, embed_text)
+    parsed = [parse_source(s, recursive=recursive, catalog=catalog) for s in sources]
+    for source in parsed:
+        if isinstance(source, CatalogSource) and filters:
+            source.require(list(filters))
     store = _open(db)
     info = store.namespace(namespace)
     spec = _model_spec(model, pretrained, weights, device, info.model_spec if info else None, runtime, precision)
@@ -311,6 +413,19 @@ def ingest(
         worker_type=worker_type,
         retry_failed=retry_failed,
         max_megapixels=max_megapixels,
+        filters=filters,
+        sample=sample,
+        seed=seed,
+        embed_text=embed_text,
+        offline=not download_missing,
+        cache_dir=cache_dir or default_cache_dir(db),
+        download=DownloadSettings(
+            concurrency=concurrency,
+            retries=retries,
+            policy=dataclasses.replace(
+                CATALOG_POLICY, timeout=download_timeout, max_bytes=int(max_download_mb * 1024 * 1024)
+            ),
+        ),
     )
     ingestor = Ingestor(store, encoder, spec, options)
 
@@ -367,14 +482,23 @@ def _hits_output(hits, as_json: bool) -> None:
     if not hits:
         out.print("no results")
         return
+    catalog = any("catalog" in h.item.metadata for h in hits)
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
-    table.add_column("path", overflow="fold")
-    table.add_column("label")
+    if catalog:  # products are known by their id and where the image came from
+        table.add_column("id", overflow="fold")
+        table.add_column("image", overflow="fold")
+    else:
+        table.add_column("path", overflow="fold")
+        table.add_column("label")
     for rank, h in enumerate(hits, 1):
         meta = h.item.metadata
-        table.add_row(str(rank), f"{h.score:.4f}", str(meta.get("path", h.item.id)), str(meta.get("label", "")))
+        if catalog:
+            where = meta.get("url") or meta.get("path") or ""
+            table.add_row(str(rank), f"{h.score:.4f}", h.item.id, str(where))
+        else:
+            table.add_row(str(rank), f"{h.score:.4f}", str(meta.get("path", h.item.id)), str(meta.get("label", "")))
     out.print(table)
 
 
@@ -395,21 +519,62 @@ def search(
     device: DeviceOpt = "auto",
     runtime: RuntimeOpt = None,
     precision: PrecisionOpt = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            envvar="CLIPSEARCH_SEARCH_MODE",
+            help="vector (CLIP), keyword (words of item text and metadata, no model), or hybrid (both, fused).",
+        ),
+    ] = "vector",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines: id, score, path, metadata.")] = False,
 ) -> None:
     """Search the store by text (QUERY) or by image (--image PATH)."""
-    from .search import search_image, search_text
+    from .search import SEARCH_MODES, search_image, search_text
 
     if (query is None) == (image is None):
         raise UsageError("give a text QUERY or --image PATH (exactly one)")
+    mode = mode.strip().lower()
+    if mode not in SEARCH_MODES:
+        raise UsageError(f"unknown --mode {mode!r}; use {', '.join(SEARCH_MODES)}")
+    if image is not None and mode != "vector":
+        raise UsageError(f"--mode {mode} searches by text; search by --image in vector mode")
     filters = _parse_filters(filter_)
     store = _open(db, must_exist=True)
-    encoder = _encoder_for_namespace(store, namespace, model, pretrained, weights, device, runtime, precision)
-    if image is not None:
-        hits = search_image(store, encoder, namespace, _query_image(encoder, image), limit, filters)
+    if mode == "keyword":
+        if store.namespace(namespace) is None:
+            raise UsageError(f"namespace {namespace!r} does not exist in {store.location}")
+        hits = search_text(store, None, namespace, query or "", limit, filters, mode)
     else:
-        hits = search_text(store, encoder, namespace, query or "", limit, filters)
+        encoder = _encoder_for_namespace(store, namespace, model, pretrained, weights, device, runtime, precision)
+        if image is not None:
+            hits = search_image(store, encoder, namespace, _query_image(encoder, image), limit, filters)
+        else:
+            hits = search_text(store, encoder, namespace, query or "", limit, filters, mode)
     _hits_output(hits, as_json)
+    store.close()
+
+
+@app.command()
+@handle_errors
+def similar(
+    item_id: Annotated[str, typer.Argument(metavar="ID", help="The item (e.g. a catalog id).", show_default=False)],
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    limit: Annotated[int, typer.Option("--limit", "-k", min=1, help="Number of results.")] = 10,
+    same_filter: Annotated[
+        list[str] | None,
+        typer.Option("--same-filter", help="Only items with the same value of this metadata key (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines: id, score, path, metadata.")] = False,
+) -> None:
+    """Items nearest to item ID by image vector (the item itself left out). No model needed."""
+    from .search import similar_items
+
+    store = _open(db, must_exist=True)
+    if store.namespace(namespace) is None:
+        raise UsageError(f"namespace {namespace!r} does not exist in {store.location}")
+    _hits_output(similar_items(store, namespace, item_id, limit, same_filter), as_json)
     store.close()
 
 
@@ -482,19 +647,42 @@ def duplicates(
 @app.command()
 @handle_errors
 def export(
-    npy: Annotated[Path, typer.Option("--npy", help="Output .npy file: float32 (N, D).")],
-    meta: Annotated[Path, typer.Option("--meta", help="Output JSON: ids and metadata in the same order.")],
+    npy: Annotated[Path | None, typer.Option("--npy", help="npy format: output .npy file, float32 (N, D).")] = None,
+    meta: Annotated[
+        Path | None, typer.Option("--meta", help="npy format: output JSON, ids and metadata in the same order.")
+    ] = None,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="npy (--npy FILE --meta FILE), or seed-compatible (--out DIR: embeddings.npy, metadata.json, "
+            "index.faiss, index_ids.json, manifest.json).",
+        ),
+    ] = "npy",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="seed-compatible format: output folder.")] = None,
     db: DbOpt = "clipsearch.db",
     namespace: NamespaceOpt = "default",
 ) -> None:
     """Export a namespace's vectors and metadata."""
-    from .search import export_vectors
+    from .search import export_seed_compatible, export_vectors
 
+    if format_ not in ("npy", "seed-compatible"):
+        raise UsageError(f"unknown --format {format_!r}; use npy or seed-compatible")
+    if format_ == "npy" and (npy is None or meta is None):
+        raise UsageError("--format npy needs --npy FILE and --meta FILE")
+    if format_ == "seed-compatible" and out_dir is None:
+        raise UsageError("--format seed-compatible needs --out DIR")
     store = _open(db, must_exist=True)
     if store.namespace(namespace) is None:
         raise UsageError(f"namespace {namespace!r} does not exist in {store.location}")
-    n = export_vectors(store, namespace, npy, meta)
-    out.print(f"exported {n} vectors to {npy} and metadata to {meta}", highlight=False)
+    if format_ == "npy":
+        assert npy is not None and meta is not None
+        n = export_vectors(store, namespace, npy, meta)
+        out.print(f"exported {n} vectors to {npy} and metadata to {meta}", highlight=False)
+    else:
+        assert out_dir is not None
+        n = export_seed_compatible(store, namespace, out_dir)
+        out.print(f"exported {n} vectors with an HNSW index to {out_dir}", highlight=False)
     store.close()
 
 

@@ -52,7 +52,15 @@ class TooLargeError(ImageError):
 
 
 class FetchError(ImageError):
-    """An image URL could not be fetched (HTTP status, timeout, connection, not an image)."""
+    """An image URL could not be fetched (HTTP status, timeout, connection, not an image).
+
+    ``retryable`` marks failures that may pass on a later attempt: timeouts, broken
+    connections, 5xx and 429 answers. A 404 or an HTML page will not.
+    """
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class ForbiddenURLError(FetchError):

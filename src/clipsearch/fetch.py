@@ -138,7 +138,7 @@ async def fetch_url(client: httpx.AsyncClient, url: str, policy: FetchPolicy) ->
     try:
         return await asyncio.wait_for(_fetch(client, url, policy), timeout=policy.timeout)
     except TimeoutError:
-        raise FetchError(f"timed out after {policy.timeout:g} s fetching {url[:200]}") from None
+        raise FetchError(f"timed out after {policy.timeout:g} s fetching {url[:200]}", retryable=True) from None
 
 
 async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes:
@@ -154,9 +154,10 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
         try:
             response = await client.send(request, stream=True, follow_redirects=False)
         except httpx.TimeoutException:
-            raise FetchError(f"timed out fetching {current[:200]}") from None
+            raise FetchError(f"timed out fetching {current[:200]}", retryable=True) from None
         except httpx.HTTPError as e:
-            raise FetchError(f"cannot fetch {current[:200]}: {type(e).__name__} {e}".rstrip()) from None
+            message = f"cannot fetch {current[:200]}: {type(e).__name__} {e}".rstrip()
+            raise FetchError(message, retryable=isinstance(e, httpx.TransportError)) from None
         try:
             if response.is_redirect:
                 location = response.headers.get("location")
@@ -165,7 +166,8 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
                 current = urljoin(current, location)
                 continue
             if response.status_code != 200:
-                raise FetchError(f"{current[:200]} answered HTTP {response.status_code}")
+                code = response.status_code
+                raise FetchError(f"{current[:200]} answered HTTP {code}", retryable=code >= 500 or code == 429)
             ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
                 raise FetchError(f"{current[:200]} is not an image (content-type {ctype})")
@@ -180,9 +182,9 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
                 chunks.append(chunk)
             return b"".join(chunks)
         except httpx.TimeoutException:
-            raise FetchError(f"timed out reading {current[:200]}") from None
+            raise FetchError(f"timed out reading {current[:200]}", retryable=True) from None
         except httpx.HTTPError as e:
-            raise FetchError(f"cannot read {current[:200]}: {type(e).__name__}") from None
+            raise FetchError(f"cannot read {current[:200]}: {type(e).__name__}", retryable=True) from None
         finally:
             await response.aclose()
     raise FetchError(f"{url[:200]} redirected more than {policy.max_redirects} times")

@@ -1,16 +1,20 @@
-"""The ingest pipeline: source items -> skip check -> read + hash + decode + crop (worker threads
-or processes, ``decoding``) -> batched normalise + encode -> one store transaction per batch.
+"""The ingest pipeline: source items -> selection (filters, sample) -> skip check -> download
+(URLs, ``downloads``) -> read + hash + decode + crop (worker threads or processes, ``decoding``)
+-> batched normalise + encode -> one store transaction per batch.
 
-Decoding overlaps inference: a bounded window of items is in the workers while the model runs
-on the previous batch. On a CPU the workers are threads (the decoders release the GIL, and the
-model needs the cores more than a second interpreter does); with a GPU they are processes, since
-decoding is then the bottleneck and must scale past one interpreter.
+Every stage overlaps the next. Downloads run on their own thread, many at once, and come back
+in the order they finish, so the model never waits for the slowest URL. Decoding keeps a
+bounded window of items in the workers while the model runs on the previous batch. On a CPU the
+decode workers are threads (the decoders release the GIL, and the model needs the cores more
+than a second interpreter does); with a GPU they are processes, since decoding is then the
+bottleneck and must scale past one interpreter.
 
 Properties it guarantees:
 - resumable: every batch commits its vectors and failures together, so a crash or Ctrl-C loses
   at most the batch in flight, and the next run skips everything already stored;
-- incremental: an item whose size and mtime, or failing that whose content hash, matches the
-  store is skipped without decoding; a changed file is embedded again under the same id;
+- incremental: an item whose fingerprint (what its source says about it) and, for files, size
+  and mtime match the store is skipped unread; one whose content hash matches is not embedded
+  again (only its metadata is refreshed); a changed file is embedded again under the same id;
 - robust: any failure to read or decode becomes a recorded failure with its reason.
 """
 
@@ -20,22 +24,28 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .decoding import DecodeSettings, Unchanged, decode_item
+from .downloads import DownloadCache, Downloader, DownloadSettings
 from .encoders import Encoder, ModelSpec
 from .errors import ImageError, UsageError
 from .imaging import DEFAULT_MAX_MEGAPIXELS
-from .sources import Source, SourceItem
+from .sources import Source, SourceItem, select_items
 from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store
 
 _LOOKUP_CHUNK = 512
+_MAX_PENDING_FAILURES = 256  # written without waiting for a batch of images
+# the failure reason of a URL that --offline found no cached copy of; a later run that may
+# download retries it without --retry-failed
+NOT_CACHED = "not cached (the run was --offline)"
 
 
 @dataclass
@@ -48,6 +58,13 @@ class IngestOptions:
     retry_failed: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     draft: bool = True  # DCT-scaled JPEG decode
+    filters: dict[str, list[str]] | None = None  # only items whose metadata matches
+    sample: int | None = None  # a reproducible random subset of this many items
+    seed: int = 0
+    embed_text: bool = False  # also store the text tower's vector of each item's text
+    offline: bool = False  # URLs only from the download cache
+    cache_dir: Path | None = None  # download cache; default: beside the database
+    download: DownloadSettings = field(default_factory=DownloadSettings)
 
 
 @dataclass
@@ -76,6 +93,15 @@ class IngestReport:
 class _Prepared:
     item: NewItem
     crop: np.ndarray
+
+
+@dataclass
+class _Ready:
+    """An item whose bytes are at hand (a file, or a downloaded URL), or why they are not."""
+
+    item: SourceItem
+    known: FileState | None
+    error: str | None = None
 
 
 @dataclass
@@ -128,7 +154,8 @@ class Ingestor:
     def run(self, sources: Iterable[Source], progress: ProgressCallback | None = None) -> IngestReport:
         started = time.perf_counter()
         report = IngestReport()
-        items = self._unique(sources)
+        options = self.options
+        items = select_items(self._unique(sources), options.filters, options.sample, options.seed)
         total = len(items)
         done = 0
 
@@ -143,7 +170,7 @@ class Ingestor:
         pending_failures: list[FailureRecord] = []
         pending_touched: list[NewItem] = []
         batch: list[_Prepared] = []
-        limit = self.options.limit
+        limit = options.limit
         queued = 0  # items in flight or embedded: they count against --limit
 
         def flush() -> None:
@@ -153,7 +180,10 @@ class Ingestor:
                 vectors = self.encoder.embed_crops(np.stack([p.crop for p in batch]))
             else:
                 vectors = np.zeros((0, self.encoder.dim), np.float32)
-            self.store.write_batch(self.namespace, [p.item for p in batch], vectors, pending_failures, pending_touched)
+            new_items = [p.item for p in batch]
+            if options.embed_text:
+                self._embed_texts([*new_items, *pending_touched])
+            self.store.write_batch(self.namespace, new_items, vectors, pending_failures, pending_touched)
             report.embedded += len(batch)
             report.failed += len(pending_failures)
             report.failures.extend(pending_failures)
@@ -162,7 +192,14 @@ class Ingestor:
             pending_failures.clear()
             pending_touched.clear()
 
-        window = max(2 * self.options.batch_size, 4 * self.workers)
+        def fail(item: SourceItem, reason: str) -> None:
+            nonlocal queued
+            pending_failures.append(_failure(item, reason))
+            queued -= 1  # failed: it does not use up the limit
+            if len(pending_failures) >= _MAX_PENDING_FAILURES:
+                flush()
+
+        window = max(2 * options.batch_size, 4 * self.workers)
         executor = self._executor()
         in_flight: deque[_InFlight] = deque()
 
@@ -186,9 +223,10 @@ class Ingestor:
                 reason = f"unexpected {type(e).__name__}: {e}"
             else:
                 if isinstance(result, Unchanged):
-                    pending_touched.append(NewItem(item.id, {}, result.sha256, result.size, item.mtime_ns))
+                    # same bytes as stored: keep the vector, refresh what the source says
+                    pending_touched.append(self._new_item(item, item.metadata, result.sha256, result.size))
                     report.skipped += 1
-                    queued -= 1  # failed or unchanged: it does not use up the limit
+                    queued -= 1  # unchanged: it does not use up the limit
                     return
                 metadata = dict(item.metadata)
                 metadata.update(
@@ -198,13 +236,11 @@ class Ingestor:
                     sha256=result.sha256,
                     bytes=result.size,
                 )
-                new = NewItem(item.id, metadata, result.sha256, result.size, item.mtime_ns)
-                batch.append(_Prepared(new, result.crop))
-                if len(batch) >= self.options.batch_size:
+                batch.append(_Prepared(self._new_item(item, metadata, result.sha256, result.size), result.crop))
+                if len(batch) >= options.batch_size:
                     flush()
                 return
-            pending_failures.append(_failure(item, reason))
-            queued -= 1
+            fail(item, reason)
 
         def collect() -> None:
             nonlocal executor
@@ -227,18 +263,20 @@ class Ingestor:
                     executor = self._executor()
                 file_result(suspect)
 
+        ready = self._ready(self._candidates(items, report, advance))
         try:
-            for chunk_start in range(0, total, _LOOKUP_CHUNK):
-                chunk = items[chunk_start : chunk_start + _LOOKUP_CHUNK]
-                for item, known in self._filter_known(chunk, report, advance):
-                    if limit is not None and queued >= limit:
-                        break
-                    entry = _InFlight(item, known, Future())
-                    submit(entry)
-                    in_flight.append(entry)
-                    queued += 1
-                    while len(in_flight) >= window or (limit is not None and queued >= limit and in_flight):
-                        collect()
+            for entry in ready:
+                if limit is not None and queued >= limit:
+                    break
+                queued += 1
+                if entry.error is not None:
+                    fail(entry.item, entry.error)
+                    continue
+                flight = _InFlight(entry.item, entry.known, Future())
+                submit(flight)
+                in_flight.append(flight)
+                while len(in_flight) >= window or (limit is not None and queued >= limit and in_flight):
+                    collect()
                 if limit is not None and queued >= limit:
                     break
             while in_flight:
@@ -246,9 +284,10 @@ class Ingestor:
             flush()
         except KeyboardInterrupt:
             report.interrupted = True
-            for entry in in_flight:
-                entry.future.cancel()
+            for flight in in_flight:
+                flight.future.cancel()
         finally:
+            ready.close()  # stops the downloads still running
             executor.shutdown(wait=not report.interrupted, cancel_futures=True)
         if report.embedded and not report.interrupted:
             self.store.build_index(self.namespace)
@@ -269,30 +308,130 @@ class Ingestor:
                     out.append(item)
         return out
 
+    def _new_item(self, item: SourceItem, metadata: dict[str, Any], sha256: str, size: int) -> NewItem:
+        return NewItem(item.id, metadata, sha256, size, item.mtime_ns, fingerprint=item.fingerprint, text=item.text)
+
+    def _embed_texts(self, items: list[NewItem]) -> None:
+        with_text = [it for it in items if it.text]
+        if with_text:
+            vectors = self.encoder.embed_texts([it.text or "" for it in with_text])
+            for it, vector in zip(with_text, vectors, strict=True):
+                it.text_vector = vector
+
+    def _candidates(
+        self, items: list[SourceItem], report: IngestReport, advance: Callable[[int], None]
+    ) -> Iterator[tuple[SourceItem, FileState | None]]:
+        """The items that need work, looked up in the store a chunk at a time."""
+        for start in range(0, len(items), _LOOKUP_CHUNK):
+            yield from self._filter_known(items[start : start + _LOOKUP_CHUNK], report, advance)
+
     def _filter_known(
         self, chunk: list[SourceItem], report: IngestReport, advance: Callable[[int], None]
     ) -> list[tuple[SourceItem, FileState | None]]:
-        """Drop items that are stored and unchanged (by size + mtime), or failed before."""
+        """Drop items that are stored and unchanged, or failed before in the same state."""
         ids = [it.id for it in chunk]
         stored = self.store.file_states(self.namespace, ids)
         failed = {} if self.options.retry_failed else self.store.failure_states(self.namespace, ids)
         todo = []
         for item in chunk:
             known = stored.get(item.id)
-            if known is not None and _same_file(known, item):
+            if known is not None and _unchanged(known, item):
                 report.skipped += 1
                 advance(1)
                 continue
             prior = failed.get(item.id)
-            if prior is not None and _same_file(prior, item):
+            if (
+                prior is not None
+                and _unchanged(prior, item)
+                and not (prior.reason == NOT_CACHED and not self.options.offline)
+            ):
                 report.previously_failed += 1
                 advance(1)
                 continue
             todo.append((item, known))
         return todo
 
+    def _ready(self, candidates: Iterator[tuple[SourceItem, FileState | None]]) -> Iterator[_Ready]:
+        """Items with their bytes at hand. Files and cached URLs pass straight through; other
+        URLs are downloaded (many at once) and come out as they finish."""
+        cache: DownloadCache | None = None
+        downloader: Downloader | None = None
+        outstanding = 0
+        settings = self.options.download
+        window = 4 * max(1, settings.concurrency)
+        if self.options.limit is not None:  # with --limit N, never download far ahead of N
+            window = max(1, min(window, self.options.limit))
 
-def _same_file(state: FileState, item: SourceItem) -> bool:
+        def finished(block: bool) -> Iterator[_Ready]:
+            nonlocal outstanding
+            assert downloader is not None
+            while outstanding and (block or downloader.ready()):
+                result = downloader.get()
+                outstanding -= 1
+                item, known = result.key
+                if result.path is not None:
+                    _downloaded(item, result.path)
+                yield _Ready(item, known, result.error)
+                block = False
+
+        try:
+            for item, known in candidates:
+                if item.error is not None:
+                    yield _Ready(item, known, item.error)
+                    continue
+                if item.url is None:
+                    yield _Ready(item, known)
+                    continue
+                if cache is None:
+                    cache = DownloadCache(self._cache_dir())
+                cached = cache.lookup(item.url)
+                if cached is not None:
+                    _downloaded(item, cached)
+                    yield _Ready(item, known)
+                elif self.options.offline:
+                    yield _Ready(item, known, NOT_CACHED)
+                else:
+                    if downloader is None:
+                        downloader = Downloader(cache, settings)
+                    downloader.submit((item, known), item.url)
+                    outstanding += 1
+                if downloader is not None:
+                    yield from finished(block=outstanding >= window)
+            if downloader is not None:
+                while outstanding:
+                    yield from finished(block=True)
+        finally:
+            if downloader is not None:
+                downloader.close()
+            if cache is not None:
+                cache.close()
+
+    def _cache_dir(self) -> Path:
+        if self.options.cache_dir is not None:
+            return self.options.cache_dir
+        return default_cache_dir(self.store.location)
+
+
+def default_cache_dir(db: str) -> Path:
+    """Downloads live beside a SQLite database; a server database gets a per-user cache."""
+    if "://" in db:
+        return Path(os.path.expanduser("~/.cache/clipsearch/downloads"))
+    return Path(db + "-cache")
+
+
+def _downloaded(item: SourceItem, path: Path) -> None:
+    item.path = path
+    item.metadata["path"] = str(path)
+
+
+def _unchanged(state: FileState, item: SourceItem) -> bool:
+    """Whether a stored (or failed) item is the same as the source's: the same fingerprint, and
+    for a file also the same size and mtime. Rows written before fingerprints existed compare by
+    size and mtime alone."""
+    if item.fingerprint is not None and state.fingerprint is not None and item.fingerprint != state.fingerprint:
+        return False
+    if item.url is not None or item.error is not None:
+        return state.fingerprint is not None and state.fingerprint == item.fingerprint
     return (
         state.size is not None
         and state.mtime_ns is not None
@@ -309,4 +448,5 @@ def _failure(item: SourceItem, reason: str) -> FailureRecord:
         size=item.size,
         mtime_ns=item.mtime_ns,
         metadata=dict(item.metadata),
+        fingerprint=item.fingerprint,
     )

@@ -1,4 +1,5 @@
-"""Search over a store: by text, by image, by raw vector; duplicate groups; export.
+"""Search over a store: by text (vector, keyword or hybrid), by image, by raw vector; similar
+items; duplicate groups; export.
 
 Everything here goes through the Store interface, so it works the same on every backend.
 """
@@ -6,6 +7,7 @@ Everything here goes through the Store interface, so it works the same on every 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,14 +16,22 @@ import numpy as np
 from PIL import Image
 
 from .encoders import Encoder
-from .errors import DimensionError
+from .errors import DimensionError, NotFoundError, UsageError
 from .store import Hit, Item, Store
 
 DUPLICATE_NEIGHBOURS = 32
+SEARCH_MODES = ("vector", "keyword", "hybrid")
+RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al. 2009): 1 / (60 + rank)
+HYBRID_DEPTH = 100  # how deep each ranking is read before fusing
 
 
 def search_vector(
-    store: Store, namespace: str, vector: np.ndarray, limit: int = 10, filters: dict[str, Any] | None = None
+    store: Store,
+    namespace: str,
+    vector: np.ndarray,
+    limit: int = 10,
+    filters: dict[str, Any] | None = None,
+    field: str = "image",
 ) -> list[Hit]:
     vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
     if not np.all(np.isfinite(vector)):
@@ -29,18 +39,73 @@ def search_vector(
     norm = float(np.linalg.norm(vector))
     if norm == 0.0:
         raise DimensionError("the query vector is all zeros")
-    return store.search(namespace, vector / norm, limit, filters)[0]
+    return store.search(namespace, vector / norm, limit, filters, field=field)[0]
+
+
+def similar_items(
+    store: Store, namespace: str, item_id: str, limit: int = 10, same: list[str] | None = None
+) -> list[Hit]:
+    """The nearest items to an item by image vector, without the item itself. ``same``: only
+    items that share the item's value of each of these metadata keys (e.g. its client)."""
+    vectors = store.get_vectors(namespace, [item_id])
+    if item_id not in vectors:
+        raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
+    filters = None
+    if same:
+        metadata = store.get_items(namespace, [item_id])[0].metadata
+        missing = [key for key in same if metadata.get(key) in (None, "")]
+        if missing:
+            raise UsageError(f"item {item_id!r} has no {', '.join(missing)} to match (--same-filter)")
+        filters = {key: metadata[key] for key in same}
+    hits = search_vector(store, namespace, vectors[item_id], limit + 1, filters)
+    return [h for h in hits if h.item.id != item_id][:limit]
 
 
 def search_text(
     store: Store,
-    encoder: Encoder,
+    encoder: Encoder | None,
     namespace: str,
     text: str,
     limit: int = 10,
     filters: dict[str, Any] | None = None,
+    mode: str = "vector",
+    vector: np.ndarray | None = None,
 ) -> list[Hit]:
-    return search_vector(store, namespace, encoder.embed_texts([text])[0], limit, filters)
+    """Text search. ``vector``: the image vectors, by the query's text embedding. ``keyword``:
+    the words of item text and metadata (BM25), no model needed. ``hybrid``: reciprocal rank
+    fusion of the keyword ranking, the image-vector ranking and, where items have text vectors
+    (``--embed-text``), the text-vector ranking; its scores are fused ranks, not cosines.
+    ``vector`` may carry the query's embedding when the caller already has it."""
+    if mode not in SEARCH_MODES:
+        raise UsageError(f"unknown search mode {mode!r}; use {', '.join(SEARCH_MODES)}")
+    if mode == "keyword":
+        return store.keyword_search(namespace, text, limit, filters)
+    if vector is None:
+        if encoder is None:
+            raise UsageError(f"{mode} search needs the model to embed the query")
+        vector = encoder.embed_texts([text])[0]
+    if mode == "vector":
+        return search_vector(store, namespace, vector, limit, filters)
+    depth = max(HYBRID_DEPTH, limit)
+    rankings = [search_vector(store, namespace, vector, depth, filters)]
+    if store.has_text_vectors(namespace):
+        rankings.append(search_vector(store, namespace, vector, depth, filters, field="text"))
+    if any(c.isalnum() for c in text):
+        rankings.append(store.keyword_search(namespace, text, depth, filters))
+    return fuse_rankings(rankings, limit)
+
+
+def fuse_rankings(rankings: list[list[Hit]], limit: int, k: int = RRF_K) -> list[Hit]:
+    """Reciprocal rank fusion: an item scores the sum of 1 / (k + rank) over the rankings it
+    is in. Scales do not matter (cosines and BM25 are not comparable), only positions."""
+    scores: dict[str, float] = {}
+    items: dict[str, Item] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, 1):
+            scores[hit.item.id] = scores.get(hit.item.id, 0.0) + 1.0 / (k + rank)
+            items.setdefault(hit.item.id, hit.item)
+    best = sorted(scores, key=lambda i: (-scores[i], i))[:limit]
+    return [Hit(items[i], scores[i]) for i in best]
 
 
 def search_image(
@@ -155,3 +220,46 @@ def export_vectors(store: Store, namespace: str, npy_path: Path, meta_path: Path
         )
     )
     return len(ids_meta)
+
+
+def export_seed_compatible(store: Store, namespace: str, out_dir: Path, hnsw_m: int = 32) -> int:
+    """The layout catalog scripts load: ``embeddings.npy`` (float32, N x D), ``metadata.json``
+    (one object per row, in the same order, each with its ``id``), ``index.faiss`` (HNSW, inner
+    product; FAISS ids are row numbers) with ``index_ids.json`` (row number -> id), and
+    ``manifest.json`` (model, dimensions, count, metric)."""
+    import faiss
+
+    info = store.namespace(namespace)
+    if info is None:
+        raise NotFoundError(f"namespace {namespace!r} does not exist in {store.location}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    chunks: list[np.ndarray] = []
+    index = faiss.IndexHNSWFlat(info.identity.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    for items, vectors in store.iter_vectors(namespace):
+        chunks.append(vectors)
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        rows.extend({**it.metadata, "id": it.id} for it in items)
+    matrix = np.concatenate(chunks) if chunks else np.zeros((0, info.identity.dim), dtype=np.float32)
+    ids = [r["id"] for r in rows]
+
+    def write(name: str, text: str) -> None:
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out_dir / name)
+
+    np.save(out_dir / "embeddings.npy", matrix.astype(np.float32, copy=False))
+    write("metadata.json", json.dumps(rows, ensure_ascii=False, indent=1))
+    faiss.write_index(index, str(out_dir / "index.faiss"))
+    write("index_ids.json", json.dumps(ids, ensure_ascii=False))
+    manifest = {
+        "format": "seed-compatible",
+        "namespace": namespace,
+        "model": info.identity.as_dict(),
+        "dimensions": info.identity.dim,
+        "count": len(ids),
+        "metric": "inner_product (vectors are L2-normalised: cosine similarity)",
+        "files": ["embeddings.npy", "metadata.json", "index.faiss", "index_ids.json"],
+    }
+    write("manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1))
+    return len(ids)

@@ -1,37 +1,58 @@
 """Sources: where items to ingest come from, and the metadata each one starts with.
 
-``DIR`` / ``images:DIR`` walks a folder (recursive by default, symlink cycles are cut), and
-``image-list:FILE`` reads ``path[,label[,more...]]`` lines. A source only lists items; reading,
-decoding and embedding happen in the pipeline.
+``DIR`` / ``images:DIR`` walks a folder (recursive by default, symlink cycles are cut),
+``image-list:FILE`` reads ``path[,label[,more...]]`` lines, and ``catalog:FILE`` reads a product
+table (see ``catalog``). A source only lists items; downloading, reading, decoding and embedding
+happen in the pipeline.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import UsageError
+from .errors import ImageError, UsageError
 from .imaging import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    from .catalog import CatalogOptions
 
 
 @dataclass
 class SourceItem:
-    """One thing to embed: a stable id, where its bytes are, and its starting metadata."""
+    """One thing to embed: a stable id, where its bytes are, and its starting metadata.
+
+    ``fingerprint`` digests what the source says about the item (its location, metadata and
+    text): when it and the file's size and mtime match the store, the item is skipped unread.
+    An item with a ``url`` gets its ``path`` once the download cache holds it.
+    """
 
     id: str
     source: str  # shown to the user and recorded with failures
-    path: Path
+    path: Path | None
     metadata: dict[str, Any] = field(default_factory=dict)
     size: int | None = None
     mtime_ns: int | None = None
+    url: str | None = None
+    text: str | None = None  # the catalog's --text-columns, for keyword search and --embed-text
+    fingerprint: str | None = None
+    error: str | None = None  # the source already knows this item cannot be ingested
 
     def read(self) -> bytes:
+        if self.path is None:
+            raise ImageError("the image was not downloaded")
         return self.path.read_bytes()
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha1(blob.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 class Source(Protocol):
@@ -60,7 +81,15 @@ def file_item(path: Path, extra: dict[str, Any] | None = None) -> SourceItem:
     }
     if extra:
         metadata.update(extra)
-    return SourceItem(id=file_id(path), source=str(path), path=path, metadata=metadata, size=size, mtime_ns=mtime)
+    return SourceItem(
+        id=file_id(path),
+        source=str(path),
+        path=path,
+        metadata=metadata,
+        size=size,
+        mtime_ns=mtime,
+        fingerprint=fingerprint(metadata),
+    )
 
 
 def is_image_name(name: str) -> bool:
@@ -138,9 +167,16 @@ class SingleFileSource:
         yield file_item(self.path)
 
 
-def parse_source(spec: str, recursive: bool = True) -> Source:
+def parse_source(spec: str, recursive: bool = True, catalog: CatalogOptions | None = None) -> Source:
     """Turn a command-line SOURCE into a Source, or raise a UsageError that says why not."""
+    from .catalog import TABLE_EXTENSIONS, CatalogOptions, CatalogSource
+
     kind, sep, rest = spec.partition(":")
+    if sep and kind == "catalog" and rest:
+        path = Path(os.path.expanduser(rest))
+        if not path.is_file():
+            raise UsageError(f"source {spec}: catalog file {path} does not exist")
+        return CatalogSource(path, catalog or CatalogOptions())
     if sep and kind in ("images", "image-list") and rest:
         path = Path(os.path.expanduser(rest))
         if kind == "images":
@@ -152,11 +188,34 @@ def parse_source(spec: str, recursive: bool = True) -> Source:
         return ImageListSource(path)
     if sep and len(kind) > 1 and not Path(spec).exists():
         raise UsageError(
-            f"unknown source kind {kind!r} in {spec!r}; use DIR, images:DIR, image-list:FILE or an image file"
+            f"unknown source kind {kind!r} in {spec!r}; use DIR, images:DIR, image-list:FILE, catalog:FILE "
+            "or an image file"
         )
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         return FolderSource(path, recursive)
     if path.is_file():
+        if "".join(path.suffixes[-1:]).lower() in TABLE_EXTENSIONS:
+            raise UsageError(f"source {spec} is a table: use catalog:{spec} for a product catalog")
         return SingleFileSource(path)
     raise UsageError(f"source {spec}: no such file or folder")
+
+
+def select_items(
+    items: list[SourceItem], filters: dict[str, list[str]] | None = None, sample: int | None = None, seed: int = 0
+) -> list[SourceItem]:
+    """The items whose metadata matches every ``KEY=VALUE`` filter, then, with ``sample``, a
+    reproducible random subset of that many: the items whose ids hash lowest under ``seed``.
+    Hashing ids (not shuffling positions) keeps a sample stable when the catalog grows."""
+    if filters:
+        items = [it for it in items if all(_matches(it.metadata.get(k), wanted) for k, wanted in filters.items())]
+    if sample is not None and sample < len(items):
+        rank = {it.id: hashlib.sha1(f"{seed}:{it.id}".encode()).digest() for it in items}
+        chosen = set(sorted(rank, key=rank.__getitem__)[:sample])
+        items = [it for it in items if it.id in chosen]
+    return items
+
+
+def _matches(value: Any, wanted: list[str]) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return any(v is not None and str(v) in wanted for v in values)

@@ -409,11 +409,14 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     # -- search ------------------------------------------------------------------------
     @api.post("/api/v1/search", response_model=SearchResponse, tags=["search"])
     async def search_text(req: SearchRequest):
-        """Text → image search."""
+        """Text → image search: by CLIP vector, by keyword, or both fused (``mode``)."""
         namespace = service.namespace_name(req.namespace)
-        await service.run(service.check_searchable, namespace)
-        vector = (await service.embed_texts([req.text]))[0][0]
-        return _results(namespace, await service.run(service.search, namespace, vector, req.limit, req.filter))
+        vector = None
+        if req.mode != "keyword":
+            await service.run(service.check_searchable, namespace)
+            vector = (await service.embed_texts([req.text]))[0][0]
+        hits = await service.run(service.search_text, namespace, req.text, vector, req.limit, req.filter, req.mode)
+        return _results(namespace, hits)
 
     @api.post("/api/v1/vectors/search", response_model=SearchResponse, tags=["search"])
     async def search_by_vector(req: VectorSearchRequest):
@@ -515,10 +518,17 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/api/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"])
-    async def item_similar(item_id: str, namespace: str | None = NamespaceQuery, limit: int = Query(10, ge=1, le=1000)):
-        """Nearest items to this item's vector, excluding the item itself."""
+    async def item_similar(
+        item_id: str,
+        namespace: str | None = NamespaceQuery,
+        limit: int = Query(10, ge=1, le=1000),
+        same_filter: list[str] | None = Query(
+            None, description="Only items with the same value of this metadata key as the item (repeatable)."
+        ),
+    ):
+        """Nearest items to this item's image vector, excluding the item itself."""
         ns = service.namespace_name(namespace)
-        return _results(ns, await service.run(service.similar, ns, item_id, limit))
+        return _results(ns, await service.run(service.similar, ns, item_id, limit, same_filter))
 
     @api.get("/api/v1/items/{item_id:path}", response_model=ItemResponse, tags=["items"])
     async def get_item(item_id: str, namespace: str | None = NamespaceQuery):

@@ -97,6 +97,12 @@ class SearchRequest(BaseModel):
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
     filter: dict[str, FilterValue] | None = Field(None, description="Exact metadata matches, e.g. {'label': 'cat'}.")
+    mode: Literal["vector", "keyword", "hybrid"] = Field(
+        "vector",
+        description="vector: CLIP similarity to the images (cosine scores). keyword: the words of item text and "
+        "metadata (BM25 scores; no model needed). hybrid: reciprocal rank fusion of keyword, image-vector and "
+        "text-vector rankings (fused-rank scores).",
+    )
 
 
 class VectorSearchRequest(BaseModel):

@@ -26,7 +26,7 @@ from ..encoders import Encoder, ModelSpec
 from ..errors import ClipsearchError, ImageError, NotFoundError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
-from ..search import DuplicateGroup, find_duplicates, search_vector
+from ..search import DuplicateGroup, find_duplicates, search_text, search_vector, similar_items
 from ..store import Hit, Item, NamespaceInfo, NewItem, Store, check_same_model, validate_namespace
 from .batching import MicroBatcher
 from .media import Media
@@ -251,12 +251,21 @@ class Service:
         self._namespace_info(namespace)
         return search_vector(self.store, namespace, np.asarray(vector, np.float32), limit, filters)
 
-    def similar(self, namespace: str, item_id: str, limit: int) -> list[Hit]:
-        vectors = self.store.get_vectors(namespace, [item_id])
-        if item_id not in vectors:
-            raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
-        hits = search_vector(self.store, namespace, vectors[item_id], limit + 1)
-        return [h for h in hits if h.item.id != item_id][:limit]
+    def search_text(
+        self,
+        namespace: str,
+        text: str,
+        vector: np.ndarray | None,
+        limit: int,
+        filters: dict[str, Any] | None,
+        mode: str,
+    ) -> list[Hit]:
+        self._namespace_info(namespace)
+        return search_text(self.store, None, namespace, text, limit, filters, mode, vector)
+
+    def similar(self, namespace: str, item_id: str, limit: int, same: list[str] | None = None) -> list[Hit]:
+        self._namespace_info(namespace)
+        return similar_items(self.store, namespace, item_id, limit, same)
 
     def get_item(self, namespace: str, item_id: str) -> Item:
         self._namespace_info(namespace)

@@ -17,6 +17,11 @@ import numpy as np
 from ..encoders.base import ModelIdentity
 
 DEFAULT_NAMESPACE = "default"
+# metadata the pipeline derives from the image itself; kept when a source updates the rest
+DERIVED_KEYS = ("namespace", "width", "height", "sha256", "bytes")
+# metadata that is no use to keyword search (digests, sizes, locations)
+_NOT_KEYWORDS = frozenset({*DERIVED_KEYS, "type", "extension", "path", "url", "catalog"})
+FIELDS = ("image", "text")  # which vectors of an item a search runs over
 
 
 def utcnow() -> str:
@@ -33,13 +38,28 @@ class NamespaceInfo:
     created_at: str = ""
 
 
+def keyword_text(metadata: dict[str, Any]) -> str:
+    """The words of an item's metadata that keyword search indexes: its text values (lists
+    included), without digests, sizes, paths and URLs."""
+    parts: list[str] = []
+    for key, value in metadata.items():
+        if key in _NOT_KEYWORDS:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v and not v[:8].lower().startswith(("http://", "https://")):
+                parts.append(v)
+    return " ".join(parts)
+
+
 @dataclass
 class FileState:
-    """What the store remembers of a source file, to skip it cheaply next time."""
+    """What the store remembers of a source item, to skip it cheaply next time."""
 
     sha256: str | None
     size: int | None
     mtime_ns: int | None
+    fingerprint: str | None = None
+    reason: str | None = None  # failures only
 
 
 @dataclass
@@ -49,6 +69,9 @@ class NewItem:
     sha256: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    fingerprint: str | None = None
+    text: str | None = None
+    text_vector: np.ndarray | None = None  # the text tower's vector of ``text`` (--embed-text)
 
 
 @dataclass
@@ -60,6 +83,7 @@ class FailureRecord:
     size: int | None = None
     mtime_ns: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
 
 
 @dataclass
@@ -117,8 +141,9 @@ class Store(Protocol):
         failures: list[FailureRecord] = (),  # type: ignore[assignment]
         touched: list[NewItem] = (),  # type: ignore[assignment]
     ) -> None:
-        """Atomically upsert items with their vectors, record failures, and refresh the file
-        state (size, mtime) of unchanged items in ``touched``."""
+        """Atomically upsert items with their vectors (and text vectors), record failures, and
+        refresh unchanged items in ``touched``: their file state, fingerprint, text and source
+        metadata (the ``DERIVED_KEYS`` already stored are kept), but not their image vector."""
         ...
 
     def delete_items(self, namespace: str, ids: list[str]) -> int: ...
@@ -138,8 +163,21 @@ class Store(Protocol):
 
     # -- search ------------------------------------------------------------------------
     def search(
-        self, namespace: str, queries: np.ndarray, k: int, filters: dict[str, Any] | None = None
-    ) -> list[list[Hit]]: ...
+        self,
+        namespace: str,
+        queries: np.ndarray,
+        k: int,
+        filters: dict[str, Any] | None = None,
+        field: str = "image",
+    ) -> list[list[Hit]]:
+        """Nearest items by inner product over their image vectors, or their text vectors."""
+        ...
+
+    def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
+        """Items whose text or metadata contain the query's words, best (BM25) first."""
+        ...
+
+    def has_text_vectors(self, namespace: str) -> bool: ...
     def index_status(self, namespace: str) -> IndexStatus: ...
     def build_index(self, namespace: str) -> IndexStatus: ...
 

@@ -1,8 +1,10 @@
 """The embedded store: one SQLite file (WAL) plus FAISS indexes kept beside it.
 
 Layout: ``clipsearch.db`` holds namespaces (with their model identity), items (metadata,
-content hash, float32 vector) and failures; ``clipsearch.db-index/<namespace>.faiss`` (+ ``.json``)
-holds the derived search index, rebuilt whenever it is missing or stale.
+content hash, float32 vector), their optional text vectors, an FTS5 keyword index over their
+text and metadata, and failures; ``clipsearch.db-index/<namespace>.faiss`` (+ ``.json``, and
+``text/<namespace>.faiss`` for text vectors) holds the derived vector index, rebuilt whenever it
+is missing or stale.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ..encoders.base import ModelIdentity
 from ..errors import DimensionError, ModelMismatchError, NotFoundError, UsageError
 from ..index import IndexSettings, VectorIndex
 from .base import (
+    DERIVED_KEYS,
+    FIELDS,
     Failure,
     FailureRecord,
     FileState,
@@ -30,10 +34,11 @@ from .base import (
     Item,
     NamespaceInfo,
     NewItem,
+    keyword_text,
     utcnow,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FILTER_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
@@ -47,6 +52,8 @@ CREATE TABLE IF NOT EXISTS namespaces (
     dim INTEGER NOT NULL,
     generation INTEGER NOT NULL DEFAULT 0,
     rebuild_generation INTEGER NOT NULL DEFAULT 0,
+    text_generation INTEGER NOT NULL DEFAULT 0,
+    text_rebuild_generation INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS items (
@@ -60,9 +67,19 @@ CREATE TABLE IF NOT EXISTS items (
     vector BLOB NOT NULL,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
+    fingerprint TEXT,
+    text TEXT,
     UNIQUE (namespace, id)
 );
 CREATE INDEX IF NOT EXISTS items_sha256 ON items (namespace, sha256);
+CREATE TABLE IF NOT EXISTS text_vectors (
+    seq INTEGER PRIMARY KEY REFERENCES items(seq) ON DELETE CASCADE,
+    namespace TEXT NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS text_vectors_namespace ON text_vectors (namespace, seq);
+-- rowid = items.seq, column weights in keyword_search: text 2, meta 1
+CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5(text, meta, tokenize = 'unicode61 remove_diacritics 2');
 CREATE TABLE IF NOT EXISTS failures (
     namespace TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -75,9 +92,21 @@ CREATE TABLE IF NOT EXISTS failures (
     attempts INTEGER NOT NULL DEFAULT 1,
     first_failed_at TEXT NOT NULL,
     last_failed_at TEXT NOT NULL,
+    fingerprint TEXT,
     PRIMARY KEY (namespace, id)
 );
 """
+
+# columns added since schema 1 (ALTER TABLE ... ADD COLUMN when opening an older file)
+_ADDED_COLUMNS = (
+    ("namespaces", "text_generation", "INTEGER NOT NULL DEFAULT 0"),
+    ("namespaces", "text_rebuild_generation", "INTEGER NOT NULL DEFAULT 0"),
+    ("items", "fingerprint", "TEXT"),
+    ("items", "text", "TEXT"),
+    ("failures", "fingerprint", "TEXT"),
+)
+_WORD_RE = re.compile(r"\w+")
+_COUNTERS = {"image": ("generation", "rebuild_generation"), "text": ("text_generation", "text_rebuild_generation")}
 
 
 def validate_namespace(name: str) -> str:
@@ -104,26 +133,45 @@ class SQLiteStore:
             # NORMAL in WAL mode survives a killed process; only power loss may drop the last commit.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as e:
             raise UsageError(f"{self.path} is not a clipsearch database ({e})") from None
-        self._check_schema_version()
 
     @property
     def index_dir(self) -> Path:
         return self.path.with_name(self.path.name + "-index")
 
-    def _index_path(self, namespace: str) -> Path:
-        return self.index_dir / f"{namespace}.faiss"
+    def _index_path(self, namespace: str, field: str = "image") -> Path:
+        folder = self.index_dir if field == "image" else self.index_dir / field
+        return folder / f"{namespace}.faiss"
 
-    def _check_schema_version(self) -> None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self._conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row["value"]) > SCHEMA_VERSION:
-            raise UsageError(
-                f"{self.path} was written by a newer clipsearch (schema {row['value']}); upgrade clipsearch"
-            )
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older file up to this version (in one transaction)."""
+        conn = self._conn
+        version = None
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row["value"]) if row else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise UsageError(f"{self.path} was written by a newer clipsearch (schema {version}); upgrade clipsearch")
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx():
+            if version is not None:
+                for table, column, decl in _ADDED_COLUMNS:
+                    have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            if version is not None:  # keyword-index what schema 1 stored
+                rows = conn.execute("SELECT seq, metadata, text FROM items").fetchall()
+                conn.executemany(
+                    "INSERT INTO items_fts (rowid, text, meta) VALUES (?, ?, ?)",
+                    [(r["seq"], r["text"] or "", keyword_text(json.loads(r["metadata"]))) for r in rows],
+                )
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -195,9 +243,14 @@ class SQLiteStore:
 
     # -- writing -----------------------------------------------------------------------
     def _states(self, table: str, namespace: str, ids: list[str]) -> dict[str, FileState]:
-        sql = f"SELECT id, sha256, size, mtime_ns FROM {table} WHERE namespace = ? AND id IN ({{marks}})"
+        reason = "reason" if table == "failures" else "NULL AS reason"
+        sql = (
+            f"SELECT id, sha256, size, mtime_ns, fingerprint, {reason} FROM {table} "
+            "WHERE namespace = ? AND id IN ({marks})"
+        )
         return {
-            r["id"]: FileState(r["sha256"], r["size"], r["mtime_ns"]) for r in self._select_in(sql, [namespace], ids)
+            r["id"]: FileState(r["sha256"], r["size"], r["mtime_ns"], r["fingerprint"], r["reason"])
+            for r in self._select_in(sql, [namespace], ids)
         }
 
     def file_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
@@ -205,6 +258,28 @@ class SQLiteStore:
 
     def failure_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
         return self._states("failures", namespace, ids)
+
+    def _check_dim(self, ns: sqlite3.Row, namespace: str, vectors: np.ndarray, what: str = "vectors") -> None:
+        if len(vectors) and vectors.shape[1] != ns["dim"]:
+            raise DimensionError(
+                f"{what} have {vectors.shape[1]} dimensions; namespace {namespace!r} holds {ns['dim']}"
+            )
+
+    @staticmethod
+    def _set_text_vector(conn: sqlite3.Connection, namespace: str, seq: int, vector: np.ndarray | None) -> bool:
+        """Store (or, for None, drop) an item's text vector; True if one was there before."""
+        existed = conn.execute("DELETE FROM text_vectors WHERE seq = ?", (seq,)).rowcount > 0
+        if vector is not None:
+            blob = np.asarray(vector, dtype="<f4").tobytes()
+            conn.execute("INSERT INTO text_vectors (seq, namespace, vector) VALUES (?, ?, ?)", (seq, namespace, blob))
+        return existed
+
+    @staticmethod
+    def _set_keywords(conn: sqlite3.Connection, seq: int, text: str | None, metadata: dict[str, Any]) -> None:
+        conn.execute("DELETE FROM items_fts WHERE rowid = ?", (seq,))
+        conn.execute(
+            "INSERT INTO items_fts (rowid, text, meta) VALUES (?, ?, ?)", (seq, text or "", keyword_text(metadata))
+        )
 
     def write_batch(
         self,
@@ -218,41 +293,85 @@ class SQLiteStore:
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(items) != len(vectors):
             raise ValueError("items and vectors differ in length")
-        if len(items) and vectors.shape[1] != ns["dim"]:
-            raise DimensionError(
-                f"vectors have {vectors.shape[1]} dimensions; namespace {namespace!r} holds {ns['dim']}"
-            )
+        self._check_dim(ns, namespace, vectors)
+        for it in (*items, *touched):
+            if it.text_vector is not None:
+                self._check_dim(ns, namespace, np.atleast_2d(it.text_vector), "text vectors")
         now = utcnow()
-        replaced = False
+        replaced = text_added = text_replaced = False
         with self._tx() as conn:
             for item, vec in zip(items, vectors, strict=True):
                 blob = vec.astype("<f4").tobytes()
                 meta = json.dumps(item.metadata, ensure_ascii=False)
-                cur = conn.execute(
-                    "UPDATE items SET sha256=?, size=?, mtime_ns=?, metadata=?, vector=?, updated_at=? "
-                    "WHERE namespace=? AND id=?",
-                    (item.sha256, item.size, item.mtime_ns, meta, blob, now, namespace, item.id),
-                )
-                if cur.rowcount:
+                row = conn.execute(
+                    "SELECT seq FROM items WHERE namespace = ? AND id = ?", (namespace, item.id)
+                ).fetchone()
+                if row is not None:
+                    seq = row["seq"]
+                    conn.execute(
+                        "UPDATE items SET sha256=?, size=?, mtime_ns=?, metadata=?, vector=?, updated_at=?, "
+                        "fingerprint=?, text=? WHERE seq=?",
+                        (item.sha256, item.size, item.mtime_ns, meta, blob, now, item.fingerprint, item.text, seq),
+                    )
                     replaced = True
                 else:
-                    conn.execute(
+                    seq = conn.execute(
                         "INSERT INTO items (namespace, id, sha256, size, mtime_ns, metadata, vector, "
-                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (namespace, item.id, item.sha256, item.size, item.mtime_ns, meta, blob, now, now),
-                    )
-            if items:
-                conn.executemany(
-                    "DELETE FROM failures WHERE namespace = ? AND id = ?",
-                    [(namespace, it.id) for it in items],
+                        "created_at, updated_at, fingerprint, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            namespace,
+                            item.id,
+                            item.sha256,
+                            item.size,
+                            item.mtime_ns,
+                            meta,
+                            blob,
+                            now,
+                            now,
+                            item.fingerprint,
+                            item.text,
+                        ),
+                    ).lastrowid
+                self._set_keywords(conn, seq, item.text, item.metadata)
+                had_text = self._set_text_vector(conn, namespace, seq, item.text_vector)
+                text_added |= item.text_vector is not None
+                # an index can only be appended to in seq order: a changed or dropped text vector,
+                # or a new one for an older item, means a rebuild
+                text_replaced |= had_text or (row is not None and item.text_vector is not None)
+            for t in touched:
+                row = conn.execute(
+                    "SELECT seq, metadata FROM items WHERE namespace = ? AND id = ?", (namespace, t.id)
+                ).fetchone()
+                if row is None:
+                    continue
+                stored = json.loads(row["metadata"])
+                metadata = {**t.metadata, **{k: stored[k] for k in DERIVED_KEYS if k in stored}}
+                conn.execute(
+                    "UPDATE items SET size=?, mtime_ns=?, metadata=?, fingerprint=?, text=?, updated_at=? WHERE seq=?",
+                    (
+                        t.size,
+                        t.mtime_ns,
+                        json.dumps(metadata, ensure_ascii=False),
+                        t.fingerprint,
+                        t.text,
+                        now,
+                        row["seq"],
+                    ),
                 )
+                self._set_keywords(conn, row["seq"], t.text, metadata)
+                had_text = self._set_text_vector(conn, namespace, row["seq"], t.text_vector)
+                text_added |= t.text_vector is not None
+                text_replaced |= had_text or t.text_vector is not None
+            done = [(namespace, it.id) for it in (*items, *touched)]
+            conn.executemany("DELETE FROM failures WHERE namespace = ? AND id = ?", done)
             for f in failures:
                 conn.execute(
                     "INSERT INTO failures (namespace, id, source, reason, sha256, size, mtime_ns, metadata, "
-                    "first_failed_at, last_failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "first_failed_at, last_failed_at, fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (namespace, id) DO UPDATE SET source=excluded.source, reason=excluded.reason, "
                     "sha256=excluded.sha256, size=excluded.size, mtime_ns=excluded.mtime_ns, "
-                    "metadata=excluded.metadata, attempts=attempts + 1, last_failed_at=excluded.last_failed_at",
+                    "metadata=excluded.metadata, attempts=attempts + 1, last_failed_at=excluded.last_failed_at, "
+                    "fingerprint=excluded.fingerprint",
                     (
                         namespace,
                         f.id,
@@ -264,17 +383,21 @@ class SQLiteStore:
                         json.dumps(f.metadata, ensure_ascii=False),
                         now,
                         now,
+                        f.fingerprint,
                     ),
                 )
-            conn.executemany(
-                "UPDATE items SET size=?, mtime_ns=? WHERE namespace=? AND id=?",
-                [(t.size, t.mtime_ns, namespace, t.id) for t in touched],
-            )
-            if items:
+            if items or text_added or text_replaced:
                 conn.execute(
-                    "UPDATE namespaces SET generation = generation + 1, "
-                    "rebuild_generation = rebuild_generation + ? WHERE name = ?",
-                    (1 if replaced else 0, namespace),
+                    "UPDATE namespaces SET generation = generation + ?, rebuild_generation = rebuild_generation + ?, "
+                    "text_generation = text_generation + ?, text_rebuild_generation = text_rebuild_generation + ? "
+                    "WHERE name = ?",
+                    (
+                        1 if items else 0,
+                        1 if replaced else 0,
+                        1 if text_added or text_replaced else 0,
+                        1 if text_replaced else 0,
+                        namespace,
+                    ),
                 )
 
     def delete_items(self, namespace: str, ids: list[str]) -> int:
@@ -284,13 +407,19 @@ class SQLiteStore:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i : i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
+                conn.execute(
+                    "DELETE FROM items_fts WHERE rowid IN "
+                    f"(SELECT seq FROM items WHERE namespace = ? AND id IN ({marks}))",
+                    [namespace, *chunk],
+                )
                 deleted += conn.execute(
                     f"DELETE FROM items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
                 ).rowcount
             if deleted:
                 conn.execute(
-                    "UPDATE namespaces SET generation = generation + 1, "
-                    "rebuild_generation = rebuild_generation + 1 WHERE name = ?",
+                    "UPDATE namespaces SET generation = generation + 1, rebuild_generation = rebuild_generation + 1, "
+                    "text_generation = text_generation + 1, text_rebuild_generation = text_rebuild_generation + 1 "
+                    "WHERE name = ?",
                     (namespace,),
                 )
         return deleted
@@ -352,12 +481,17 @@ class SQLiteStore:
             for r in rows
         ]
 
-    def _iter_rows(self, namespace: str, after_seq: int, batch_size: int, with_items: bool) -> Iterator[tuple]:
-        cols = self._ITEM_COLS + ", vector" if with_items else "seq, vector"
+    def _iter_rows(
+        self, namespace: str, after_seq: int, batch_size: int, with_items: bool, field: str = "image"
+    ) -> Iterator[tuple]:
+        if field == "text":
+            table, cols = "text_vectors", "seq, vector"
+        else:
+            table, cols = "items", (self._ITEM_COLS + ", vector" if with_items else "seq, vector")
         last = after_seq
         while True:
             rows = self._query(
-                f"SELECT {cols} FROM items WHERE namespace = ? AND seq > ? ORDER BY seq LIMIT ?",
+                f"SELECT {cols} FROM {table} WHERE namespace = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (namespace, last, batch_size),
             )
             if not rows:
@@ -365,7 +499,7 @@ class SQLiteStore:
             last = rows[-1]["seq"]
             seqs = np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r["vector"] for r in rows), dtype="<f4").reshape(len(rows), -1)
-            items = [self._item(r) for r in rows] if with_items else []
+            items = [self._item(r) for r in rows] if with_items and field == "image" else []
             yield seqs, items, vectors.astype(np.float32)
 
     def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
@@ -386,18 +520,23 @@ class SQLiteStore:
         return list(groups.values())
 
     # -- search ------------------------------------------------------------------------
-    def _fresh_index(self, namespace: str) -> VectorIndex:
-        """The namespace's index, brought up to date with the table (loaded, extended or rebuilt)."""
+    def _fresh_index(self, namespace: str, field: str = "image") -> VectorIndex:
+        """The namespace's index of ``field`` vectors, brought up to date with the table (loaded,
+        extended or rebuilt)."""
+        if field not in FIELDS:
+            raise UsageError(f"unknown vector field {field!r}; use {' or '.join(FIELDS)}")
         ns = self._require(namespace)
         settings = self.index_settings
+        path = self._index_path(namespace, field)
+        gen_col, rebuild_col = _COUNTERS[field]
         with self._lock:
-            index = self._indexes.get(namespace) or VectorIndex.load(self._index_path(namespace), settings)
-            gen, rebuild_gen = ns["generation"], ns["rebuild_generation"]
+            index = self._indexes.get((namespace, field)) or VectorIndex.load(path, settings)
+            gen, rebuild_gen = ns[gen_col], ns[rebuild_col]
             if index is not None and index.state.generation == gen and index.state.rebuild_generation == rebuild_gen:
-                self._indexes[namespace] = index
+                self._indexes[(namespace, field)] = index
                 return index
             # counting rows is a scan (25 ms at 1M rows): only when the index must catch up
-            count = self.count(namespace)
+            count = self._count(namespace, field)
             kind = settings.kind_for(count)
             appendable = (
                 index is not None
@@ -408,31 +547,51 @@ class SQLiteStore:
             if not appendable:
                 index = VectorIndex.empty(kind, ns["dim"], settings)
             assert index is not None
-            for seqs, _, vectors in self._iter_rows(namespace, index.state.max_seq, 50_000, with_items=False):
+            rows = self._iter_rows(namespace, index.state.max_seq, 50_000, with_items=False, field=field)
+            for seqs, _, vectors in rows:
                 index.add(seqs, vectors)
             index.state.generation, index.state.rebuild_generation = gen, rebuild_gen
             if index.state.count != count:
                 # a writer committed while we read; the next search will catch up
                 index.state.generation = -1
             else:
-                index.save(self._index_path(namespace))
-            self._indexes[namespace] = index
+                index.save(path)
+            self._indexes[(namespace, field)] = index
             return index
 
-    def _allowed_seqs(self, namespace: str, filters: dict[str, Any]) -> np.ndarray:
-        clauses, params = [], [namespace]
-        for key, value in filters.items():
+    def _count(self, namespace: str, field: str) -> int:
+        table = "text_vectors" if field == "text" else "items"
+        return int(self._query(f"SELECT count(*) AS n FROM {table} WHERE namespace = ?", (namespace,))[0]["n"])
+
+    @staticmethod
+    def _filter_sql(filters: dict[str, Any] | None, alias: str = "") -> tuple[str, list[Any]]:
+        """`` AND ...`` clauses matching metadata KEY = VALUE (any of a list of values)."""
+        clauses, params = [], []
+        for key, value in (filters or {}).items():
             if not _FILTER_KEY_RE.match(key):
                 raise UsageError(f"bad filter key {key!r}")
             values = value if isinstance(value, list | tuple) else [value]
-            path = f'$."{key}"'
-            clauses.append(f"json_extract(metadata, ?) IN ({','.join('?' * len(values))})")
-            params += [path, *values]
-        rows = self._query(f"SELECT seq FROM items WHERE namespace = ? AND {' AND '.join(clauses)}", params)
+            clauses.append(f"json_extract({alias}metadata, ?) IN ({','.join('?' * len(values))})")
+            params += [f'$."{key}"', *values]
+        return "".join(f" AND {c}" for c in clauses), params
+
+    def _allowed_seqs(self, namespace: str, filters: dict[str, Any]) -> np.ndarray:
+        where, params = self._filter_sql(filters)
+        rows = self._query(f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params])
         return np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
 
+    def _hits(self, seqs_scores: list[tuple[int, float]]) -> list[Hit]:
+        sql = f"SELECT {self._ITEM_COLS} FROM items WHERE seq IN ({{marks}})"
+        by_seq = {r["seq"]: self._item(r) for r in self._select_in(sql, [], sorted({s for s, _ in seqs_scores}))}
+        return [Hit(by_seq[s], sc) for s, sc in seqs_scores if s in by_seq]
+
     def search(
-        self, namespace: str, queries: np.ndarray, k: int, filters: dict[str, Any] | None = None
+        self,
+        namespace: str,
+        queries: np.ndarray,
+        k: int,
+        filters: dict[str, Any] | None = None,
+        field: str = "image",
     ) -> list[list[Hit]]:
         ns = self._require(namespace)
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -440,7 +599,7 @@ class SQLiteStore:
             raise DimensionError(
                 f"query vector has {queries.shape[1]} dimensions; namespace {namespace!r} holds {ns['dim']}-d vectors"
             )
-        index = self._fresh_index(namespace)
+        index = self._fresh_index(namespace, field)
         allowed = self._allowed_seqs(namespace, filters) if filters else None
         if allowed is not None and len(allowed) == 0:
             return [[] for _ in queries]
@@ -454,19 +613,42 @@ class SQLiteStore:
             for row_scores, row_seqs in zip(scores, seqs, strict=True)
         ]
 
-    def index_status(self, namespace: str) -> IndexStatus:
+    def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
+        self._require(namespace)
+        words = _WORD_RE.findall(query)
+        if not words:
+            raise UsageError(f"the keyword query {query!r} has no words to look for")
+        # each word quoted: the user's text is never parsed as FTS5 syntax (AND, NEAR, col:, *)
+        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+        where, params = self._filter_sql(filters, "i.")
+        rows = self._query(
+            "SELECT f.rowid AS seq, bm25(items_fts, 2.0, 1.0) AS rank FROM items_fts f "
+            f"JOIN items i ON i.seq = f.rowid WHERE items_fts MATCH ? AND i.namespace = ?{where} "
+            "ORDER BY rank LIMIT ?",
+            [match, namespace, *params, k],
+        )
+        # FTS5's bm25 is negative, lower is better; flip it so that higher scores are better
+        return self._hits([(r["seq"], -float(r["rank"])) for r in rows])
+
+    def has_text_vectors(self, namespace: str) -> bool:
+        return bool(self._query("SELECT 1 FROM text_vectors WHERE namespace = ? LIMIT 1", (namespace,)))
+
+    def index_status(self, namespace: str, field: str = "image") -> IndexStatus:
         ns = self._require(namespace)
         with self._lock:
-            index = self._indexes.get(namespace) or VectorIndex.load(self._index_path(namespace), self.index_settings)
+            index = self._indexes.get((namespace, field)) or VectorIndex.load(
+                self._index_path(namespace, field), self.index_settings
+            )
         if index is None:
             return IndexStatus(kind="none", fresh=False, vectors=0)
-        fresh = (
-            index.state.generation == ns["generation"] and index.state.rebuild_generation == ns["rebuild_generation"]
-        )
+        gen_col, rebuild_col = _COUNTERS[field]
+        fresh = index.state.generation == ns[gen_col] and index.state.rebuild_generation == ns[rebuild_col]
         return IndexStatus(kind=index.state.kind, fresh=fresh, vectors=index.state.count)
 
     def build_index(self, namespace: str) -> IndexStatus:
         self._fresh_index(namespace)
+        if self.has_text_vectors(namespace):
+            self._fresh_index(namespace, "text")
         return self.index_status(namespace)
 
     def close(self) -> None:
