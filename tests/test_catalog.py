@@ -79,8 +79,8 @@ CATALOG_ARGS = ["--id-column", "product_id", "--image-column", "image_url", "--t
 # -- reading tables ----------------------------------------------------------------------------
 def test_every_table_format_gives_the_same_items(tmp_path):
     rows = [
-        {"sku": "A1", "image": "https://example.com/a.jpg", "title": "Apple", "client": "X"},
-        {"sku": "B2", "image": "imgs/b.jpg", "title": "Banana", "client": "Y"},
+        {"sku": "A1", "image": "https://example.com/a.jpg", "title": "Apple", "client": "X", "type": "fruit"},
+        {"sku": "B2", "image": "imgs/b.jpg", "title": "Banana", "client": "Y", "type": ""},
     ]
     write_csv(tmp_path / "c.csv", rows)
     write_csv(tmp_path / "c.tsv", rows, delimiter="\t")
@@ -94,6 +94,7 @@ def test_every_table_format_gives_the_same_items(tmp_path):
     for ext in ("csv", "tsv", "jsonl", "parquet"):
         items = list(CatalogSource(tmp_path / f"c.{ext}", options))
         seen.append([(it.id, it.url, it.path, it.text, it.fingerprint, it.metadata["client"]) for it in items])
+        assert items[0].metadata["type"] == "fruit" and items[0].metadata["catalog"] == f"c.{ext}"
     assert all(s == seen[0] for s in seen)
     (a_id, a_url, a_path, a_text, _, _), (b_id, b_url, b_path, _, _, _) = seen[0]
     assert (a_id, a_url, a_path, a_text) == ("A1", "https://example.com/a.jpg", None, "Apple")

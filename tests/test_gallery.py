@@ -99,5 +99,12 @@ def test_search_click_and_more_like_this(gallery, browser):
     page.set_input_files("#image-file", str(root / "photos" / "rocket.jpg"))
     page.wait_for_function("document.querySelector('#status').textContent.includes('similar to rocket.jpg')")
     assert page.locator(".card .name").first.text_content() == "rocket.jpg"
+
+    # keyword mode: file names are indexed words
+    page.select_option("#mode", "keyword")
+    page.fill("#query", "coffee")
+    page.press("#query", "Enter")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('(keyword)')")
+    assert page.locator(".card .name").all_text_contents() == ["coffee.jpg"]
     assert errors == []
     page.close()

@@ -77,3 +77,20 @@ def test_parse_source_errors(tmp_path):
     with pytest.raises(UsageError, match="unknown source kind 'ftp'"):
         parse_source("ftp:whatever")
     assert isinstance(parse_source(f"images:{tmp_path}"), FolderSource)
+
+
+def test_select_items_filters_then_samples_by_id_hash():
+    from clipsearch.sources import SourceItem, select_items
+
+    items = [
+        SourceItem(f"id{i}", "", None, {"client": "A" if i % 2 else "B", "tags": ["x", str(i)], "ok": i < 5})
+        for i in range(20)
+    ]
+    assert [it.id for it in select_items(items, {"client": ["A"], "ok": ["true"]})] == ["id1", "id3"]
+    assert [it.id for it in select_items(items, {"tags": ["7"]})] == ["id7"]
+    sample = select_items(items, sample=5, seed=3)
+    assert len(sample) == 5 and sample == select_items(list(reversed(items)), sample=5, seed=3)[::-1]
+    # in a grown catalog, the old items a sample picks are always among those it picked before
+    grown = select_items(items + [SourceItem(f"new{i}", "", None) for i in range(30)], sample=5, seed=3)
+    old_ids = {it.id for it in grown if not it.id.startswith("new")}
+    assert old_ids <= {it.id for it in sample} and len(grown) == 5

@@ -152,7 +152,8 @@ class CatalogSource:
         ref = _text(row.get(self.image_column))
         text = " ".join(t for t in (_text(row.get(c)) for c in options.text_columns) if t) or None
         metadata: dict[str, Any] = dict(row)
-        metadata.update(type="image", catalog=self.path.name)
+        metadata.setdefault("type", "image")  # a product's own "type" column wins
+        metadata.setdefault("catalog", self.path.name)
         fp = fingerprint(ref, row, text, options.embed_text)
         item = SourceItem(id=raw_id, source=ref, path=None, metadata=metadata, text=text, fingerprint=fp)
         if not raw_id:

@@ -358,7 +358,10 @@ class Ingestor:
         downloader: Downloader | None = None
         outstanding = 0
         settings = self.options.download
-        window = 4 * max(1, settings.concurrency)
+        # Downloads must go on while the model runs a batch (about a second on a CPU), and a
+        # finished download counts until it is consumed: a deep window keeps the network busy.
+        # A finished one is only a path on disk, so depth is cheap.
+        window = 16 * max(1, settings.concurrency)
         if self.options.limit is not None:  # with --limit N, never download far ahead of N
             window = max(1, min(window, self.options.limit))
 

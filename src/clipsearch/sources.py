@@ -217,5 +217,15 @@ def select_items(
 
 
 def _matches(value: Any, wanted: list[str]) -> bool:
+    """A metadata value (or any element of a list value) equal to one of the wanted strings;
+    JSON and Parquet values compare as they are written (true, 3, 2.5)."""
     values = value if isinstance(value, list) else [value]
-    return any(v is not None and str(v) in wanted for v in values)
+    return any(_as_text(v) in wanted for v in values if v is not None)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

@@ -90,8 +90,9 @@ function namespace() {
 async function searchText(text) {
   setStatus("searching…");
   try {
-    const data = await apiJson("/api/v1/search", { text, namespace: namespace(), limit: 40 });
-    renderResults(data.results, `for “${text}”`);
+    const mode = $("mode").value;
+    const data = await apiJson("/api/v1/search", { text, namespace: namespace(), limit: 40, mode });
+    renderResults(data.results, mode === "vector" ? `for “${text}”` : `for “${text}” (${mode})`);
   } catch (e) {
     setStatus(e.message, true);
   }
