@@ -195,6 +195,12 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     code, report, _ = ingest_json(cli, *args)
     assert (report["embedded"], report["skipped"], report["previously_failed"]) == (0, 7, 6)
     assert sum(image_server.hits.values()) == hits
+    # --retry-failed asks again for what failed, and only that
+    not_found = image_server.hits["/status/404"]
+    code, report, _ = ingest_json(cli, *args, "--retry-failed", "--retries", "0")
+    assert (report["embedded"], report["failed"]) == (0, 6) and image_server.hits["/status/404"] == not_found + 1
+    assert all(image_server.hits[f"/noise/{100 + i}.png"] == 1 for i in range(5))
+    hits = sum(image_server.hits.values())
 
     # a new database on the same cache: every image that arrived comes from the cache
     cache = f"{cli.db}-cache"

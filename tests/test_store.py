@@ -1,6 +1,10 @@
-"""The SQLite store and its FAISS index: identity checks, writes, freshness, filters."""
+"""The stores: one shared suite for SQLite (+ FAISS) and PostgreSQL (+ pgvector): identity
+checks, writes, search, filters, keywords, text vectors, claims; then what is particular to each
+(the FAISS index files and their freshness, SQLite migrations, PostgreSQL's schema and HNSW)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ from clipsearch.encoders import ModelIdentity
 from clipsearch.errors import DimensionError, ModelMismatchError, NotFoundError, UsageError
 from clipsearch.index import IndexSettings
 from clipsearch.store import FailureRecord, NewItem, SQLiteStore, open_store
+from clipsearch.store.postgres import PostgresStore
 
 IDENT = ModelIdentity("open_clip", "tiny", "", 8, {"size": [224, 224]})
 
@@ -22,6 +27,26 @@ def _store(tmp_path, **settings) -> SQLiteStore:
     return SQLiteStore(tmp_path / "s.db", IndexSettings(**settings))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_store(request, tmp_path):
+    """A factory of stores of one backend on one fresh location (a SQLite file; a new
+    PostgreSQL database); every store it made is closed at the end."""
+    made = []
+
+    def make(**settings):
+        if request.param == "sqlite":
+            store = SQLiteStore(tmp_path / "s.db", IndexSettings(**settings))
+        else:
+            store = PostgresStore(request.getfixturevalue("pg_url"), IndexSettings(**settings))
+        made.append(store)
+        return store
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    for store in made:
+        store.close()
+
+
 def _fill(store, n, ns="default", seed=0, labels=None):
     store.bind_namespace(ns, IDENT, {"model": "tiny"})
     vecs = _vectors(n, seed=seed)
@@ -33,8 +58,8 @@ def _fill(store, n, ns="default", seed=0, labels=None):
     return vecs
 
 
-def test_namespace_binding_refuses_another_model(tmp_path):
-    store = _store(tmp_path)
+def test_namespace_binding_refuses_another_model(make_store):
+    store = make_store()
     store.bind_namespace("default", IDENT, {"model": "tiny"})
     store.bind_namespace("default", IDENT, {"model": "tiny", "weights": "/moved"})  # same model: fine
     assert store.namespace("default").model_spec["weights"] == "/moved"
@@ -47,8 +72,8 @@ def test_namespace_binding_refuses_another_model(tmp_path):
         store.bind_namespace("../evil", IDENT, {})
 
 
-def test_search_finds_each_vector_first(tmp_path):
-    store = _store(tmp_path)
+def test_search_finds_each_vector_first(make_store):
+    store = make_store()
     vecs = _fill(store, 50)
     results = store.search("default", vecs[:5], k=3)
     for i, hits in enumerate(results):
@@ -118,8 +143,8 @@ def test_hnsw_above_threshold_agrees_with_exact(tmp_path):
     assert recall >= 0.95
 
 
-def test_metadata_filters_are_exact(tmp_path):
-    store = _store(tmp_path)
+def test_metadata_filters_are_exact(make_store):
+    store = make_store()
     labels = ["cat" if i % 3 == 0 else "dog" for i in range(30)]
     vecs = _fill(store, 30, labels=labels)
     hits = store.search("default", vecs[1:2], 5, {"label": "cat"})[0]
@@ -130,8 +155,8 @@ def test_metadata_filters_are_exact(tmp_path):
         store.search("default", vecs[1:2], 5, {"label') OR 1=1 --": "x"})
 
 
-def test_failures_and_file_states(tmp_path):
-    store = _store(tmp_path)
+def test_failures_and_file_states(make_store):
+    store = make_store()
     store.bind_namespace("default", IDENT, {})
     f = FailureRecord("bad", "/p/bad.jpg", "not an image", size=5, mtime_ns=7)
     store.write_batch("default", [], np.zeros((0, 8), np.float32), [f])
@@ -147,8 +172,8 @@ def test_failures_and_file_states(tmp_path):
         store.write_batch("default", [NewItem("z", {})], np.ones((1, 3), np.float32))
 
 
-def test_hash_groups(tmp_path):
-    store = _store(tmp_path)
+def test_hash_groups(make_store):
+    store = make_store()
     store.bind_namespace("default", IDENT, {})
     items = [NewItem("a", {}, "same"), NewItem("b", {}, "same"), NewItem("c", {}, "other")]
     store.write_batch("default", items, _vectors(3))
@@ -156,13 +181,15 @@ def test_hash_groups(tmp_path):
     assert [[i.id for i in g] for g in groups] == [["a", "b"]]
 
 
-def test_open_store_rejects_non_database_and_postgres(tmp_path):
+def test_open_store_rejects_what_it_cannot_open(tmp_path):
     bad = tmp_path / "bad.db"
     bad.write_text("not sqlite at all" * 100)
     with pytest.raises(UsageError, match="not a clipsearch database"):
         open_store(bad)
-    with pytest.raises(UsageError, match="PostgreSQL"):
-        open_store("postgresql://u@localhost/db")
+    with pytest.raises(UsageError, match="use a SQLite file path or a postgresql://"):
+        open_store("mysql://u@localhost/db")
+    with pytest.raises(UsageError, match=r"cannot connect to postgresql://u:\*\*\*@127.0.0.1:9/db"):
+        open_store("postgresql://u:secret@127.0.0.1:9/db")
 
 
 # The schema of clipsearch 0.1 files (schema 1), as that version created it.
@@ -211,12 +238,12 @@ def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
     SQLiteStore(path).close()  # opening a migrated file again changes nothing
 
 
-def test_text_vectors_have_their_own_index_and_follow_their_items(tmp_path):
-    store = _store(tmp_path)
+def test_text_vectors_have_their_own_index_and_follow_their_items(make_store):
+    store = make_store()
     image = _fill(store, 6)
     text = _vectors(6, seed=7)
     touched = [NewItem(f"id{i}", {"path": f"/p/{i}.jpg"}, f"h{i}", text=f"t{i}", text_vector=text[i]) for i in range(6)]
@@ -231,4 +258,48 @@ def test_text_vectors_have_their_own_index_and_follow_their_items(tmp_path):
     assert "id0" not in {h.item.id for h in hits} and len(hits) == 5
     with pytest.raises(DimensionError):
         store.write_batch("default", [], np.zeros((0, 8)), touched=[NewItem("id1", {}, text_vector=np.ones(3))])
-    store.close()
+
+
+def test_keyword_search_ranks_and_filters(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    rows = [
+        ("a", "Red summer dress", {"client": "Big", "tags": ["red", "cotton"]}),
+        ("b", "Blue evening dress", {"client": "Big"}),
+        ("c", "Red leather boots", {"client": "Small"}),
+        ("d", None, {"label": "dress rehearsal photo", "path": "/x/red.jpg", "url": "https://red.example/dress"}),
+    ]
+    items = [NewItem(i, meta, f"h{i}", text=text) for i, text, meta in rows]
+    store.write_batch("default", items, _vectors(4))
+    ids = [h.item.id for h in store.keyword_search("default", "red dress", 10)]
+    assert ids[0] == "a" and set(ids) == {"a", "b", "c", "d"}
+    assert [h.item.id for h in store.keyword_search("default", "COTTON", 10)] == ["a"]  # list values, any case
+    assert [h.item.id for h in store.keyword_search("default", "example", 10)] == []  # URLs are not words
+    assert {h.item.id for h in store.keyword_search("default", "dress", 10, {"client": "Big"})} == {"a", "b"}
+    hits = store.keyword_search("default", "dress", 10)
+    assert all(h.score > 0 for h in hits) and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    store.delete_items("default", ["a"])
+    assert "a" not in {h.item.id for h in store.keyword_search("default", "red", 10)}
+    with pytest.raises(UsageError, match="no words"):
+        store.keyword_search("default", "?!", 10)
+
+
+def test_claims_share_items_between_owners(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    ids = [f"i{n}" for n in range(10)]
+    first = store.claim("default", ids[:6], "host-a:1")
+    second = store.claim("default", ids, "host-b:2")
+    assert first == set(ids[:6]) and second == set(ids[6:])
+    assert store.claim("default", ids[:2], "host-a:1") == set(ids[:2])  # a holder keeps its claims
+    store.release("default", "host-a:1")
+    assert store.claim("default", ids, "host-b:2") == set(ids)
+    # an expired lease is taken over; so is the claim of a process of this host that is gone
+    assert store.claim("default", ["x"], "host-c:3", lease_seconds=-1) == {"x"}
+    assert store.claim("default", ["x"], "host-d:4") == {"x"}
+    import socket
+
+    no_such_pid = 2**22 + 7  # above Linux's largest pid_max: no process has it
+    assert store.claim("default", ["y"], f"{socket.gethostname()}:{no_such_pid}") == {"y"}
+    assert store.claim("default", ["y"], "host-e:5") == {"y"}
+    assert store.claim("default", ["y"], f"{socket.gethostname()}:{os.getpid()}") == set()  # a live holder

@@ -12,6 +12,9 @@ bottleneck and must scale past one interpreter.
 Properties it guarantees:
 - resumable: every batch commits its vectors and failures together, so a crash or Ctrl-C loses
   at most the batch in flight, and the next run skips everything already stored;
+- shareable: items are claimed in the store before they are decoded, so several processes
+  ingesting the same source into one namespace split the work (a dead process's claims are
+  taken over: at once on the same host, after the lease elsewhere);
 - incremental: an item whose fingerprint (what its source says about it) and, for files, size
   and mtime match the store is skipped unread; one whose content hash matches is not embedded
   again (only its metadata is refreshed); a changed file is embedded again under the same id;
@@ -39,7 +42,7 @@ from .encoders import Encoder, ModelSpec
 from .errors import ImageError, UsageError
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .sources import Source, SourceItem, select_items
-from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store
+from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store, claim_owner
 
 _LOOKUP_CHUNK = 512
 _MAX_PENDING_FAILURES = 256  # written without waiting for a batch of images
@@ -73,6 +76,7 @@ class IngestReport:
     skipped: int = 0
     failed: int = 0
     previously_failed: int = 0  # skipped because they failed before and --retry-failed was not given
+    claimed_elsewhere: int = 0  # left to another ingest process working on the same namespace
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[FailureRecord] = field(default_factory=list)
@@ -83,6 +87,7 @@ class IngestReport:
             "skipped": self.skipped,
             "failed": self.failed,
             "previously_failed": self.previously_failed,
+            "claimed_elsewhere": self.claimed_elsewhere,
             "seconds": round(self.seconds, 3),
             "interrupted": self.interrupted,
             "failures": [{"id": f.id, "source": f.source, "reason": f.reason} for f in self.failures],
@@ -141,6 +146,7 @@ class Ingestor:
         self.worker_type = resolve_worker_type(options.worker_type, device)
         self.workers = options.workers or default_workers(self.worker_type)
         self.settings = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, options.draft)
+        self.owner = claim_owner()
         store.bind_namespace(self.namespace, encoder.identity, model_spec.to_dict())
 
     def _executor(self) -> Executor:
@@ -289,6 +295,7 @@ class Ingestor:
         finally:
             ready.close()  # stops the downloads still running
             executor.shutdown(wait=not report.interrupted, cancel_futures=True)
+            self.store.release(self.namespace, self.owner)
         if report.embedded and not report.interrupted:
             self.store.build_index(self.namespace)
         report.seconds = time.perf_counter() - started
@@ -321,9 +328,20 @@ class Ingestor:
     def _candidates(
         self, items: list[SourceItem], report: IngestReport, advance: Callable[[int], None]
     ) -> Iterator[tuple[SourceItem, FileState | None]]:
-        """The items that need work, looked up in the store a chunk at a time."""
+        """The items that need work, looked up in the store a chunk at a time, and claimed a
+        batch at a time just before they are needed: another ingest process working on the
+        same items takes the batches this one has not reached yet."""
+        step = self.options.batch_size
         for start in range(0, len(items), _LOOKUP_CHUNK):
-            yield from self._filter_known(items[start : start + _LOOKUP_CHUNK], report, advance)
+            todo = self._filter_known(items[start : start + _LOOKUP_CHUNK], report, advance)
+            for first in range(0, len(todo), step):
+                part = todo[first : first + step]
+                claimed = self.store.claim(self.namespace, [item.id for item, _ in part], self.owner)
+                if len(claimed) < len(part):
+                    report.claimed_elsewhere += len(part) - len(claimed)
+                    advance(len(part) - len(claimed))
+                # looked up again: another process may have stored (and released) some meanwhile
+                yield from self._filter_known([item for item, _ in part if item.id in claimed], report, advance)
 
     def _filter_known(
         self, chunk: list[SourceItem], report: IngestReport, advance: Callable[[int], None]

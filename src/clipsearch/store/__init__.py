@@ -17,6 +17,7 @@ from .base import (
     NamespaceInfo,
     NewItem,
     Store,
+    claim_owner,
 )
 from .sqlite import SQLiteStore, check_same_model, validate_namespace
 
@@ -24,13 +25,20 @@ DEFAULT_DB = "clipsearch.db"
 
 
 def open_store(location: str | Path, index_settings: IndexSettings | None = None) -> Store:
-    """Open the store at ``location``: a SQLite file path (created if absent)."""
+    """Open the store at ``location``: a ``postgresql://`` URL (PostgreSQL with pgvector), or a
+    SQLite file path (created if absent). Either is created or migrated to this version."""
     loc = str(location)
-    if loc.startswith(("postgresql://", "postgres://")):
-        raise UsageError(
-            "PostgreSQL stores are not available in this version of clipsearch; use a SQLite file path for --db"
-        )
+    if is_postgres_url(loc):
+        from .postgres import PostgresStore
+
+        return PostgresStore(loc, index_settings)
+    if "://" in loc:
+        raise UsageError(f"--db {loc!r}: use a SQLite file path or a postgresql://user:pass@host/db URL")
     return SQLiteStore(loc, index_settings)
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
 
 
 __all__ = [
@@ -47,6 +55,8 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "check_same_model",
+    "claim_owner",
+    "is_postgres_url",
     "open_store",
     "validate_namespace",
 ]

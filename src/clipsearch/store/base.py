@@ -7,6 +7,8 @@ because each backend does it differently (FAISS beside SQLite, SQL on pgvector).
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +28,28 @@ FIELDS = ("image", "text")  # which vectors of an item a search runs over
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def claim_owner() -> str:
+    """Who holds a claim: host and process, so that a process on the same host can tell the
+    holder died and take its claims over at once instead of waiting for them to expire."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_owners(owners: list[str]) -> list[str]:
+    """The owners among ``owners`` that are processes of this host that no longer run."""
+    host = socket.gethostname()
+    dead = []
+    for owner in owners:
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                dead.append(owner)
+            except PermissionError:
+                pass  # alive, another user's
+    return dead
 
 
 @dataclass
@@ -148,6 +172,13 @@ class Store(Protocol):
 
     def delete_items(self, namespace: str, ids: list[str]) -> int: ...
 
+    def claim(self, namespace: str, ids: list[str], owner: str, lease_seconds: float = 600) -> set[str]:
+        """Claim items for one ingest process: the ids no live process holds. Several processes
+        ingesting the same source into one namespace thereby share the work."""
+        ...
+
+    def release(self, namespace: str, owner: str) -> None: ...
+
     # -- reading -----------------------------------------------------------------------
     def get_items(self, namespace: str, ids: list[str]) -> list[Item]: ...
     def get_vectors(self, namespace: str, ids: list[str]) -> dict[str, np.ndarray]: ...
@@ -179,6 +210,11 @@ class Store(Protocol):
 
     def has_text_vectors(self, namespace: str) -> bool: ...
     def index_status(self, namespace: str) -> IndexStatus: ...
-    def build_index(self, namespace: str) -> IndexStatus: ...
+    def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
+        """Bring the vector index up to date; ``kind`` forces one (``hnsw``), None lets the store
+        choose by size."""
+        ...
+
+    def schema_version(self) -> int: ...
 
     def close(self) -> None: ...

@@ -9,10 +9,12 @@ is missing or stale.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +36,12 @@ from .base import (
     Item,
     NamespaceInfo,
     NewItem,
+    dead_owners,
     keyword_text,
     utcnow,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FILTER_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
@@ -93,6 +96,13 @@ CREATE TABLE IF NOT EXISTS failures (
     first_failed_at TEXT NOT NULL,
     last_failed_at TEXT NOT NULL,
     fingerprint TEXT,
+    PRIMARY KEY (namespace, id)
+);
+CREATE TABLE IF NOT EXISTS claims (
+    namespace TEXT NOT NULL,
+    id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL,
     PRIMARY KEY (namespace, id)
 );
 """
@@ -165,7 +175,7 @@ class SQLiteStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            if version is not None:  # keyword-index what schema 1 stored
+            if version == 1:  # keyword-index what schema 1 stored
                 rows = conn.execute("SELECT seq, metadata, text FROM items").fetchall()
                 conn.executemany(
                     "INSERT INTO items_fts (rowid, text, meta) VALUES (?, ?, ?)",
@@ -424,6 +434,48 @@ class SQLiteStore:
                 )
         return deleted
 
+    def claim(self, namespace: str, ids: list[str], owner: str, lease_seconds: float = 600) -> set[str]:
+        if not ids:
+            return set()
+        now = time.time()
+        claimed: set[str] = set()
+        with self._tx() as conn:
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                others = [
+                    r["owner"]
+                    for r in conn.execute(
+                        f"SELECT DISTINCT owner FROM claims WHERE namespace = ? AND id IN ({marks}) AND owner <> ?",
+                        [namespace, *chunk, owner],
+                    )
+                ]
+                dead = dead_owners(others)
+                conn.execute(
+                    f"DELETE FROM claims WHERE namespace = ? AND id IN ({marks}) "
+                    f"AND (expires_at < ? OR owner IN ({','.join('?' * len(dead)) or 'NULL'}))",
+                    [namespace, *chunk, now, *dead],
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO claims (namespace, id, owner, expires_at) VALUES (?, ?, ?, ?)",
+                    [(namespace, item_id, owner, now + lease_seconds) for item_id in chunk],
+                )
+                claimed.update(
+                    r["id"]
+                    for r in conn.execute(
+                        f"SELECT id FROM claims WHERE namespace = ? AND id IN ({marks}) AND owner = ?",
+                        [namespace, *chunk, owner],
+                    )
+                )
+        return claimed
+
+    def release(self, namespace: str, owner: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM claims WHERE namespace = ? AND owner = ?", (namespace, owner))
+
+    def schema_version(self) -> int:
+        return int(self._query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"])
+
     def clear_failures(self, namespace: str, ids: list[str]) -> None:
         with self._tx() as conn:
             conn.executemany("DELETE FROM failures WHERE namespace = ? AND id = ?", [(namespace, i) for i in ids])
@@ -645,7 +697,13 @@ class SQLiteStore:
         fresh = index.state.generation == ns[gen_col] and index.state.rebuild_generation == ns[rebuild_col]
         return IndexStatus(kind=index.state.kind, fresh=fresh, vectors=index.state.count)
 
-    def build_index(self, namespace: str) -> IndexStatus:
+    def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
+        if kind not in (None, "auto") and kind != self.index_settings.kind_for(self.count(namespace)):
+            if kind not in ("flat", "hnsw"):
+                raise UsageError(f"unknown index kind {kind!r}; use auto, flat or hnsw")
+            self.index_settings = dataclasses.replace(self.index_settings, kind=kind)
+            self._indexes.pop((namespace, "image"), None)
+            self._indexes.pop((namespace, "text"), None)
         self._fresh_index(namespace)
         if self.has_text_vectors(namespace):
             self._fresh_index(namespace, "text")

@@ -1,0 +1,677 @@
+"""The team store: PostgreSQL with the pgvector extension (psycopg 3, a connection pool).
+
+Layout (all names start with ``clipsearch_``, so the tables sit beside an application's own):
+
+- ``clipsearch_schema``: the schema version (``clipsearch db migrate``; opening a store also
+  creates or migrates it, under an advisory lock so that concurrent processes do it once);
+- ``clipsearch_namespaces``: name, model identity and load spec (jsonb), dimensions, and the
+  namespace's own items table;
+- ``clipsearch_items_<n>`` per namespace: id, content hash, file state, fingerprint, text,
+  ``metadata jsonb``, ``embedding vector(d)``, an optional ``text_embedding vector(d)``, and a
+  generated ``tsvector`` (GIN-indexed) for keyword search. One table per namespace gives each its
+  own ``vector(d)`` type and HNSW index (``vector_ip_ops``, built by ``clipsearch index build``);
+- ``clipsearch_failures`` and ``clipsearch_claims`` (which ingest process works on which item).
+
+Vectors are L2-normalised, so ``<#>`` (negative inner product) orders by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from ..encoders.base import ModelIdentity
+from ..errors import ClipsearchError, DimensionError, NotFoundError, UsageError
+from ..index import IndexSettings
+from .base import (
+    DERIVED_KEYS,
+    FIELDS,
+    Failure,
+    FailureRecord,
+    FileState,
+    Hit,
+    IndexStatus,
+    Item,
+    NamespaceInfo,
+    NewItem,
+    dead_owners,
+    keyword_text,
+)
+from .sqlite import _FILTER_KEY_RE, _WORD_RE, check_same_model, validate_namespace
+
+SCHEMA_VERSION = 1
+_LOCK_KEY = 0x636C6970  # pg_advisory_xact_lock key for schema changes ("clip")
+_COLUMNS = {"image": "embedding", "text": "text_embedding"}
+
+_SCHEMA_1 = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS clipsearch_schema (
+    version integer NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS clipsearch_namespaces (
+    id serial PRIMARY KEY,
+    name text UNIQUE NOT NULL,
+    identity jsonb NOT NULL,
+    model_spec jsonb NOT NULL,
+    dim integer NOT NULL,
+    items_table text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS clipsearch_failures (
+    namespace text NOT NULL,
+    id text NOT NULL,
+    source text NOT NULL,
+    reason text NOT NULL,
+    sha256 text,
+    size bigint,
+    mtime_ns bigint,
+    fingerprint text,
+    metadata jsonb NOT NULL DEFAULT '{}',
+    attempts integer NOT NULL DEFAULT 1,
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (namespace, id)
+);
+CREATE TABLE IF NOT EXISTS clipsearch_claims (
+    namespace text NOT NULL,
+    id text NOT NULL,
+    owner text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (namespace, id)
+)
+"""
+_MIGRATIONS = {1: _SCHEMA_1}  # version -> statements that bring version - 1 to it
+
+_ITEMS_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    seq bigserial PRIMARY KEY,
+    id text UNIQUE NOT NULL,
+    sha256 text,
+    size bigint,
+    mtime_ns bigint,
+    fingerprint text,
+    text text,
+    text_words text NOT NULL DEFAULT '',
+    keywords text NOT NULL DEFAULT '',
+    metadata jsonb NOT NULL,
+    embedding vector({dim}) NOT NULL,
+    text_embedding vector({dim}),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    tsv tsvector GENERATED ALWAYS AS (
+        setweight(to_tsvector('simple', text_words), 'A') || setweight(to_tsvector('simple', keywords), 'B')
+    ) STORED
+);
+CREATE INDEX IF NOT EXISTS {table}_tsv ON {table} USING gin (tsv);
+CREATE INDEX IF NOT EXISTS {table}_sha256 ON {table} (sha256)
+"""
+_ITEM_COLS = "seq, id, metadata, sha256, created_at, updated_at"
+
+
+def _array(value: Any) -> np.ndarray:
+    """A vector as pgvector's loader returns it (a ``Vector``), as float32."""
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
+
+
+def _words(text: str | None) -> str:
+    """Text as space-separated words: PostgreSQL's parser would keep ``rocket.jpg`` or a URL as
+    one token, where SQLite's FTS5 (and a person) sees words."""
+    return " ".join(_WORD_RE.findall(text or "")).lower()
+
+
+def _psycopg():
+    try:
+        import psycopg
+        import psycopg.sql
+        import psycopg.types.json
+        import psycopg_pool
+        from pgvector.psycopg import register_vector
+    except ImportError:
+        raise UsageError(
+            "PostgreSQL stores need psycopg, psycopg_pool and pgvector: pip install 'clipsearch[postgres]'"
+        ) from None
+    return psycopg, psycopg_pool, register_vector
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and ``info``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore:
+    def __init__(self, url: str, index_settings: IndexSettings | None = None, migrate: bool = True):
+        psycopg, psycopg_pool, register_vector = _psycopg()
+        self.url = url
+        self.location = redact(url)
+        self.index_settings = index_settings or IndexSettings.from_env()
+        self._psycopg = psycopg
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+                self.schema_version_before = self._schema_version(conn)
+                if migrate:
+                    self._migrate(conn)
+                elif self.schema_version_before != SCHEMA_VERSION:
+                    raise UsageError(f"{self.location} needs `clipsearch db migrate`")
+        except psycopg.OperationalError as e:
+            raise UsageError(f"cannot connect to {self.location}: {str(e).strip().splitlines()[0]}") from None
+
+        def configure(conn: Any) -> None:
+            register_vector(conn)
+            conn.commit()  # the type lookup opened a transaction; the pool wants the connection idle
+
+        self._pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=int(os.environ.get("CLIPSEARCH_PG_POOL", 8)), configure=configure, open=True
+        )
+        self._tables: dict[str, tuple[str, int]] = {}
+
+    # -- schema ------------------------------------------------------------------------
+    @staticmethod
+    def _schema_version(conn: Any) -> int:
+        exists = conn.execute("SELECT to_regclass('clipsearch_schema') IS NOT NULL").fetchone()[0]
+        if not exists:
+            return 0
+        row = conn.execute("SELECT max(version) FROM clipsearch_schema").fetchone()
+        return int(row[0] or 0)
+
+    def _migrate(self, conn: Any) -> None:
+        if self.schema_version_before == SCHEMA_VERSION:
+            return
+        if self.schema_version_before > SCHEMA_VERSION:
+            raise UsageError(
+                f"{self.location} was written by a newer clipsearch (schema {self.schema_version_before}); "
+                "upgrade clipsearch"
+            )
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            version = self._schema_version(conn)  # another process may have migrated meanwhile
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target].split(";\n"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO clipsearch_schema (version) VALUES (%s)", (target,))
+
+    def schema_version(self) -> int:
+        with self._conn() as conn:
+            return self._schema_version(conn)
+
+    @contextmanager
+    def _conn(self) -> Iterator[Any]:
+        with self._pool.connection() as conn:
+            yield conn
+
+    def _table(self, conn: Any, namespace: str) -> tuple[str, int]:
+        """(items table, dimensions) of a namespace, or NotFoundError."""
+        if namespace not in self._tables:
+            row = conn.execute(
+                "SELECT items_table, dim FROM clipsearch_namespaces WHERE name = %s", (namespace,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"namespace {namespace!r} does not exist in {self.location}; ingest into it first")
+            self._tables[namespace] = (row[0], row[1])
+        return self._tables[namespace]
+
+    def _ident(self, name: str) -> Any:
+        return self._psycopg.sql.Identifier(name)
+
+    def _sql(self, template: str, table: str) -> Any:
+        return self._psycopg.sql.SQL(template).format(t=self._ident(table))
+
+    # -- namespaces --------------------------------------------------------------------
+    def _infos(self, where: str = "", params: tuple = ()) -> list[NamespaceInfo]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT name, identity, model_spec, items_table, created_at FROM clipsearch_namespaces "
+                f"{where} ORDER BY name",
+                params,
+            ).fetchall()
+            out = []
+            for name, identity, spec, table, created in rows:
+                items = conn.execute(self._sql("SELECT count(*) FROM {t}", table)).fetchone()[0]
+                failures = conn.execute(
+                    "SELECT count(*) FROM clipsearch_failures WHERE namespace = %s", (name,)
+                ).fetchone()[0]
+                out.append(
+                    NamespaceInfo(
+                        name=name,
+                        identity=ModelIdentity.from_dict(identity),
+                        model_spec=spec,
+                        items=items,
+                        failures=failures,
+                        created_at=created.isoformat(timespec="seconds"),
+                    )
+                )
+            return out
+
+    def namespace(self, name: str) -> NamespaceInfo | None:
+        found = self._infos("WHERE name = %s", (name,))
+        return found[0] if found else None
+
+    def namespaces(self) -> list[NamespaceInfo]:
+        return self._infos()
+
+    def items_table(self, namespace: str) -> str:
+        with self._conn() as conn:
+            return self._table(conn, namespace)[0]
+
+    def bind_namespace(self, name: str, identity: ModelIdentity, model_spec: dict[str, Any]) -> NamespaceInfo:
+        validate_namespace(name)
+        Jsonb = self._psycopg.types.json.Jsonb
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            row = conn.execute("SELECT identity FROM clipsearch_namespaces WHERE name = %s", (name,)).fetchone()
+            if row is None:
+                ns_id = conn.execute(
+                    "INSERT INTO clipsearch_namespaces (name, identity, model_spec, dim, items_table) "
+                    "VALUES (%s, %s, %s, %s, '') RETURNING id",
+                    (name, Jsonb(identity.as_dict()), Jsonb(model_spec), identity.dim),
+                ).fetchone()[0]
+                table = f"clipsearch_items_{ns_id}"
+                # both made of integers here: nothing to quote
+                for statement in _ITEMS_TABLE.split(";\n"):
+                    conn.execute(statement.format(table=table, dim=int(identity.dim)))
+                conn.execute("UPDATE clipsearch_namespaces SET items_table = %s WHERE id = %s", (table, ns_id))
+            else:
+                check_same_model(name, ModelIdentity.from_dict(row[0]), identity)
+                conn.execute(
+                    "UPDATE clipsearch_namespaces SET model_spec = %s WHERE name = %s", (Jsonb(model_spec), name)
+                )
+        info = self.namespace(name)
+        assert info is not None
+        return info
+
+    # -- writing -----------------------------------------------------------------------
+    def file_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            rows = conn.execute(
+                self._sql("SELECT id, sha256, size, mtime_ns, fingerprint FROM {t} WHERE id = ANY(%s)", table), (ids,)
+            ).fetchall()
+        return {r[0]: FileState(r[1], r[2], r[3], r[4]) for r in rows}
+
+    def failure_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT id, sha256, size, mtime_ns, fingerprint, reason FROM clipsearch_failures "
+                "WHERE namespace = %s AND id = ANY(%s)",
+                (namespace, ids),
+            ).fetchall()
+        return {r[0]: FileState(r[1], r[2], r[3], r[4], r[5]) for r in rows}
+
+    def write_batch(
+        self,
+        namespace: str,
+        items: list[NewItem],
+        vectors: np.ndarray,
+        failures: list[FailureRecord] = (),  # type: ignore[assignment]
+        touched: list[NewItem] = (),  # type: ignore[assignment]
+    ) -> None:
+        Jsonb = self._psycopg.types.json.Jsonb
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(items) != len(vectors):
+            raise ValueError("items and vectors differ in length")
+        with self._conn() as conn:
+            table, dim = self._table(conn, namespace)
+            checks = [(vectors, "vectors")]
+            checks += [
+                (np.atleast_2d(it.text_vector), "text vectors")
+                for it in (*items, *touched)
+                if it.text_vector is not None
+            ]
+            for matrix, what in checks:
+                if len(matrix) and matrix.shape[1] != dim:
+                    raise DimensionError(
+                        f"{what} have {matrix.shape[1]} dimensions; namespace {namespace!r} holds {dim}"
+                    )
+            with conn.transaction():
+                upsert = self._sql(
+                    "INSERT INTO {t} (id, sha256, size, mtime_ns, fingerprint, text, text_words, keywords, metadata, "
+                    "embedding, text_embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET "
+                    "sha256 = excluded.sha256, size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                    "fingerprint = excluded.fingerprint, text = excluded.text, text_words = excluded.text_words, "
+                    "keywords = excluded.keywords, "
+                    "metadata = excluded.metadata, embedding = excluded.embedding, "
+                    "text_embedding = excluded.text_embedding, updated_at = now()",
+                    table,
+                )
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        upsert,
+                        [
+                            (
+                                it.id,
+                                it.sha256,
+                                it.size,
+                                it.mtime_ns,
+                                it.fingerprint,
+                                it.text,
+                                _words(it.text),
+                                _words(keyword_text(it.metadata)),
+                                Jsonb(it.metadata),
+                                vec,
+                                None if it.text_vector is None else np.asarray(it.text_vector, np.float32),
+                            )
+                            for it, vec in zip(items, vectors, strict=True)
+                        ],
+                    )
+                for t in touched:
+                    row = conn.execute(self._sql("SELECT metadata FROM {t} WHERE id = %s", table), (t.id,)).fetchone()
+                    if row is None:
+                        continue
+                    metadata = {**t.metadata, **{k: row[0][k] for k in DERIVED_KEYS if k in row[0]}}
+                    conn.execute(
+                        self._sql(
+                            "UPDATE {t} SET size = %s, mtime_ns = %s, metadata = %s, fingerprint = %s, text = %s, "
+                            "text_words = %s, keywords = %s, text_embedding = %s, updated_at = now() WHERE id = %s",
+                            table,
+                        ),
+                        (
+                            t.size,
+                            t.mtime_ns,
+                            Jsonb(metadata),
+                            t.fingerprint,
+                            t.text,
+                            _words(t.text),
+                            _words(keyword_text(metadata)),
+                            None if t.text_vector is None else np.asarray(t.text_vector, np.float32),
+                            t.id,
+                        ),
+                    )
+                done = [it.id for it in (*items, *touched)]
+                if done:
+                    conn.execute(
+                        "DELETE FROM clipsearch_failures WHERE namespace = %s AND id = ANY(%s)", (namespace, done)
+                    )
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO clipsearch_failures (namespace, id, source, reason, sha256, size, mtime_ns, "
+                        "fingerprint, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (namespace, id) DO UPDATE SET source = excluded.source, "
+                        "reason = excluded.reason, sha256 = excluded.sha256, size = excluded.size, "
+                        "mtime_ns = excluded.mtime_ns, fingerprint = excluded.fingerprint, "
+                        "metadata = excluded.metadata, attempts = clipsearch_failures.attempts + 1, "
+                        "last_failed_at = now()",
+                        [
+                            (
+                                namespace,
+                                f.id,
+                                f.source,
+                                f.reason,
+                                f.sha256,
+                                f.size,
+                                f.mtime_ns,
+                                f.fingerprint,
+                                Jsonb(f.metadata),
+                            )
+                            for f in failures
+                        ],
+                    )
+                settled = done + [f.id for f in failures]
+                if settled:
+                    conn.execute(
+                        "DELETE FROM clipsearch_claims WHERE namespace = %s AND id = ANY(%s)", (namespace, settled)
+                    )
+
+    def delete_items(self, namespace: str, ids: list[str]) -> int:
+        with self._conn() as conn, conn.transaction():
+            table, _ = self._table(conn, namespace)
+            return conn.execute(self._sql("DELETE FROM {t} WHERE id = ANY(%s)", table), (ids,)).rowcount
+
+    def clear_failures(self, namespace: str, ids: list[str]) -> None:
+        with self._conn() as conn, conn.transaction():
+            conn.execute("DELETE FROM clipsearch_failures WHERE namespace = %s AND id = ANY(%s)", (namespace, ids))
+
+    # -- claims (several ingest processes on one namespace) -----------------------------------
+    def claim(self, namespace: str, ids: list[str], owner: str, lease_seconds: float = 600) -> set[str]:
+        """Claim ``ids`` for ``owner``: the ones no live process holds. Claims expire after the
+        lease; a holder on this host whose process has died loses them at once."""
+        if not ids:
+            return set()
+        ids = sorted(set(ids))  # one lock order for every process
+        with self._conn() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO clipsearch_claims (namespace, id, owner, expires_at) "
+                "SELECT %s, unnest(%s::text[]), %s, now() + make_interval(secs => %s) ON CONFLICT DO NOTHING",
+                (namespace, ids, owner, lease_seconds),
+            )
+            others = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT owner FROM clipsearch_claims "
+                    "WHERE namespace = %s AND id = ANY(%s) AND owner <> %s",
+                    (namespace, ids, owner),
+                ).fetchall()
+            ]
+            conn.execute(
+                "UPDATE clipsearch_claims SET owner = %s, expires_at = now() + make_interval(secs => %s) "
+                "WHERE (namespace, id) IN (SELECT namespace, id FROM clipsearch_claims WHERE namespace = %s "
+                "AND id = ANY(%s) AND owner <> %s AND (expires_at < now() OR owner = ANY(%s)) FOR UPDATE SKIP LOCKED)",
+                (owner, lease_seconds, namespace, ids, owner, dead_owners(others)),
+            )
+            rows = conn.execute(
+                "SELECT id FROM clipsearch_claims WHERE namespace = %s AND id = ANY(%s) AND owner = %s",
+                (namespace, ids, owner),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def release(self, namespace: str, owner: str) -> None:
+        with self._conn() as conn, conn.transaction():
+            conn.execute("DELETE FROM clipsearch_claims WHERE namespace = %s AND owner = %s", (namespace, owner))
+
+    # -- reading -----------------------------------------------------------------------
+    @staticmethod
+    def _item(namespace: str, row: tuple) -> Item:
+        _, item_id, metadata, sha256, created, updated = row[:6]
+        return Item(
+            id=item_id,
+            namespace=namespace,
+            metadata=metadata,
+            sha256=sha256,
+            created_at=created.isoformat(timespec="seconds"),
+            updated_at=updated.isoformat(timespec="seconds"),
+        )
+
+    def get_items(self, namespace: str, ids: list[str]) -> list[Item]:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            rows = conn.execute(self._sql(f"SELECT {_ITEM_COLS} FROM {{t}} WHERE id = ANY(%s)", table), (ids,))
+            found = {r[1]: self._item(namespace, r) for r in rows.fetchall()}
+        return [found[i] for i in ids if i in found]
+
+    def get_vectors(self, namespace: str, ids: list[str]) -> dict[str, np.ndarray]:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            rows = conn.execute(self._sql("SELECT id, embedding FROM {t} WHERE id = ANY(%s)", table), (ids,))
+            return {r[0]: _array(r[1]) for r in rows.fetchall()}
+
+    def count(self, namespace: str) -> int:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            return int(conn.execute(self._sql("SELECT count(*) FROM {t}", table)).fetchone()[0])
+
+    def failures(self, namespace: str | None = None) -> list[Failure]:
+        sql = (
+            "SELECT id, source, reason, sha256, size, mtime_ns, metadata, namespace, attempts, first_failed_at, "
+            "last_failed_at, fingerprint FROM clipsearch_failures"
+        )
+        with self._conn() as conn:
+            if namespace is None:
+                rows = conn.execute(sql + " ORDER BY namespace, source").fetchall()
+            else:
+                rows = conn.execute(sql + " WHERE namespace = %s ORDER BY source", (namespace,)).fetchall()
+        return [
+            Failure(
+                id=r[0],
+                source=r[1],
+                reason=r[2],
+                sha256=r[3],
+                size=r[4],
+                mtime_ns=r[5],
+                metadata=r[6],
+                namespace=r[7],
+                attempts=r[8],
+                first_failed_at=r[9].isoformat(timespec="seconds"),
+                last_failed_at=r[10].isoformat(timespec="seconds"),
+                fingerprint=r[11],
+            )
+            for r in rows
+        ]
+
+    def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
+        last = 0
+        while True:
+            with self._conn() as conn:
+                table, dim = self._table(conn, namespace)
+                rows = conn.execute(
+                    self._sql(f"SELECT {_ITEM_COLS}, embedding FROM {{t}} WHERE seq > %s ORDER BY seq LIMIT %s", table),
+                    (last, batch_size),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [self._item(namespace, r) for r in rows], np.stack([_array(r[6]) for r in rows])
+
+    def hash_groups(self, namespace: str) -> list[list[Item]]:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            rows = conn.execute(
+                self._sql(
+                    f"SELECT {_ITEM_COLS} FROM {{t}} WHERE sha256 IN (SELECT sha256 FROM {{t}} WHERE sha256 IS NOT "
+                    "NULL GROUP BY sha256 HAVING count(*) > 1) ORDER BY sha256, seq",
+                    table,
+                )
+            ).fetchall()
+        groups: dict[str, list[Item]] = {}
+        for r in rows:
+            groups.setdefault(r[3], []).append(self._item(namespace, r))
+        return list(groups.values())
+
+    # -- search ------------------------------------------------------------------------
+    def _filter_sql(self, filters: dict[str, Any] | None) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        for key, value in (filters or {}).items():
+            if not _FILTER_KEY_RE.match(key):
+                raise UsageError(f"bad filter key {key!r}")
+            values = value if isinstance(value, list | tuple) else [value]
+            clauses.append(f"metadata -> %s IN ({', '.join(['%s::jsonb'] * len(values))})")
+            params += [key, *(json.dumps(v) for v in values)]
+        return "".join(f" AND {c}" for c in clauses), params
+
+    def search(
+        self,
+        namespace: str,
+        queries: np.ndarray,
+        k: int,
+        filters: dict[str, Any] | None = None,
+        field: str = "image",
+    ) -> list[list[Hit]]:
+        if field not in FIELDS:
+            raise UsageError(f"unknown vector field {field!r}; use {' or '.join(FIELDS)}")
+        column = _COLUMNS[field]
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        where, params = self._filter_sql(filters)
+        results = []
+        with self._conn() as conn:
+            table, dim = self._table(conn, namespace)
+            if queries.shape[1] != dim:
+                raise DimensionError(
+                    f"query vector has {queries.shape[1]} dimensions; namespace {namespace!r} holds {dim}-d vectors"
+                )
+            sql = self._sql(
+                f"SELECT {_ITEM_COLS}, -({column} <#> %s) AS score FROM {{t}} WHERE {column} IS NOT NULL{where} "
+                f"ORDER BY {column} <#> %s LIMIT %s",
+                table,
+            )
+            with conn.transaction():
+                conn.execute(
+                    "SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.index_settings.ef_search, k)),)
+                )
+                if filters:
+                    # pgvector 0.6 filters HNSW candidates after the index scan, which can return
+                    # fewer than k rows: filtered searches are exact
+                    conn.execute("SET LOCAL enable_indexscan = off")
+                for q in queries:
+                    rows = conn.execute(sql, [q, *params, q, k]).fetchall()
+                    results.append([Hit(self._item(namespace, r), float(r[6])) for r in rows])
+        return results
+
+    def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
+        words = _WORD_RE.findall(query)
+        if not words:
+            raise UsageError(f"the keyword query {query!r} has no words to look for")
+        where, params = self._filter_sql(filters)
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            # \w+ words cannot carry tsquery operators; OR them like the SQLite store does
+            rows = conn.execute(
+                self._sql(
+                    f"SELECT {_ITEM_COLS}, ts_rank(tsv, q) AS score FROM {{t}}, to_tsquery('simple', %s) q "
+                    f"WHERE tsv @@ q{where} ORDER BY score DESC, seq LIMIT %s",
+                    table,
+                ),
+                [" | ".join(w.lower() for w in words), *params, k],
+            ).fetchall()
+        return [Hit(self._item(namespace, r), float(r[6])) for r in rows]
+
+    def has_text_vectors(self, namespace: str) -> bool:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            sql = self._sql("SELECT 1 FROM {t} WHERE text_embedding IS NOT NULL LIMIT 1", table)
+            return conn.execute(sql).fetchone() is not None
+
+    def _index_name(self, table: str, field: str) -> str:
+        return f"{table}_{_COLUMNS[field]}_hnsw"
+
+    def index_status(self, namespace: str, field: str = "image") -> IndexStatus:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._index_name(table, field),)).fetchone()[0]
+        # PostgreSQL keeps an index in step with its table: it is never stale
+        return IndexStatus(kind="hnsw" if exists else "none", fresh=True, vectors=self.count(namespace))
+
+    def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
+        """HNSW indexes (``vector_ip_ops``) on the image vectors, and on the text vectors when
+        there are any. ``kind`` None (ingest's call): only from ``hnsw_threshold`` vectors on;
+        below, an exact scan is fast enough. ``kind="hnsw"``: now."""
+        settings = self.index_settings
+        if kind not in (None, "hnsw", "auto"):
+            raise UsageError(f"PostgreSQL stores build hnsw indexes, not {kind!r}")
+        if kind != "hnsw" and self.count(namespace) < settings.hnsw_threshold:
+            return self.index_status(namespace)
+        fields = ["image", "text"] if self.has_text_vectors(namespace) else ["image"]
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            conn.autocommit = True  # CREATE INDEX CONCURRENTLY cannot run in a transaction
+            try:
+                for field in fields:
+                    conn.execute(
+                        self._psycopg.sql.SQL(
+                            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {i} ON {t} USING hnsw ({c} vector_ip_ops) "
+                            "WITH (m = {m}, ef_construction = {ef})"
+                        ).format(
+                            i=self._ident(self._index_name(table, field)),
+                            t=self._ident(table),
+                            c=self._ident(_COLUMNS[field]),
+                            m=self._psycopg.sql.Literal(int(settings.hnsw_m)),
+                            ef=self._psycopg.sql.Literal(int(settings.ef_construction)),
+                        )
+                    )
+            except self._psycopg.Error as e:
+                raise ClipsearchError(f"building the HNSW index failed: {str(e).strip().splitlines()[0]}") from None
+            finally:
+                conn.autocommit = False
+        return self.index_status(namespace)
+
+    def close(self) -> None:
+        self._pool.close()

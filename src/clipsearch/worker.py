@@ -1,0 +1,414 @@
+"""The embedding worker: keeps the vector column of an application's own PostgreSQL table filled.
+
+A row is pending when its vector is NULL (and it is not marked failed), when its status is
+``pending``, and, if asked, when its vector is all zeros (``--requeue-zero``) or was made by
+another model (``--requeue-model-mismatch``): the repairs teams otherwise do by hand in SQL.
+
+Each batch is claimed with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside one transaction, embedded,
+written and committed, so any number of workers can run on one table and no row is done twice;
+a worker that dies mid-batch leaves its rows untouched for the next one. ``--watch`` keeps
+polling, woken early by ``LISTEN``/``NOTIFY`` once ``clipsearch worker install-trigger`` has
+added the trigger. A stop request (SIGTERM, Ctrl-C) lets the batch in hand finish first.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .downloads import DownloadCache, Downloader, DownloadSettings
+from .encoders import Encoder
+from .errors import ClipsearchError, ImageError, UsageError
+from .fetch import is_url
+from .imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
+from .store.postgres import _psycopg, redact
+
+
+@dataclass
+class WorkerOptions:
+    table: str
+    id_column: str
+    vector_column: str
+    image_column: str | None = None
+    text_column: str | None = None
+    status_column: str | None = None
+    error_column: str | None = None
+    model_column: str | None = None
+    model_version: str | None = None  # default: the encoder's model id
+    batch_size: int = 32
+    watch: bool = False
+    poll_interval: float = 5.0
+    requeue_zero: bool = False
+    requeue_model_mismatch: bool = False
+    retry_failed: bool = False
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    cache_dir: Path | None = None
+    download: DownloadSettings = field(default_factory=DownloadSettings)
+
+
+@dataclass
+class WorkerReport:
+    embedded: int = 0
+    failed: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (row id, reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "embedded": self.embedded,
+            "failed": self.failed,
+            "batches": self.batches,
+            "seconds": round(self.seconds, 3),
+            "failures": [{"id": i, "reason": r} for i, r in self.failures],
+        }
+
+
+def model_version(encoder: Encoder) -> str:
+    identity = encoder.identity
+    return identity.model_id + ("" if identity.quantization == "none" else f"+{identity.quantization}")
+
+
+def channel_name(table: str) -> str:
+    """The NOTIFY channel of a table: ``clipsearch_<table>``, as a plain identifier."""
+    return ("clipsearch_" + re.sub(r"[^a-z0-9_]", "_", table.lower()))[:63]
+
+
+class Worker:
+    def __init__(self, url: str, encoder: Encoder, options: WorkerOptions):
+        psycopg, _, register_vector = _psycopg()
+        self.psycopg = psycopg
+        self.sql = psycopg.sql
+        self.encoder = encoder
+        self.options = options
+        self.location = redact(url)
+        if (options.image_column is None) == (options.text_column is None):
+            raise UsageError("give --image-column (embed images) or --text-column (embed texts), exactly one")
+        self.version = options.model_version or model_version(encoder)
+        self.url = url
+        try:
+            self.conn = psycopg.connect(url, connect_timeout=10)
+        except psycopg.OperationalError as e:
+            raise UsageError(f"cannot connect to {self.location}: {str(e).strip().splitlines()[0]}") from None
+        try:
+            register_vector(self.conn)
+        except psycopg.ProgrammingError:
+            raise UsageError(f"{self.location} has no vector extension (CREATE EXTENSION vector)") from None
+        self.conn.commit()
+        self.columns = self._check_table()
+        self._failed_here: set[str] = set()  # rows that failed in this process
+        self._cache: DownloadCache | None = None
+
+    # -- checks ------------------------------------------------------------------------
+    def _table_ident(self) -> Any:
+        return self.sql.Identifier(*self.options.table.split(".", 1))
+
+    def _check_table(self) -> dict[str, str]:
+        """Column name -> type, after checking that every named column exists and that the
+        vector column is a vector of the model's dimension (before anything is written)."""
+        o = self.options
+        try:
+            rows = self.conn.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                (o.table,),
+            ).fetchall()
+        except self.psycopg.errors.UndefinedTable:
+            self.conn.rollback()
+            raise UsageError(f"table {o.table!r} does not exist in {self.location}") from None
+        self.conn.commit()
+        columns = {name: kind for name, kind in rows}
+        named = {
+            "--id-column": o.id_column,
+            "--vector-column": o.vector_column,
+            "--image-column": o.image_column,
+            "--text-column": o.text_column,
+            "--status-column": o.status_column,
+            "--error-column": o.error_column,
+            "--model-column": o.model_column,
+        }
+        for flag, column in named.items():
+            if column is not None and column not in columns:
+                raise UsageError(
+                    f"table {o.table!r} has no column {column!r} ({flag}); its columns: {', '.join(columns)}"
+                )
+        kind = columns[o.vector_column]
+        match = re.fullmatch(r"vector(?:\((\d+)\))?", kind)
+        if match is None:
+            raise UsageError(f"column {o.vector_column!r} is {kind}, not a pgvector vector")
+        if match.group(1) and int(match.group(1)) != self.encoder.dim:
+            raise UsageError(
+                f"column {o.vector_column!r} is {kind}, but {self.encoder.model_id} makes "
+                f"{self.encoder.dim}-d vectors; use a matching model or column"
+            )
+        return columns
+
+    # -- the queue ---------------------------------------------------------------------
+    def _pending(self) -> tuple[Any, dict[str, Any]]:
+        """The SQL condition of a pending row, and its parameters."""
+        o, sql = self.options, self.sql
+        vector = sql.Identifier(o.vector_column)
+        conditions = []
+        params: dict[str, Any] = {"version": self.version, "failed_here": list(self._failed_here)}
+        if o.status_column:
+            status = sql.Identifier(o.status_column)
+            conditions.append(sql.SQL("{s} = 'pending'").format(s=status))
+            if o.retry_failed:
+                conditions.append(sql.SQL("{s} = 'failed'").format(s=status))
+            conditions.append(sql.SQL("({v} IS NULL AND {s} IS DISTINCT FROM 'failed')").format(v=vector, s=status))
+        else:
+            conditions.append(sql.SQL("{v} IS NULL").format(v=vector))
+        if o.requeue_zero:
+            conditions.append(sql.SQL("vector_norm({v}) = 0").format(v=vector))
+        if o.requeue_model_mismatch:
+            if not o.model_column:
+                raise UsageError("--requeue-model-mismatch needs --model-column")
+            conditions.append(
+                sql.SQL("({v} IS NOT NULL AND {m} IS DISTINCT FROM %(version)s)").format(
+                    v=vector, m=sql.Identifier(o.model_column)
+                )
+            )
+        condition = sql.SQL("({})").format(sql.SQL(" OR ").join(conditions))
+        # a row that failed in this process is not tried again by it (--retry-failed and rows
+        # without a status column would otherwise come straight back)
+        condition = sql.SQL("{} AND NOT ({}::text = ANY(%(failed_here)s))").format(
+            condition, sql.Identifier(o.id_column)
+        )
+        return condition, params
+
+    def pending_count(self) -> int:
+        condition, params = self._pending()
+        query = self.sql.SQL("SELECT count(*) FROM {t} WHERE {c}").format(t=self._table_ident(), c=condition)
+        count = self.conn.execute(query, params).fetchone()[0]
+        self.conn.commit()
+        return int(count)
+
+    def run(self, stop: threading.Event | None = None, on_batch: Any = None) -> WorkerReport:
+        stop = stop or threading.Event()
+        report = WorkerReport()
+        started = time.perf_counter()
+        listener = self._listen() if self.options.watch else None
+        try:
+            while not stop.is_set():
+                done = self._one_batch(report)
+                if done and on_batch:
+                    on_batch(report)
+                if done:
+                    continue
+                if not self.options.watch:
+                    break
+                self._wait(listener, stop)
+        finally:
+            if listener is not None:
+                listener.close()
+            if self._cache is not None:
+                self._cache.close()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _listen(self) -> Any:
+        conn = self.psycopg.connect(self.url, autocommit=True)
+        conn.execute(self.sql.SQL("LISTEN {}").format(self.sql.Identifier(channel_name(self.options.table))))
+        return conn
+
+    def _wait(self, listener: Any, stop: threading.Event) -> None:
+        """Until a NOTIFY arrives, the poll interval passes, or a stop is asked for."""
+        deadline = time.monotonic() + self.options.poll_interval
+        while not stop.is_set() and time.monotonic() < deadline:
+            # short waits, so that a stop request is seen within half a second
+            timeout = min(0.5, max(0.0, deadline - time.monotonic()))
+            if any(True for _ in listener.notifies(timeout=timeout, stop_after=1)):
+                return
+
+    def _one_batch(self, report: WorkerReport) -> int:
+        """Claim, embed and write one batch in one transaction; the number of rows it took."""
+        o, sql = self.options, self.sql
+        source = o.image_column or o.text_column
+        assert source is not None
+        condition, params = self._pending()
+        query = sql.SQL("SELECT {id}::text, {id}, {src} FROM {t} WHERE {c} LIMIT %(n)s FOR UPDATE SKIP LOCKED").format(
+            id=sql.Identifier(o.id_column), src=sql.Identifier(source), t=self._table_ident(), c=condition
+        )
+        with self.conn.transaction():
+            rows = self.conn.execute(query, {**params, "n": o.batch_size}).fetchall()
+            if not rows:
+                return 0
+            if o.image_column:
+                vectors, errors = self._embed_images([r[2] for r in rows])
+            else:
+                vectors, errors = self._embed_texts([r[2] for r in rows])
+            for (key, row_id, _), vector, error in zip(rows, vectors, errors, strict=True):
+                if error is None:
+                    self._write(row_id, vector)
+                    report.embedded += 1
+                else:
+                    self._write_failure(row_id, error)
+                    self._failed_here.add(key)
+                    report.failed += 1
+                    report.failures.append((key, error))
+        report.batches += 1
+        return len(rows)
+
+    def _set(self, assignments: list[tuple[str, Any]]) -> tuple[Any, list[Any]]:
+        sql = self.sql
+        parts = [sql.SQL("{} = %s").format(sql.Identifier(column)) for column, _ in assignments]
+        if "updated_at" in self.columns:
+            parts.append(sql.SQL("updated_at = now()"))
+        return sql.SQL(", ").join(parts), [value for _, value in assignments]
+
+    def _write(self, row_id: Any, vector: np.ndarray) -> None:
+        o = self.options
+        assignments: list[tuple[str, Any]] = [(o.vector_column, vector)]
+        if o.status_column:
+            assignments.append((o.status_column, "done"))
+        if o.model_column:
+            assignments.append((o.model_column, self.version))
+        if o.error_column:
+            assignments.append((o.error_column, None))
+        self._update(row_id, assignments)
+
+    def _write_failure(self, row_id: Any, reason: str) -> None:
+        o = self.options
+        assignments: list[tuple[str, Any]] = []
+        if o.status_column:
+            assignments.append((o.status_column, "failed"))
+        if o.error_column:
+            assignments.append((o.error_column, reason))
+        if assignments:
+            self._update(row_id, assignments)
+
+    def _update(self, row_id: Any, assignments: list[tuple[str, Any]]) -> None:
+        sets, values = self._set(assignments)
+        query = self.sql.SQL("UPDATE {t} SET {s} WHERE {id} = %s").format(
+            t=self._table_ident(), s=sets, id=self.sql.Identifier(self.options.id_column)
+        )
+        self.conn.execute(query, [*values, row_id])
+
+    # -- embedding ---------------------------------------------------------------------
+    def _embed_texts(self, values: list[Any]) -> tuple[list[np.ndarray | None], list[str | None]]:
+        texts = [str(v).strip() if v is not None else "" for v in values]
+        errors: list[str | None] = [None if t else f"empty {self.options.text_column}" for t in texts]
+        good = [i for i, t in enumerate(texts) if t]
+        vectors: list[np.ndarray | None] = [None] * len(texts)
+        if good:
+            for i, vector in zip(good, self.encoder.embed_texts([texts[i] for i in good]), strict=True):
+                vectors[i] = vector
+        return vectors, errors
+
+    def _embed_images(self, refs: list[Any]) -> tuple[list[np.ndarray | None], list[str | None]]:
+        data: list[bytes | None] = [None] * len(refs)
+        errors: list[str | None] = [None] * len(refs)
+        urls: list[int] = []
+        for i, ref in enumerate(refs):
+            ref = str(ref).strip() if ref is not None else ""
+            if not ref:
+                errors[i] = f"empty {self.options.image_column}"
+            elif is_url(ref):
+                urls.append(i)
+            else:
+                try:
+                    data[i] = Path(ref).read_bytes()
+                except OSError as e:
+                    errors[i] = f"cannot read {ref}: {e.strerror or e}"
+        if urls:
+            for i, result in self._download([(i, str(refs[i]).strip()) for i in urls]):
+                if result[1] is None:
+                    data[i] = result[0]
+                else:
+                    errors[i] = result[1]
+        crops, index = [], []
+        spec = self.encoder.preprocess_spec
+        for i, blob in enumerate(data):
+            if blob is None:
+                continue
+            try:
+                decoded = decode_image(blob, max_megapixels=self.options.max_megapixels, draft_size=spec.draft_size)
+            except ImageError as e:
+                errors[i] = e.message
+                continue
+            crops.append(self.encoder.preprocess.crop(decoded.image))
+            index.append(i)
+        vectors: list[np.ndarray | None] = [None] * len(refs)
+        if crops:
+            for i, vector in zip(index, self.encoder.embed_crops(np.stack(crops)), strict=True):
+                vectors[i] = vector
+        return vectors, errors
+
+    def _download(self, jobs: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | None, str | None]]]:
+        if self._cache is None:
+            from .pipeline import default_cache_dir
+
+            self._cache = DownloadCache(self.options.cache_dir or default_cache_dir(self.url))
+        out: list[tuple[int, tuple[bytes | None, str | None]]] = []
+        pending = 0
+        with Downloader(self._cache, self.options.download) as downloader:
+            for i, url in jobs:
+                cached = self._cache.lookup(url)
+                if cached is not None:
+                    out.append((i, (cached.read_bytes(), None)))
+                else:
+                    downloader.submit(i, url)
+                    pending += 1
+            for _ in range(pending):
+                result = downloader.get()
+                blob = result.path.read_bytes() if result.path is not None else None
+                out.append((result.key, (blob, result.error)))
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def install_trigger(
+    url: str, table: str, source_column: str, vector_column: str, status_column: str | None = None
+) -> str:
+    """A trigger that NOTIFYs ``channel_name(table)`` when rows are added or their source
+    changes, and that clears the vector (status ``pending``) of a row whose source changed."""
+    psycopg, _, _ = _psycopg()
+    sql = psycopg.sql
+    channel = channel_name(table)
+    function = sql.Identifier(channel + "_fn")
+    parts = table.split(".", 1)
+    reset = sql.SQL("NEW.{v} := NULL;").format(v=sql.Identifier(vector_column))
+    if status_column:
+        reset = sql.SQL("{} NEW.{} := 'pending';").format(reset, sql.Identifier(status_column))
+    statements = [
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF TG_OP = 'UPDATE' AND TG_WHEN = 'BEFORE' THEN "
+            "IF NEW.{src} IS DISTINCT FROM OLD.{src} THEN {reset} END IF; RETURN NEW; END IF; "
+            "PERFORM pg_notify({ch}, ''); RETURN NULL; END $$"
+        ).format(f=function, src=sql.Identifier(source_column), reset=reset, ch=sql.Literal(channel)),
+        sql.SQL("DROP TRIGGER IF EXISTS clipsearch_reset ON {t}").format(t=sql.Identifier(*parts)),
+        sql.SQL(
+            "CREATE TRIGGER clipsearch_reset BEFORE UPDATE OF {src} ON {t} FOR EACH ROW EXECUTE FUNCTION {f}()"
+        ).format(src=sql.Identifier(source_column), t=sql.Identifier(*parts), f=function),
+        sql.SQL("DROP TRIGGER IF EXISTS clipsearch_notify ON {t}").format(t=sql.Identifier(*parts)),
+        sql.SQL(
+            "CREATE TRIGGER clipsearch_notify AFTER INSERT OR UPDATE OF {cols} ON {t} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
+        ).format(
+            cols=sql.SQL(", ").join(
+                sql.Identifier(c) for c in [source_column, *([status_column] if status_column else [])]
+            ),
+            t=sql.Identifier(*parts),
+            f=function,
+        ),
+    ]
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn, conn.transaction():
+            for statement in statements:
+                conn.execute(statement)
+    except psycopg.errors.UndefinedTable:
+        raise UsageError(f"table {table!r} does not exist in {redact(url)}") from None
+    except psycopg.errors.UndefinedColumn as e:
+        raise UsageError(f"table {table!r}: {str(e).strip().splitlines()[0]}") from None
+    except psycopg.OperationalError as e:
+        raise ClipsearchError(f"cannot connect to {redact(url)}: {str(e).strip().splitlines()[0]}") from None
+    return channel
