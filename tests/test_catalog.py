@@ -160,7 +160,7 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     bad = {
         "404": f"{base}/status/404",
         "flaky": f"{base}/flaky/catalog-test",  # two 500s, then an image: retried, embedded
-        "slow": f"{base}/slow?s=3",
+        "slow": f"{base}/slow?s=5",
         "html": f"{base}/html",
         "big": f"{base}/big",
         "loop": f"{base}/redirect-loop",
@@ -169,7 +169,8 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     }
     rows = good + [{"id": k, "image_url": v, "client": "B"} for k, v in bad.items()]
     catalog = write_csv(tmp_path / "cat.csv", rows)
-    args = [f"catalog:{catalog}", "--concurrency", "8", "--download-timeout", "0.5", "--retries", "2"]
+    # a timeout far above what a loaded CI machine needs for a small image, far below the slow route
+    args = [f"catalog:{catalog}", "--concurrency", "8", "--download-timeout", "2", "--retries", "2"]
     args += ["--max-download-mb", "1"]
     before = dict(image_server.hits)
     code, report, _ = ingest_json(cli, *args)

@@ -384,6 +384,27 @@ def ingest(
             rich_help_panel=_CAT,
         ),
     ] = 50.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            envvar="CLIPSEARCH_RAY",
+            help="Run on a Ray cluster: local (a cluster for this run; also ''), auto, or ray://HOST:10001.",
+            rich_help_panel="Ray",
+        ),
+    ] = None,
+    actors: Annotated[
+        int, typer.Option("--actors", min=1, help="Ray: encoder actors (model copies).", rich_help_panel="Ray")
+    ] = 1,
+    gpus_per_actor: Annotated[
+        float, typer.Option("--gpus-per-actor", min=0.0, help="Ray: GPUs per encoder actor.", rich_help_panel="Ray")
+    ] = 0.0,
+    cpus_per_actor: Annotated[
+        float,
+        typer.Option(
+            "--cpus-per-actor", min=0.1, help="Ray: CPUs (and threads) per encoder actor.", rich_help_panel="Ray"
+        ),
+    ] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed images from folders, image lists and catalogs into the store (resumable, incremental)."""
@@ -432,7 +453,18 @@ def ingest(
             ),
         ),
     )
-    ingestor = Ingestor(store, encoder, spec, options)
+    if ray_address is not None:
+        from .distributed import RayOptions, ray_ingest
+
+        ray_options = RayOptions(
+            address=ray_address or "local", actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor
+        )
+
+        def run(progress=None):
+            return ray_ingest(store, db, spec, encoder, parsed, options, ray_options, progress)
+    else:
+        ingestor = Ingestor(store, encoder, spec, options)
+        run = ingestor.run
 
     if err.is_terminal and not as_json:
         columns = (
@@ -447,9 +479,10 @@ def ingest(
         )
         with Progress(*columns, console=err, transient=False) as bar:
             task = bar.add_task("ingest", total=None)
-            report = ingestor.run(parsed, lambda done, total: bar.update(task, completed=done, total=total))
+            progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+            report = run(progress) if ray_address is not None else run(parsed, progress)
     else:
-        report = ingestor.run(parsed)
+        report = run() if ray_address is not None else run(parsed)
 
     if as_json:
         out.print_json(data=report.as_dict())

@@ -161,7 +161,7 @@ class Ingestor:
         started = time.perf_counter()
         report = IngestReport()
         options = self.options
-        items = select_items(self._unique(sources), options.filters, options.sample, options.seed)
+        items = select_items(unique_items(sources), options.filters, options.sample, options.seed)
         total = len(items)
         done = 0
 
@@ -200,7 +200,7 @@ class Ingestor:
 
         def fail(item: SourceItem, reason: str) -> None:
             nonlocal queued
-            pending_failures.append(_failure(item, reason))
+            pending_failures.append(failure_record(item, reason))
             queued -= 1  # failed: it does not use up the limit
             if len(pending_failures) >= _MAX_PENDING_FAILURES:
                 flush()
@@ -269,7 +269,7 @@ class Ingestor:
                     executor = self._executor()
                 file_result(suspect)
 
-        ready = self._ready(self._candidates(items, report, advance))
+        ready = self._ready(self.candidates(items, report, advance))
         try:
             for entry in ready:
                 if limit is not None and queued >= limit:
@@ -304,17 +304,6 @@ class Ingestor:
         return report
 
     # -- stages ------------------------------------------------------------------------
-    @staticmethod
-    def _unique(sources: Iterable[Source]) -> list[SourceItem]:
-        seen: set[str] = set()
-        out = []
-        for source in sources:
-            for item in source:
-                if item.id not in seen:
-                    seen.add(item.id)
-                    out.append(item)
-        return out
-
     def _new_item(self, item: SourceItem, metadata: dict[str, Any], sha256: str, size: int) -> NewItem:
         return NewItem(item.id, metadata, sha256, size, item.mtime_ns, fingerprint=item.fingerprint, text=item.text)
 
@@ -325,7 +314,7 @@ class Ingestor:
             for it, vector in zip(with_text, vectors, strict=True):
                 it.text_vector = vector
 
-    def _candidates(
+    def candidates(
         self, items: list[SourceItem], report: IngestReport, advance: Callable[[int], None]
     ) -> Iterator[tuple[SourceItem, FileState | None]]:
         """The items that need work, looked up in the store a chunk at a time, and claimed a
@@ -433,6 +422,18 @@ class Ingestor:
         return default_cache_dir(self.store.location)
 
 
+def unique_items(sources: Iterable[Source]) -> list[SourceItem]:
+    """Every item of the sources once (the first of equal ids), in order."""
+    seen: set[str] = set()
+    out = []
+    for source in sources:
+        for item in source:
+            if item.id not in seen:
+                seen.add(item.id)
+                out.append(item)
+    return out
+
+
 def default_cache_dir(db: str) -> Path:
     """Downloads live beside a SQLite database; a server database gets a per-user cache."""
     if "://" in db:
@@ -461,7 +462,7 @@ def _unchanged(state: FileState, item: SourceItem) -> bool:
     )
 
 
-def _failure(item: SourceItem, reason: str) -> FailureRecord:
+def failure_record(item: SourceItem, reason: str) -> FailureRecord:
     return FailureRecord(
         id=item.id,
         source=item.source,

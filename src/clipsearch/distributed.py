@@ -1,0 +1,322 @@
+"""Ingest on a Ray cluster: the same sources, selection, skip checks, decode and encoder code as
+the local pipeline, spread over Ray Data.
+
+The driver lists the items and drops those the store already has (exactly as local ingest
+does), then runs a streaming Ray Data pipeline:
+
+    rows -> fetch + read + decode + crop (tasks, CPU nodes)
+         -> embed (an actor pool, the model loaded once per actor; GPU nodes with --gpus-per-actor)
+         -> write
+
+Writing goes to the configured store. PostgreSQL: each write actor upserts its batches itself
+(the database takes concurrent writers). SQLite: a file has one writer, so the batches come back
+to the driver, which commits each one as it arrives; a killed job loses at most the batches not
+yet committed, and the next run skips everything that was.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .decoding import DecodeSettings, Unchanged, decode_item
+from .downloads import DownloadCache, Downloader, DownloadSettings
+from .encoders import Encoder, ModelSpec
+from .errors import ImageError, UsageError
+from .pipeline import NOT_CACHED, IngestOptions, Ingestor, IngestReport, failure_record, unique_items
+from .sources import Source, SourceItem, select_items
+from .store import FailureRecord, NewItem, Store, is_postgres_url
+
+NODE_CACHE = Path(os.path.expanduser("~/.cache/clipsearch/downloads"))
+
+
+@dataclass
+class RayOptions:
+    address: str = "local"  # local (a cluster started for this run), auto, or ray://host:10001
+    actors: int = 1  # encoder actors
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0  # Ray sets the actor's thread count (OMP_NUM_THREADS) from this
+    decode_cpus: float = 1.0  # per decode task
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UsageError("--ray needs Ray: pip install 'clipsearch[ray]'") from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    address = (address or "local").strip()
+    try:
+        if address == "local":
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UsageError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+    return ray
+
+
+# -- rows: what travels between the stages ---------------------------------------------------
+def _row(item: SourceItem, known_sha: str | None) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "source": item.source,
+        "path": str(item.path) if item.path is not None else "",
+        "url": item.url or "",
+        "error": item.error or "",
+        "known_sha": known_sha or "",
+        "item": item,  # the whole item, pickled: metadata, text, fingerprint, file state
+    }
+
+
+class _Decode:
+    """Ray Data stage (a task per batch): fetch URLs (into the node's download cache), read,
+    hash, decode and crop, exactly as local ingest's decode workers do."""
+
+    def __init__(self, settings: DecodeSettings, download: DownloadSettings, offline: bool):
+        self.settings = settings
+        self.download = download
+        self.offline = offline
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        items: list[SourceItem] = list(batch["item"])
+        errors = [str(e) or None for e in batch["error"]]
+        self._fetch(items, errors)
+        h, w = self.settings.spec.size
+        crops = np.zeros((len(items), h, w, 3), np.uint8)
+        out: dict[str, list[Any]] = {"kind": [], "sha256": [], "size": [], "width": [], "height": [], "reason": []}
+        for i, (item, known) in enumerate(zip(items, batch["known_sha"], strict=True)):
+            kind, sha, size, width, height, reason = "failed", "", 0, 0, 0, errors[i] or ""
+            if not reason:
+                try:
+                    result = decode_item(item, str(known) or None, self.settings)
+                except ImageError as e:
+                    reason = e.message
+                except MemoryError:
+                    reason = "out of memory while decoding"
+                except Exception as e:  # one bad file must never stop the run
+                    reason = f"unexpected {type(e).__name__}: {e}"
+                else:
+                    sha, size = result.sha256, result.size
+                    if isinstance(result, Unchanged):
+                        kind = "unchanged"
+                    else:
+                        kind, width, height = "new", result.width, result.height
+                        crops[i] = result.crop
+            for key, value in zip(out, (kind, sha, size, width, height, reason), strict=True):
+                out[key].append(value)
+        return {"item": items, "crop": crops, **{k: np.asarray(v) for k, v in out.items()}}
+
+    def _fetch(self, items: list[SourceItem], errors: list[str | None]) -> None:
+        urls = [i for i, it in enumerate(items) if it.url and errors[i] is None]
+        if not urls:
+            return
+        cache = DownloadCache(NODE_CACHE)
+        try:
+            pending = 0
+            with Downloader(cache, self.download) as downloader:
+                for i in urls:
+                    cached = cache.lookup(items[i].url or "")
+                    if cached is not None:
+                        _set_path(items[i], cached)
+                    elif self.offline:
+                        errors[i] = NOT_CACHED
+                    else:
+                        downloader.submit(i, items[i].url)
+                        pending += 1
+                for _ in range(pending):
+                    result = downloader.get()
+                    if result.path is not None:
+                        _set_path(items[result.key], result.path)
+                    else:
+                        errors[result.key] = result.error
+        finally:
+            cache.close()
+
+
+def _set_path(item: SourceItem, path: Path) -> None:
+    item.path = path
+    item.metadata["path"] = str(path)
+
+
+class _Embed:
+    """Ray Data stage (an actor pool): the encoder, loaded once per actor."""
+
+    def __init__(self, spec: dict[str, Any], device: str, embed_text: bool):
+        from .encoders import load_encoder
+
+        self.encoder: Encoder = load_encoder(ModelSpec.from_dict(spec, device))
+        self.embed_text = embed_text
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        kinds = batch["kind"]
+        new = np.flatnonzero(kinds == "new")
+        vectors = np.zeros((len(kinds), self.encoder.dim), np.float32)
+        if len(new):
+            vectors[new] = self.encoder.embed_crops(np.ascontiguousarray(batch["crop"][new]))
+        text_vectors = np.zeros_like(vectors)
+        has_text = np.zeros(len(kinds), bool)
+        if self.embed_text:
+            items = batch["item"]
+            todo = [i for i in range(len(kinds)) if kinds[i] != "failed" and items[i].text]
+            if todo:
+                text_vectors[todo] = self.encoder.embed_texts([items[i].text for i in todo])
+                has_text[todo] = True
+        batch = {k: v for k, v in batch.items() if k != "crop"}  # the pixels are done with
+        return {**batch, "vector": vectors, "text_vector": text_vectors, "has_text": has_text}
+
+
+def _records(
+    batch: dict[str, Any], namespace: str
+) -> tuple[list[NewItem], np.ndarray, list[FailureRecord], list[NewItem]]:
+    """A result batch as the store's write_batch arguments."""
+    items, vectors, failures, touched = [], [], [], []
+    for i, item in enumerate(batch["item"]):
+        kind = batch["kind"][i]
+        text_vector = batch["text_vector"][i] if batch["has_text"][i] else None
+        if kind == "failed":
+            failures.append(failure_record(item, str(batch["reason"][i])))
+            continue
+        sha, size = str(batch["sha256"][i]), int(batch["size"][i])
+        if kind == "unchanged":
+            touched.append(
+                NewItem(item.id, item.metadata, sha, size, item.mtime_ns, item.fingerprint, item.text, text_vector)
+            )
+            continue
+        metadata = dict(item.metadata)
+        metadata.update(
+            namespace=namespace, width=int(batch["width"][i]), height=int(batch["height"][i]), sha256=sha, bytes=size
+        )
+        items.append(NewItem(item.id, metadata, sha, size, item.mtime_ns, item.fingerprint, item.text, text_vector))
+        vectors.append(batch["vector"][i])
+    matrix = np.stack(vectors) if vectors else np.zeros((0, batch["vector"].shape[1]), np.float32)
+    return items, matrix, failures, touched
+
+
+class _PostgresWriter:
+    """Ray Data stage (an actor pool): upserts result batches into PostgreSQL directly."""
+
+    def __init__(self, url: str, namespace: str):
+        from .store.postgres import PostgresStore
+
+        self.store = PostgresStore(url)
+        self.namespace = namespace
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        items, vectors, failures, touched = _records(batch, self.namespace)
+        self.store.write_batch(self.namespace, items, vectors, failures, touched)
+        return _counts(items, failures, touched)
+
+
+def _counts(items: list, failures: list[FailureRecord], touched: list) -> dict[str, Any]:
+    return {
+        "embedded": np.asarray([len(items)]),
+        "failed": np.asarray([len(failures)]),
+        "unchanged": np.asarray([len(touched)]),
+        "failures": np.asarray([[(f.id, f.source, f.reason) for f in failures]], dtype=object),
+    }
+
+
+# -- the driver --------------------------------------------------------------------------
+def ray_ingest(
+    store: Store,
+    db: str,
+    encoder_spec: ModelSpec,
+    encoder: Encoder,
+    sources: Iterable[Source],
+    options: IngestOptions,
+    ray_options: RayOptions,
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestReport:
+    """Ingest ``sources`` through Ray; the report is the local ingest's."""
+    ray = connect(ray_options.address)
+    started = time.perf_counter()  # like local ingest: from the work, not from starting a cluster
+    planner = Ingestor(store, encoder, encoder_spec, options)  # binds the namespace, checks the model
+    report = IngestReport()
+    items = select_items(unique_items(sources), options.filters, options.sample, options.seed)
+    total = len(items)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    if progress:
+        progress(0, total)
+    todo = [(item, known) for item, known in planner.candidates(items, report, advance)]
+    if options.limit is not None:
+        todo = todo[: options.limit]
+    try:
+        if todo:
+            _run(ray, store, db, encoder_spec, encoder, planner, todo, options, ray_options, report, advance)
+    finally:
+        store.release(options.namespace, planner.owner)
+    if report.embedded:
+        store.build_index(options.namespace)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run(ray, store, db, spec, encoder, planner, todo, options, ray_options, report, advance) -> None:
+    settings = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, options.draft)
+    rows = [_row(item, known.sha256 if known else None) for item, known in todo]
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(1, options.batch_size), 200)))
+    decoded = dataset.map_batches(
+        _Decode,
+        fn_constructor_kwargs={"settings": settings, "download": options.download, "offline": options.offline},
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        num_cpus=ray_options.decode_cpus,
+        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+    )
+    device = "cuda" if ray_options.gpus_per_actor > 0 else "cpu"
+    embedded = decoded.map_batches(
+        _Embed,
+        fn_constructor_kwargs={"spec": spec.to_dict(), "device": device, "embed_text": options.embed_text},
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        concurrency=ray_options.actors,
+        num_cpus=ray_options.cpus_per_actor,
+        num_gpus=ray_options.gpus_per_actor or None,
+    )
+    if is_postgres_url(db):
+        written = embedded.map_batches(
+            _PostgresWriter,
+            fn_constructor_kwargs={"url": db, "namespace": options.namespace},
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            concurrency=max(1, ray_options.actors),
+        )
+        for counts in written.iter_batches(batch_size=1, batch_format="numpy"):
+            _tally(report, counts, advance)
+        return
+    for batch in embedded.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
+        items, vectors, failures, touched = _records(batch, options.namespace)
+        store.write_batch(options.namespace, items, vectors, failures, touched)
+        _tally(report, _counts(items, failures, touched), advance)
+
+
+def _tally(report: IngestReport, counts: dict[str, Any], advance: Callable[[int], None]) -> None:
+    for embedded, failed, unchanged, failures in zip(
+        counts["embedded"], counts["failed"], counts["unchanged"], counts["failures"], strict=True
+    ):
+        report.embedded += int(embedded)
+        report.failed += int(failed)
+        report.skipped += int(unchanged)
+        report.failures.extend(FailureRecord(i, s, r) for i, s, r in failures)
+        advance(int(embedded) + int(failed) + int(unchanged))
