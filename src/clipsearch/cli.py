@@ -1087,7 +1087,11 @@ def worker(
                 if not as_json:
                     err.print(f"  embedded {report.embedded}, failed {report.failed}", highlight=False)
 
-            report = runner.run(stop, on_batch=progress)
+            try:
+                report = runner.run(stop, on_batch=progress)
+            except runner.psycopg.OperationalError as e:
+                # the batch in hand was rolled back; nothing half-written stays behind
+                raise ClipsearchError(f"lost the database connection: {str(e).strip().splitlines()[0]}") from None
         finally:
             runner.close()
     finally:

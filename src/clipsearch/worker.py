@@ -27,7 +27,7 @@ from .encoders import Encoder
 from .errors import ClipsearchError, ImageError, UsageError
 from .fetch import is_url
 from .imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
-from .store.postgres import _psycopg, redact
+from .store.postgres import load_psycopg, redact
 
 
 @dataclass
@@ -82,7 +82,7 @@ def channel_name(table: str) -> str:
 
 class Worker:
     def __init__(self, url: str, encoder: Encoder, options: WorkerOptions):
-        psycopg, _, register_vector = _psycopg()
+        psycopg, _, register_vector = load_psycopg()
         self.psycopg = psycopg
         self.sql = psycopg.sql
         self.encoder = encoder
@@ -370,7 +370,7 @@ def install_trigger(
 ) -> str:
     """A trigger that NOTIFYs ``channel_name(table)`` when rows are added or their source
     changes, and that clears the vector (status ``pending``) of a row whose source changed."""
-    psycopg, _, _ = _psycopg()
+    psycopg, _, _ = load_psycopg()
     sql = psycopg.sql
     channel = channel_name(table)
     function = sql.Identifier(channel + "_fn")

@@ -126,7 +126,7 @@ def _words(text: str | None) -> str:
     return " ".join(_WORD_RE.findall(text or "")).lower()
 
 
-def _psycopg():
+def load_psycopg():
     try:
         import psycopg
         import psycopg.sql
@@ -150,8 +150,8 @@ def redact(url: str) -> str:
 
 
 class PostgresStore:
-    def __init__(self, url: str, index_settings: IndexSettings | None = None, migrate: bool = True):
-        psycopg, psycopg_pool, register_vector = _psycopg()
+    def __init__(self, url: str, index_settings: IndexSettings | None = None):
+        psycopg, psycopg_pool, register_vector = load_psycopg()
         self.url = url
         self.location = redact(url)
         self.index_settings = index_settings or IndexSettings.from_env()
@@ -159,10 +159,7 @@ class PostgresStore:
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
                 self.schema_version_before = self._schema_version(conn)
-                if migrate:
-                    self._migrate(conn)
-                elif self.schema_version_before != SCHEMA_VERSION:
-                    raise UsageError(f"{self.location} needs `clipsearch db migrate`")
+                self._migrate(conn)
         except psycopg.OperationalError as e:
             raise UsageError(f"cannot connect to {self.location}: {str(e).strip().splitlines()[0]}") from None
 
