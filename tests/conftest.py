@@ -385,3 +385,34 @@ def pg_url(pg_server) -> str:
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return base.replace("/postgres?", f"/{name}?", 1)
+
+
+# -- killing an ingest mid-run -----------------------------------------------------------------
+def stored_items(db: Path) -> int:
+    """Rows in a SQLite store's items table (0 while the file is being created)."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT count(*) FROM items").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def interrupt_mid_run(cmd: list[str], db: Path, sig: int, at: int = 12) -> int:
+    """Start ``cmd`` (an ingest into the SQLite file ``db``), send it ``sig`` once ``at`` items
+    are stored, check that it died of it (or exited 130 for Ctrl-C); the items it left."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and stored_items(db) < at:
+        time.sleep(0.02)
+    os.kill(proc.pid, sig)
+    returncode = proc.wait(timeout=60)
+    assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), proc.stderr.read()
+    return stored_items(db)

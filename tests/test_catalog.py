@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import faiss
@@ -26,7 +24,7 @@ from clipsearch.fetch import FetchPolicy
 from clipsearch.search import fuse_rankings
 from clipsearch.store import Hit, Item, SQLiteStore
 
-from .conftest import noise_png
+from .conftest import interrupt_mid_run, noise_png
 
 
 def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
@@ -268,20 +266,7 @@ def test_a_killed_catalog_ingest_resumes_without_loss_or_duplicates(tmp_path, ti
     db = tmp_path / "kill.db"
     cmd = [sys.executable, "-m", "clipsearch.cli", "ingest", f"catalog:{catalog}", "--db", str(db)]
     cmd += ["--weights", str(tiny_openclip), "--batch-size", "4", "--concurrency", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline, stored = time.time() + 120, 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            stored = len(items_of(db)) if db.exists() else 0
-        except sqlite3.OperationalError:
-            stored = 0
-        if stored >= 12:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, sig)
-    returncode = proc.wait(timeout=60)
-    assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), proc.stderr.read()
-    partial = len(items_of(db))
+    partial = interrupt_mid_run(cmd, db, sig)
     assert 12 <= partial < len(rows), f"the kill should land mid-run (stored {partial})"
     done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import noise_images, sample_photo, write_photos
+from .conftest import interrupt_mid_run, noise_images, sample_photo, write_photos
 
 
 def _count(db: Path) -> tuple[int, int]:
@@ -299,22 +299,7 @@ def test_interrupted_ingest_resumes_without_loss_or_duplicates(tmp_path, tiny_op
         "--workers",
         "1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    stored = 0
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                stored = _count(db)[0]
-            except sqlite3.OperationalError:
-                stored = 0
-            if stored >= 12:
-                break
-        time.sleep(0.02)
-    os.kill(proc.pid, sig)
-    returncode = proc.wait(timeout=60)
-    assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), proc.stderr.read()
-    partial = _count(db)[0]
+    partial = interrupt_mid_run(cmd, db, sig)
     assert 12 <= partial < n, f"the kill should land mid-run (stored {partial} of {n})"
 
     done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
