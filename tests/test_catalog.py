@@ -245,6 +245,20 @@ def test_filters_sample_and_limit_select_rows(cli, products, tmp_path):
     assert report["embedded"] == 2
 
 
+def test_a_repeated_id_uses_the_first_row_and_is_counted(cli, image_server, tmp_path):
+    rows = [
+        {"id": "A", "image_url": f"{image_server.url}/noise/40.png", "title": "first"},
+        {"id": "A", "image_url": f"{image_server.url}/noise/41.png", "title": "second"},
+        {"id": "B", "image_url": f"{image_server.url}/noise/42.png", "title": "other"},
+    ]
+    catalog = write_csv(tmp_path / "dup.csv", rows)
+    code, report, _ = ingest_json(cli, f"catalog:{catalog}")
+    assert (report["embedded"], report["repeated_ids"]) == (2, 1)
+    assert items_of(cli.db)["A"]["title"] == "first"
+    code, out, _ = cli("ingest", f"catalog:{catalog}")
+    assert "1 repeated an id listed before (the first was used)" in out
+
+
 def test_changed_rows_update_metadata_without_embedding_again(cli, products, image_server):
     ingest_json(cli, f"catalog:{products}", *CATALOG_ARGS)
     rows = list(csv.DictReader(products.open()))

@@ -496,6 +496,8 @@ def ingest(
             line += f"; {report.previously_failed} failed in an earlier run (see `clipsearch failures`, --retry-failed)"
         if report.claimed_elsewhere:
             line += f"; {report.claimed_elsewhere} left to another ingest process"
+        if report.repeated_ids:
+            line += f"; {report.repeated_ids} repeated an id listed before (the first was used)"
         out.print(line, highlight=False)
         for f in report.failures[:20]:
             err.print(f"  failed: {f.source}: {f.reason}", highlight=False, markup=False)

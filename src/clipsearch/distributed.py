@@ -246,7 +246,7 @@ def ray_ingest(
     started = time.perf_counter()  # like local ingest: from the work, not from starting a cluster
     planner = Ingestor(store, encoder, encoder_spec, options)  # binds the namespace, checks the model
     report = IngestReport()
-    items = select_items(unique_items(sources), options.filters, options.sample, options.seed)
+    items = select_items(unique_items(sources, report), options.filters, options.sample, options.seed)
     total = len(items)
     done = 0
 

@@ -77,6 +77,7 @@ class IngestReport:
     failed: int = 0
     previously_failed: int = 0  # skipped because they failed before and --retry-failed was not given
     claimed_elsewhere: int = 0  # left to another ingest process working on the same namespace
+    repeated_ids: int = 0  # items whose id an earlier item (e.g. catalog row) already had: not ingested
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[FailureRecord] = field(default_factory=list)
@@ -88,6 +89,7 @@ class IngestReport:
             "failed": self.failed,
             "previously_failed": self.previously_failed,
             "claimed_elsewhere": self.claimed_elsewhere,
+            "repeated_ids": self.repeated_ids,
             "seconds": round(self.seconds, 3),
             "interrupted": self.interrupted,
             "failures": [{"id": f.id, "source": f.source, "reason": f.reason} for f in self.failures],
@@ -161,7 +163,7 @@ class Ingestor:
         started = time.perf_counter()
         report = IngestReport()
         options = self.options
-        items = select_items(unique_items(sources), options.filters, options.sample, options.seed)
+        items = select_items(unique_items(sources, report), options.filters, options.sample, options.seed)
         total = len(items)
         done = 0
 
@@ -422,15 +424,18 @@ class Ingestor:
         return default_cache_dir(self.store.location)
 
 
-def unique_items(sources: Iterable[Source]) -> list[SourceItem]:
-    """Every item of the sources once (the first of equal ids), in order."""
+def unique_items(sources: Iterable[Source], report: IngestReport) -> list[SourceItem]:
+    """Every item of the sources once, in order: of items with equal ids (a catalog that lists a
+    product twice, a folder given twice) the first, the others counted as ``repeated_ids``."""
     seen: set[str] = set()
     out = []
     for source in sources:
         for item in source:
-            if item.id not in seen:
-                seen.add(item.id)
-                out.append(item)
+            if item.id in seen:
+                report.repeated_ids += 1
+                continue
+            seen.add(item.id)
+            out.append(item)
     return out
 
 
