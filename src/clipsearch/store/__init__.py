@@ -17,9 +17,11 @@ from .base import (
     NamespaceInfo,
     NewItem,
     Store,
+    check_same_model,
     claim_owner,
+    validate_namespace,
 )
-from .sqlite import SQLiteStore, check_same_model, validate_namespace
+from .sqlite import SQLiteStore
 
 DEFAULT_DB = "clipsearch.db"
 

@@ -8,6 +8,7 @@ because each backend does it differently (FAISS beside SQLite, SQL on pgvector).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..encoders.base import ModelIdentity
+from ..errors import DimensionError, ModelMismatchError, UsageError
 
 DEFAULT_NAMESPACE = "default"
 # metadata the pipeline derives from the image itself; kept when a source updates the rest
@@ -24,6 +26,84 @@ DERIVED_KEYS = ("namespace", "width", "height", "sha256", "bytes")
 # metadata that is no use to keyword search (digests, sizes, locations)
 _NOT_KEYWORDS = frozenset({*DERIVED_KEYS, "type", "extension", "path", "url", "catalog"})
 FIELDS = ("image", "text")  # which vectors of an item a search runs over
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FILTER_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_WORD_RE = re.compile(r"\w+")
+
+
+# -- rules every store applies the same way ---------------------------------------------------
+def validate_namespace(name: str) -> str:
+    if not _NAMESPACE_RE.match(name or ""):
+        raise UsageError(
+            f"bad namespace {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def check_same_model(namespace: str, existing: ModelIdentity, requested: ModelIdentity) -> None:
+    """Refuse to mix two models' vectors in one namespace."""
+    if existing.compat_key != requested.compat_key:
+        raise ModelMismatchError(
+            f"namespace {namespace!r} holds vectors of {existing.describe()}, but the model in use is "
+            f"{requested.describe()} ({'; '.join(existing.differences(requested))}); use the same model, "
+            "or another --namespace"
+        )
+
+
+def check_field(field: str) -> str:
+    if field not in FIELDS:
+        raise UsageError(f"unknown vector field {field!r}; use {' or '.join(FIELDS)}")
+    return field
+
+
+def words(text: str | None) -> list[str]:
+    """The words keyword search matches: runs of letters, digits and underscores."""
+    return _WORD_RE.findall(text or "")
+
+
+def query_words(query: str) -> list[str]:
+    """The words of a keyword query; they carry no query syntax of any backend."""
+    found = words(query)
+    if not found:
+        raise UsageError(f"the keyword query {query!r} has no words to look for")
+    return found
+
+
+def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]:
+    """(metadata key, accepted values) per filter; a value list means any of them. Keys are
+    checked, since backends put them into JSON paths."""
+    out = []
+    for key, value in (filters or {}).items():
+        if not _FILTER_KEY_RE.match(key):
+            raise UsageError(f"bad filter key {key!r}")
+        out.append((key, list(value) if isinstance(value, list | tuple) else [value]))
+    return out
+
+
+def checked_queries(namespace: str, dim: int, queries: np.ndarray) -> np.ndarray:
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if queries.shape[1] != dim:
+        raise DimensionError(
+            f"query vector has {queries.shape[1]} dimensions; namespace {namespace!r} holds {dim}-d vectors"
+        )
+    return queries
+
+
+def checked_batch(
+    namespace: str, dim: int, items: list[NewItem], vectors: np.ndarray, touched: list[NewItem]
+) -> np.ndarray:
+    """``vectors`` as float32, after checking it and every text vector against ``dim``."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if len(items) != len(vectors):
+        raise ValueError("items and vectors differ in length")
+    checks = [(vectors, "vectors")]
+    checks += [
+        (np.atleast_2d(it.text_vector), "text vectors") for it in (*items, *touched) if it.text_vector is not None
+    ]
+    for matrix, what in checks:
+        if len(matrix) and matrix.shape[1] != dim:
+            raise DimensionError(f"{what} have {matrix.shape[1]} dimensions; namespace {namespace!r} holds {dim}")
+    return vectors
 
 
 def utcnow() -> str:

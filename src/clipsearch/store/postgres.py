@@ -27,11 +27,10 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..encoders.base import ModelIdentity
-from ..errors import ClipsearchError, DimensionError, NotFoundError, UsageError
+from ..errors import ClipsearchError, NotFoundError, UsageError
 from ..index import IndexSettings
 from .base import (
     DERIVED_KEYS,
-    FIELDS,
     Failure,
     FailureRecord,
     FileState,
@@ -40,10 +39,17 @@ from .base import (
     Item,
     NamespaceInfo,
     NewItem,
+    check_field,
+    check_same_model,
+    checked_batch,
+    checked_queries,
     dead_owners,
+    filter_values,
     keyword_text,
+    query_words,
+    validate_namespace,
+    words,
 )
-from .sqlite import _FILTER_KEY_RE, _WORD_RE, check_same_model, validate_namespace
 
 SCHEMA_VERSION = 1
 _LOCK_KEY = 0x636C6970  # pg_advisory_xact_lock key for schema changes ("clip")
@@ -123,7 +129,7 @@ def _array(value: Any) -> np.ndarray:
 def _words(text: str | None) -> str:
     """Text as space-separated words: PostgreSQL's parser would keep ``rocket.jpg`` or a URL as
     one token, where SQLite's FTS5 (and a person) sees words."""
-    return " ".join(_WORD_RE.findall(text or "")).lower()
+    return " ".join(words(text)).lower()
 
 
 def load_psycopg():
@@ -314,22 +320,9 @@ class PostgresStore:
         touched: list[NewItem] = (),  # type: ignore[assignment]
     ) -> None:
         Jsonb = self._psycopg.types.json.Jsonb
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if len(items) != len(vectors):
-            raise ValueError("items and vectors differ in length")
         with self._conn() as conn:
             table, dim = self._table(conn, namespace)
-            checks = [(vectors, "vectors")]
-            checks += [
-                (np.atleast_2d(it.text_vector), "text vectors")
-                for it in (*items, *touched)
-                if it.text_vector is not None
-            ]
-            for matrix, what in checks:
-                if len(matrix) and matrix.shape[1] != dim:
-                    raise DimensionError(
-                        f"{what} have {matrix.shape[1]} dimensions; namespace {namespace!r} holds {dim}"
-                    )
+            vectors = checked_batch(namespace, dim, items, vectors, touched)
             with conn.transaction():
                 upsert = self._sql(
                     "INSERT INTO {t} (id, sha256, size, mtime_ns, fingerprint, text, text_words, keywords, metadata, "
@@ -557,10 +550,7 @@ class PostgresStore:
     # -- search ------------------------------------------------------------------------
     def _filter_sql(self, filters: dict[str, Any] | None) -> tuple[str, list[Any]]:
         clauses, params = [], []
-        for key, value in (filters or {}).items():
-            if not _FILTER_KEY_RE.match(key):
-                raise UsageError(f"bad filter key {key!r}")
-            values = value if isinstance(value, list | tuple) else [value]
+        for key, values in filter_values(filters):
             clauses.append(f"metadata -> %s IN ({', '.join(['%s::jsonb'] * len(values))})")
             params += [key, *(json.dumps(v) for v in values)]
         return "".join(f" AND {c}" for c in clauses), params
@@ -573,18 +563,12 @@ class PostgresStore:
         filters: dict[str, Any] | None = None,
         field: str = "image",
     ) -> list[list[Hit]]:
-        if field not in FIELDS:
-            raise UsageError(f"unknown vector field {field!r}; use {' or '.join(FIELDS)}")
-        column = _COLUMNS[field]
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        column = _COLUMNS[check_field(field)]
         where, params = self._filter_sql(filters)
         results = []
         with self._conn() as conn:
             table, dim = self._table(conn, namespace)
-            if queries.shape[1] != dim:
-                raise DimensionError(
-                    f"query vector has {queries.shape[1]} dimensions; namespace {namespace!r} holds {dim}-d vectors"
-                )
+            queries = checked_queries(namespace, dim, queries)
             sql = self._sql(
                 f"SELECT {_ITEM_COLS}, -({column} <#> %s) AS score FROM {{t}} WHERE {column} IS NOT NULL{where} "
                 f"ORDER BY {column} <#> %s LIMIT %s",
@@ -604,9 +588,7 @@ class PostgresStore:
         return results
 
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
-        words = _WORD_RE.findall(query)
-        if not words:
-            raise UsageError(f"the keyword query {query!r} has no words to look for")
+        found = query_words(query)
         where, params = self._filter_sql(filters)
         with self._conn() as conn:
             table, _ = self._table(conn, namespace)
@@ -617,7 +599,7 @@ class PostgresStore:
                     f"WHERE tsv @@ q{where} ORDER BY score DESC, seq LIMIT %s",
                     table,
                 ),
-                [" | ".join(w.lower() for w in words), *params, k],
+                [" | ".join(w.lower() for w in found), *params, k],
             ).fetchall()
         return [Hit(self._item(namespace, r), float(r[6])) for r in rows]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sqlite3
 import threading
 import time
@@ -23,11 +22,10 @@ from typing import Any
 import numpy as np
 
 from ..encoders.base import ModelIdentity
-from ..errors import DimensionError, ModelMismatchError, NotFoundError, UsageError
+from ..errors import NotFoundError, UsageError
 from ..index import IndexSettings, VectorIndex
 from .base import (
     DERIVED_KEYS,
-    FIELDS,
     Failure,
     FailureRecord,
     FileState,
@@ -36,14 +34,19 @@ from .base import (
     Item,
     NamespaceInfo,
     NewItem,
+    check_field,
+    check_same_model,
+    checked_batch,
+    checked_queries,
     dead_owners,
+    filter_values,
     keyword_text,
+    query_words,
     utcnow,
+    validate_namespace,
 )
 
 SCHEMA_VERSION = 3
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_FILTER_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
 
 _SCHEMA = """
@@ -115,16 +118,7 @@ _ADDED_COLUMNS = (
     ("items", "text", "TEXT"),
     ("failures", "fingerprint", "TEXT"),
 )
-_WORD_RE = re.compile(r"\w+")
 _COUNTERS = {"image": ("generation", "rebuild_generation"), "text": ("text_generation", "text_rebuild_generation")}
-
-
-def validate_namespace(name: str) -> str:
-    if not _NAMESPACE_RE.match(name or ""):
-        raise UsageError(
-            f"bad namespace {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
 
 
 class SQLiteStore:
@@ -269,12 +263,6 @@ class SQLiteStore:
     def failure_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
         return self._states("failures", namespace, ids)
 
-    def _check_dim(self, ns: sqlite3.Row, namespace: str, vectors: np.ndarray, what: str = "vectors") -> None:
-        if len(vectors) and vectors.shape[1] != ns["dim"]:
-            raise DimensionError(
-                f"{what} have {vectors.shape[1]} dimensions; namespace {namespace!r} holds {ns['dim']}"
-            )
-
     @staticmethod
     def _set_text_vector(conn: sqlite3.Connection, namespace: str, seq: int, vector: np.ndarray | None) -> bool:
         """Store (or, for None, drop) an item's text vector; True if one was there before."""
@@ -300,13 +288,7 @@ class SQLiteStore:
         touched: list[NewItem] = (),  # type: ignore[assignment]
     ) -> None:
         ns = self._require(namespace)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if len(items) != len(vectors):
-            raise ValueError("items and vectors differ in length")
-        self._check_dim(ns, namespace, vectors)
-        for it in (*items, *touched):
-            if it.text_vector is not None:
-                self._check_dim(ns, namespace, np.atleast_2d(it.text_vector), "text vectors")
+        vectors = checked_batch(namespace, ns["dim"], items, vectors, touched)
         now = utcnow()
         replaced = text_added = text_replaced = False
         with self._tx() as conn:
@@ -575,8 +557,7 @@ class SQLiteStore:
     def _fresh_index(self, namespace: str, field: str = "image") -> VectorIndex:
         """The namespace's index of ``field`` vectors, brought up to date with the table (loaded,
         extended or rebuilt)."""
-        if field not in FIELDS:
-            raise UsageError(f"unknown vector field {field!r}; use {' or '.join(FIELDS)}")
+        check_field(field)
         ns = self._require(namespace)
         settings = self.index_settings
         path = self._index_path(namespace, field)
@@ -619,10 +600,7 @@ class SQLiteStore:
     def _filter_sql(filters: dict[str, Any] | None, alias: str = "") -> tuple[str, list[Any]]:
         """`` AND ...`` clauses matching metadata KEY = VALUE (any of a list of values)."""
         clauses, params = [], []
-        for key, value in (filters or {}).items():
-            if not _FILTER_KEY_RE.match(key):
-                raise UsageError(f"bad filter key {key!r}")
-            values = value if isinstance(value, list | tuple) else [value]
+        for key, values in filter_values(filters):
             clauses.append(f"json_extract({alias}metadata, ?) IN ({','.join('?' * len(values))})")
             params += [f'$."{key}"', *values]
         return "".join(f" AND {c}" for c in clauses), params
@@ -632,10 +610,9 @@ class SQLiteStore:
         rows = self._query(f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params])
         return np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
 
-    def _hits(self, seqs_scores: list[tuple[int, float]]) -> list[Hit]:
+    def _items_by_seq(self, seqs: set[int]) -> dict[int, Item]:
         sql = f"SELECT {self._ITEM_COLS} FROM items WHERE seq IN ({{marks}})"
-        by_seq = {r["seq"]: self._item(r) for r in self._select_in(sql, [], sorted({s for s, _ in seqs_scores}))}
-        return [Hit(by_seq[s], sc) for s, sc in seqs_scores if s in by_seq]
+        return {r["seq"]: self._item(r) for r in self._select_in(sql, [], sorted(seqs))}
 
     def search(
         self,
@@ -646,20 +623,14 @@ class SQLiteStore:
         field: str = "image",
     ) -> list[list[Hit]]:
         ns = self._require(namespace)
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        if queries.shape[1] != ns["dim"]:
-            raise DimensionError(
-                f"query vector has {queries.shape[1]} dimensions; namespace {namespace!r} holds {ns['dim']}-d vectors"
-            )
+        queries = checked_queries(namespace, ns["dim"], queries)
         index = self._fresh_index(namespace, field)
         allowed = self._allowed_seqs(namespace, filters) if filters else None
         if allowed is not None and len(allowed) == 0:
             return [[] for _ in queries]
         with self._lock:  # another thread may be extending this index object
             scores, seqs = index.search(queries, k, allowed)
-        wanted = sorted({int(s) for s in seqs.ravel() if s >= 0})
-        sql = f"SELECT {self._ITEM_COLS} FROM items WHERE seq IN ({{marks}})"
-        by_seq = {r["seq"]: self._item(r) for r in self._select_in(sql, [], wanted)}
+        by_seq = self._items_by_seq({int(s) for s in seqs.ravel() if s >= 0})
         return [
             [Hit(by_seq[int(s)], float(sc)) for sc, s in zip(row_scores, row_seqs, strict=True) if int(s) in by_seq]
             for row_scores, row_seqs in zip(scores, seqs, strict=True)
@@ -667,9 +638,7 @@ class SQLiteStore:
 
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         self._require(namespace)
-        words = _WORD_RE.findall(query)
-        if not words:
-            raise UsageError(f"the keyword query {query!r} has no words to look for")
+        words = query_words(query)
         # each word quoted: the user's text is never parsed as FTS5 syntax (AND, NEAR, col:, *)
         match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
         where, params = self._filter_sql(filters, "i.")
@@ -679,8 +648,9 @@ class SQLiteStore:
             "ORDER BY rank LIMIT ?",
             [match, namespace, *params, k],
         )
+        by_seq = self._items_by_seq({r["seq"] for r in rows})
         # FTS5's bm25 is negative, lower is better; flip it so that higher scores are better
-        return self._hits([(r["seq"], -float(r["rank"])) for r in rows])
+        return [Hit(by_seq[r["seq"]], -float(r["rank"])) for r in rows if r["seq"] in by_seq]
 
     def has_text_vectors(self, namespace: str) -> bool:
         return bool(self._query("SELECT 1 FROM text_vectors WHERE namespace = ? LIMIT 1", (namespace,)))
@@ -712,13 +682,3 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-def check_same_model(namespace: str, existing: ModelIdentity, requested: ModelIdentity) -> None:
-    """Refuse to mix two models' vectors in one namespace."""
-    if existing.compat_key != requested.compat_key:
-        raise ModelMismatchError(
-            f"namespace {namespace!r} holds vectors of {existing.describe()}, but the model in use is "
-            f"{requested.describe()} ({'; '.join(existing.differences(requested))}); use the same model, "
-            "or another --namespace"
-        )
