@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import ImageError
-from .imaging import DEFAULT_MAX_MEGAPIXELS, Preprocessor, PreprocessSpec, decode_image
+from .imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage, Preprocessor, PreprocessSpec, decode_image
 from .sources import SourceItem
 
 
@@ -61,9 +61,16 @@ def decode_item(item: SourceItem, known_sha256: str | None, settings: DecodeSett
     digest = hashlib.sha256(data).hexdigest()
     if known_sha256 == digest:
         return Unchanged(digest, len(data))
+    decoded, crop = decode_crop(data, settings)
+    return Decoded(digest, len(data), decoded.width, decoded.height, crop)
+
+
+def decode_crop(data: bytes, settings: DecodeSettings) -> tuple[DecodedImage, np.ndarray]:
+    """Decode image bytes and crop them for the model, the one way every path does it (ingest,
+    the server, the worker), so that a stored image searched by itself scores 1.0; ImageError
+    says why not."""
     spec = settings.spec
     decoded = decode_image(
         data, max_megapixels=settings.max_megapixels, draft_size=spec.draft_size if settings.draft else None
     )
-    crop = _preprocessor(spec).crop(decoded.image)
-    return Decoded(digest, len(data), decoded.width, decoded.height, crop)
+    return decoded, _preprocessor(spec).crop(decoded.image)

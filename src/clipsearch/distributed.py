@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from .decoding import DecodeSettings, Unchanged, decode_item
-from .downloads import DownloadCache, Downloader, DownloadSettings
+from .downloads import DownloadCache, DownloadSettings, download_all
 from .encoders import Encoder, ModelSpec
 from .errors import ImageError, UsageError
-from .pipeline import NOT_CACHED, IngestOptions, Ingestor, IngestReport, failure_record, unique_items
-from .sources import Source, SourceItem, select_items
+from .pipeline import IngestOptions, Ingestor, IngestReport, failure_record, progress_counter
+from .sources import Source, SourceItem
 from .store import FailureRecord, NewItem, Store, is_postgres_url
 
 NODE_CACHE = Path(os.path.expanduser("~/.cache/clipsearch/downloads"))
@@ -126,30 +126,14 @@ class _Decode:
             return
         cache = DownloadCache(NODE_CACHE)
         try:
-            pending = 0
-            with Downloader(cache, self.download) as downloader:
-                for i in urls:
-                    cached = cache.lookup(items[i].url or "")
-                    if cached is not None:
-                        _set_path(items[i], cached)
-                    elif self.offline:
-                        errors[i] = NOT_CACHED
-                    else:
-                        downloader.submit(i, items[i].url)
-                        pending += 1
-                for _ in range(pending):
-                    result = downloader.get()
-                    if result.path is not None:
-                        _set_path(items[result.key], result.path)
-                    else:
-                        errors[result.key] = result.error
+            results = download_all(cache, [items[i].url or "" for i in urls], self.download, self.offline)
         finally:
             cache.close()
-
-
-def _set_path(item: SourceItem, path: Path) -> None:
-    item.path = path
-    item.metadata["path"] = str(path)
+        for i, result in zip(urls, results, strict=True):
+            if result.path is not None:
+                items[i].downloaded_to(result.path)
+            else:
+                errors[i] = result.error
 
 
 class _Embed:
@@ -246,18 +230,8 @@ def ray_ingest(
     started = time.perf_counter()  # like local ingest: from the work, not from starting a cluster
     planner = Ingestor(store, encoder, encoder_spec, options)  # binds the namespace, checks the model
     report = IngestReport()
-    items = select_items(unique_items(sources, report), options.filters, options.sample, options.seed)
-    total = len(items)
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
-    if progress:
-        progress(0, total)
+    items = planner.select(sources, report)
+    advance = progress_counter(len(items), progress)
     todo = [(item, known) for item, known in planner.candidates(items, report, advance)]
     if options.limit is not None:
         todo = todo[: options.limit]

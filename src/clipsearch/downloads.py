@@ -34,6 +34,9 @@ from .fetch import FetchPolicy, fetch_url
 from .store.base import utcnow
 
 DEFAULT_CONCURRENCY = 16
+# the failure reason of a URL that an --offline run found no cached copy of; a later run that
+# may download retries it without --retry-failed
+NOT_CACHED = "not cached (the run was --offline)"
 DEFAULT_RETRIES = 3
 # the catalog is the user's own file: private hosts are allowed (the server's API is not)
 CATALOG_POLICY = FetchPolicy(allow_private=True, timeout=30.0, max_bytes=50 * 1024 * 1024)
@@ -196,21 +199,23 @@ class Downloader:
 
 
 def download_all(
-    cache: DownloadCache, urls: Iterable[str], settings: DownloadSettings | None = None
+    cache: DownloadCache, urls: Iterable[str], settings: DownloadSettings | None = None, offline: bool = False
 ) -> list[Downloaded]:
-    """Fetch ``urls`` (cached ones are not fetched); results in input order. For scripts and tests."""
+    """Each URL's file, in input order (``key`` is its position): from the cache, else downloaded
+    (concurrently) unless ``offline``, which answers ``NOT_CACHED`` instead."""
     urls = list(urls)
-    out: list[Downloaded | None] = [None] * len(urls)
-    with Downloader(cache, settings) as downloader:
-        pending = 0
-        for i, url in enumerate(urls):
-            cached = cache.lookup(url)
-            if cached is not None:
-                out[i] = Downloaded(i, cached, None)
-            else:
-                downloader.submit(i, url)
-                pending += 1
-        for _ in range(pending):
-            result = downloader.get()
-            out[result.key] = result
-    return [r for r in out if r is not None]
+    out: list[Downloaded] = []
+    missing: list[int] = []
+    for i, url in enumerate(urls):
+        cached = cache.lookup(url)
+        out.append(Downloaded(i, cached, None if cached is not None or not offline else NOT_CACHED))
+        if cached is None and not offline:
+            missing.append(i)
+    if missing:  # the downloader's thread and loop only when something is to be fetched
+        with Downloader(cache, settings) as downloader:
+            for i in missing:
+                downloader.submit(i, urls[i])
+            for _ in missing:
+                result = downloader.get()
+                out[result.key] = result
+    return out

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .decoding import DecodeSettings, Unchanged, decode_item
-from .downloads import DownloadCache, Downloader, DownloadSettings
+from .downloads import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
 from .encoders import Encoder, ModelSpec
 from .errors import ImageError, UsageError
 from .imaging import DEFAULT_MAX_MEGAPIXELS
@@ -46,9 +46,6 @@ from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store, 
 
 _LOOKUP_CHUNK = 512
 _MAX_PENDING_FAILURES = 256  # written without waiting for a batch of images
-# the failure reason of a URL that --offline found no cached copy of; a later run that may
-# download retries it without --retry-failed
-NOT_CACHED = "not cached (the run was --offline)"
 
 
 @dataclass
@@ -163,18 +160,9 @@ class Ingestor:
         started = time.perf_counter()
         report = IngestReport()
         options = self.options
-        items = select_items(unique_items(sources, report), options.filters, options.sample, options.seed)
+        items = self.select(sources, report)
         total = len(items)
-        done = 0
-
-        def advance(n: int = 1) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total)
-
-        if progress:
-            progress(0, total)
+        advance = progress_counter(total, progress)
         pending_failures: list[FailureRecord] = []
         pending_touched: list[NewItem] = []
         batch: list[_Prepared] = []
@@ -306,6 +294,11 @@ class Ingestor:
         return report
 
     # -- stages ------------------------------------------------------------------------
+    def select(self, sources: Iterable[Source], report: IngestReport) -> list[SourceItem]:
+        """The items to consider: each id once, then --filter and --sample."""
+        options = self.options
+        return select_items(unique_items(sources, report), options.filters, options.sample, options.seed)
+
     def _new_item(self, item: SourceItem, metadata: dict[str, Any], sha256: str, size: int) -> NewItem:
         return NewItem(item.id, metadata, sha256, size, item.mtime_ns, fingerprint=item.fingerprint, text=item.text)
 
@@ -382,7 +375,7 @@ class Ingestor:
                 outstanding -= 1
                 item, known = result.key
                 if result.path is not None:
-                    _downloaded(item, result.path)
+                    item.downloaded_to(result.path)
                 yield _Ready(item, known, result.error)
                 block = False
 
@@ -398,7 +391,7 @@ class Ingestor:
                     cache = DownloadCache(self._cache_dir())
                 cached = cache.lookup(item.url)
                 if cached is not None:
-                    _downloaded(item, cached)
+                    item.downloaded_to(cached)
                     yield _Ready(item, known)
                 elif self.options.offline:
                     yield _Ready(item, known, NOT_CACHED)
@@ -424,6 +417,22 @@ class Ingestor:
         return default_cache_dir(self.store.location)
 
 
+def progress_counter(total: int, progress: ProgressCallback | None) -> Callable[..., None]:
+    """``advance(n=1)``: n more of ``total`` items are done, told to ``progress`` (which hears
+    (0, total) at once)."""
+    done = 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    if progress:
+        progress(0, total)
+    return advance
+
+
 def unique_items(sources: Iterable[Source], report: IngestReport) -> list[SourceItem]:
     """Every item of the sources once, in order: of items with equal ids (a catalog that lists a
     product twice, a folder given twice) the first, the others counted as ``repeated_ids``."""
@@ -444,11 +453,6 @@ def default_cache_dir(db: str) -> Path:
     if "://" in db:
         return Path(os.path.expanduser("~/.cache/clipsearch/downloads"))
     return Path(db + "-cache")
-
-
-def _downloaded(item: SourceItem, path: Path) -> None:
-    item.path = path
-    item.metadata["path"] = str(path)
 
 
 def _unchanged(state: FileState, item: SourceItem) -> bool:

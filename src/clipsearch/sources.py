@@ -44,6 +44,11 @@ class SourceItem:
     fingerprint: str | None = None
     error: str | None = None  # the source already knows this item cannot be ingested
 
+    def downloaded_to(self, path: Path) -> None:
+        """The item's URL is at ``path`` now (the download cache): read and thumbnail it there."""
+        self.path = path
+        self.metadata["path"] = str(path)
+
     def read(self) -> bytes:
         if self.path is None:
             raise ImageError("the image was not downloaded")

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from .downloads import DownloadCache, Downloader, DownloadSettings
+from .decoding import DecodeSettings, decode_crop
+from .downloads import DownloadCache, Downloaded, DownloadSettings, download_all
 from .encoders import Encoder
 from .errors import ClipsearchError, ImageError, UsageError
 from .fetch import is_url
-from .imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
+from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .store.postgres import load_psycopg, redact
 
 
@@ -317,22 +318,21 @@ class Worker:
                 except OSError as e:
                     errors[i] = f"cannot read {ref}: {e.strerror or e}"
         if urls:
-            for i, result in self._download([(i, str(refs[i]).strip()) for i in urls]):
-                if result[1] is None:
-                    data[i] = result[0]
+            for i, result in zip(urls, self._download([str(refs[i]).strip() for i in urls]), strict=True):
+                if result.path is not None:
+                    data[i] = result.path.read_bytes()
                 else:
-                    errors[i] = result[1]
+                    errors[i] = result.error
         crops, index = [], []
-        spec = self.encoder.preprocess_spec
+        settings = DecodeSettings(self.encoder.preprocess_spec, self.options.max_megapixels)
         for i, blob in enumerate(data):
             if blob is None:
                 continue
             try:
-                decoded = decode_image(blob, max_megapixels=self.options.max_megapixels, draft_size=spec.draft_size)
+                crops.append(decode_crop(blob, settings)[1])
             except ImageError as e:
                 errors[i] = e.message
                 continue
-            crops.append(self.encoder.preprocess.crop(decoded.image))
             index.append(i)
         vectors: list[np.ndarray | None] = [None] * len(refs)
         if crops:
@@ -340,26 +340,12 @@ class Worker:
                 vectors[i] = vector
         return vectors, errors
 
-    def _download(self, jobs: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | None, str | None]]]:
+    def _download(self, urls: list[str]) -> list[Downloaded]:
         if self._cache is None:
             from .pipeline import default_cache_dir
 
             self._cache = DownloadCache(self.options.cache_dir or default_cache_dir(self.url))
-        out: list[tuple[int, tuple[bytes | None, str | None]]] = []
-        pending = 0
-        with Downloader(self._cache, self.options.download) as downloader:
-            for i, url in jobs:
-                cached = self._cache.lookup(url)
-                if cached is not None:
-                    out.append((i, (cached.read_bytes(), None)))
-                else:
-                    downloader.submit(i, url)
-                    pending += 1
-            for _ in range(pending):
-                result = downloader.get()
-                blob = result.path.read_bytes() if result.path is not None else None
-                out.append((result.key, (blob, result.error)))
-        return out
+        return download_all(self._cache, urls, self.options.download)
 
     def close(self) -> None:
         self.conn.close()

@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
+from ..decoding import DecodeSettings, decode_crop
 from ..encoders import Encoder, ModelSpec
 from ..errors import ClipsearchError, ImageError, NotFoundError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
-from ..imaging import DEFAULT_MAX_MEGAPIXELS, decode_image
+from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
 from ..search import DuplicateGroup, find_duplicates, search_text, search_vector, similar_items
 from ..store import Hit, Item, NamespaceInfo, NewItem, Store, check_same_model, validate_namespace
 from .batching import MicroBatcher
@@ -198,15 +199,15 @@ class Service:
             return np.zeros((0, encoder.dim), np.float32), 0
         return np.stack([v for v, _ in results]), sum(n for _, n in results)
 
-    def _prepare(self, data: bytes, label: str | None = None) -> np.ndarray:
+    def _decode(self, data: bytes) -> tuple[DecodedImage, np.ndarray]:
         encoder = self.ready_encoder()
+        return decode_crop(data, DecodeSettings(encoder.preprocess_spec, self.settings.max_megapixels))
+
+    def _prepare(self, data: bytes, label: str | None = None) -> np.ndarray:
         try:
-            decoded = decode_image(
-                data, max_megapixels=self.settings.max_megapixels, draft_size=encoder.preprocess_spec.draft_size
-            )
+            return self._decode(data)[1]
         except ImageError as e:
             raise labelled(label, e) from None
-        return encoder.preprocess.crop(decoded.image)
 
     async def embed_images(self, images: list[bytes], labels: list[str] | None = None) -> np.ndarray:
         """Decode in the decode pool (in parallel with whatever the model is doing), then batch.
@@ -284,13 +285,7 @@ class Service:
         item_id = item_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
 
-        def decode() -> tuple[np.ndarray, Any]:
-            decoded = decode_image(
-                data, max_megapixels=self.settings.max_megapixels, draft_size=encoder.preprocess_spec.draft_size
-            )
-            return encoder.preprocess.crop(decoded.image), decoded
-
-        pixels, decoded = await loop.run_in_executor(self._decode_pool, decode)
+        decoded, pixels = await loop.run_in_executor(self._decode_pool, self._decode, data)
         await self.run(self.store.bind_namespace, namespace, encoder.identity, self.spec.to_dict())
         vector = (await self.image_batcher.submit([pixels]))[0]
         digest = hashlib.sha256(data).hexdigest()
