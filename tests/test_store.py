@@ -68,6 +68,7 @@ def test_namespace_binding_refuses_another_model(make_store):
         store.bind_namespace("default", other, {})
     store.bind_namespace("big", other, {})
     assert [n.name for n in store.namespaces()] == ["big", "default"]
+    assert store.identity("big") == other and store.identity("default") == IDENT and store.identity("nope") is None
     with pytest.raises(UsageError, match="bad namespace"):
         store.bind_namespace("../evil", IDENT, {})
 

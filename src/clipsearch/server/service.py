@@ -23,12 +23,12 @@ import httpx
 import numpy as np
 
 from ..decoding import DecodeSettings, decode_crop
-from ..encoders import Encoder, ModelSpec
+from ..encoders import Encoder, ModelIdentity, ModelSpec
 from ..errors import ClipsearchError, ImageError, NotFoundError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
 from ..search import DuplicateGroup, find_duplicates, search_text, search_vector, similar_items
-from ..store import Hit, Item, NamespaceInfo, NewItem, Store, check_same_model, validate_namespace
+from ..store import Hit, Item, NewItem, Store, check_same_model, validate_namespace
 from .batching import MicroBatcher
 from .media import Media
 
@@ -233,23 +233,24 @@ class Service:
     def namespace_name(self, namespace: str | None) -> str:
         return validate_namespace(namespace or self.settings.namespace)
 
-    def _namespace_info(self, namespace: str) -> NamespaceInfo:
-        info = self.store.namespace(namespace)
-        if info is None:
+    def _identity(self, namespace: str) -> ModelIdentity:
+        """The namespace's model, or NotFoundError. Asked on every request: it counts nothing."""
+        identity = self.store.identity(namespace)
+        if identity is None:
             raise NotFoundError(f"namespace {namespace!r} does not exist")
-        return info
+        return identity
 
     def check_searchable(self, namespace: str) -> None:
         """The served model must have made this namespace's vectors to query it by text or image.
         Checked before the query is embedded, so a bad namespace costs no model time."""
         encoder = self.ready_encoder()
-        check_same_model(namespace, self._namespace_info(namespace).identity, encoder.identity)
+        check_same_model(namespace, self._identity(namespace), encoder.identity)
 
     def search(
         self, namespace: str, vector: np.ndarray | list[float], limit: int, filters: dict[str, Any] | None
     ) -> list[Hit]:
         """Nearest items to ``vector``; the store checks its length against the namespace."""
-        self._namespace_info(namespace)
+        self._identity(namespace)
         return search_vector(self.store, namespace, np.asarray(vector, np.float32), limit, filters)
 
     def search_text(
@@ -261,15 +262,15 @@ class Service:
         filters: dict[str, Any] | None,
         mode: str,
     ) -> list[Hit]:
-        self._namespace_info(namespace)
+        self._identity(namespace)
         return search_text(self.store, None, namespace, text, limit, filters, mode, vector)
 
     def similar(self, namespace: str, item_id: str, limit: int, same: list[str] | None = None) -> list[Hit]:
-        self._namespace_info(namespace)
+        self._identity(namespace)
         return similar_items(self.store, namespace, item_id, limit, same)
 
     def get_item(self, namespace: str, item_id: str) -> Item:
-        self._namespace_info(namespace)
+        self._identity(namespace)
         found = self.store.get_items(namespace, [item_id])
         if not found:
             raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
@@ -315,7 +316,7 @@ class Service:
         return self.media.thumbnail(self.get_item(namespace, item_id), size)
 
     def duplicates(self, namespace: str, threshold: float) -> list[DuplicateGroup]:
-        self._namespace_info(namespace)
+        self._identity(namespace)
         return find_duplicates(self.store, namespace, threshold)
 
     def total_items(self) -> int:

@@ -227,7 +227,14 @@ class Store(Protocol):
     location: str
 
     # -- namespaces --------------------------------------------------------------------
-    def namespace(self, name: str) -> NamespaceInfo | None: ...
+    def namespace(self, name: str) -> NamespaceInfo | None:
+        """The namespace with its item and failure counts (counting is a scan)."""
+        ...
+
+    def identity(self, name: str) -> ModelIdentity | None:
+        """The model identity of a namespace, without counting anything: for every request."""
+        ...
+
     def namespaces(self) -> list[NamespaceInfo]: ...
     def bind_namespace(self, name: str, identity: ModelIdentity, model_spec: dict[str, Any]) -> NamespaceInfo:
         """Create the namespace for this model, or check that it already holds this model's

@@ -260,6 +260,11 @@ class PostgresStore:
         found = self._infos("WHERE name = %s", (name,))
         return found[0] if found else None
 
+    def identity(self, name: str) -> ModelIdentity | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT identity FROM clipsearch_namespaces WHERE name = %s", (name,)).fetchone()
+        return ModelIdentity.from_dict(row[0]) if row else None
+
     def namespaces(self) -> list[NamespaceInfo]:
         return self._infos()
 

@@ -213,6 +213,10 @@ class SQLiteStore:
         rows = self._query(self._NS_SELECT + " WHERE n.name = ?", (name,))
         return self._info(rows[0]) if rows else None
 
+    def identity(self, name: str) -> ModelIdentity | None:
+        rows = self._query("SELECT identity FROM namespaces WHERE name = ?", (name,))
+        return ModelIdentity.from_dict(json.loads(rows[0]["identity"])) if rows else None
+
     def namespaces(self) -> list[NamespaceInfo]:
         return [self._info(r) for r in self._query(self._NS_SELECT + " ORDER BY n.name")]
 
