@@ -68,7 +68,15 @@ def test_int8_is_close_but_its_own_identity(encoders):
 def test_export_is_cached_per_weights(tiny_openclip, onnx_cache, encoders, tmp_path):
     _, fp32, _ = encoders
     files = sorted(p.name for p in fp32.folder.iterdir())
-    assert files == ["image.int8.onnx", "image.onnx", "meta.json", "text.int8.onnx", "text.onnx"]
+    assert files == [
+        "bpe_merges.txt.gz",
+        "image.int8.onnx",
+        "image.onnx",
+        "meta.json",
+        "text.int8.onnx",
+        "text.onnx",
+        "tokenizer.json",
+    ]
     stamps = {p: p.stat().st_mtime_ns for p in fp32.folder.iterdir()}
     again = load_encoder(ModelSpec(weights=tiny_openclip, device="cpu", runtime="onnx"))
     assert again.folder == fp32.folder

@@ -16,24 +16,26 @@ yet committed, and the next run skips everything that was.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .decoding import DecodeSettings, Unchanged, decode_item
 from .downloads import DownloadCache, DownloadSettings, download_all
-from .encoders import Encoder, ModelSpec
 from .errors import ImageError, UsageError
+from .identity import ModelSpec
 from .pipeline import IngestOptions, Ingestor, IngestReport, failure_record, progress_counter
+from .settings import Settings
 from .sources import Source, SourceItem
 from .store import FailureRecord, NewItem, Store, is_postgres_url
 
-NODE_CACHE = Path(os.path.expanduser("~/.cache/clipsearch/downloads"))
+if TYPE_CHECKING:
+    from .encoders import Encoder
+
+NODE_CACHE = Settings.user_cache() / "downloads"
 
 
 @dataclass

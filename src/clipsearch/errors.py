@@ -1,20 +1,36 @@
-"""User-facing errors: each carries one line that says what is wrong and what to do.
+"""Library errors: types with fields, each with one line that says what is wrong and what to do.
 
-The CLI prints ``error: <message>`` and exits with ``exit_code``; the HTTP API maps them to JSON
-errors. Anything else that escapes is a bug and keeps its traceback.
+The library words a message for any caller; the faces word the rest for their audience. The CLI
+prints ``error: <message>`` and exits with ``exit_code``, naming ``param`` as a flag
+(``--same-filter``); the HTTP API answers JSON with a status and names ``param`` as the request
+field (``same_filter``). Anything else that escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .identity import ModelIdentity
+
 
 class ClipsearchError(Exception):
-    """An error the user can fix; ``str(err)`` is the one-line explanation."""
+    """An error the user can fix; ``str(err)`` is the one-line explanation.
+
+    ``param``: the argument the error is about, as the Python API names it (``same_filter``), so
+    that each face can name it as its users know it.
+    """
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.message = message
+        self.param = param
+
+    def worded(self, param: str | None) -> str:
+        """The message with ``param`` (the face's own name of the argument) appended, if any."""
+        return f"{self.message} ({param})" if param else self.message
 
 
 class MissingWeightsError(ClipsearchError):
@@ -26,7 +42,21 @@ class DeviceUnavailableError(ClipsearchError):
 
 
 class ModelMismatchError(ClipsearchError):
-    """A namespace holds vectors of a different model than the one asked for."""
+    """A namespace holds vectors of a different model than the one asked for.
+
+    ``stored`` made the namespace's vectors; ``requested`` is the model in use. Their vectors
+    live in different spaces: comparing or mixing them gives meaningless rankings.
+    """
+
+    def __init__(self, namespace: str, stored: ModelIdentity, requested: ModelIdentity):
+        self.namespace = namespace
+        self.stored = stored
+        self.requested = requested
+        super().__init__(
+            f"namespace {namespace!r} holds vectors of {stored.describe()}, but the model in use is "
+            f"{requested.describe()} ({'; '.join(stored.differences(requested))}); use the same model, "
+            "or another namespace"
+        )
 
 
 class DimensionError(ClipsearchError):
@@ -39,6 +69,24 @@ class UsageError(ClipsearchError):
 
 class NotFoundError(ClipsearchError):
     """An item, namespace or file that does not exist."""
+
+
+class NamespaceNotFoundError(NotFoundError):
+    """The namespace has no vectors (nothing was ever ingested into it) in this store."""
+
+    def __init__(self, namespace: str, location: str, hint: str = ""):
+        self.namespace = namespace
+        self.location = location
+        super().__init__(f"namespace {namespace!r} does not exist in {location}{hint}")
+
+
+class ItemNotFoundError(NotFoundError):
+    """No item with this id in the namespace."""
+
+    def __init__(self, item_id: str, namespace: str):
+        self.item_id = item_id
+        self.namespace = namespace
+        super().__init__(f"no item {item_id!r} in namespace {namespace!r}")
 
 
 class ImageError(ClipsearchError):

@@ -35,14 +35,10 @@ class IndexSettings:
 
     @classmethod
     def from_env(cls) -> IndexSettings:
-        env = os.environ
-        return cls(
-            kind=env.get("CLIPSEARCH_INDEX", "auto"),
-            hnsw_threshold=int(env.get("CLIPSEARCH_HNSW_THRESHOLD", DEFAULT_HNSW_THRESHOLD)),
-            hnsw_m=int(env.get("CLIPSEARCH_HNSW_M", DEFAULT_HNSW_M)),
-            ef_construction=int(env.get("CLIPSEARCH_EF_CONSTRUCTION", DEFAULT_EF_CONSTRUCTION)),
-            ef_search=int(env.get("CLIPSEARCH_EF_SEARCH", DEFAULT_EF_SEARCH)),
-        )
+        from .settings import settings
+
+        s = settings()
+        return cls(s.index, s.hnsw_threshold, s.hnsw_m, s.ef_construction, s.ef_search)
 
     def kind_for(self, count: int) -> str:
         if self.kind in ("flat", "hnsw"):

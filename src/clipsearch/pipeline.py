@@ -32,17 +32,20 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .decoding import DecodeSettings, Unchanged, decode_item
 from .downloads import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
-from .encoders import Encoder, ModelSpec
 from .errors import ImageError, UsageError
+from .identity import ModelSpec
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .sources import Source, SourceItem, select_items
 from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store, claim_owner
+
+if TYPE_CHECKING:
+    from .encoders import Encoder
 
 _LOOKUP_CHUNK = 512
 _MAX_PENDING_FAILURES = 256  # written without waiting for a batch of images
@@ -450,9 +453,9 @@ def unique_items(sources: Iterable[Source], report: IngestReport) -> list[Source
 
 def default_cache_dir(db: str) -> Path:
     """Downloads live beside a SQLite database; a server database gets a per-user cache."""
-    if "://" in db:
-        return Path(os.path.expanduser("~/.cache/clipsearch/downloads"))
-    return Path(db + "-cache")
+    from .settings import settings
+
+    return settings().download_cache(db)
 
 
 def _unchanged(state: FileState, item: SourceItem) -> bool:

@@ -10,14 +10,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from .encoders import Encoder
-from .errors import DimensionError, NotFoundError, UsageError
+from .errors import DimensionError, ItemNotFoundError, NamespaceNotFoundError, UsageError
 from .store import Hit, Item, Store
+
+if TYPE_CHECKING:
+    from .encoders import Encoder
 
 DUPLICATE_NEIGHBOURS = 32
 SEARCH_MODES = ("vector", "keyword", "hybrid")
@@ -49,13 +51,13 @@ def similar_items(
     items that share the item's value of each of these metadata keys (e.g. its client)."""
     vectors = store.get_vectors(namespace, [item_id])
     if item_id not in vectors:
-        raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
+        raise ItemNotFoundError(item_id, namespace)
     filters = None
     if same:
         metadata = store.get_items(namespace, [item_id])[0].metadata
         missing = [key for key in same if metadata.get(key) in (None, "")]
         if missing:
-            raise UsageError(f"item {item_id!r} has no {', '.join(missing)} to match (--same-filter)")
+            raise UsageError(f"item {item_id!r} has no {', '.join(missing)} to match", param="same_filter")
         filters = {key: metadata[key] for key in same}
     hits = search_vector(store, namespace, vectors[item_id], limit + 1, filters)
     return [h for h in hits if h.item.id != item_id][:limit]
@@ -231,7 +233,7 @@ def export_seed_compatible(store: Store, namespace: str, out_dir: Path, hnsw_m: 
 
     info = store.namespace(namespace)
     if info is None:
-        raise NotFoundError(f"namespace {namespace!r} does not exist in {store.location}")
+        raise NamespaceNotFoundError(namespace, store.location)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     chunks: list[np.ndarray] = []

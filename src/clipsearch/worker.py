@@ -18,17 +18,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .decoding import DecodeSettings, decode_crop
 from .downloads import DownloadCache, Downloaded, DownloadSettings, download_all
-from .encoders import Encoder
 from .errors import ClipsearchError, ImageError, UsageError
 from .fetch import is_url
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .store.postgres import load_psycopg, redact
+
+if TYPE_CHECKING:
+    from .encoders import Encoder
 
 
 @dataclass

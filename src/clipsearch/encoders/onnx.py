@@ -1,52 +1,36 @@
-"""ONNX Runtime encoders: open_clip's image and text towers exported once, run on the CPU.
+"""ONNX exports: open_clip's image and text towers exported once from the PyTorch model.
 
 ONNX Runtime's CPU kernels are markedly faster than PyTorch's for these towers on many CPUs
-(see ``benchmarks/``). The towers are exported from the loaded PyTorch model into a cache folder
-keyed by a digest of the weights, so a changed checkpoint is exported again and an unchanged one
-never is. ``fp32`` gives the PyTorch vectors (a test holds them to cosine >= 0.9999, so they may
-share a namespace); ``int8`` applies ONNX Runtime's dynamic quantisation to the weights and is a
-separate model identity.
+(see ``benchmarks/``). The towers are exported into a cache folder keyed by a digest of the
+weights, so a changed checkpoint is exported again and an unchanged one never is; ``towers``
+runs the folder (without torch). ``fp32`` gives the PyTorch vectors (a test holds them to cosine
+>= 0.99999, so they may share a namespace); ``int8`` applies ONNX Runtime's dynamic quantisation
+to the weights and is a separate model identity.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import gzip
 import hashlib
 import io
 import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import UsageError
-from .base import Encoder, ModelIdentity, ModelSpec
-from .openclip import OpenClipEncoder, count_tokens, encode_text_cut, token_counts, trim_tokens
-
-EXPORT_VERSION = 2  # bump when the exported graphs change (2: text pooling follows the model)
-
-
-def cache_root() -> Path:
-    env = os.environ.get("CLIPSEARCH_ONNX_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "clipsearch" / "onnx"
-
-
-def _import_ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UsageError("--runtime onnx needs the 'onnx' extra: pip install 'clipsearch[onnx]'") from None
-    return onnxruntime
+from ..identity import ModelIdentity, ModelSpec
+from ..tokenizer import TokenizerConfig
+from .interface import Encoder
+from .openclip import OpenClipEncoder, encode_text_cut
+from .towers import EXPORT_VERSION, TowerEncoder, cache_root, import_ort, register_export
 
 
 class _Tower(torch.nn.Module):
@@ -88,8 +72,17 @@ def _export(module: torch.nn.Module, example: torch.Tensor, dims: dict[int, Any]
                 output_names=["clipsearch_features"],
                 verbose=False,
             )
-        program.save(str(out), external_data=False)
-        os.replace(out, path)
+        # Weights in a file of their own: ONNX Runtime maps it instead of copying it out of the
+        # protobuf, which halves a query's memory and load time (see towers).
+        program.save(str(out), external_data=True)
+        _move_model(out, path)
+
+
+def _move_model(src: Path, dst: Path) -> None:
+    """Move a model and its external data; the model last, since its presence means ready."""
+    for data in src.parent.glob(src.name + "*.data"):
+        os.replace(data, dst.parent / data.name)
+    os.replace(src, dst)
 
 
 def _quantize(src: Path, dst: Path) -> None:
@@ -97,75 +90,8 @@ def _quantize(src: Path, dst: Path) -> None:
 
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         out = Path(tmp) / dst.name
-        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
-        os.replace(out, dst)
-
-
-class OnnxEncoder(Encoder):
-    def __init__(
-        self, base: OpenClipEncoder, folder: Path, precision: str, threads: int | None = None, spin: bool = True
-    ):
-        ort = _import_ort()
-        self.preprocess = base.preprocess
-        self.tokenizer = base.tokenizer
-        self.trim_text_padding = base.trim_text_padding
-        self._image_tokens = base.image_tokens
-        # trim_tokens needs only the pooling rule; the PyTorch model itself is not kept
-        self._pooling = SimpleNamespace(
-            text_pool_type=getattr(base.model, "text_pool_type", None),
-            text_eos_id=getattr(base.model, "text_eos_id", None),
-        )
-        self.folder = folder
-        quantization = "int8-dynamic" if precision == "int8" else "none"
-        self.identity = dataclasses.replace(
-            base.identity, runtime="onnx", precision=precision, quantization=quantization
-        )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:
-            # Idle worker threads spin by default: best for batch ingest, but in a server they
-            # burn the cores the event loop needs between batches.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        suffix = ".int8.onnx" if precision == "int8" else ".onnx"
-        providers = ["CPUExecutionProvider"]
-        self._image = ort.InferenceSession(str(folder / f"image{suffix}"), options, providers=providers)
-        self._text = ort.InferenceSession(str(folder / f"text{suffix}"), options, providers=providers)
-        self.device = "cpu"
-
-    @property
-    def image_tokens(self) -> int:
-        return self._image_tokens
-
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = self._image.run(None, {"clipsearch_input": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-        return _normalize(out)
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.embed_texts_counted(texts)[0]
-
-    def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
-        texts = [str(t) for t in texts]
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32), []
-        tokens = self.tokenizer(texts)
-        counts = token_counts(self.tokenizer, tokens)
-        if self.trim_text_padding:
-            tokens = trim_tokens(self._pooling, tokens)
-        feed = np.ascontiguousarray(tokens.numpy(), dtype=np.int64)
-        return _normalize(self._text.run(None, {"clipsearch_input": feed})[0]), counts
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return count_tokens(self.tokenizer, texts)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, use_external_data_format=True)
+        _move_model(out, dst)
 
 
 def prepare(base: OpenClipEncoder, precision: str) -> Path:
@@ -197,16 +123,73 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
             if not (folder / f"{tower}.int8.onnx").is_file():
                 _quantize(folder / f"{tower}.onnx", folder / f"{tower}.int8.onnx")
     if not meta.is_file():
-        meta.write_text(json.dumps({"identity": base.identity.as_dict(), "export_version": EXPORT_VERSION}, indent=1))
+        _write_tokenizer(base, folder)
+        model_meta = {
+            "identity": base.identity.as_dict(),
+            "export_version": EXPORT_VERSION,
+            "image_tokens": base.image_tokens,
+            "text": {
+                "trim": base.trim_text_padding,
+                "pool": getattr(model, "text_pool_type", None),
+                "eos_id": getattr(model, "text_eos_id", None),
+                "pad_id": getattr(base.tokenizer, "pad_token_id", None) or 0,
+            },
+        }
+        _write_text(meta, json.dumps(model_meta, indent=1))
     return folder
 
 
-def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> OnnxEncoder:
+_CLEANERS = {"_clean_lower": "lower", "_clean_whitespace": "whitespace", "_clean_canonicalize": "canonicalize"}
+_TOKENIZER_CHECK = [
+    "a photo of a cat",
+    "東京の夜景、ネオン",
+    "바닷가의 강아지",
+    "&amp; don't <b>STOP</b> 🐶",
+    "word " * 90,
+]
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_tokenizer(base: OpenClipEncoder, folder: Path) -> None:
+    """``tokenizer.json`` and the merges, for models with open_clip's CLIP tokenizer, so that
+    queries can run without torch; written only if our tokenizer gives the model's tokens."""
+    from ..tokenizer import ClipTokenizer
+
+    tok = base.tokenizer
+    clean = _CLEANERS.get(getattr(getattr(tok, "clean_fn", None), "__name__", ""))
+    if type(tok).__name__ != "SimpleTokenizer" or getattr(tok, "reduction_fn", None) is not None or clean is None:
+        return
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.__getitem__)
+    with gzip.open(folder / "bpe_merges.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("#version: clipsearch export of the model's merges\n")
+        f.write("\n".join(" ".join(pair) for pair in merges) + "\n")
+    config = TokenizerConfig(
+        merges_file="bpe_merges.txt.gz",
+        context_length=int(tok.context_length),
+        clean=clean,
+        special_tokens=tuple(tok.decoder[i] for i in tok.all_special_ids),
+        pad_id=int(getattr(tok, "pad_token_id", None) or 0),
+    )
+    if np.array_equal(ClipTokenizer(config, root=folder)(_TOKENIZER_CHECK), tok(_TOKENIZER_CHECK).numpy()):
+        config.save(folder / "tokenizer.json")
+
+
+def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> TowerEncoder:
     """``base`` loaded on the CPU; ``load_encoder`` has checked runtime, precision and device."""
     if not isinstance(base, OpenClipEncoder):
         raise UsageError(
             "--runtime onnx supports open_clip models; use --runtime torch for transformers (hf:) checkpoints"
         )
-    _import_ort()
+    import_ort()
     folder = prepare(base, spec.precision)
-    return OnnxEncoder(base, folder, spec.precision, spin=spin)
+    register_export(spec, folder)
+    tokenize = None
+    if not (folder / "tokenizer.json").is_file():  # another tokenizer: the model's own, through torch
+        tokenizer = base.tokenizer
+        tokenize = lambda texts: tokenizer(texts).numpy()  # noqa: E731
+    return TowerEncoder(folder, spec.precision, spin=spin, tokenize=tokenize)

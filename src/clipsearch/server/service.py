@@ -10,27 +10,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import numpy as np
 
 from ..decoding import DecodeSettings, decode_crop
-from ..encoders import Encoder, ModelIdentity, ModelSpec
 from ..errors import ClipsearchError, ImageError, NotFoundError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
+from ..identity import ModelIdentity, ModelSpec
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
 from ..search import DuplicateGroup, find_duplicates, search_text, search_vector, similar_items
+from ..settings import settings
 from ..store import Hit, Item, NewItem, Store, check_same_model, validate_namespace
 from .batching import MicroBatcher
 from .media import Media
+
+if TYPE_CHECKING:
+    from ..encoders import Encoder
 
 log = logging.getLogger("clipsearch.server")
 R = TypeVar("R")
@@ -55,7 +58,7 @@ class ServerSettings:
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     url_timeout: float = 10.0
     max_batch: int = 32  # images per model call
-    max_text_batch: int = int(os.environ.get("CLIPSEARCH_MAX_TEXT_BATCH", 16))  # texts per model call
+    max_text_batch: int = field(default_factory=lambda: settings().max_text_batch)  # texts per model call
     batch_wait_ms: float = 5.0
     max_inputs: int = 2048
     decode_workers: int = 2
@@ -65,12 +68,10 @@ class ServerSettings:
     def media_root(self) -> Path:
         if self.media_dir is not None:
             return self.media_dir
-        if "://" in self.db:
-            return Path(os.path.expanduser("~/.cache/clipsearch/media"))
-        return Path(self.db + "-media")
+        return settings().media_root(self.db)
 
 
-Loader = Callable[[], tuple[Encoder, ModelSpec]]
+Loader = Callable[[], "tuple[Encoder, ModelSpec]"]
 
 
 def labelled(label: str | None, e: ClipsearchError) -> ClipsearchError:

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..encoders.base import ModelIdentity
 from ..errors import DimensionError, ModelMismatchError, UsageError
+from ..identity import ModelIdentity
 
 DEFAULT_NAMESPACE = "default"
 # metadata the pipeline derives from the image itself; kept when a source updates the rest
@@ -43,11 +43,7 @@ def validate_namespace(name: str) -> str:
 def check_same_model(namespace: str, existing: ModelIdentity, requested: ModelIdentity) -> None:
     """Refuse to mix two models' vectors in one namespace."""
     if existing.compat_key != requested.compat_key:
-        raise ModelMismatchError(
-            f"namespace {namespace!r} holds vectors of {existing.describe()}, but the model in use is "
-            f"{requested.describe()} ({'; '.join(existing.differences(requested))}); use the same model, "
-            "or another --namespace"
-        )
+        raise ModelMismatchError(namespace, existing, requested)
 
 
 def check_field(field: str) -> str:
@@ -210,8 +206,25 @@ class Item:
 
 @dataclass
 class Hit:
+    """A search result: the item and its score (a cosine for vector search, higher is closer)."""
+
     item: Item
     score: float
+
+    @property
+    def id(self) -> str:
+        return self.item.id
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.item.metadata
+
+    @property
+    def path(self) -> str | None:
+        """Where the image is: its file, else its URL (catalog items), else None (uploads kept
+        elsewhere)."""
+        where = self.item.metadata.get("path") or self.item.metadata.get("url")
+        return str(where) if where else None
 
 
 @dataclass
@@ -305,3 +318,19 @@ class Store(Protocol):
     def schema_version(self) -> int: ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> Store: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class ClosingStore:
+    """Makes a store a context manager that closes it."""
+
+    def close(self) -> None:  # pragma: no cover - every store defines its own
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -18,7 +18,6 @@ Vectors are L2-normalised, so ``<#>`` (negative inner product) orders by cosine 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,11 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..encoders.base import ModelIdentity
 from ..errors import ClipsearchError, NotFoundError, UsageError
+from ..identity import ModelIdentity
 from ..index import IndexSettings
+from ..settings import settings
 from .base import (
     DERIVED_KEYS,
+    ClosingStore,
     Failure,
     FailureRecord,
     FileState,
@@ -155,7 +156,7 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class PostgresStore:
+class PostgresStore(ClosingStore):
     def __init__(self, url: str, index_settings: IndexSettings | None = None):
         psycopg, psycopg_pool, register_vector = load_psycopg()
         self.url = url
@@ -174,7 +175,7 @@ class PostgresStore:
             conn.commit()  # the type lookup opened a transaction; the pool wants the connection idle
 
         self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=int(os.environ.get("CLIPSEARCH_PG_POOL", 8)), configure=configure, open=True
+            url, min_size=1, max_size=settings().pg_pool, configure=configure, open=True
         )
         self._tables: dict[str, tuple[str, int]] = {}
 

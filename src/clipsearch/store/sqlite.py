@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from ..encoders.base import ModelIdentity
 from ..errors import NotFoundError, UsageError
+from ..identity import ModelIdentity
 from ..index import IndexSettings, VectorIndex
 from .base import (
     DERIVED_KEYS,
+    ClosingStore,
     Failure,
     FailureRecord,
     FileState,
@@ -121,7 +122,7 @@ _ADDED_COLUMNS = (
 _COUNTERS = {"image": ("generation", "rebuild_generation"), "text": ("text_generation", "text_rebuild_generation")}
 
 
-class SQLiteStore:
+class SQLiteStore(ClosingStore):
     def __init__(self, path: str | Path, index_settings: IndexSettings | None = None):
         self.path = Path(path)
         self.location = str(self.path)

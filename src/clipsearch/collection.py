@@ -1,0 +1,498 @@
+"""The collection: one namespace of a store, bound to the model that made its vectors. This is
+the library's API; the CLI, the HTTP server, the table worker and Ray ingest are callers of it.
+
+A collection owns two rules for every caller:
+
+- **which model**: the arguments given, else the model recorded for the namespace (so a search
+  uses whatever ingest used), else the default (``ViT-B-32`` / ``openai``);
+- **the model guard**: a namespace's vectors are never searched with, or mixed with, vectors of
+  another model (``ModelMismatchError``).
+
+It loads only what a call needs. Opening one, ``info``, ``failures``, ``similar``,
+``duplicates``, ``export`` and keyword search never import torch. A text query loads only the
+text tower and an image query only the image tower, as ONNX Runtime sessions over a one-time
+export of the model (``encoders.towers``), with a tokenizer and preprocessing that need no torch;
+ingest and anything that asks for ``--runtime torch`` or a GPU load the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ImageError, ModelMismatchError, NamespaceNotFoundError, UsageError
+from .identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, ModelSpec
+from .settings import settings
+from .store import DEFAULT_DB, Failure, Hit, IndexStatus, Item, Store, is_postgres_url, open_store, validate_namespace
+
+if TYPE_CHECKING:
+
+    from .catalog import CatalogOptions
+    from .distributed import RayOptions
+    from .encoders import Encoder
+    from .pipeline import IngestReport
+    from .search import DuplicateGroup
+    from .sources import Source
+
+SEARCH_MODES = ("vector", "keyword", "hybrid")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a caller asked for; ``None`` means "not said", so that the namespace's recorded
+    model (else the default) applies. ``runtime`` and ``precision`` given alone apply to the
+    recorded model: they choose how to run it, not which model it is."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    weights: str | Path | None = None
+    device: str = "auto"
+    runtime: str | None = None
+    precision: str | None = None
+
+    @property
+    def names_a_model(self) -> bool:
+        return self.model is not None or self.pretrained is not None or self.weights is not None
+
+    def resolve(self, recorded: dict[str, Any] | None) -> ModelSpec:
+        """The model to load: these arguments, else ``recorded`` (a namespace's), else the default."""
+        if not self.names_a_model and recorded:
+            spec = ModelSpec.from_dict(recorded, self.device)
+        else:
+            spec = ModelSpec(
+                model=self.model or DEFAULT_MODEL,
+                pretrained=self.pretrained if self.pretrained is not None else _default_tag(self.weights),
+                weights=Path(self.weights).expanduser() if self.weights is not None else None,
+                device=self.device,
+            )
+        if self.runtime is not None:
+            spec = dataclasses.replace(spec, runtime=self.runtime.strip().lower())
+        if self.precision is not None:
+            spec = dataclasses.replace(spec, precision=self.precision.strip().lower())
+        return spec
+
+
+def _default_tag(weights: str | Path | None) -> str | None:
+    """A checkpoint file given without a tag is recorded as what it is (``file:NAME``), not as
+    OpenAI's weights; only the hub default, with no file, is ``openai``."""
+    return DEFAULT_PRETRAINED if weights is None else None
+
+
+def check_model(namespace: str, stored: ModelIdentity, in_use: ModelIdentity) -> None:
+    """The model guard: ``in_use`` may search or write ``namespace`` only if it made ``stored``'s
+    vectors (same model, weights, preprocessing and quantisation)."""
+    if stored.compat_key != in_use.compat_key:
+        raise ModelMismatchError(namespace, stored, in_use)
+
+
+@dataclass
+class CollectionInfo:
+    """What ``Collection.info()`` reports."""
+
+    namespace: str
+    location: str
+    identity: ModelIdentity
+    model_spec: dict[str, Any]
+    items: int
+    failures: int
+    index: IndexStatus
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "model": self.identity.model_id,
+            "backend": self.identity.backend,
+            "dim": self.identity.dim,
+            "items": self.items,
+            "failures": self.failures,
+            "index": self.index.kind,
+            "index_fresh": self.index.fresh,
+            "identity": self.identity.as_dict(),
+            "model_spec": self.model_spec,
+        }
+
+
+def open(
+    db: str | Path | None = None,
+    namespace: str | None = None,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    runtime: str | None = None,
+    precision: str | None = None,
+    create: bool = True,
+) -> Collection:
+    """Open the collection ``namespace`` of the store ``db`` (a SQLite file, created if absent,
+    or a ``postgresql://`` URL); defaults come from ``CLIPSEARCH_DB`` / ``CLIPSEARCH_NAMESPACE``,
+    else ``clipsearch.db`` / ``default``.
+
+    The model arguments are optional: without them the collection uses the model recorded for
+    the namespace, else ViT-B-32 / openai. ``create=False`` refuses a SQLite file that does not
+    exist instead of creating it. Use it as a context manager, or call ``close()``::
+
+        with clipsearch.open("photos.db") as photos:
+            photos.ingest(["~/Pictures"])
+            for hit in photos.search("a dog on a beach", limit=5):
+                print(f"{hit.score:.3f} {hit.path}")
+    """
+    config = settings()
+    location = str(db) if db is not None else config.db
+    name = validate_namespace(namespace or config.namespace)
+    if not create and not is_postgres_url(location) and "://" not in location and not Path(location).exists():
+        raise UsageError(f"no database at {location}; ingest something first or give another database")
+    choice = ModelChoice(model, pretrained, weights, device, runtime, precision)
+    return Collection(open_store(location), name, choice, db=location)
+
+
+def describe(db: str | Path | None = None) -> tuple[str, list[CollectionInfo]]:
+    """Every collection of a store, as ``info()`` reports it: (the store's location, infos)."""
+    location = str(db) if db is not None else settings().db
+    if "://" not in location and not Path(location).exists():
+        raise UsageError(f"no database at {location}; ingest something first or give another database")
+    with open_store(location) as store:
+        return store.location, [Collection(store, ns.name, owns_store=False).info() for ns in store.namespaces()]
+
+
+class Collection:
+    """One namespace of a store and the model of its vectors.
+
+    Made by ``clipsearch.open(...)``. Methods:
+
+    - ``ingest(sources, ...)``: embed folders, image lists, catalogs, files (resumable, incremental);
+    - ``search(text=..., image=..., vector=..., limit=, filter=, mode=)``: ranked ``Hit`` objects;
+    - ``similar(id)``, ``duplicates(threshold)``, ``export(path)``, ``info()``, ``failures()``;
+    - ``embed_texts(texts)``, ``embed_images(images)``: vectors in the collection's space;
+    - ``get(ids)``, ``delete(ids)``, ``close()``.
+
+    Searching or writing with a model other than the one that made the namespace's vectors raises
+    ``ModelMismatchError``. Errors are ``clipsearch.ClipsearchError`` subclasses with fields.
+    Not safe for concurrent use from several threads; open one per thread.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        namespace: str,
+        choice: ModelChoice | None = None,
+        *,
+        owns_store: bool = True,
+        db: str | None = None,
+        encoder: Encoder | None = None,
+    ):
+        self.store = store
+        self.namespace = validate_namespace(namespace)
+        self.choice = choice or ModelChoice()
+        self.db = db or store.location
+        self._owns_store = owns_store
+        self._encoder = encoder  # the full model (PyTorch, or ONNX through it), loaded on demand
+        self._towers: Encoder | None = None  # the torch-free query encoder, loaded on demand
+        self._lock = threading.Lock()
+
+    # -- life cycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the store (if this collection opened it)."""
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Collection {self.namespace!r} in {self.store.location}>"
+
+    @property
+    def location(self) -> str:
+        """Where the store is (a PostgreSQL URL without its password)."""
+        return self.store.location
+
+    # -- the model -----------------------------------------------------------------------------
+    @property
+    def exists(self) -> bool:
+        """Whether the namespace holds vectors (anything was ever ingested into it)."""
+        return self.store.identity(self.namespace) is not None
+
+    def identity(self) -> ModelIdentity:
+        """The model that made the namespace's vectors; NamespaceNotFoundError if none did."""
+        identity = self.store.identity(self.namespace)
+        if identity is None:
+            raise NamespaceNotFoundError(self.namespace, self.store.location)
+        return identity
+
+    def _recorded_spec(self) -> dict[str, Any] | None:
+        if self.choice.names_a_model:
+            return None  # what is recorded does not matter
+        info = self.store.namespace(self.namespace)
+        return info.model_spec if info else None
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model this collection loads: see ``ModelChoice.resolve``."""
+        return self.choice.resolve(self._recorded_spec())
+
+    @property
+    def encoder(self) -> Encoder:
+        """The full model (loaded on first use; ingest and ``--runtime torch`` use it)."""
+        if self._encoder is None:
+            from .encoders import load_encoder
+
+            self._encoder = load_encoder(self.spec)
+        return self._encoder
+
+    def check_model(self, identity: ModelIdentity) -> None:
+        """Raise ModelMismatchError unless ``identity`` made this namespace's vectors."""
+        check_model(self.namespace, self.identity(), identity)
+
+    def query_encoder(self) -> Encoder:
+        """The encoder for queries, checked against the namespace's model: the full model if
+        one is loaded or asked for, else the model's ONNX towers without torch (exported once, on
+        first use, and cached). ``CLIPSEARCH_QUERY_RUNTIME=torch`` keeps queries on PyTorch."""
+        stored = self.identity()
+        with self._lock:
+            encoder = self._encoder or self._towers or self._load_query_encoder()
+        check_model(self.namespace, stored, encoder.identity)
+        return encoder
+
+    def _load_query_encoder(self) -> Encoder:
+        from .encoders import check_runtime
+
+        spec = self.spec
+        check_runtime(spec)
+        torch_asked = self.choice.runtime is not None and spec.runtime == "torch"
+        if torch_asked or spec.device not in ("auto", "cpu") or settings().query_runtime == "torch":
+            return self.encoder
+        from .encoders.towers import TowerEncoder, find_export
+
+        folder = find_export(spec, spec.precision)
+        if folder is None:
+            # the first query of this model: export its towers (loads torch once), and use them
+            from .encoders import load_encoder
+
+            loaded = load_encoder(dataclasses.replace(spec, runtime="onnx", device="cpu"))
+            folder = getattr(loaded, "folder", None)
+            if folder is None or not (folder / "tokenizer.json").is_file():
+                self._encoder = loaded  # a tokenizer of its own: queries keep needing torch
+                return loaded
+        elif not (folder / "tokenizer.json").is_file():
+            return self.encoder
+        self._towers = TowerEncoder(folder, spec.precision, few_calls=True)
+        return self._towers
+
+    # -- writing -------------------------------------------------------------------------------
+    def ingest(
+        self,
+        sources: Iterable[str | Path | Source],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        recursive: bool = True,
+        catalog: CatalogOptions | None = None,
+        ray: RayOptions | None = None,
+        **options: Any,
+    ) -> IngestReport:
+        """Embed images into the collection; resumable and incremental (see the README).
+
+        ``sources``: folders, ``images:DIR``, ``image-list:FILE``, ``catalog:FILE``, image files,
+        or ``Source`` objects. ``catalog``: the catalog columns (``CatalogOptions``). ``ray``: run
+        on a Ray cluster (``RayOptions``). ``progress(done, total)`` hears about every item.
+        ``options``: any field of ``pipeline.IngestOptions`` (``batch_size``, ``limit``,
+        ``workers``, ``worker_type``, ``retry_failed``, ``max_megapixels``, ``filters``,
+        ``sample``, ``seed``, ``embed_text``, ``offline``, ``cache_dir``, ``download``).
+        Raises ModelMismatchError if the namespace holds another model's vectors.
+        """
+        from .catalog import CatalogSource
+        from .pipeline import IngestOptions, Ingestor
+        from .sources import parse_source
+
+        known = {f.name for f in dataclasses.fields(IngestOptions)} - {"namespace"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UsageError(f"unknown ingest option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        if isinstance(sources, str | Path):
+            sources = [sources]
+        parsed = [
+            parse_source(str(s), recursive=recursive, catalog=catalog) if isinstance(s, str | Path) else s
+            for s in sources
+        ]
+        filters = options.get("filters")
+        for source in parsed:
+            if isinstance(source, CatalogSource) and filters:
+                source.require(list(filters))
+        options.setdefault("cache_dir", settings().download_cache(self.db))
+        ingest_options = IngestOptions(namespace=self.namespace, **options)
+        encoder = self.encoder
+        if ray is not None:
+            from .distributed import ray_ingest
+
+            return ray_ingest(self.store, self.db, self.spec, encoder, parsed, ingest_options, ray, progress)
+        return Ingestor(self.store, encoder, self.spec, ingest_options).run(parsed, progress)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove items (their vectors and metadata); returns how many there were."""
+        return self.store.delete_items(self.namespace, list(ids))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def info(self) -> CollectionInfo:
+        """Model, dimensions, item and failure counts, and the vector index's state."""
+        ns = self.store.namespace(self.namespace)
+        if ns is None:
+            raise NamespaceNotFoundError(self.namespace, self.store.location)
+        status = self.store.index_status(self.namespace)
+        return CollectionInfo(
+            ns.name, self.store.location, ns.identity, ns.model_spec, ns.items, ns.failures, status
+        )
+
+    def failures(self) -> list[Failure]:
+        """The items that could not be ingested, with their reasons."""
+        return self.store.failures(self.namespace)
+
+    def get(self, ids: Sequence[str]) -> list[Item]:
+        """The stored items among ``ids``."""
+        return self.store.get_items(self.namespace, list(ids))
+
+    def __len__(self) -> int:
+        return self.store.count(self.namespace) if self.exists else 0
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        image: Any = None,
+        vector: Sequence[float] | np.ndarray | None = None,
+        limit: int = 10,
+        filter: dict[str, Any] | None = None,
+        mode: str = "vector",
+    ) -> list[Hit]:
+        """The items nearest to a text, an image (a path, bytes or a PIL image) or a raw vector,
+        best first; give exactly one. ``filter``: ``{key: value or [values]}`` on metadata (AND
+        across keys). ``mode`` (text only): ``vector`` (CLIP), ``keyword`` (BM25 over item text
+        and metadata; no model), or ``hybrid`` (both, fused by reciprocal rank). Each ``Hit``
+        has ``id``, ``score``, ``path`` and ``metadata``."""
+        from . import search as ops
+
+        if sum(x is not None for x in (text, image, vector)) != 1:
+            raise UsageError("give a text, an image or a vector to search by (exactly one)")
+        mode = (mode or "vector").strip().lower()
+        if mode not in SEARCH_MODES:
+            raise UsageError(f"unknown search mode {mode!r}; use {', '.join(SEARCH_MODES)}", param="mode")
+        if text is None and mode != "vector":
+            raise UsageError(f"mode {mode} searches by text; search by image or vector in vector mode", param="mode")
+        if limit < 1:
+            raise UsageError("limit must be at least 1", param="limit")
+        self.identity()  # the namespace must exist, before any model loads
+        if vector is not None:
+            return ops.search_vector(self.store, self.namespace, np.asarray(vector, np.float32), limit, filter)
+        if image is not None:
+            query = self.embed_images([image])[0]
+            return ops.search_vector(self.store, self.namespace, query, limit, filter)
+        assert text is not None
+        query = None if mode == "keyword" else self.embed_texts([text])[0]
+        return ops.search_text(self.store, None, self.namespace, text, limit, filter, mode, query)
+
+    def similar(self, item_id: str, *, limit: int = 10, same_filter: Sequence[str] | None = None) -> list[Hit]:
+        """Items nearest to item ``item_id`` by image vector, without the item itself.
+        ``same_filter``: only items that share the item's value of each of these metadata keys."""
+        from .search import similar_items
+
+        self.identity()
+        return similar_items(self.store, self.namespace, item_id, limit, list(same_filter) if same_filter else None)
+
+    def duplicates(self, threshold: float = 0.95) -> list[DuplicateGroup]:
+        """Groups of near-identical images: identical bytes first, then vectors whose cosine
+        similarity is at least ``threshold``, joined transitively."""
+        from .search import find_duplicates
+
+        if not 0.0 <= threshold <= 1.0:
+            raise UsageError("threshold must be between 0 and 1", param="threshold")
+        self.identity()
+        return find_duplicates(self.store, self.namespace, threshold)
+
+    def export(self, out: str | Path, *, format: str = "npy", meta: str | Path | None = None) -> int:
+        """Write the vectors and metadata; returns how many items. ``npy``: ``out`` is the .npy
+        file (float32, N x D) and ``meta`` the JSON of ids and metadata in the same order
+        (default: ``out`` with ``.json``). ``seed-compatible``: ``out`` is a folder with
+        ``embeddings.npy``, ``metadata.json``, ``index.faiss``, ``index_ids.json``, ``manifest.json``."""
+        from .search import export_seed_compatible, export_vectors
+
+        self.identity()
+        out = Path(out)
+        if format == "npy":
+            return export_vectors(self.store, self.namespace, out, Path(meta) if meta else out.with_suffix(".json"))
+        if format == "seed-compatible":
+            return export_seed_compatible(self.store, self.namespace, out)
+        raise UsageError(f"unknown export format {format!r}; use npy or seed-compatible", param="format")
+
+    # -- embedding -------------------------------------------------------------------------------
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised vectors of ``texts`` (float32, n x d) in the collection's space. A new
+        namespace uses the model given when opening, else the default."""
+        if isinstance(texts, str):
+            raise UsageError("embed_texts takes a list of texts")
+        return self._embedder().embed_texts(list(texts))
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        """L2-normalised vectors of images given as paths, bytes or PIL images, decoded exactly
+        as ingest decodes stored files (a stored image embedded again scores 1.0 against itself).
+        ImageError names the image that could not be read."""
+        from .decoding import DecodeSettings, decode_crop
+        from .imaging import DEFAULT_MAX_MEGAPIXELS
+
+        encoder = self._embedder()
+        settings_ = DecodeSettings(encoder.preprocess_spec, DEFAULT_MAX_MEGAPIXELS)
+        crops = []
+        for i, image in enumerate(images):
+            label = str(image) if isinstance(image, str | Path) else f"image {i}"
+            try:
+                crops.append(_crop(image, encoder, settings_, decode_crop))
+            except ImageError as e:
+                raise ImageError(f"{label}: {e.message}") from None
+        if not crops:
+            return np.zeros((0, encoder.dim), np.float32)
+        return encoder.embed_crops(np.stack(crops))
+
+    def _embedder(self) -> Encoder:
+        """The query encoder, checked, for an existing namespace; else the full model of the
+        choice (nothing to check against yet)."""
+        if self.exists:
+            return self.query_encoder()
+        return self.encoder
+
+
+def _crop(image: Any, encoder: Encoder, decode_settings: Any, decode_crop: Callable) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        from .imaging import to_rgb
+
+        return encoder.preprocess.crop(to_rgb(image))
+    if isinstance(image, str | Path):
+        path = Path(image).expanduser()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError("file does not exist") from None
+        except IsADirectoryError:
+            raise ImageError("is a directory, not an image") from None
+        except OSError as e:
+            raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    elif isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+    elif isinstance(image, io.IOBase):
+        data = image.read()
+    else:
+        raise UsageError(f"cannot embed a {type(image).__name__}: give a path, bytes or a PIL image")
+    return decode_crop(data, decode_settings)[1]
+
+
+__all__ = ["DEFAULT_DB", "Collection", "CollectionInfo", "ModelChoice", "check_model", "describe", "open"]

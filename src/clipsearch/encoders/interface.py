@@ -1,0 +1,64 @@
+"""The encoder interface: what ingest, search and the server ask of a model. Torch-free, so that
+encoders that need no torch (the ONNX query towers) can implement it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..identity import ModelIdentity
+from ..imaging import Preprocessor, PreprocessSpec
+
+
+class Encoder(ABC):
+    """Maps images and texts into one L2-normalised vector space.
+
+    ``embed_images`` and ``embed_texts`` return float32 arrays of shape (n, dim).
+    """
+
+    identity: ModelIdentity
+    preprocess: Preprocessor
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    @property
+    def model_id(self) -> str:
+        return self.identity.model_id
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return self.preprocess.spec
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_pixels(self.preprocess.batch(list(images)))
+
+    @abstractmethod
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed preprocessed images, float32 (n, 3, H, W)."""
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Embed resized and cropped images, uint8 (n, H, W, 3): normalised here, per batch."""
+        return self.embed_pixels(self.preprocess.normalize(crops))
+
+    @abstractmethod
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed a list of strings."""
+
+    @abstractmethod
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens each text occupies in the text tower (special tokens included, after truncation)."""
+
+    def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """``embed_texts`` plus ``count_tokens``; backends override it to tokenise only once."""
+        texts = [str(t) for t in texts]
+        return self.embed_texts(texts), self.count_tokens(texts)
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image occupies in a ViT image tower (patches + class token); 0 if unknown."""
+        return 0

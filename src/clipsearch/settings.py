@@ -1,0 +1,92 @@
+"""Settings: every ``CLIPSEARCH_*`` variable the library reads, typed, in one object, and the
+default paths derived from them.
+
+The command line reads the variables of its own options through Typer (``--db`` and
+``CLIPSEARCH_DB`` are one setting, shown in ``--help``); everything below the command line
+reads them here. ``settings()`` reads the environment each time it is called, so a variable set
+by a test or a notebook is seen at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import UsageError
+
+PREFIX = "CLIPSEARCH_"
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: str = "clipsearch.db"  # CLIPSEARCH_DB: a SQLite file or a postgresql:// URL
+    namespace: str = "default"  # CLIPSEARCH_NAMESPACE
+    onnx_cache: Path = Path("~/.cache/clipsearch/onnx")  # CLIPSEARCH_ONNX_CACHE: exported towers
+    onednn: bool = True  # CLIPSEARCH_ONEDNN=0: keep PyTorch's own CPU matrix products
+    max_text_batch: int = 16  # CLIPSEARCH_MAX_TEXT_BATCH: texts per model call in the server
+    pg_pool: int = 8  # CLIPSEARCH_PG_POOL: PostgreSQL connections per process
+    index: str = "auto"  # CLIPSEARCH_INDEX: auto | flat | hnsw
+    hnsw_threshold: int = 50_000  # CLIPSEARCH_HNSW_THRESHOLD: vectors from which auto picks HNSW
+    hnsw_m: int = 32  # CLIPSEARCH_HNSW_M
+    ef_construction: int = 128  # CLIPSEARCH_EF_CONSTRUCTION
+    ef_search: int = 128  # CLIPSEARCH_EF_SEARCH
+    query_runtime: str = "auto"  # CLIPSEARCH_QUERY_RUNTIME: auto | torch (see Collection)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            default = f.default
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = _flag(raw)
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, Path):
+                    values[f.name] = Path(raw)
+                else:
+                    values[f.name] = raw.strip()
+            except ValueError:
+                raise UsageError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
+        if "onnx_cache" not in values and env.get("XDG_CACHE_HOME"):
+            values["onnx_cache"] = Path(env["XDG_CACHE_HOME"]) / "clipsearch" / "onnx"
+        settings = cls(**values)  # type: ignore[arg-type]
+        if settings.query_runtime not in ("auto", "torch"):
+            raise UsageError(f"{PREFIX}QUERY_RUNTIME={settings.query_runtime!r}: use auto or torch")
+        return settings
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "onnx_cache", Path(os.path.expanduser(self.onnx_cache)))
+
+    # -- default paths -------------------------------------------------------------------
+    @staticmethod
+    def user_cache() -> Path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return Path(base) / "clipsearch"
+
+    def download_cache(self, db: str) -> Path:
+        """Downloads live beside a SQLite database; a server database gets a per-user cache."""
+        if "://" in db:
+            return self.user_cache() / "downloads"
+        return Path(db + "-cache")
+
+    def media_root(self, db: str) -> Path:
+        """The server's uploads and thumbnails: beside a SQLite database, else per user."""
+        if "://" in db:
+            return self.user_cache() / "media"
+        return Path(db + "-media")
+
+
+def settings() -> Settings:
+    """The settings as the environment says now."""
+    return Settings.from_env()
