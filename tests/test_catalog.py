@@ -369,6 +369,9 @@ def test_similar_leaves_the_item_out_and_can_stay_within_a_client(cli, products)
     assert code == 0 and "P4" in out and "rank" in out  # a table of ids and image URLs
     code, _, err = cli("similar", "nope")
     assert code == 2 and "no item 'nope'" in err
+    # the library names the argument; the CLI words it as the flag
+    code, _, err = cli("similar", "P1", "--same-filter", "season")
+    assert code == 2 and "item 'P1' has no season to match (--same-filter)" in err
 
 
 def test_seed_compatible_export_layout(cli, products, tmp_path):

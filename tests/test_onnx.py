@@ -71,10 +71,14 @@ def test_export_is_cached_per_weights(tiny_openclip, onnx_cache, encoders, tmp_p
     assert files == [
         "bpe_merges.txt.gz",
         "image.int8.onnx",
+        "image.int8.onnx.data",
         "image.onnx",
+        "image.onnx.data",
         "meta.json",
         "text.int8.onnx",
+        "text.int8.onnx.data",
         "text.onnx",
+        "text.onnx.data",
         "tokenizer.json",
     ]
     stamps = {p: p.stat().st_mtime_ns for p in fp32.folder.iterdir()}

@@ -107,7 +107,8 @@ def test_the_http_api_on_postgres(pg_url, tiny_openclip, tmp_path):
 
 def test_two_ingest_processes_share_one_source(tmp_path, tiny_openclip, pg_url):
     folder = tmp_path / "many"
-    noise_images(folder, 80, size=(640, 480))
+    # enough work that the second process, starting a moment later, still finds some left
+    noise_images(folder, 160, size=(640, 480))
     cmd = [sys.executable, "-m", "clipsearch.cli", "ingest", str(folder), "--db", pg_url]
     cmd += ["--weights", str(tiny_openclip), "--batch-size", "4", "--json"]
     # the schema and namespace first, so both processes start on the work itself
@@ -118,11 +119,11 @@ def test_two_ingest_processes_share_one_source(tmp_path, tiny_openclip, pg_url):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         reports.append(json.loads(out))
-    assert sum(r["embedded"] for r in reports) == 80
+    assert sum(r["embedded"] for r in reports) == 160
     assert all(r["embedded"] > 0 for r in reports), reports  # the work was shared
     with psycopg.connect(pg_url) as conn:
         table = conn.execute("SELECT items_table FROM clipsearch_namespaces").fetchone()[0]
-        assert conn.execute(f"SELECT count(*), count(DISTINCT id) FROM {table}").fetchone() == (80, 80)
+        assert conn.execute(f"SELECT count(*), count(DISTINCT id) FROM {table}").fetchone() == (160, 160)
         assert conn.execute("SELECT count(*) FROM clipsearch_claims").fetchone()[0] == 0
 
 

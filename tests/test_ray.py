@@ -25,6 +25,16 @@ def test_no_cluster_to_join_is_one_line(cli, tmp_path, monkeypatch):
     assert code == 2 and "cannot reach the Ray cluster at 'auto'" in err and "Traceback" not in err
 
 
+def test_ray_alone_means_a_local_cluster():
+    from clipsearch.cli import _ray_alone_means_local as rewrite
+
+    assert rewrite(["ingest", "photos/", "--ray"]) == ["ingest", "photos/", "--ray=local"]
+    assert rewrite(["ingest", "--ray", "photos/"]) == ["ingest", "--ray=local", "photos/"]
+    assert rewrite(["ingest", "--ray", "--actors", "2", "x"]) == ["ingest", "--ray=local", "--actors", "2", "x"]
+    for address in ("auto", "local", "ray://head:10001", "head.example:10001"):
+        assert rewrite(["ingest", "x", "--ray", address]) == ["ingest", "x", "--ray", address]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -507,3 +507,8 @@ def test_similar_within_the_same_metadata_value(client, library):
     everything = client.get(f"/api/v1/items/{first}/similar", params={"limit": 10}).json()["results"]
     assert len(everything) == 5 and first not in {r["id"] for r in everything}
     assert_error(client.get(f"/api/v1/items/{first}/similar", params={"same_filter": "client"}), 400, "no client")
+    # worded for HTTP: the request field, not the CLI flag
+    error = client.get(f"/api/v1/items/{first}/similar", params={"same_filter": "client"}).json()["error"]
+    assert (
+        error["param"] == "same_filter" and error["message"].endswith("(same_filter)") and "--" not in error["message"]
+    )

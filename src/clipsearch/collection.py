@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ImageError, ModelMismatchError, NamespaceNotFoundError, UsageError
+from .errors import ImageError, ModelMismatchError, NamespaceNotFoundError, NoDatabaseError, UsageError
 from .identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, ModelSpec
 from .settings import settings
-from .store import DEFAULT_DB, Failure, Hit, IndexStatus, Item, Store, is_postgres_url, open_store, validate_namespace
+from .store import DEFAULT_DB, Failure, Hit, IndexStatus, Item, Store, database_exists, open_store, validate_namespace
 
 if TYPE_CHECKING:
-
     from .catalog import CatalogOptions
     from .distributed import RayOptions
     from .encoders import Encoder
@@ -147,8 +146,8 @@ def open(
     config = settings()
     location = str(db) if db is not None else config.db
     name = validate_namespace(namespace or config.namespace)
-    if not create and not is_postgres_url(location) and "://" not in location and not Path(location).exists():
-        raise UsageError(f"no database at {location}; ingest something first or give another database")
+    if not create and not database_exists(location):
+        raise NoDatabaseError(location)
     choice = ModelChoice(model, pretrained, weights, device, runtime, precision)
     return Collection(open_store(location), name, choice, db=location)
 
@@ -156,8 +155,8 @@ def open(
 def describe(db: str | Path | None = None) -> tuple[str, list[CollectionInfo]]:
     """Every collection of a store, as ``info()`` reports it: (the store's location, infos)."""
     location = str(db) if db is not None else settings().db
-    if "://" not in location and not Path(location).exists():
-        raise UsageError(f"no database at {location}; ingest something first or give another database")
+    if not database_exists(location):
+        raise NoDatabaseError(location)
     with open_store(location) as store:
         return store.location, [Collection(store, ns.name, owns_store=False).info() for ns in store.namespaces()]
 
@@ -270,7 +269,12 @@ class Collection:
         spec = self.spec
         check_runtime(spec)
         torch_asked = self.choice.runtime is not None and spec.runtime == "torch"
-        if torch_asked or spec.device not in ("auto", "cpu") or settings().query_runtime == "torch":
+        if (
+            torch_asked
+            or spec.backend != "open_clip"  # the towers are open_clip's export
+            or spec.device not in ("auto", "cpu")
+            or settings().query_runtime == "torch"
+        ):
             return self.encoder
         from .encoders.towers import TowerEncoder, find_export
 
@@ -310,24 +314,13 @@ class Collection:
         ``sample``, ``seed``, ``embed_text``, ``offline``, ``cache_dir``, ``download``).
         Raises ModelMismatchError if the namespace holds another model's vectors.
         """
-        from .catalog import CatalogSource
         from .pipeline import IngestOptions, Ingestor
-        from .sources import parse_source
 
         known = {f.name for f in dataclasses.fields(IngestOptions)} - {"namespace"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise UsageError(f"unknown ingest option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
-        if isinstance(sources, str | Path):
-            sources = [sources]
-        parsed = [
-            parse_source(str(s), recursive=recursive, catalog=catalog) if isinstance(s, str | Path) else s
-            for s in sources
-        ]
-        filters = options.get("filters")
-        for source in parsed:
-            if isinstance(source, CatalogSource) and filters:
-                source.require(list(filters))
+        parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.get("filters"))
         options.setdefault("cache_dir", settings().download_cache(self.db))
         ingest_options = IngestOptions(namespace=self.namespace, **options)
         encoder = self.encoder
@@ -336,6 +329,30 @@ class Collection:
 
             return ray_ingest(self.store, self.db, self.spec, encoder, parsed, ingest_options, ray, progress)
         return Ingestor(self.store, encoder, self.spec, ingest_options).run(parsed, progress)
+
+    @staticmethod
+    def parse_sources(
+        sources: Iterable[str | Path | Source] | str | Path,
+        *,
+        recursive: bool = True,
+        catalog: CatalogOptions | None = None,
+        filters: dict[str, Any] | None = None,
+    ) -> list[Source]:
+        """Sources as ``ingest`` reads them, checked (paths exist, filter columns are in each
+        catalog) without loading anything."""
+        from .catalog import CatalogSource
+        from .sources import parse_source
+
+        if isinstance(sources, str | Path):
+            sources = [sources]
+        parsed = [
+            parse_source(str(s), recursive=recursive, catalog=catalog) if isinstance(s, str | Path) else s
+            for s in sources
+        ]
+        for source in parsed:
+            if isinstance(source, CatalogSource) and filters:
+                source.require(list(filters))
+        return parsed
 
     def delete(self, ids: Sequence[str]) -> int:
         """Remove items (their vectors and metadata); returns how many there were."""
@@ -348,9 +365,7 @@ class Collection:
         if ns is None:
             raise NamespaceNotFoundError(self.namespace, self.store.location)
         status = self.store.index_status(self.namespace)
-        return CollectionInfo(
-            ns.name, self.store.location, ns.identity, ns.model_spec, ns.items, ns.failures, status
-        )
+        return CollectionInfo(ns.name, self.store.location, ns.identity, ns.model_spec, ns.items, ns.failures, status)
 
     def failures(self) -> list[Failure]:
         """The items that could not be ingested, with their reasons."""

@@ -43,6 +43,20 @@ class Unchanged:
     size: int
 
 
+def failure_reason(e: BaseException) -> str:
+    """Why an item failed, as recorded: an ImageError's own reason, else what went wrong. The one
+    wording for every path that decodes (local ingest, Ray's decode tasks, the table worker)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    if isinstance(e, ImageError):
+        return e.message
+    if isinstance(e, MemoryError):
+        return "out of memory while decoding"
+    if isinstance(e, BrokenProcessPool):
+        return "the decoder process crashed on this file"
+    return f"unexpected {type(e).__name__}: {e}"
+
+
 @lru_cache(maxsize=8)
 def _preprocessor(spec: PreprocessSpec) -> Preprocessor:
     return Preprocessor(spec)

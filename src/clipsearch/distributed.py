@@ -19,15 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .decoding import DecodeSettings, Unchanged, decode_item
+from .decoding import DecodeSettings, Unchanged, decode_item, failure_reason
 from .downloads import DownloadCache, DownloadSettings, download_all
-from .errors import ImageError, UsageError
+from .errors import UsageError
 from .identity import ModelSpec
-from .pipeline import IngestOptions, Ingestor, IngestReport, failure_record, progress_counter
+from .pipeline import IngestOptions, Ingestor, IngestReport, failure_record, item_row, progress_counter
 from .settings import Settings
 from .sources import Source, SourceItem
 from .store import FailureRecord, NewItem, Store, is_postgres_url
@@ -45,6 +47,7 @@ class RayOptions:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0  # Ray sets the actor's thread count (OMP_NUM_THREADS) from this
     decode_cpus: float = 1.0  # per decode task
+    verbose: bool = False  # Ray's own log on the terminal (else in a file, see ``connect``)
 
 
 def _ray():
@@ -56,8 +59,33 @@ def _ray():
     return ray
 
 
-def connect(address: str) -> Any:
+def ray_log_file() -> Path:
+    return Settings.user_cache() / "ray.log"
+
+
+def _quiet(ray: Any) -> None:
+    """Ray's own log (cluster start, Ray Data's plan and progress) to ``ray_log_file()`` instead
+    of the terminal, where our progress bar and summary are what a user reads."""
+    import logging
+
+    path = ray_log_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("ray", "ray.data", "ray.util", "ray._private"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    if hasattr(context, "print_on_execution_start"):
+        context.print_on_execution_start = False
+
+
+def connect(address: str, verbose: bool = False) -> Any:
     ray = _ray()
+    if not verbose:
+        _quiet(ray)
     if ray.is_initialized():
         return ray
     address = (address or "local").strip()
@@ -105,12 +133,8 @@ class _Decode:
             if not reason:
                 try:
                     result = decode_item(item, str(known) or None, self.settings)
-                except ImageError as e:
-                    reason = e.message
-                except MemoryError:
-                    reason = "out of memory while decoding"
                 except Exception as e:  # one bad file must never stop the run
-                    reason = f"unexpected {type(e).__name__}: {e}"
+                    reason = failure_reason(e)
                 else:
                     sha, size = result.sha256, result.size
                     if isinstance(result, Unchanged):
@@ -178,15 +202,10 @@ def _records(
             continue
         sha, size = str(batch["sha256"][i]), int(batch["size"][i])
         if kind == "unchanged":
-            touched.append(
-                NewItem(item.id, item.metadata, sha, size, item.mtime_ns, item.fingerprint, item.text, text_vector)
-            )
+            touched.append(item_row(item, sha, size, text_vector=text_vector))
             continue
-        metadata = dict(item.metadata)
-        metadata.update(
-            namespace=namespace, width=int(batch["width"][i]), height=int(batch["height"][i]), sha256=sha, bytes=size
-        )
-        items.append(NewItem(item.id, metadata, sha, size, item.mtime_ns, item.fingerprint, item.text, text_vector))
+        decoded = SimpleNamespace(width=batch["width"][i], height=batch["height"][i])
+        items.append(item_row(item, sha, size, namespace=namespace, size_wh=decoded, text_vector=text_vector))
         vectors.append(batch["vector"][i])
     matrix = np.stack(vectors) if vectors else np.zeros((0, batch["vector"].shape[1]), np.float32)
     return items, matrix, failures, touched
@@ -228,7 +247,7 @@ def ray_ingest(
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Ingest ``sources`` through Ray; the report is the local ingest's."""
-    ray = connect(ray_options.address)
+    ray = connect(ray_options.address, ray_options.verbose)
     started = time.perf_counter()  # like local ingest: from the work, not from starting a cluster
     planner = Ingestor(store, encoder, encoder_spec, options)  # binds the namespace, checks the model
     report = IngestReport()

@@ -71,6 +71,14 @@ class NotFoundError(ClipsearchError):
     """An item, namespace or file that does not exist."""
 
 
+class NoDatabaseError(NotFoundError):
+    """A command that only reads was pointed at a SQLite file that does not exist."""
+
+    def __init__(self, location: str):
+        self.location = location
+        super().__init__(f"no database at {location}; ingest something into it first, or give another database")
+
+
 class NamespaceNotFoundError(NotFoundError):
     """The namespace has no vectors (nothing was ever ingested into it) in this store."""
 

@@ -36,13 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .decoding import DecodeSettings, Unchanged, decode_item
+from .decoding import DecodeSettings, Unchanged, decode_item, failure_reason
 from .downloads import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
-from .errors import ImageError, UsageError
+from .errors import UsageError
 from .identity import ModelSpec
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .sources import Source, SourceItem, select_items
 from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store, claim_owner
+from .store.base import with_derived
 
 if TYPE_CHECKING:
     from .encoders import Encoder
@@ -212,34 +213,19 @@ class Ingestor:
             item = entry.item
             try:
                 result = entry.future.result()
-            except ImageError as e:
-                reason = e.message
-            except MemoryError:
-                reason = "out of memory while decoding"
-            except BrokenProcessPool:
-                reason = "the decoder process crashed on this file"
             except Exception as e:  # one bad file must never stop the run
-                reason = f"unexpected {type(e).__name__}: {e}"
-            else:
-                if isinstance(result, Unchanged):
-                    # same bytes as stored: keep the vector, refresh what the source says
-                    pending_touched.append(self._new_item(item, item.metadata, result.sha256, result.size))
-                    report.skipped += 1
-                    queued -= 1  # unchanged: it does not use up the limit
-                    return
-                metadata = dict(item.metadata)
-                metadata.update(
-                    namespace=self.namespace,
-                    width=result.width,
-                    height=result.height,
-                    sha256=result.sha256,
-                    bytes=result.size,
-                )
-                batch.append(_Prepared(self._new_item(item, metadata, result.sha256, result.size), result.crop))
-                if len(batch) >= options.batch_size:
-                    flush()
+                fail(item, failure_reason(e))
                 return
-            fail(item, reason)
+            if isinstance(result, Unchanged):
+                # same bytes as stored: keep the vector, refresh what the source says
+                pending_touched.append(item_row(item, result.sha256, result.size))
+                report.skipped += 1
+                queued -= 1  # unchanged: it does not use up the limit
+                return
+            row = item_row(item, result.sha256, result.size, namespace=self.namespace, size_wh=result)
+            batch.append(_Prepared(row, result.crop))
+            if len(batch) >= options.batch_size:
+                flush()
 
         def collect() -> None:
             nonlocal executor
@@ -301,9 +287,6 @@ class Ingestor:
         """The items to consider: each id once, then --filter and --sample."""
         options = self.options
         return select_items(unique_items(sources, report), options.filters, options.sample, options.seed)
-
-    def _new_item(self, item: SourceItem, metadata: dict[str, Any], sha256: str, size: int) -> NewItem:
-        return NewItem(item.id, metadata, sha256, size, item.mtime_ns, fingerprint=item.fingerprint, text=item.text)
 
     def _embed_texts(self, items: list[NewItem]) -> None:
         with_text = [it for it in items if it.text]
@@ -472,6 +455,26 @@ def _unchanged(state: FileState, item: SourceItem) -> bool:
         and state.size == item.size
         and state.mtime_ns == item.mtime_ns
     )
+
+
+def item_row(
+    item: SourceItem,
+    sha256: str,
+    size: int,
+    *,
+    namespace: str | None = None,
+    size_wh: Any = None,
+    text_vector: np.ndarray | None = None,
+) -> NewItem:
+    """The store row of a source item. For a newly decoded image give ``namespace`` and
+    ``size_wh`` (anything with the original's ``width`` and ``height``): its metadata gains what
+    decoding found. Without them (the bytes are unchanged) the row carries only what the source
+    says, and the store keeps the derived keys it has. Local ingest and Ray both write these."""
+    metadata = item.metadata
+    if namespace is not None:
+        width, height = int(size_wh.width), int(size_wh.height)
+        metadata = with_derived(metadata, namespace=namespace, width=width, height=height, sha256=sha256, size=size)
+    return NewItem(item.id, metadata, sha256, size, item.mtime_ns, item.fingerprint, item.text, text_vector)
 
 
 def failure_record(item: SourceItem, reason: str) -> FailureRecord:

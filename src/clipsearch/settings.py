@@ -19,6 +19,12 @@ from .errors import UsageError
 PREFIX = "CLIPSEARCH_"
 
 
+def is_server(db: str) -> bool:
+    from .store import is_server as server
+
+    return server(db)
+
+
 def _flag(value: str) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off", "")
 
@@ -76,13 +82,13 @@ class Settings:
 
     def download_cache(self, db: str) -> Path:
         """Downloads live beside a SQLite database; a server database gets a per-user cache."""
-        if "://" in db:
+        if is_server(db):
             return self.user_cache() / "downloads"
         return Path(db + "-cache")
 
     def media_root(self, db: str) -> Path:
         """The server's uploads and thumbnails: beside a SQLite database, else per user."""
-        if "://" in db:
+        if is_server(db):
             return self.user_cache() / "media"
         return Path(db + "-media")
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .decoding import DecodeSettings, decode_crop
+from .decoding import DecodeSettings, decode_crop, failure_reason
 from .downloads import DownloadCache, Downloaded, DownloadSettings, download_all
-from .errors import ClipsearchError, ImageError, UsageError
+from .errors import ClipsearchError, UsageError
 from .fetch import is_url
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .store.postgres import load_psycopg, redact
@@ -332,8 +332,8 @@ class Worker:
                 continue
             try:
                 crops.append(decode_crop(blob, settings)[1])
-            except ImageError as e:
-                errors[i] = e.message
+            except Exception as e:  # one bad image must never stop the batch
+                errors[i] = failure_reason(e)
                 continue
             index.append(i)
         vectors: list[np.ndarray | None] = [None] * len(refs)

@@ -36,6 +36,7 @@ from ..errors import (
     ForbiddenURLError,
     ImageError,
     MissingWeightsError,
+    NamespaceNotFoundError,
     NotFoundError,
     TooLargeError,
     UsageError,
@@ -243,7 +244,11 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     @app.exception_handler(ClipsearchError)
     async def _clipsearch_error(request: Request, e: ClipsearchError):
         status, type_, code = _status(e)
-        return error_response(status, e.message, type_, code)
+        # the library names an argument as Python does (same_filter): so does the request
+        message = e.worded(e.param)
+        if isinstance(e, NamespaceNotFoundError):  # where the store lives is the server's business
+            message = f"namespace {e.namespace!r} does not exist"
+        return error_response(status, message, type_, code, param=e.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):

@@ -21,14 +21,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 import numpy as np
 
+from ..collection import Collection, check_model
 from ..decoding import DecodeSettings, decode_crop
-from ..errors import ClipsearchError, ImageError, NotFoundError, UsageError
+from ..errors import ClipsearchError, ImageError, ItemNotFoundError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
 from ..identity import ModelIdentity, ModelSpec
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
 from ..search import DuplicateGroup, find_duplicates, search_text, search_vector, similar_items
 from ..settings import settings
-from ..store import Hit, Item, NewItem, Store, check_same_model, validate_namespace
+from ..store import Hit, Item, NewItem, Store, validate_namespace
+from ..store.base import with_derived
 from .batching import MicroBatcher
 from .media import Media
 
@@ -236,16 +238,13 @@ class Service:
 
     def _identity(self, namespace: str) -> ModelIdentity:
         """The namespace's model, or NotFoundError. Asked on every request: it counts nothing."""
-        identity = self.store.identity(namespace)
-        if identity is None:
-            raise NotFoundError(f"namespace {namespace!r} does not exist")
-        return identity
+        return Collection(self.store, namespace, owns_store=False).identity()
 
     def check_searchable(self, namespace: str) -> None:
         """The served model must have made this namespace's vectors to query it by text or image.
         Checked before the query is embedded, so a bad namespace costs no model time."""
         encoder = self.ready_encoder()
-        check_same_model(namespace, self._identity(namespace), encoder.identity)
+        check_model(namespace, self._identity(namespace), encoder.identity)
 
     def search(
         self, namespace: str, vector: np.ndarray | list[float], limit: int, filters: dict[str, Any] | None
@@ -274,7 +273,7 @@ class Service:
         self._identity(namespace)
         found = self.store.get_items(namespace, [item_id])
         if not found:
-            raise NotFoundError(f"no item {item_id!r} in namespace {namespace!r}")
+            raise ItemNotFoundError(item_id, namespace)
         return found[0]
 
     async def add_item(
@@ -292,17 +291,14 @@ class Service:
         vector = (await self.image_batcher.submit([pixels]))[0]
         digest = hashlib.sha256(data).hexdigest()
         path = await self.run(self.media.save_upload, namespace, item_id, decoded.format, data)
-        meta = dict(metadata)
-        meta.update(
-            type="image",
-            source="upload",
-            filename=filename or path.name,
-            path=str(path),
+        upload = {"type": "image", "source": "upload", "filename": filename or path.name, "path": str(path)}
+        meta = with_derived(
+            {**metadata, **upload},
             namespace=namespace,
             width=decoded.width,
             height=decoded.height,
             sha256=digest,
-            bytes=len(data),
+            size=len(data),
         )
         new = NewItem(item_id, meta, sha256=digest, size=len(data), mtime_ns=None)
         await self.run(self.store.write_batch, namespace, [new], vector[None, :])

@@ -40,7 +40,18 @@ def open_store(location: str | Path, index_settings: IndexSettings | None = None
 
 
 def is_postgres_url(location: str) -> bool:
-    return location.startswith(("postgresql://", "postgres://"))
+    """Whether a ``--db`` names a PostgreSQL server (else a SQLite file): decided here only."""
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def is_server(location: str) -> bool:
+    """A database behind a URL (nothing on this machine's disk to look for)."""
+    return "://" in str(location)
+
+
+def database_exists(location: str | Path) -> bool:
+    """Whether there is a database to read: a server is taken to exist, a SQLite file must."""
+    return is_server(str(location)) or Path(location).exists()
 
 
 __all__ = [
@@ -58,7 +69,9 @@ __all__ = [
     "Store",
     "check_same_model",
     "claim_owner",
+    "database_exists",
     "is_postgres_url",
+    "is_server",
     "open_store",
     "validate_namespace",
 ]

@@ -46,6 +46,14 @@ def check_same_model(namespace: str, existing: ModelIdentity, requested: ModelId
         raise ModelMismatchError(namespace, existing, requested)
 
 
+def with_derived(
+    metadata: dict[str, Any], *, namespace: str, width: int, height: int, sha256: str, size: int
+) -> dict[str, Any]:
+    """An image's metadata as stored: what its source says, plus what decoding found
+    (``DERIVED_KEYS``). Every path that stores a decoded image builds its row's metadata here."""
+    return {**metadata, "namespace": namespace, "width": width, "height": height, "sha256": sha256, "bytes": size}
+
+
 def check_field(field: str) -> str:
     if field not in FIELDS:
         raise UsageError(f"unknown vector field {field!r}; use {' or '.join(FIELDS)}")

@@ -1,0 +1,87 @@
+"""The ``clipsearch`` command line: a thin face of ``clipsearch.Collection``.
+
+One module per command group: ``ingest``; ``query`` (search, similar, embed, duplicates);
+``store`` (info, failures, export, db, index); ``serve``; ``worker``. Options shared by several
+commands, the model options among them, are declared once in ``_common``.
+
+Settings come from flags, then ``CLIPSEARCH_*`` environment variables, then the model recorded
+for the namespace (so ``search`` uses whatever ``ingest`` used), then the defaults.
+Exit codes: 0 success, 1 some items failed, 2 a usage or set-up error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from . import ingest as ingest_cmd
+from . import query, serve, store, worker
+from ._common import handle_errors, model_options, out, quiet_libraries
+
+app = typer.Typer(
+    name="clipsearch",
+    help="Self-hosted CLIP embeddings and semantic image search.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"clipsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    quiet_libraries()
+
+
+app.command("ingest")(handle_errors(model_options(ingest_cmd.ingest)))
+app.command("search")(handle_errors(model_options(query.search)))
+app.command("similar")(handle_errors(query.similar))
+app.command("embed")(handle_errors(model_options(query.embed)))
+app.command("duplicates")(handle_errors(query.duplicates))
+app.command("export")(handle_errors(store.export))
+app.command("info")(handle_errors(store.info))
+app.command("failures")(handle_errors(store.failures))
+app.command("serve")(handle_errors(model_options(serve.serve)))
+
+db_app = typer.Typer(help="The store itself: schema version and migrations.", no_args_is_help=True)
+index_app = typer.Typer(help="The vector index of a namespace.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(index_app, name="index")
+db_app.command("migrate")(handle_errors(store.db_migrate))
+index_app.command("build")(handle_errors(store.index_build))
+
+worker.worker_app.callback()(handle_errors(model_options(worker.worker)))
+worker.worker_app.command("install-trigger")(handle_errors(worker.worker_install_trigger))
+app.add_typer(worker.worker_app, name="worker")
+
+# ``--ray`` alone means a local cluster: the next word is its address only if it looks like one.
+_RAY_ADDRESS = re.compile(r"^(local|auto|[a-z]+://.*|[\w.-]+:\d+)$")
+
+
+def _ray_alone_means_local(argv: list[str]) -> list[str]:
+    out_argv = []
+    for i, arg in enumerate(argv):
+        out_argv.append(arg)
+        if arg == "--ray" and (i + 1 == len(argv) or not _RAY_ADDRESS.match(argv[i + 1])):
+            out_argv[-1] = "--ray=local"
+    return out_argv
+
+
+def main() -> None:
+    app(args=_ray_alone_means_local(sys.argv[1:]), prog_name="clipsearch")
+
+
+__all__ = ["app", "main"]

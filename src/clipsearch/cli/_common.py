@@ -1,0 +1,257 @@
+"""What every command shares: the consoles, error wording, the option definitions (the six model
+options are declared here once), filters, the progress bar and result tables.
+
+Commands are thin: they parse, call ``clipsearch.Collection`` (or the store), and print. Library
+errors are worded here for a terminal: an argument the library names (``same_filter``) is shown
+as its flag (``--same-filter``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import sys
+import typing
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.table import Table
+from rich.text import Text
+
+from ..collection import ModelChoice
+from ..errors import ClipsearchError, NamespaceNotFoundError, NoDatabaseError, UsageError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+CATALOG_PANEL = "Catalogs and selection"
+
+# -- options shared by several commands ----------------------------------------------------------
+DbOpt = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        envvar="CLIPSEARCH_DB",
+        help="SQLite database file, or a postgresql://user:pass@host/db URL (pgvector).",
+        show_default=True,
+    ),
+]
+NamespaceOpt = Annotated[
+    str,
+    typer.Option("--namespace", "-n", envvar="CLIPSEARCH_NAMESPACE", help="Namespace inside the store."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
+LimitOpt = Annotated[int, typer.Option("--limit", "-k", min=1, help="Number of results.")]
+HitsJsonOpt = Annotated[bool, typer.Option("--json", help="JSON lines: id, score, path, metadata.")]
+
+# The model options, declared once; ``model_options`` adds them to a command.
+_MODEL_PANEL = "Model"
+_MODEL_PARAMS: list[tuple[str, Any, Any]] = [
+    (
+        "model",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--model",
+                envvar="CLIPSEARCH_MODEL",
+                help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), hf-hub:ORG/REPO, or hf:REPO for "
+                "transformers. Default: the namespace's model, else ViT-B-32.",
+                rich_help_panel=_MODEL_PANEL,
+            ),
+        ],
+        None,
+    ),
+    (
+        "pretrained",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--pretrained",
+                envvar="CLIPSEARCH_PRETRAINED",
+                help="open_clip pretrained tag (default: openai; with --weights FILE, none: the file is recorded as "
+                "file:NAME unless you name its tag).",
+                rich_help_panel=_MODEL_PANEL,
+            ),
+        ],
+        None,
+    ),
+    (
+        "weights",
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--weights",
+                envvar="CLIPSEARCH_WEIGHTS",
+                help="Local weights: a checkpoint file, or a saved model folder (open_clip or transformers).",
+                rich_help_panel=_MODEL_PANEL,
+            ),
+        ],
+        None,
+    ),
+    (
+        "device",
+        Annotated[
+            str,
+            typer.Option(
+                "--device",
+                envvar="CLIPSEARCH_DEVICE",
+                help="auto, cpu, cuda, cuda:N or mps.",
+                rich_help_panel=_MODEL_PANEL,
+            ),
+        ],
+        "auto",
+    ),
+    (
+        "runtime",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--runtime",
+                envvar="CLIPSEARCH_RUNTIME",
+                help="torch, or onnx (ONNX Runtime on the CPU; towers exported once to a cache). Default: the "
+                "namespace's, else torch; queries run on the ONNX towers unless torch is asked for.",
+                rich_help_panel=_MODEL_PANEL,
+            ),
+        ],
+        None,
+    ),
+    (
+        "precision",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--precision",
+                envvar="CLIPSEARCH_PRECISION",
+                help="fp32, or int8 (ONNX Runtime dynamic quantisation; a separate model identity). fp16 is "
+                "automatic on CUDA.",
+                rich_help_panel=_MODEL_PANEL,
+            ),
+        ],
+        None,
+    ),
+]
+
+
+def model_options(fn: F) -> F:
+    """Give a command the six model options; it receives them as one ``choice: ModelChoice``."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    signature = inspect.signature(fn)
+    params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+    params = [p for p in params if p.name != "choice"]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in _MODEL_PARAMS
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name, _, _ in _MODEL_PARAMS}
+        return fn(*args, choice=ModelChoice(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper  # type: ignore[return-value]
+
+
+# -- errors --------------------------------------------------------------------------------------
+def flag(param: str) -> str:
+    """The command-line flag of a library argument: ``same_filter`` -> ``--same-filter``."""
+    return "--" + param.replace("_", "-")
+
+
+def word(e: ClipsearchError) -> str:
+    """A library error as a terminal user reads it."""
+    if isinstance(e, NoDatabaseError):
+        return f"no database at {e.location}; run `clipsearch ingest` first or pass --db"
+    if isinstance(e, NamespaceNotFoundError):
+        return f"{e.message}; run `clipsearch ingest` first or pass --namespace"
+    return e.worded(flag(e.param) if e.param else None)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn user-facing errors into one ``error:`` line and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClipsearchError as e:
+            err.print(f"[bold red]error:[/] {word(e)}", highlight=False, markup=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("open_clip").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    # read by transformers when (if ever) it is imported; importing it here would cost a second
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
+    if not values:
+        return None
+    filters: dict[str, list[str]] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --filter {v!r}: use KEY=VALUE, e.g. --filter label=cat")
+        filters.setdefault(key.strip(), []).append(value.strip())
+    return filters
+
+
+def loading(what: str):
+    """A spinner on a terminal while a model loads; nothing elsewhere."""
+    import contextlib
+
+    return err.status(f"loading {what} ...", spinner="dots") if err.is_terminal else contextlib.nullcontext()
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f} items/s" if speed else "    -- items/s", style="progress.data.speed")
+
+
+def print_hits(hits: list, as_json: bool) -> None:
+    if as_json:
+        for h in hits:
+            line = {"id": h.id, "score": round(h.score, 6), "path": h.metadata.get("path"), "metadata": h.metadata}
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+        return
+    if not hits:
+        out.print("no results")
+        return
+    catalog = any("catalog" in h.metadata for h in hits)
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    if catalog:  # products are known by their id and where the image came from
+        table.add_column("id", overflow="fold")
+        table.add_column("image", overflow="fold")
+    else:
+        table.add_column("path", overflow="fold")
+        table.add_column("label")
+    for rank, h in enumerate(hits, 1):
+        meta = h.metadata
+        if catalog:
+            table.add_row(str(rank), f"{h.score:.4f}", h.id, str(meta.get("url") or meta.get("path") or ""))
+        else:
+            table.add_row(str(rank), f"{h.score:.4f}", str(meta.get("path", h.id)), str(meta.get("label", "")))
+    out.print(table)

@@ -1,0 +1,302 @@
+"""``clipsearch ingest``: embed folders, image lists and catalogs into a collection."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..collection import Collection, ModelChoice
+from ..errors import UsageError
+from ..store import open_store
+from ._common import (
+    CATALOG_PANEL,
+    DbOpt,
+    JsonOpt,
+    NamespaceOpt,
+    RateColumn,
+    err,
+    loading,
+    out,
+    parse_filters,
+)
+
+if TYPE_CHECKING:
+    from ..pipeline import IngestReport
+
+
+def progress_bar() -> Progress:
+    columns = (
+        SpinnerColumn(),
+        TextColumn("[bold]ingest[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=err, transient=False)
+
+
+def ingest(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="DIR, images:DIR, image-list:FILE, or an image file.", show_default=False),
+    ],
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=1, envvar="CLIPSEARCH_BATCH_SIZE", help="Images per model call."),
+    ] = 32,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="Embed at most N new items.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders.")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            envvar="CLIPSEARCH_WORKERS",
+            help="Decode workers (default: threads, one per core up to 4; processes, cores - 1).",
+        ),
+    ] = None,
+    worker_type: Annotated[
+        str,
+        typer.Option(
+            "--worker-type",
+            envvar="CLIPSEARCH_WORKER_TYPE",
+            help="thread, process, or auto: threads when the model runs on the CPU, processes with a GPU.",
+        ),
+    ] = "auto",
+    max_megapixels: Annotated[
+        float,
+        typer.Option(
+            "--max-megapixels", envvar="CLIPSEARCH_MAX_MEGAPIXELS", help="Refuse larger images (0: no limit)."
+        ),
+    ] = 50.0,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Try items that failed in earlier runs again.")
+    ] = False,
+    filter_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter", help="Only items (catalog rows) whose KEY=VALUE (repeatable).", rich_help_panel=CATALOG_PANEL
+        ),
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option("--sample", min=0, help="A reproducible random sample of N items.", rich_help_panel=CATALOG_PANEL),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Which sample --sample takes.", rich_help_panel=CATALOG_PANEL)
+    ] = 0,
+    id_column: Annotated[
+        str, typer.Option("--id-column", help="Catalog column with the item id.", rich_help_panel=CATALOG_PANEL)
+    ] = "id",
+    image_column: Annotated[
+        str | None,
+        typer.Option(
+            "--image-column",
+            help="Catalog column with the image URL or path (default: image_url, image, url, image_path or path).",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = None,
+    text_columns: Annotated[
+        str | None,
+        typer.Option(
+            "--text-columns",
+            help="Comma-separated catalog columns that make the item's text (keyword search, --embed-text).",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = None,
+    embed_text: Annotated[
+        bool,
+        typer.Option(
+            "--embed-text", help="Also store the text tower's vector of the item's text.", rich_help_panel=CATALOG_PANEL
+        ),
+    ] = False,
+    download_missing: Annotated[
+        bool,
+        typer.Option(
+            "--download-missing/--offline",
+            envvar="CLIPSEARCH_DOWNLOAD",
+            help="Download image URLs not in the cache, or use the cache only (the rest fail as 'not cached').",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = True,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            envvar="CLIPSEARCH_CACHE_DIR",
+            help="Download cache (default: DB-cache beside the database).",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            min=1,
+            envvar="CLIPSEARCH_CONCURRENCY",
+            help="Downloads at once.",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = 16,
+    download_timeout: Annotated[
+        float,
+        typer.Option(
+            "--download-timeout",
+            min=0.1,
+            envvar="CLIPSEARCH_DOWNLOAD_TIMEOUT",
+            help="Seconds per download attempt.",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = 30.0,
+    retries: Annotated[
+        int,
+        typer.Option(
+            "--retries",
+            min=0,
+            envvar="CLIPSEARCH_RETRIES",
+            help="Retries of a download after a timeout, a broken connection, 5xx or 429 (with backoff).",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = 3,
+    max_download_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-download-mb",
+            min=0.001,
+            envvar="CLIPSEARCH_MAX_DOWNLOAD_MB",
+            help="Refuse larger downloads.",
+            rich_help_panel=CATALOG_PANEL,
+        ),
+    ] = 50.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            envvar="CLIPSEARCH_RAY",
+            help="Run on a Ray cluster: local (a cluster for this run; also --ray alone), auto, or ray://HOST:10001.",
+            rich_help_panel="Ray",
+        ),
+    ] = None,
+    actors: Annotated[
+        int, typer.Option("--actors", min=1, help="Ray: encoder actors (model copies).", rich_help_panel="Ray")
+    ] = 1,
+    gpus_per_actor: Annotated[
+        float, typer.Option("--gpus-per-actor", min=0.0, help="Ray: GPUs per encoder actor.", rich_help_panel="Ray")
+    ] = 0.0,
+    cpus_per_actor: Annotated[
+        float,
+        typer.Option(
+            "--cpus-per-actor", min=0.1, help="Ray: CPUs (and threads) per encoder actor.", rich_help_panel="Ray"
+        ),
+    ] = 1.0,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the log of Ray (with --ray).")] = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Embed images from folders, image lists and catalogs into the store (resumable, incremental)."""
+    from ..catalog import CatalogOptions
+    from ..downloads import CATALOG_POLICY, DownloadSettings
+    from ..pipeline import resolve_worker_type
+    from ..store import validate_namespace
+
+    validate_namespace(namespace)
+    resolve_worker_type(worker_type, "cpu")  # a typo fails before the model loads
+    filters = parse_filters(filter_)
+    columns = [c.strip() for c in (text_columns or "").split(",") if c.strip()]
+    if embed_text and not columns:
+        raise UsageError("--embed-text needs --text-columns: the catalog columns to embed")
+    ray = None
+    if ray_address is not None:
+        from ..distributed import RayOptions
+
+        ray = RayOptions(
+            address=ray_address or "local",
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=cpus_per_actor,
+            verbose=verbose,
+        )
+    options = {
+        "batch_size": batch_size,
+        "limit": limit,
+        "workers": workers,
+        "worker_type": worker_type,
+        "retry_failed": retry_failed,
+        "max_megapixels": max_megapixels,
+        "filters": filters,
+        "sample": sample,
+        "seed": seed,
+        "embed_text": embed_text,
+        "offline": not download_missing,
+        "download": DownloadSettings(
+            concurrency=concurrency,
+            retries=retries,
+            policy=dataclasses.replace(
+                CATALOG_POLICY, timeout=download_timeout, max_bytes=int(max_download_mb * 1024 * 1024)
+            ),
+        ),
+    }
+    if cache_dir is not None:
+        options["cache_dir"] = cache_dir
+    catalog = CatalogOptions(id_column, image_column, columns, embed_text)
+    with Collection(open_store(db), namespace, choice, db=db) as collection:
+        # sources are checked before the model loads: a typo costs nothing
+        parsed = collection.parse_sources(sources, recursive=recursive, catalog=catalog, filters=filters)
+        with loading(collection.spec.model):
+            collection.encoder  # noqa: B018 - loaded now, under the spinner
+        if err.is_terminal and not as_json:
+            with progress_bar() as bar:
+                task = bar.add_task("ingest", total=None)
+                report = collection.ingest(
+                    parsed,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    ray=ray,
+                    **options,
+                )
+        else:
+            report = collection.ingest(parsed, ray=ray, **options)
+    print_report(report, as_json)
+    if report.interrupted:
+        raise typer.Exit(130)
+    if report.failed or report.previously_failed:
+        raise typer.Exit(1)
+
+
+def print_report(report: IngestReport, as_json: bool) -> None:
+    if as_json:
+        out.print_json(data=report.as_dict())
+        return
+    rate = report.embedded / report.seconds if report.seconds > 0 else 0.0
+    line = (
+        f"embedded {report.embedded}, skipped {report.skipped}, failed {report.failed} "
+        f"in {report.seconds:.2f} s ({rate:.1f} images/s)"
+    )
+    if report.previously_failed:
+        line += f"; {report.previously_failed} failed in an earlier run (see `clipsearch failures`, --retry-failed)"
+    if report.claimed_elsewhere:
+        line += f"; {report.claimed_elsewhere} left to another ingest process"
+    if report.repeated_ids:
+        line += f"; {report.repeated_ids} repeated an id listed before (the first was used)"
+    out.print(line, highlight=False)
+    for f in report.failures[:20]:
+        err.print(f"  failed: {f.source}: {f.reason}", highlight=False, markup=False)
+    if len(report.failures) > 20:
+        err.print(f"  ... and {len(report.failures) - 20} more (clipsearch failures)", highlight=False)

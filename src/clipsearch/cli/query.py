@@ -1,0 +1,138 @@
+"""``search``, ``similar``, ``embed`` and ``duplicates``: reading a collection by meaning."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import collection as lib
+from ..collection import ModelChoice
+from ..errors import UsageError
+from ..store import database_exists
+from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, loading, out, parse_filters, print_hits
+
+
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text to search for.", show_default=False)] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Search by this image instead.")] = None,
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    limit: LimitOpt = 10,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="Only items whose metadata KEY=VALUE (repeatable).")
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            envvar="CLIPSEARCH_SEARCH_MODE",
+            help="vector (CLIP), keyword (words of item text and metadata, no model), or hybrid (both, fused).",
+        ),
+    ] = "vector",
+    as_json: HitsJsonOpt = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Search the store by text (QUERY) or by image (--image PATH)."""
+    if (query is None) == (image is None):
+        raise UsageError("give a text QUERY or --image PATH (exactly one)")
+    mode = mode.strip().lower()
+    if image is not None and mode != "vector":
+        raise UsageError(f"--mode {mode} searches by text; search by --image in vector mode")
+    filters = parse_filters(filter_)
+    with lib.open(db, namespace, create=False, **_model_kwargs(choice)) as collection:
+        if mode != "keyword":
+            collection.identity()  # an unknown namespace is reported before a model loads
+            with loading(collection.spec.model):
+                collection.query_encoder()
+        hits = collection.search(query, image=image, limit=limit, filter=filters, mode=mode)
+    print_hits(hits, as_json)
+
+
+def similar(
+    item_id: Annotated[str, typer.Argument(metavar="ID", help="The item (e.g. a catalog id).", show_default=False)],
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    limit: LimitOpt = 10,
+    same_filter: Annotated[
+        list[str] | None,
+        typer.Option("--same-filter", help="Only items with the same value of this metadata key (repeatable)."),
+    ] = None,
+    as_json: HitsJsonOpt = False,
+) -> None:
+    """Items nearest to item ID by image vector (the item itself left out). No model needed."""
+    with lib.open(db, namespace, create=False) as collection:
+        print_hits(collection.similar(item_id, limit=limit, same_filter=same_filter), as_json)
+
+
+def embed(
+    text: Annotated[str | None, typer.Option("--text", help="Text to embed.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Image file to embed.")] = None,
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Print the embedding of a text or an image as a JSON array.
+
+    Uses the namespace's model when the database has one, else --model/--pretrained/--weights.
+    """
+    if (text is None) == (image is None):
+        raise UsageError("give --text TEXT or --image PATH (exactly one)")
+    if database_exists(db):
+        with lib.open(db, namespace, **_model_kwargs(choice)) as collection:
+            vector = _embed(collection, text, image)
+    else:  # no store: the model alone
+        from ..store import SQLiteStore
+
+        store = SQLiteStore(":memory:")
+        with lib.Collection(store, namespace, choice) as collection:
+            vector = _embed(collection, text, image)
+    sys.stdout.write(json.dumps([round(float(x), 8) for x in vector]) + "\n")
+
+
+def _embed(collection: lib.Collection, text: str | None, image: Path | None):
+    with loading(collection.spec.model):
+        collection.query_encoder() if collection.exists else collection.encoder
+    if image is not None:
+        return collection.embed_images([image])[0]
+    return collection.embed_texts([text or ""])[0]
+
+
+def duplicates(
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    threshold: Annotated[
+        float,
+        typer.Option("--threshold", min=0.0, max=1.0, help="Cosine similarity that counts as a duplicate."),
+    ] = 0.95,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one group each.")] = False,
+) -> None:
+    """Groups of near-identical images: identical bytes first, then close vectors."""
+    with lib.open(db, namespace, create=False) as collection:
+        groups = collection.duplicates(threshold)
+    if as_json:
+        for g in groups:
+            sys.stdout.write(json.dumps(g.as_dict(), ensure_ascii=False) + "\n")
+    elif not groups:
+        out.print(f"no duplicates at threshold {threshold}")
+    else:
+        for i, g in enumerate(groups, 1):
+            out.print(f"[bold]group {i}[/] ({g.kind}, {len(g.items)} items, similarity >= {g.score:.4f})")
+            for it in g.items:
+                out.print(f"  {it.metadata.get('path', it.id)}", highlight=False, markup=False)
+
+
+def _model_kwargs(choice: ModelChoice) -> dict:
+    return {
+        "model": choice.model,
+        "pretrained": choice.pretrained,
+        "weights": choice.weights,
+        "device": choice.device,
+        "runtime": choice.runtime,
+        "precision": choice.precision,
+    }

@@ -1,0 +1,141 @@
+"""``info``, ``failures``, ``export``, ``db migrate`` and ``index build``: the store itself. None
+of these loads a model or imports torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import collection as lib
+from ..errors import NoDatabaseError, UsageError
+from ..store import database_exists, is_postgres_url, open_store
+from ._common import DbOpt, JsonOpt, NamespaceOpt, out
+
+
+def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
+    """Per namespace: model, dimensions, items, failures, index kind and freshness."""
+    location, infos = lib.describe(db)
+    rows = [i.as_dict() for i in infos]
+    if as_json:
+        out.print_json(data={"db": location, "namespaces": rows})
+        return
+    out.print(f"database: {location}", highlight=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("namespace", "model", "dim", "items", "failures", "index"):
+        table.add_column(col)
+    for r in rows:
+        index = "none" if r["index"] == "none" else f"{r['index']} ({'fresh' if r['index_fresh'] else 'stale'})"
+        table.add_row(
+            r["namespace"], f"{r['backend']} {r['model']}", str(r["dim"]), str(r["items"]), str(r["failures"]), index
+        )
+    out.print(table)
+
+
+def failures(
+    db: DbOpt = "clipsearch.db",
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n", envvar="CLIPSEARCH_NAMESPACE", help="Only this namespace."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one failure each.")] = False,
+) -> None:
+    """List the items that failed to ingest, with their reasons."""
+    if not database_exists(db):
+        raise NoDatabaseError(db)
+    with open_store(db) as store:
+        rows = store.failures(namespace)
+    if as_json:
+        for f in rows:
+            line = {
+                "namespace": f.namespace,
+                "id": f.id,
+                "source": f.source,
+                "reason": f.reason,
+                "attempts": f.attempts,
+                "last_failed_at": f.last_failed_at,
+            }
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+    elif not rows:
+        out.print("no failures")
+    else:
+        table = Table(show_edge=False, pad_edge=False)
+        for col in ("namespace", "source", "reason", "attempts"):
+            table.add_column(col, overflow="fold")
+        for f in rows:
+            table.add_row(f.namespace, f.source, f.reason, str(f.attempts))
+        out.print(table)
+
+
+def export(
+    npy: Annotated[Path | None, typer.Option("--npy", help="npy format: output .npy file, float32 (N, D).")] = None,
+    meta: Annotated[
+        Path | None, typer.Option("--meta", help="npy format: output JSON, ids and metadata in the same order.")
+    ] = None,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="npy (--npy FILE --meta FILE), or seed-compatible (--out DIR: embeddings.npy, metadata.json, "
+            "index.faiss, index_ids.json, manifest.json).",
+        ),
+    ] = "npy",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="seed-compatible format: output folder.")] = None,
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+) -> None:
+    """Export a namespace's vectors and metadata."""
+    if format_ not in ("npy", "seed-compatible"):
+        raise UsageError(f"unknown --format {format_!r}; use npy or seed-compatible")
+    if format_ == "npy" and (npy is None or meta is None):
+        raise UsageError("--format npy needs --npy FILE and --meta FILE")
+    if format_ == "seed-compatible" and out_dir is None:
+        raise UsageError("--format seed-compatible needs --out DIR")
+    with lib.open(db, namespace, create=False) as collection:
+        if format_ == "npy":
+            assert npy is not None and meta is not None
+            n = collection.export(npy, meta=meta)
+            out.print(f"exported {n} vectors to {npy} and metadata to {meta}", highlight=False)
+        else:
+            assert out_dir is not None
+            n = collection.export(out_dir, format="seed-compatible")
+            out.print(f"exported {n} vectors with an HNSW index to {out_dir}", highlight=False)
+
+
+def db_migrate(db: DbOpt = "clipsearch.db") -> None:
+    """Create the schema, or bring it up to this version of clipsearch (every command also does
+    this when it opens the store)."""
+    with open_store(db) as store:
+        before = getattr(store, "schema_version_before", None)
+        now = store.schema_version()
+        if before is not None and before != now:
+            out.print(f"{store.location}: schema {before or '(none)'} -> {now}", highlight=False)
+        else:
+            out.print(f"{store.location}: schema {now}, up to date", highlight=False)
+
+
+def index_build(
+    db: DbOpt = "clipsearch.db",
+    namespace: NamespaceOpt = "default",
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            envvar="CLIPSEARCH_INDEX",
+            help="hnsw, flat (SQLite only) or auto (SQLite: by size; PostgreSQL: hnsw).",
+        ),
+    ] = "auto",
+) -> None:
+    """Build (or bring up to date) the namespace's vector index: FAISS beside SQLite, an HNSW
+    index (vector_ip_ops) in PostgreSQL. HNSW settings come from CLIPSEARCH_HNSW_M and
+    CLIPSEARCH_EF_CONSTRUCTION."""
+    with lib.open(db, namespace, create=False) as collection:
+        collection.identity()
+        if is_postgres_url(db) and kind == "auto":
+            kind = "hnsw"
+        status = collection.store.build_index(namespace, kind)
+    out.print(f"{namespace}: {status.kind} index over {status.vectors} vectors", highlight=False)
