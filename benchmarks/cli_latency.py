@@ -24,23 +24,40 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CACHE, photos, print_table, random_checkpoint
+from _common import CACHE, photos, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# The command runs as ``python -m clipsearch.cli``, and writes its own peak RSS when it exits.
+# VmHWM is the new process image's own high-water mark; getrusage's ru_maxrss would also count
+# the pages of the benchmark process it was forked from.
+_WRAPPER = """
+import atexit, runpy, sys
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(sys.argv[1], "w").write(line.split()[1])
+atexit.register(_peak)
+sys.argv = ["clipsearch", *sys.argv[2:]]
+runpy.run_module("clipsearch.cli", run_name="__main__")
+"""
 
 
 def run(src: Path, args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
     """(wall seconds, peak RSS in MB, exit code, stderr) of one cold command."""
     env = dict(env, PYTHONPATH=str(src))
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipsearch.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode, stderr
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak_file:
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", _WRAPPER, peak_file.name, *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wall = time.perf_counter() - started
+        peak_kb = float(Path(peak_file.name).read_text() or 0)
+    return wall, peak_kb / 1024, proc.returncode, proc.stderr.decode(errors="replace")
 
 
 def measure(src: Path, args: list[str], env: dict[str, str], repeat: int) -> tuple[float, float]:
@@ -61,7 +78,10 @@ def main() -> None:
     parser.add_argument("--baseline", default="e9f7492", help="git revision measured as 'before' ('' to skip)")
     args = parser.parse_args()
 
-    weights = random_checkpoint("ViT-B-32")
+    # in a child process, so that this one never holds torch (and stays small)
+    code = "from _common import random_checkpoint; print(random_checkpoint('ViT-B-32'))"
+    made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    weights = Path(made.stdout.strip().splitlines()[-1])
     folder = CACHE / f"cli-latency-photos-{args.n}"
     if not folder.is_dir():
         folder.mkdir(parents=True)

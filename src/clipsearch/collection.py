@@ -195,6 +195,8 @@ class Collection:
         self._encoder = encoder  # the full model (PyTorch, or ONNX through it), loaded on demand
         self._towers: Encoder | None = None  # the torch-free query encoder, loaded on demand
         self._lock = threading.Lock()
+        # told about slow one-time work (the first query of a model exports its towers)
+        self.notice: Callable[[str], None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -282,6 +284,9 @@ class Collection:
         if folder is None:
             # the first query of this model: export its towers (loads torch once), and use them
             from .encoders import load_encoder
+
+            if self.notice:
+                self.notice(f"exporting {spec.model} to ONNX once, so that later queries need no torch ...")
 
             loaded = load_encoder(dataclasses.replace(spec, runtime="onnx", device="cpu"))
             folder = getattr(loaded, "folder", None)

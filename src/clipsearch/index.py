@@ -13,8 +13,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import faiss
 import numpy as np
 
 DEFAULT_HNSW_THRESHOLD = 50_000
@@ -22,7 +22,17 @@ DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 128
 DEFAULT_EF_SEARCH = 128
 _PARALLEL_QUERIES = 16  # fewer queries than this are searched on the calling thread alone
-_MAX_THREADS = faiss.omp_get_max_threads()
+_MAX_THREADS: list[int] = []  # FAISS's own thread count, read when FAISS is first loaded
+
+
+def _faiss() -> Any:
+    """FAISS, imported when an index is first built, read or searched: commands that only read
+    the store (``info``, keyword search) never load it."""
+    import faiss
+
+    if not _MAX_THREADS:
+        _MAX_THREADS.append(faiss.omp_get_max_threads())
+    return faiss
 
 
 @dataclass
@@ -61,13 +71,14 @@ class IndexState:
 class VectorIndex:
     """A FAISS index over (int64 sequence number -> vector)."""
 
-    def __init__(self, index: faiss.Index, state: IndexState, settings: IndexSettings):
+    def __init__(self, index: Any, state: IndexState, settings: IndexSettings):
         self.index = index
         self.state = state
         self.settings = settings
 
     @classmethod
     def empty(cls, kind: str, dim: int, settings: IndexSettings) -> VectorIndex:
+        faiss = _faiss()
         if kind == "hnsw":
             inner = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efConstruction = settings.ef_construction
@@ -88,6 +99,7 @@ class VectorIndex:
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and sequence numbers, shape (n, k); missing neighbours have seq -1."""
+        faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.state.count)) if self.state.count else 1
         params = None
@@ -105,19 +117,31 @@ class VectorIndex:
         # FAISS parallelises over queries. For a few queries extra OpenMP threads only cost: they
         # spin after the search and steal the cores the next text embedding needs (a single
         # query went from 10 ms to 19 ms end to end on 2 cores). The setting is per thread.
-        faiss.omp_set_num_threads(1 if len(queries) < _PARALLEL_QUERIES else _MAX_THREADS)
+        faiss.omp_set_num_threads(1 if len(queries) < _PARALLEL_QUERIES else _MAX_THREADS[0])
         scores, seqs = self.index.search(queries, k, params=params)
         return scores, seqs
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        faiss.write_index(self.index, str(tmp))
+        _faiss().write_index(self.index, str(tmp))
         os.replace(tmp, path)  # readers never see a half-written index
         meta = path.with_suffix(".json")
         meta_tmp = meta.with_suffix(".json.tmp")
         meta_tmp.write_text(json.dumps(asdict(self.state)))
         os.replace(meta_tmp, meta)
+
+    @staticmethod
+    def read_state(path: Path) -> IndexState | None:
+        """What the index file at ``path`` was built from, without loading it (None: no index)."""
+        meta = path.with_suffix(".json")
+        try:
+            state = IndexState(**json.loads(meta.read_text()))
+            size = path.stat().st_size
+        except (OSError, ValueError, TypeError):
+            return None
+        # an index file too small to hold its vectors is broken, and will be rebuilt on use
+        return state if size >= state.count * state.dim * 4 else None
 
     @classmethod
     def load(cls, path: Path, settings: IndexSettings) -> VectorIndex | None:
@@ -126,7 +150,7 @@ class VectorIndex:
             return None
         try:
             state = IndexState(**json.loads(meta.read_text()))
-            index = faiss.read_index(str(path))
+            index = _faiss().read_index(str(path))
         except (OSError, ValueError, TypeError, RuntimeError):
             return None  # unreadable derived data is simply rebuilt
         if int(index.ntotal) != state.count:

@@ -22,9 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import ProgressColumn, Task
 from rich.table import Table
-from rich.text import Text
 
 from ..collection import ModelChoice
 from ..errors import ClipsearchError, NamespaceNotFoundError, NoDatabaseError, UsageError
@@ -223,10 +221,17 @@ def loading(what: str):
     return err.status(f"loading {what} ...", spinner="dots") if err.is_terminal else contextlib.nullcontext()
 
 
-class RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:6.1f} items/s" if speed else "    -- items/s", style="progress.data.speed")
+def rate_column() -> Any:
+    """A progress column: items per second (rich.progress is imported by ingest only)."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:6.1f} items/s" if speed else "    -- items/s", style="progress.data.speed")
+
+    return RateColumn()
 
 
 def print_hits(hits: list, as_json: bool) -> None:

@@ -7,15 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from ..collection import Collection, ModelChoice
 from ..errors import UsageError
@@ -25,24 +16,36 @@ from ._common import (
     DbOpt,
     JsonOpt,
     NamespaceOpt,
-    RateColumn,
     err,
     loading,
     out,
     parse_filters,
+    rate_column,
 )
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from ..pipeline import IngestReport
 
 
 def progress_bar() -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     columns = (
         SpinnerColumn(),
         TextColumn("[bold]ingest[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        RateColumn(),
+        rate_column(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),

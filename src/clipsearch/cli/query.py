@@ -13,7 +13,7 @@ from .. import collection as lib
 from ..collection import ModelChoice
 from ..errors import UsageError
 from ..store import database_exists
-from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, loading, out, parse_filters, print_hits
+from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, err, loading, out, parse_filters, print_hits
 
 
 def search(
@@ -45,6 +45,7 @@ def search(
         raise UsageError(f"--mode {mode} searches by text; search by --image in vector mode")
     filters = parse_filters(filter_)
     with lib.open(db, namespace, create=False, **_model_kwargs(choice)) as collection:
+        collection.notice = lambda message: err.print(message, highlight=False)
         if mode != "keyword":
             collection.identity()  # an unknown namespace is reported before a model loads
             with loading(collection.spec.model):
@@ -96,6 +97,7 @@ def embed(
 
 
 def _embed(collection: lib.Collection, text: str | None, image: Path | None):
+    collection.notice = lambda message: err.print(message, highlight=False)
     with loading(collection.spec.model):
         collection.query_encoder() if collection.exists else collection.encoder
     if image is not None:

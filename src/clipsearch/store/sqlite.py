@@ -663,14 +663,14 @@ class SQLiteStore(ClosingStore):
     def index_status(self, namespace: str, field: str = "image") -> IndexStatus:
         ns = self._require(namespace)
         with self._lock:
-            index = self._indexes.get((namespace, field)) or VectorIndex.load(
-                self._index_path(namespace, field), self.index_settings
-            )
-        if index is None:
+            loaded = self._indexes.get((namespace, field))
+        # the state file says what the index holds; the index itself need not be loaded
+        state = loaded.state if loaded else VectorIndex.read_state(self._index_path(namespace, field))
+        if state is None:
             return IndexStatus(kind="none", fresh=False, vectors=0)
         gen_col, rebuild_col = _COUNTERS[field]
-        fresh = index.state.generation == ns[gen_col] and index.state.rebuild_generation == ns[rebuild_col]
-        return IndexStatus(kind=index.state.kind, fresh=fresh, vectors=index.state.count)
+        fresh = state.generation == ns[gen_col] and state.rebuild_generation == ns[rebuild_col]
+        return IndexStatus(kind=state.kind, fresh=fresh, vectors=state.count)
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
         if kind not in (None, "auto") and kind != self.index_settings.kind_for(self.count(namespace)):
