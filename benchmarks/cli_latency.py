@@ -33,14 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # VmHWM is the new process image's own high-water mark; getrusage's ru_maxrss would also count
 # the pages of the benchmark process it was forked from.
 _WRAPPER = """
-import atexit, runpy, sys
-def _peak():
+import runpy, sys
+peak_file = sys.argv[1]
+sys.argv = ["clipsearch", *sys.argv[2:]]
+try:
+    runpy.run_module("clipsearch.cli", run_name="__main__")
+finally:
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
-            open(sys.argv[1], "w").write(line.split()[1])
-atexit.register(_peak)
-sys.argv = ["clipsearch", *sys.argv[2:]]
-runpy.run_module("clipsearch.cli", run_name="__main__")
+            open(peak_file, "w").write(line.split()[1])
 """
 
 

@@ -20,8 +20,10 @@ from clipsearch._compat import import_open_clip
 # No test may reach the network: an unroutable hub endpoint makes the download path fail fast.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# Queries export ONNX towers on first use; the suite's exports live and die with the run.
+# Queries export ONNX towers on first use, and model loads keep their oneDNN verdicts: the
+# suite's caches live and die with the run.
 os.environ["CLIPSEARCH_ONNX_CACHE"] = tempfile.mkdtemp(prefix="clipsearch-test-onnx-")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="clipsearch-test-cache-")
 
 TINY_OPENCLIP_CFG = {
     "embed_dim": 32,

@@ -17,9 +17,11 @@ ingest and anything that asks for ``--runtime torch`` or a GPU load the PyTorch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +199,8 @@ class Collection:
         self._lock = threading.Lock()
         # told about slow one-time work (the first query of a model exports its towers)
         self.notice: Callable[[str], None] | None = None
+        # wraps a model load (a face shows a spinner): loading(model name) -> context manager
+        self.loading: Callable[[str], contextlib.AbstractContextManager] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -248,7 +252,9 @@ class Collection:
         if self._encoder is None:
             from .encoders import load_encoder
 
-            self._encoder = load_encoder(self.spec)
+            spec = self.spec
+            with self.loading(spec.model) if self.loading else contextlib.nullcontext():
+                self._encoder = load_encoder(spec)
         return self._encoder
 
     def check_model(self, identity: ModelIdentity) -> None:
@@ -288,7 +294,8 @@ class Collection:
             if self.notice:
                 self.notice(f"exporting {spec.model} to ONNX once, so that later queries need no torch ...")
 
-            loaded = load_encoder(dataclasses.replace(spec, runtime="onnx", device="cpu"))
+            with self.loading(spec.model) if self.loading else contextlib.nullcontext():
+                loaded = load_encoder(dataclasses.replace(spec, runtime="onnx", device="cpu"))
             folder = getattr(loaded, "folder", None)
             if folder is None or not (folder / "tokenizer.json").is_file():
                 self._encoder = loaded  # a tokenizer of its own: queries keep needing torch
@@ -319,21 +326,39 @@ class Collection:
         ``sample``, ``seed``, ``embed_text``, ``offline``, ``cache_dir``, ``download``).
         Raises ModelMismatchError if the namespace holds another model's vectors.
         """
-        from .pipeline import IngestOptions, Ingestor
+        from .pipeline import IngestOptions, Ingestor, IngestReport, nothing_to_do, select
 
         known = {f.name for f in dataclasses.fields(IngestOptions)} - {"namespace"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise UsageError(f"unknown ingest option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
         parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.get("filters"))
-        options.setdefault("cache_dir", settings().download_cache(self.db))
+        cache_dir = options.get("cache_dir")
+        # stored paths of downloaded images must be readable from any folder
+        options["cache_dir"] = (
+            Path(cache_dir).expanduser().absolute() if cache_dir else settings().download_cache(self.db)
+        )
         ingest_options = IngestOptions(namespace=self.namespace, **options)
+        # what there is to do is decided before any model loads or any cluster starts
+        started = time.perf_counter()
+        listed = IngestReport()
+        items = select(parsed, ingest_options, listed)
+        choice = self.choice
+        if not choice.names_a_model and choice.runtime is None and choice.precision is None and self.exists:
+            done = nothing_to_do(self.store, self.namespace, items, ingest_options)
+            if done is not None:  # everything is stored (or failed before) and unchanged
+                done.repeated_ids = listed.repeated_ids
+                done.seconds = time.perf_counter() - started
+                if progress:
+                    progress(len(items), len(items))
+                return done
         encoder = self.encoder
+        selected = (items, listed.repeated_ids)
         if ray is not None:
             from .distributed import ray_ingest
 
-            return ray_ingest(self.store, self.db, self.spec, encoder, parsed, ingest_options, ray, progress)
-        return Ingestor(self.store, encoder, self.spec, ingest_options).run(parsed, progress)
+            return ray_ingest(self.store, self.db, self.spec, encoder, parsed, ingest_options, ray, progress, selected)
+        return Ingestor(self.store, encoder, self.spec, ingest_options).run(parsed, progress, selected)
 
     @staticmethod
     def parse_sources(
@@ -445,13 +470,26 @@ class Collection:
         ``embeddings.npy``, ``metadata.json``, ``index.faiss``, ``index_ids.json``, ``manifest.json``."""
         from .search import export_seed_compatible, export_vectors
 
+        if format not in ("npy", "seed-compatible"):
+            raise UsageError(f"unknown export format {format!r}; use npy or seed-compatible", param="format")
         self.identity()
-        out = Path(out)
+        out = Path(out).expanduser()
         if format == "npy":
-            return export_vectors(self.store, self.namespace, out, Path(meta) if meta else out.with_suffix(".json"))
-        if format == "seed-compatible":
-            return export_seed_compatible(self.store, self.namespace, out)
-        raise UsageError(f"unknown export format {format!r}; use npy or seed-compatible", param="format")
+            meta_path = Path(meta).expanduser() if meta else out.with_suffix(".json")
+            for path, param in ((out, "out"), (meta_path, "meta")):
+                if path.is_dir():
+                    raise UsageError(f"{path} is a folder; give a file name to write", param=param)
+                if not path.parent.is_dir():
+                    raise UsageError(f"cannot write {path}: folder {path.parent} does not exist", param=param)
+            write = lambda: export_vectors(self.store, self.namespace, out, meta_path)  # noqa: E731
+        else:
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"{out} is a file; the seed-compatible export writes a folder", param="out")
+            write = lambda: export_seed_compatible(self.store, self.namespace, out)  # noqa: E731
+        try:
+            return write()
+        except OSError as e:
+            raise UsageError(f"cannot write {e.filename or out}: {e.strerror or e}", param="out") from None
 
     # -- embedding -------------------------------------------------------------------------------
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -245,13 +245,17 @@ def ray_ingest(
     options: IngestOptions,
     ray_options: RayOptions,
     progress: Callable[[int, int], None] | None = None,
+    selected: tuple[list[SourceItem], int] | None = None,
 ) -> IngestReport:
     """Ingest ``sources`` through Ray; the report is the local ingest's."""
     ray = connect(ray_options.address, ray_options.verbose)
     started = time.perf_counter()  # like local ingest: from the work, not from starting a cluster
     planner = Ingestor(store, encoder, encoder_spec, options)  # binds the namespace, checks the model
     report = IngestReport()
-    items = planner.select(sources, report)
+    if selected is None:
+        items = planner.select(sources, report)
+    else:
+        items, report.repeated_ids = selected
     advance = progress_counter(len(items), progress)
     todo = [(item, known) for item, known in planner.candidates(items, report, advance)]
     if options.limit is not None:

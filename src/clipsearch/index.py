@@ -66,6 +66,7 @@ class IndexState:
     generation: int
     rebuild_generation: int
     max_seq: int
+    owner: str = ""  # whose index it is: the store's id, the namespace and its creation (the store says)
 
 
 class VectorIndex:

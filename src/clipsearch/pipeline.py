@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +42,7 @@ from .downloads import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
 from .errors import UsageError
 from .identity import ModelSpec
 from .imaging import DEFAULT_MAX_MEGAPIXELS
-from .sources import Source, SourceItem, select_items
+from .sources import Source, SourceItem, filter_items, sample_items
 from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store, claim_owner
 from .store.base import with_derived
 
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from .encoders import Encoder
 
 _LOOKUP_CHUNK = 512
+# Waiting this long for a download with a part-filled batch in hand, the batch is embedded and
+# committed: one slow URL never keeps the rest of a batch uncommitted (nor out of a Ctrl-C'd run).
+IDLE_FLUSH_SECONDS = 1.0
 _MAX_PENDING_FAILURES = 256  # written without waiting for a batch of images
 
 
@@ -160,11 +164,21 @@ class Ingestor:
             return ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
         return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="clipsearch-decode")
 
-    def run(self, sources: Iterable[Source], progress: ProgressCallback | None = None) -> IngestReport:
+    def run(
+        self,
+        sources: Iterable[Source],
+        progress: ProgressCallback | None = None,
+        selected: tuple[list[SourceItem], int] | None = None,
+    ) -> IngestReport:
+        """Ingest ``sources``; ``selected``: their items and repeated ids, as ``select`` found
+        them (the caller listed them already)."""
         started = time.perf_counter()
         report = IngestReport()
         options = self.options
-        items = self.select(sources, report)
+        if selected is None:
+            items = self.select(sources, report)
+        else:
+            items, report.repeated_ids = selected
         total = len(items)
         advance = progress_counter(total, progress)
         pending_failures: list[FailureRecord] = []
@@ -251,6 +265,11 @@ class Ingestor:
         ready = self._ready(self.candidates(items, report, advance))
         try:
             for entry in ready:
+                if entry is None:  # the network keeps us waiting: embed and commit what is here
+                    while in_flight:
+                        collect()
+                    flush()
+                    continue
                 if limit is not None and queued >= limit:
                     break
                 queued += 1
@@ -286,7 +305,7 @@ class Ingestor:
     def select(self, sources: Iterable[Source], report: IngestReport) -> list[SourceItem]:
         """The items to consider: each id once, then --filter and --sample."""
         options = self.options
-        return select_items(unique_items(sources, report), options.filters, options.sample, options.seed)
+        return select(sources, options, report)
 
     def _embed_texts(self, items: list[NewItem]) -> None:
         with_text = [it for it in items if it.text]
@@ -316,32 +335,13 @@ class Ingestor:
     def _filter_known(
         self, chunk: list[SourceItem], report: IngestReport, advance: Callable[[int], None]
     ) -> list[tuple[SourceItem, FileState | None]]:
-        """Drop items that are stored and unchanged, or failed before in the same state."""
-        ids = [it.id for it in chunk]
-        stored = self.store.file_states(self.namespace, ids)
-        failed = {} if self.options.retry_failed else self.store.failure_states(self.namespace, ids)
-        todo = []
-        for item in chunk:
-            known = stored.get(item.id)
-            if known is not None and _unchanged(known, item):
-                report.skipped += 1
-                advance(1)
-                continue
-            prior = failed.get(item.id)
-            if (
-                prior is not None
-                and _unchanged(prior, item)
-                and not (prior.reason == NOT_CACHED and not self.options.offline)
-            ):
-                report.previously_failed += 1
-                advance(1)
-                continue
-            todo.append((item, known))
-        return todo
+        return filter_known(self.store, self.namespace, chunk, report, advance, self.options)
 
-    def _ready(self, candidates: Iterator[tuple[SourceItem, FileState | None]]) -> Iterator[_Ready]:
+    def _ready(self, candidates: Iterator[tuple[SourceItem, FileState | None]]) -> Iterator[_Ready | None]:
         """Items with their bytes at hand. Files and cached URLs pass straight through; other
-        URLs are downloaded (many at once) and come out as they finish."""
+        URLs are downloaded (many at once) and come out as they finish. ``None`` says that no
+        download has finished for ``IDLE_FLUSH_SECONDS``: a slow URL must not hold back the
+        items that are ready."""
         cache: DownloadCache | None = None
         downloader: Downloader | None = None
         outstanding = 0
@@ -353,11 +353,15 @@ class Ingestor:
         if self.options.limit is not None:  # with --limit N, never download far ahead of N
             window = max(1, min(window, self.options.limit))
 
-        def finished(block: bool) -> Iterator[_Ready]:
+        def finished(block: bool) -> Iterator[_Ready | None]:
             nonlocal outstanding
             assert downloader is not None
             while outstanding and (block or downloader.ready()):
-                result = downloader.get()
+                try:
+                    result = downloader.get(timeout=IDLE_FLUSH_SECONDS if block else None)
+                except queue.Empty:
+                    yield None  # still waiting for the network: time to commit what has arrived
+                    continue
                 outstanding -= 1
                 item, known = result.key
                 if result.path is not None:
@@ -399,8 +403,55 @@ class Ingestor:
 
     def _cache_dir(self) -> Path:
         if self.options.cache_dir is not None:
-            return self.options.cache_dir
+            return Path(self.options.cache_dir).absolute()  # stored paths are read from anywhere
         return default_cache_dir(self.store.location)
+
+
+def filter_known(
+    store: Store,
+    namespace: str,
+    chunk: list[SourceItem],
+    report: IngestReport,
+    advance: Callable[[int], None],
+    options: IngestOptions,
+) -> list[tuple[SourceItem, FileState | None]]:
+    """Drop items that are stored and unchanged, or failed before in the same state (counted in
+    ``report``); the rest, with what the store knows of each."""
+    ids = [it.id for it in chunk]
+    stored = store.file_states(namespace, ids)
+    failed = {} if options.retry_failed else store.failure_states(namespace, ids)
+    todo = []
+    for item in chunk:
+        known = stored.get(item.id)
+        if known is not None and _unchanged(known, item):
+            report.skipped += 1
+            advance(1)
+            continue
+        prior = failed.get(item.id)
+        if prior is not None and _unchanged(prior, item) and not (prior.reason == NOT_CACHED and not options.offline):
+            report.previously_failed += 1
+            advance(1)
+            continue
+        todo.append((item, known))
+    return todo
+
+
+def select(sources: Iterable[Source], options: IngestOptions, report: IngestReport) -> list[SourceItem]:
+    """The items to consider: those that pass ``--filter``, each id once, then ``--sample``."""
+    listed = filter_items([it for source in sources for it in source], options.filters)
+    # ids repeat among the selected items only: a row the filter leaves out repeats nothing
+    return sample_items(unique_items([listed], report), options.sample, options.seed)
+
+
+def nothing_to_do(store: Store, namespace: str, items: list[SourceItem], options: IngestOptions) -> IngestReport | None:
+    """The report of a run in which every item is stored or failed before, unchanged; None if
+    any item needs work. Needs no model: a re-run with nothing new loads none (and starts no
+    Ray cluster)."""
+    report = IngestReport()
+    for start in range(0, len(items), _LOOKUP_CHUNK):
+        if filter_known(store, namespace, items[start : start + _LOOKUP_CHUNK], report, lambda n=1: None, options):
+            return None
+    return report
 
 
 def progress_counter(total: int, progress: ProgressCallback | None) -> Callable[..., None]:

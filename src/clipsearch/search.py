@@ -208,7 +208,8 @@ def export_vectors(store: Store, namespace: str, npy_path: Path, meta_path: Path
     info = store.namespace(namespace)
     dim = info.identity.dim if info else 0
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
-    np.save(npy_path, matrix.astype(np.float32, copy=False))
+    with open(npy_path, "wb") as f:  # the name given, not one with ".npy" appended
+        np.save(f, matrix.astype(np.float32, copy=False))
     meta_path.write_text(
         json.dumps(
             {

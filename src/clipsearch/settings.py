@@ -84,13 +84,14 @@ class Settings:
         """Downloads live beside a SQLite database; a server database gets a per-user cache."""
         if is_server(db):
             return self.user_cache() / "downloads"
-        return Path(db + "-cache")
+        # absolute: the paths of downloaded images are stored, and read from any folder later
+        return Path(os.path.abspath(db + "-cache"))
 
     def media_root(self, db: str) -> Path:
         """The server's uploads and thumbnails: beside a SQLite database, else per user."""
         if is_server(db):
             return self.user_cache() / "media"
-        return Path(db + "-media")
+        return Path(os.path.abspath(db + "-media"))
 
 
 def settings() -> Settings:

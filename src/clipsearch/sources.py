@@ -9,9 +9,11 @@ happen in the pipeline.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,10 @@ class SourceItem:
         return self.path.read_bytes()
 
 
+# files that hold lists of images, never an image: given as a SOURCE, they get a hint
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+
+
 def fingerprint(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha1(blob.encode("utf-8", "surrogateescape")).hexdigest()[:20]
@@ -73,11 +79,21 @@ def file_id(path: Path) -> str:
 
 def file_item(path: Path, extra: dict[str, Any] | None = None) -> SourceItem:
     path = Path(os.path.abspath(path))
+    error = None
     try:
         st = path.stat()
         size, mtime = st.st_size, st.st_mtime_ns
-    except OSError:
-        size = mtime = None  # the pipeline records why it cannot be read
+        if stat.S_ISDIR(st.st_mode):
+            error = "is a directory, not a file"
+        elif not stat.S_ISREG(st.st_mode):
+            error = "not a regular file"  # a FIFO or a device would block or never end
+    except FileNotFoundError:
+        size = mtime = None
+        error = "file does not exist"  # a broken symbolic link too
+    except OSError as e:
+        size = mtime = None
+        # a symbolic link loop, or a path through one
+        error = "file does not exist" if e.errno == errno.ELOOP else f"cannot read file ({e.strerror or e})"
     metadata: dict[str, Any] = {
         "type": "image",
         "filename": path.name,
@@ -94,6 +110,7 @@ def file_item(path: Path, extra: dict[str, Any] | None = None) -> SourceItem:
         size=size,
         mtime_ns=mtime,
         fingerprint=fingerprint(metadata),
+        error=error,
     )
 
 
@@ -129,10 +146,12 @@ class FolderSource:
             try:
                 if entry.is_dir(follow_symlinks=True):
                     subdirs.append(entry)
-                elif entry.is_file(follow_symlinks=True) and is_image_name(entry.name):
-                    yield file_item(Path(entry.path))
+                    continue
             except OSError:
-                continue
+                pass  # a symbolic link loop: not a folder, and listed below if it has an image's name
+            if is_image_name(entry.name):
+                # broken links, loops and FIFOs too: each is recorded as a failure with its reason
+                yield file_item(Path(entry.path))
         if self.recursive:
             for entry in subdirs:
                 yield from self._walk(Path(entry.path), seen)
@@ -200,8 +219,11 @@ def parse_source(spec: str, recursive: bool = True, catalog: CatalogOptions | No
     if path.is_dir():
         return FolderSource(path, recursive)
     if path.is_file():
-        if "".join(path.suffixes[-1:]).lower() in TABLE_EXTENSIONS:
+        suffix = "".join(path.suffixes[-1:]).lower()
+        if suffix in TABLE_EXTENSIONS:
             raise UsageError(f"source {spec} is a table: use catalog:{spec} for a product catalog")
+        if suffix in LIST_EXTENSIONS:
+            raise UsageError(f"source {spec} is a text file: use image-list:{spec} for a list of image paths")
         return SingleFileSource(path)
     raise UsageError(f"source {spec}: no such file or folder")
 
@@ -212,8 +234,26 @@ def select_items(
     """The items whose metadata matches every ``KEY=VALUE`` filter, then, with ``sample``, a
     reproducible random subset of that many: the items whose ids hash lowest under ``seed``.
     Hashing ids (not shuffling positions) keeps a sample stable when the catalog grows."""
-    if filters:
-        items = [it for it in items if all(_matches(it.metadata.get(k), wanted) for k, wanted in filters.items())]
+    return sample_items(filter_items(items, filters), sample, seed)
+
+
+def filter_items(items: list[SourceItem], filters: dict[str, list[str]] | None) -> list[SourceItem]:
+    """The items whose metadata matches every ``KEY=VALUE`` filter (any of a key's values).
+    A key that no item has at all is a mistake, not an empty selection: UsageError."""
+    if not filters:
+        return items
+    missing = [key for key in filters if not any(key in it.metadata for it in items)]
+    if items and missing:
+        keys = sorted({key for it in items for key in it.metadata})
+        raise UsageError(
+            f"no item has the metadata key {missing[0]!r} to filter on; their keys: {', '.join(keys)}",
+            param="filters",
+        )
+    return [it for it in items if all(_matches(it.metadata.get(k), wanted) for k, wanted in filters.items())]
+
+
+def sample_items(items: list[SourceItem], sample: int | None = None, seed: int = 0) -> list[SourceItem]:
+    """With ``sample``, a reproducible random subset of that many items."""
     if sample is not None and sample < len(items):
         rank = {it.id: hashlib.sha1(f"{seed}:{it.id}".encode()).digest() for it in items}
         chosen = set(sorted(rank, key=rank.__getitem__)[:sample])

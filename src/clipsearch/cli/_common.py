@@ -161,9 +161,12 @@ def model_options(fn: F) -> F:
 
 
 # -- errors --------------------------------------------------------------------------------------
+_FLAGS = {"filters": "--filter", "out": "--out"}  # where a flag is not the argument's name
+
+
 def flag(param: str) -> str:
     """The command-line flag of a library argument: ``same_filter`` -> ``--same-filter``."""
-    return "--" + param.replace("_", "-")
+    return _FLAGS.get(param) or "--" + param.replace("_", "-")
 
 
 def word(e: ClipsearchError) -> str:

@@ -263,8 +263,7 @@ def ingest(
     with Collection(open_store(db), namespace, choice, db=db) as collection:
         # sources are checked before the model loads: a typo costs nothing
         parsed = collection.parse_sources(sources, recursive=recursive, catalog=catalog, filters=filters)
-        with loading(collection.spec.model):
-            collection.encoder  # noqa: B018 - loaded now, under the spinner
+        collection.loading = loading  # the model loads only if there is something to embed
         if err.is_terminal and not as_json:
             with progress_bar() as bar:
                 task = bar.add_task("ingest", total=None)
@@ -300,6 +299,8 @@ def print_report(report: IngestReport, as_json: bool) -> None:
         line += f"; {report.repeated_ids} repeated an id listed before (the first was used)"
     out.print(line, highlight=False)
     for f in report.failures[:20]:
-        err.print(f"  failed: {f.source}: {f.reason}", highlight=False, markup=False)
+        # a URL's reason starts with the URL already ("URL answered HTTP 404")
+        reason = f.reason[len(f.source) :].lstrip(": ") if f.reason.startswith(f.source) else f.reason
+        err.print(f"  failed: {f.source}: {reason}", highlight=False, markup=False)
     if len(report.failures) > 20:
         err.print(f"  ... and {len(report.failures) - 20} more (clipsearch failures)", highlight=False)

@@ -46,10 +46,7 @@ def search(
     filters = parse_filters(filter_)
     with lib.open(db, namespace, create=False, **_model_kwargs(choice)) as collection:
         collection.notice = lambda message: err.print(message, highlight=False)
-        if mode != "keyword":
-            collection.identity()  # an unknown namespace is reported before a model loads
-            with loading(collection.spec.model):
-                collection.query_encoder()
+        collection.loading = loading
         hits = collection.search(query, image=image, limit=limit, filter=filters, mode=mode)
     print_hits(hits, as_json)
 
@@ -98,8 +95,7 @@ def embed(
 
 def _embed(collection: lib.Collection, text: str | None, image: Path | None):
     collection.notice = lambda message: err.print(message, highlight=False)
-    with loading(collection.spec.model):
-        collection.query_encoder() if collection.exists else collection.encoder
+    collection.loading = loading
     if image is not None:
         return collection.embed_images([image])[0]
     return collection.embed_texts([text or ""])[0]

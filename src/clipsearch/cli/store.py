@@ -96,14 +96,19 @@ def export(
     if format_ == "seed-compatible" and out_dir is None:
         raise UsageError("--format seed-compatible needs --out DIR")
     with lib.open(db, namespace, create=False) as collection:
-        if format_ == "npy":
-            assert npy is not None and meta is not None
-            n = collection.export(npy, meta=meta)
-            out.print(f"exported {n} vectors to {npy} and metadata to {meta}", highlight=False)
-        else:
-            assert out_dir is not None
-            n = collection.export(out_dir, format="seed-compatible")
-            out.print(f"exported {n} vectors with an HNSW index to {out_dir}", highlight=False)
+        try:
+            if format_ == "npy":
+                assert npy is not None and meta is not None
+                n = collection.export(npy, meta=meta)
+                out.print(f"exported {n} vectors to {npy} and metadata to {meta}", highlight=False)
+            else:
+                assert out_dir is not None
+                n = collection.export(out_dir, format="seed-compatible")
+                out.print(f"exported {n} vectors with an HNSW index to {out_dir}", highlight=False)
+        except UsageError as e:
+            if e.param == "out" and format_ == "npy":
+                e.param = "npy"  # the library's ``out`` is this command's --npy
+            raise
 
 
 def db_migrate(db: DbOpt = "clipsearch.db") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 from collections.abc import Sequence
 
@@ -11,7 +12,7 @@ import torch
 from ..errors import DeviceUnavailableError, UsageError
 from ..identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, ModelSpec  # noqa: F401 - re-exported
 from ..imaging import Preprocessor
-from ..settings import settings
+from ..settings import Settings, settings
 from .interface import Encoder
 
 
@@ -72,12 +73,24 @@ class TorchEncoder(Encoder):
             return False
         from . import onednn
 
+        # the architecture without the weights: the module tree and its sizes
+        architecture = json.dumps(
+            {"class": type(self.model).__name__, "dim": self.dim, "modules": str(self.model)}, sort_keys=True
+        )
+        key = onednn.verdict_key(architecture)
+        verdicts = onednn.Verdicts(Settings.user_cache() / "onednn.json")
+        known = verdicts.get(key)
+        if known is not None:
+            self.onednn = onednn.apply(self.model) if known else False
+            return self.onednn
         h, w = self.preprocess_spec.size
         pixels = torch.randn((2, 3, h, w), generator=torch.Generator().manual_seed(0))
         texts = ["a photo of a cat", "a diagram of a bicycle with two wheels"]
         self.onednn = onednn.accelerate(
             self.model, [lambda: self._image_features(pixels), lambda: self._text_features(texts)]
         )
+        if onednn.available():
+            verdicts.put(key, self.onednn)
         return self.onednn
 
     @abstractmethod

@@ -14,6 +14,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,6 +132,7 @@ class SQLiteStore(ClosingStore):
             raise UsageError(f"cannot create the database {self.path}: folder {self.path.parent} does not exist")
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
+        self._id: str | None = None
         try:
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._conn.row_factory = sqlite3.Row
@@ -177,6 +179,7 @@ class SQLiteStore(ClosingStore):
                     [(r["seq"], r["text"] or "", keyword_text(json.loads(r["metadata"]))) for r in rows],
                 )
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -569,6 +572,11 @@ class SQLiteStore(ClosingStore):
         gen_col, rebuild_col = _COUNTERS[field]
         with self._lock:
             index = self._indexes.get((namespace, field)) or VectorIndex.load(path, settings)
+            owner = self._index_owner(ns)
+            if index is not None and index.state.owner != owner:
+                index = None  # another database's (or an earlier namespace's) index at this path
+            if index is not None and settings.kind in ("flat", "hnsw") and index.state.kind != settings.kind:
+                index = None  # a kind was asked for explicitly: build that one
             gen, rebuild_gen = ns[gen_col], ns[rebuild_col]
             if index is not None and index.state.generation == gen and index.state.rebuild_generation == rebuild_gen:
                 self._indexes[(namespace, field)] = index
@@ -585,6 +593,7 @@ class SQLiteStore(ClosingStore):
             if not appendable:
                 index = VectorIndex.empty(kind, ns["dim"], settings)
             assert index is not None
+            index.state.owner = owner
             rows = self._iter_rows(namespace, index.state.max_seq, 50_000, with_items=False, field=field)
             for seqs, _, vectors in rows:
                 index.add(seqs, vectors)
@@ -596,6 +605,19 @@ class SQLiteStore(ClosingStore):
                 index.save(path)
             self._indexes[(namespace, field)] = index
             return index
+
+    def _index_owner(self, ns: sqlite3.Row) -> str:
+        """What an index file must name to be this namespace's: the database's own id (written
+        once, when the file is created) and the namespace's name and creation time. An index left
+        beside a database that was replaced, or by a namespace that was dropped, names another."""
+        return f"{self._store_id()}/{ns['name']}/{ns['created_at']}"
+
+    def _store_id(self) -> str:
+        if self._id is None:
+            with self._lock:  # a file from before ids were written gets one now
+                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+            self._id = str(self._query("SELECT value FROM meta WHERE key = 'store_id'")[0]["value"])
+        return self._id
 
     def _count(self, namespace: str, field: str) -> int:
         table = "text_vectors" if field == "text" else "items"
@@ -666,16 +688,17 @@ class SQLiteStore(ClosingStore):
             loaded = self._indexes.get((namespace, field))
         # the state file says what the index holds; the index itself need not be loaded
         state = loaded.state if loaded else VectorIndex.read_state(self._index_path(namespace, field))
-        if state is None:
+        if state is None or state.owner != self._index_owner(ns):
             return IndexStatus(kind="none", fresh=False, vectors=0)
         gen_col, rebuild_col = _COUNTERS[field]
         fresh = state.generation == ns[gen_col] and state.rebuild_generation == ns[rebuild_col]
         return IndexStatus(kind=state.kind, fresh=fresh, vectors=state.count)
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
-        if kind not in (None, "auto") and kind != self.index_settings.kind_for(self.count(namespace)):
+        if kind not in (None, "auto"):
             if kind not in ("flat", "hnsw"):
                 raise UsageError(f"unknown index kind {kind!r}; use auto, flat or hnsw")
+            # an explicit kind is built even where a fresh index of the other kind exists
             self.index_settings = dataclasses.replace(self.index_settings, kind=kind)
             self._indexes.pop((namespace, "image"), None)
             self._indexes.pop((namespace, "text"), None)
