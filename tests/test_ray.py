@@ -25,6 +25,16 @@ def test_no_cluster_to_join_is_one_line(cli, tmp_path, monkeypatch):
     assert code == 2 and "cannot reach the Ray cluster at 'auto'" in err and "Traceback" not in err
 
 
+def test_a_no_op_ray_run_starts_no_cluster(cli, tmp_path):
+    """Before any cluster fixture: a re-run with nothing to do decides so without Ray."""
+    folder = tmp_path / "photos"
+    noise_images(folder, 4)
+    assert cli("ingest", folder)[0] == 0
+    code, out, _ = cli("ingest", folder, "--ray", "local", "--json")
+    assert code == 0 and json.loads(out)["skipped"] == 4
+    assert not ray.is_initialized()
+
+
 def test_ray_alone_means_a_local_cluster():
     from clipsearch.cli import _ray_alone_means_local as rewrite
 
