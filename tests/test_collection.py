@@ -148,6 +148,16 @@ print(json.dumps({{"ids": [h.id for h in hits], "scores": [h.score for h in hits
 """
     result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert result["towers"] == ["text"] and not result["torch"] and not result["open_clip"]
+    image_query = f"""
+import json, sys
+import clipsearch
+with clipsearch.open({db!r}, "photos") as photos:
+    hit = photos.search(image={str(folder / "rocket.jpg")!r}, limit=1)[0]
+    print(json.dumps([hit.path, hit.score, photos.query_encoder().loaded_towers(), "torch" in sys.modules]))
+"""
+    run = subprocess.run([sys.executable, "-c", image_query], capture_output=True, text=True, check=True)
+    path, score, towers, torch_loaded = json.loads(run.stdout)
+    assert path == str(folder / "rocket.jpg") and score > 0.9999 and towers == ["image"] and not torch_loaded
     assert result["ids"] == [h.id for h in first]
     np.testing.assert_allclose(result["scores"], [h.score for h in first], atol=1e-5)
 
@@ -170,14 +180,23 @@ def test_towers_give_the_torch_vectors(library, tiny_openclip):
 def test_cli_and_info_import_no_torch(tmp_path, library):
     db, _ = library
     code = f"""
-import sys
+import json, sys
 from typer.testing import CliRunner
 import clipsearch.cli
 result = CliRunner().invoke(clipsearch.cli.app, ["info", "--db", {db!r}, "--json"])
 assert result.exit_code == 0, result.output
-args = ["search", "rocket", "--mode", "keyword", "-n", "photos", "--db", {db!r}]
+args = ["search", "rocket", "--mode", "keyword", "-n", "photos", "--db", {db!r}, "--json"]
 result = CliRunner().invoke(clipsearch.cli.app, args)
 assert result.exit_code == 0 and "rocket.jpg" in result.output, result.output
+first = json.loads(result.output.splitlines()[0])["id"]
+for args in (
+    ["similar", first, "-n", "photos"],
+    ["duplicates", "-n", "photos"],
+    ["failures"],
+    ["export", "--npy", {str(tmp_path / "x.npy")!r}, "--meta", {str(tmp_path / "x.json")!r}, "-n", "photos"],
+):
+    result = CliRunner().invoke(clipsearch.cli.app, [*args, "--db", {db!r}])
+    assert result.exit_code == 0, (args, result.output)
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "transformers", "onnxruntime")))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from clipsearch.distributed import ray_log_file
 from clipsearch.store import open_store
 
 from .conftest import noise_images
@@ -88,8 +89,12 @@ def test_ray_ingest_matches_local_ingest(cli, ray_cluster, library, tmp_path):
     sources = [folder, f"catalog:{catalog}", "--text-columns", "title"]
     code, out, _ = cli("ingest", *sources, "--db", tmp_path / "local.db", "--json")
     local = json.loads(out)
-    code, out, _ = cli("ingest", *sources, "--db", tmp_path / "ray.db", "--ray", "local", "--batch-size", "8", "--json")
+    ray_args = ["--db", tmp_path / "ray.db", "--ray", "local", "--batch-size", "8", "--json"]
+    code, out, err = cli("ingest", *sources, *ray_args)
     report = json.loads(out)
+    # Ray's own log goes to a file, not to the user's terminal
+    assert "Execution plan" not in err and "Running Dataset" not in err and "ray.data" not in err
+    assert ray_log_file().is_file()
     assert code == 1 and (report["embedded"], report["failed"]) == (local["embedded"], local["failed"]) == (34, 3)
 
     expected, got = vectors(tmp_path / "local.db"), vectors(tmp_path / "ray.db")

@@ -189,6 +189,9 @@ class Collection:
         db: str | None = None,
         encoder: Encoder | None = None,
     ):
+        """Usually made by ``clipsearch.open``. ``store``: an open store (``owns_store``: close it
+        with the collection); ``choice``: the model asked for; ``encoder``: a model already
+        loaded for this collection (the server's, say)."""
         self.store = store
         self.namespace = validate_namespace(namespace)
         self.choice = choice or ModelChoice()

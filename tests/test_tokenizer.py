@@ -1,0 +1,54 @@
+"""Our torch-free CLIP tokenizer gives open_clip's token ids exactly."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from clipsearch._compat import import_open_clip
+from clipsearch.tokenizer import ClipTokenizer, TokenizerConfig
+
+TEXTS = [
+    "a photo of a cat",
+    "A PHOTO OF A CAT",
+    "",
+    "   lots   of\n\twhitespace  ",
+    "東京タワーの夜景、ネオンが光る",
+    "바닷가를 달리는 강아지",
+    "emoji 🐶🏖️ and flags 🇯🇵",
+    "&amp;lt;b&amp;gt; html entities &eacute;",
+    "schÃ¶n mojibake that ftfy repairs",
+    "don't it's we've I'll you'd",
+    "3.14159 and 1234567 numbers",
+    "<start_of_text> special <end_of_text> tokens in text",
+    "word " * 100,  # longer than the context: truncated, ending in end-of-text
+    "naïve café über façade",
+]
+
+
+def _random_texts(n: int, seed: int = 0) -> list[str]:
+    """Mixed-script strings: Latin, CJK, Hangul, Cyrillic, punctuation, digits, emoji, spaces."""
+    rng = np.random.default_rng(seed)
+    ranges = [(0x20, 0x7E), (0xC0, 0x24F), (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0x400, 0x4FF)]
+    ranges += [(0x1F300, 0x1F64F), (0x2000, 0x206F)]
+    texts = []
+    for _ in range(n):
+        chars = []
+        for _ in range(int(rng.integers(1, 60))):
+            lo, hi = ranges[int(rng.integers(len(ranges)))]
+            chars.append(chr(int(rng.integers(lo, hi + 1))))
+        texts.append("".join(chars))
+    return texts
+
+
+def test_token_ids_equal_open_clip():
+    import_open_clip()
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer()
+    merges = os.path.join(os.path.dirname(import_open_clip().__file__), "bpe_simple_vocab_16e6.txt.gz")
+    ours = ClipTokenizer(TokenizerConfig(merges_file=merges))
+    texts = TEXTS + _random_texts(300)
+    np.testing.assert_array_equal(ours(texts), reference(texts).numpy())
+    assert ours.counts(ours(["a photo"])) == [4]
