@@ -31,9 +31,13 @@ def test_a_no_op_ray_run_starts_no_cluster(cli, tmp_path):
     folder = tmp_path / "photos"
     noise_images(folder, 4)
     assert cli("ingest", folder)[0] == 0
-    code, out, _ = cli("ingest", folder, "--ray", "local", "--json")
-    assert code == 0 and json.loads(out)["skipped"] == 4
-    assert not ray.is_initialized()
+    try:
+        code, out, _ = cli("ingest", folder, "--ray", "local", "--json")
+        assert code == 0 and json.loads(out)["skipped"] == 4
+        assert not ray.is_initialized()
+    finally:  # a failure here must not leave a cluster to the tests after it
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def test_ray_alone_means_a_local_cluster():

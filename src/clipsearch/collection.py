@@ -199,6 +199,7 @@ class Collection:
         self._owns_store = owns_store
         self._encoder = encoder  # the full model (PyTorch, or ONNX through it), loaded on demand
         self._towers: Encoder | None = None  # the torch-free query encoder, loaded on demand
+        self._spec: ModelSpec | None = None
         self._lock = threading.Lock()
         # told about slow one-time work (the first query of a model exports its towers)
         self.notice: Callable[[str], None] | None = None
@@ -247,7 +248,13 @@ class Collection:
     @property
     def spec(self) -> ModelSpec:
         """The model this collection loads: see ``ModelChoice.resolve``."""
-        return self.choice.resolve(self._recorded_spec())
+        if self._spec is None:
+            recorded = self._recorded_spec()
+            spec = self.choice.resolve(recorded)
+            if recorded is None and not self.choice.names_a_model:
+                return spec  # nothing recorded yet: an ingest may record it, ask again then
+            self._spec = spec
+        return self._spec
 
     @property
     def encoder(self) -> Encoder:
@@ -346,8 +353,9 @@ class Collection:
         started = time.perf_counter()
         listed = IngestReport()
         items = select(parsed, ingest_options, listed)
-        choice = self.choice
-        if not choice.names_a_model and choice.runtime is None and choice.precision is None and self.exists:
+        recorded = self.store.namespace(self.namespace)
+        # the model that made the namespace (named again, or not named): no need to load it
+        if recorded is not None and self.spec.to_dict() == recorded.model_spec:
             done = nothing_to_do(self.store, self.namespace, items, ingest_options)
             if done is not None:  # everything is stored (or failed before) and unchanged
                 done.repeated_ids = listed.repeated_ids
@@ -538,15 +546,9 @@ def _crop(image: Any, encoder: Encoder, decode_settings: Any, decode_crop: Calla
 
         return encoder.preprocess.crop(to_rgb(image))
     if isinstance(image, str | Path):
-        path = Path(image).expanduser()
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError("file does not exist") from None
-        except IsADirectoryError:
-            raise ImageError("is a directory, not an image") from None
-        except OSError as e:
-            raise ImageError(f"cannot read file ({e.strerror or e})") from None
+        from .decoding import read_bytes
+
+        data = read_bytes(Path(image).expanduser().read_bytes)
     elif isinstance(image, bytes | bytearray | memoryview):
         data = bytes(image)
     elif isinstance(image, io.IOBase):

@@ -9,6 +9,7 @@ store rows. Normalisation is left to the encoder, per batch.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -57,6 +58,18 @@ def failure_reason(e: BaseException) -> str:
     return f"unexpected {type(e).__name__}: {e}"
 
 
+def read_bytes(read: Callable[[], bytes]) -> bytes:
+    """``read()``, with what can go wrong reading a file as the recorded reason (ImageError)."""
+    try:
+        return read()
+    except FileNotFoundError:
+        raise ImageError("file does not exist") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not a file") from None
+    except OSError as e:
+        raise ImageError(f"cannot read file ({e.strerror or e})") from None
+
+
 @lru_cache(maxsize=8)
 def _preprocessor(spec: PreprocessSpec) -> Preprocessor:
     return Preprocessor(spec)
@@ -64,14 +77,7 @@ def _preprocessor(spec: PreprocessSpec) -> Preprocessor:
 
 def decode_item(item: SourceItem, known_sha256: str | None, settings: DecodeSettings) -> Decoded | Unchanged:
     """Read, hash and (if new or changed) decode + crop one item; ImageError says why not."""
-    try:
-        data = item.read()
-    except FileNotFoundError:
-        raise ImageError("file does not exist") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not a file") from None
-    except OSError as e:
-        raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    data = read_bytes(item.read)
     digest = hashlib.sha256(data).hexdigest()
     if known_sha256 == digest:
         return Unchanged(digest, len(data))
