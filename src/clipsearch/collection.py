@@ -205,6 +205,9 @@ class Collection:
         self.notice: Callable[[str], None] | None = None
         # wraps a model load (a face shows a spinner): loading(model name) -> context manager
         self.loading: Callable[[str], contextlib.AbstractContextManager] | None = None
+        # a command that answers one query and exits: the towers skip the weight repacking that
+        # pays off only over many calls (a notebook or a server keeps the default)
+        self.few_calls = False
 
     # -- life cycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -312,7 +315,7 @@ class Collection:
                 return loaded
         elif not (folder / "tokenizer.json").is_file():
             return self.encoder
-        self._towers = TowerEncoder(folder, spec.precision, few_calls=True)
+        self._towers = TowerEncoder(folder, spec.precision, few_calls=self.few_calls)
         return self._towers
 
     # -- writing -------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def search(
     with lib.open(db, namespace, create=False, **_model_kwargs(choice)) as collection:
         collection.notice = lambda message: err.print(message, highlight=False)
         collection.loading = loading
+        collection.few_calls = True
         hits = collection.search(query, image=image, limit=limit, filter=filters, mode=mode)
     print_hits(hits, as_json)
 
@@ -96,6 +97,7 @@ def embed(
 def _embed(collection: lib.Collection, text: str | None, image: Path | None):
     collection.notice = lambda message: err.print(message, highlight=False)
     collection.loading = loading
+    collection.few_calls = True
     if image is not None:
         return collection.embed_images([image])[0]
     return collection.embed_texts([text or ""])[0]
