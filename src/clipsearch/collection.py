@@ -266,7 +266,7 @@ class Collection:
             from .encoders import load_encoder
 
             spec = self.spec
-            with self.loading(spec.model) if self.loading else contextlib.nullcontext():
+            with self.loading(spec.label) if self.loading else contextlib.nullcontext():
                 self._encoder = load_encoder(spec)
         return self._encoder
 
@@ -305,9 +305,9 @@ class Collection:
             from .encoders import load_encoder
 
             if self.notice:
-                self.notice(f"exporting {spec.model} to ONNX once, so that later queries need no torch ...")
+                self.notice(f"exporting {spec.label} to ONNX once, so that later queries need no torch ...")
 
-            with self.loading(spec.model) if self.loading else contextlib.nullcontext():
+            with self.loading(spec.label) if self.loading else contextlib.nullcontext():
                 loaded = load_encoder(dataclasses.replace(spec, runtime="onnx", device="cpu"))
             folder = getattr(loaded, "folder", None)
             if folder is None or not (folder / "tokenizer.json").is_file():

@@ -39,6 +39,15 @@ class ModelSpec:
                 return "hf"
         return "open_clip"
 
+    @property
+    def label(self) -> str:
+        """How to name this model to a person: the weights when they are local files."""
+        if self.weights is None:
+            return self.model
+        if self.backend == "hf" or self.weights.is_dir():
+            return f"{self.weights.name} (from {self.weights})"
+        return f"{self.model} (weights {self.weights})"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,

@@ -122,7 +122,7 @@ def worker(
     if (image_column is None) == (text_column is None):
         raise UsageError("give --image-column (embed images) or --text-column (embed texts), exactly one")
     spec = choice.resolve(None)  # an application table records no model: the flags, else the default
-    with loading(spec.model):
+    with loading(spec.label):
         encoder = load_encoder(spec)
     stop = threading.Event()
 
