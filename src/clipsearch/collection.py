@@ -29,10 +29,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ImageError, ModelMismatchError, NamespaceNotFoundError, NoDatabaseError, UsageError
+from .errors import ImageError, NamespaceNotFoundError, NoDatabaseError, UsageError
 from .identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, ModelSpec
 from .settings import settings
-from .store import DEFAULT_DB, Failure, Hit, IndexStatus, Item, Store, database_exists, open_store, validate_namespace
+from .store import (
+    DEFAULT_DB,
+    Failure,
+    Hit,
+    IndexStatus,
+    Item,
+    Store,
+    check_same_model,
+    database_exists,
+    open_store,
+    validate_namespace,
+)
 
 if TYPE_CHECKING:
     from .catalog import CatalogOptions
@@ -84,13 +95,6 @@ def _default_tag(weights: str | Path | None) -> str | None:
     """A checkpoint file given without a tag is recorded as what it is (``file:NAME``), not as
     OpenAI's weights; only the hub default, with no file, is ``openai``."""
     return DEFAULT_PRETRAINED if weights is None else None
-
-
-def check_model(namespace: str, stored: ModelIdentity, in_use: ModelIdentity) -> None:
-    """The model guard: ``in_use`` may search or write ``namespace`` only if it made ``stored``'s
-    vectors (same model, weights, preprocessing and quantisation)."""
-    if stored.compat_key != in_use.compat_key:
-        raise ModelMismatchError(namespace, stored, in_use)
 
 
 @dataclass
@@ -272,7 +276,7 @@ class Collection:
 
     def check_model(self, identity: ModelIdentity) -> None:
         """Raise ModelMismatchError unless ``identity`` made this namespace's vectors."""
-        check_model(self.namespace, self.identity(), identity)
+        check_same_model(self.namespace, self.identity(), identity)
 
     def query_encoder(self) -> Encoder:
         """The encoder for queries, checked against the namespace's model: the full model if
@@ -281,7 +285,7 @@ class Collection:
         stored = self.identity()
         with self._lock:
             encoder = self._encoder or self._towers or self._load_query_encoder()
-        check_model(self.namespace, stored, encoder.identity)
+        check_same_model(self.namespace, stored, encoder.identity)
         return encoder
 
     def _load_query_encoder(self) -> Encoder:
@@ -561,4 +565,4 @@ def _crop(image: Any, encoder: Encoder, decode_settings: Any, decode_crop: Calla
     return decode_crop(data, decode_settings)[1]
 
 
-__all__ = ["DEFAULT_DB", "Collection", "CollectionInfo", "ModelChoice", "check_model", "describe", "open"]
+__all__ = ["DEFAULT_DB", "Collection", "CollectionInfo", "ModelChoice", "describe", "open"]

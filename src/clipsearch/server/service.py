@@ -21,15 +21,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 import numpy as np
 
-from ..collection import Collection, check_model
 from ..decoding import DecodeSettings, decode_crop
-from ..errors import ClipsearchError, ImageError, ItemNotFoundError, UsageError
+from ..errors import ClipsearchError, ImageError, ItemNotFoundError, NamespaceNotFoundError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
 from ..identity import ModelIdentity, ModelSpec
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
 from ..search import DuplicateGroup, find_duplicates, search_text, search_vector, similar_items
 from ..settings import settings
-from ..store import Hit, Item, NewItem, Store, validate_namespace
+from ..store import Hit, Item, NewItem, Store, check_same_model, validate_namespace
 from ..store.base import with_derived
 from .batching import MicroBatcher
 from .media import Media
@@ -238,13 +237,16 @@ class Service:
 
     def _identity(self, namespace: str) -> ModelIdentity:
         """The namespace's model, or NotFoundError. Asked on every request: it counts nothing."""
-        return Collection(self.store, namespace, owns_store=False).identity()
+        identity = self.store.identity(namespace)
+        if identity is None:
+            raise NamespaceNotFoundError(namespace, self.store.location)
+        return identity
 
     def check_searchable(self, namespace: str) -> None:
         """The served model must have made this namespace's vectors to query it by text or image.
         Checked before the query is embedded, so a bad namespace costs no model time."""
         encoder = self.ready_encoder()
-        check_model(namespace, self._identity(namespace), encoder.identity)
+        check_same_model(namespace, self._identity(namespace), encoder.identity)
 
     def search(
         self, namespace: str, vector: np.ndarray | list[float], limit: int, filters: dict[str, Any] | None
