@@ -350,11 +350,6 @@ class Collection:
         if unknown:
             raise UsageError(f"unknown ingest option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
         parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.get("filters"))
-        cache_dir = options.get("cache_dir")
-        # stored paths of downloaded images must be readable from any folder
-        options["cache_dir"] = (
-            Path(cache_dir).expanduser().absolute() if cache_dir else settings().download_cache(self.db)
-        )
         ingest_options = IngestOptions(namespace=self.namespace, **options)
         # what there is to do is decided before any model loads or any cluster starts
         started = time.perf_counter()

@@ -403,7 +403,7 @@ class Ingestor:
 
     def _cache_dir(self) -> Path:
         if self.options.cache_dir is not None:
-            return Path(self.options.cache_dir).absolute()  # stored paths are read from anywhere
+            return Path(self.options.cache_dir).expanduser().absolute()  # stored paths are read from anywhere
         return default_cache_dir(self.store.location)
 
 

@@ -15,14 +15,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import UsageError
+from .store import is_server
 
 PREFIX = "CLIPSEARCH_"
-
-
-def is_server(db: str) -> bool:
-    from .store import is_server as server
-
-    return server(db)
 
 
 def _flag(value: str) -> bool:
