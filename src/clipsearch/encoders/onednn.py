@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,7 @@ class Verdicts:
             data = {}
         data[key] = verdict
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(data, indent=1), mode=0o644)
         except OSError as e:  # a read-only cache costs the check next time, nothing else
             log.debug("cannot keep the oneDNN verdict in %s: %s", self.path, e)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..files import write_atomic
 from ..identity import ModelIdentity, ModelSpec
 from ..tokenizer import TokenizerConfig
 from .interface import Encoder
@@ -135,7 +136,7 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
                 "pad_id": getattr(base.tokenizer, "pad_token_id", None) or 0,
             },
         }
-        _write_text(meta, json.dumps(model_meta, indent=1))
+        write_atomic(meta, json.dumps(model_meta, indent=1), mode=0o644)
     return folder
 
 
@@ -147,12 +148,6 @@ _TOKENIZER_CHECK = [
     "&amp; don't <b>STOP</b> 🐶",
     "word " * 90,
 ]
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_tokenizer(base: OpenClipEncoder, folder: Path) -> None:

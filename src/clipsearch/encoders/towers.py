@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..files import write_atomic
 from ..identity import ModelIdentity, ModelSpec
 from ..imaging import Preprocessor, PreprocessSpec
 from .interface import Encoder
@@ -80,13 +80,7 @@ def register_export(spec: ModelSpec, folder: Path) -> None:
     key = export_key(spec)
     if key is None:
         return
-    index = cache_root() / _BY_SPEC
-    index.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=index, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(folder))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, index / key)
+    write_atomic(cache_root() / _BY_SPEC / key, str(folder), mode=0o644)
 
 
 def find_export(spec: ModelSpec, precision: str = "fp32") -> Path | None:

@@ -8,11 +8,10 @@ records for the item (its ``path`` metadata), so only items of the store can be 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from ..errors import ImageError, NotFoundError
+from ..files import write_atomic
 from ..imaging import decode_file, make_thumbnail
 from ..store import Item
 
@@ -22,18 +21,6 @@ _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP":
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Media:
@@ -48,7 +35,7 @@ class Media:
 
     def save_upload(self, namespace: str, item_id: str, image_format: str | None, data: bytes) -> Path:
         path = self.upload_path(namespace, item_id, image_format)
-        _write_atomic(path, data)
+        write_atomic(path, data)
         return path
 
     def remove_upload(self, namespace: str, item_id: str, recorded_path: str | None) -> None:
@@ -74,5 +61,5 @@ class Media:
         except ImageError as e:
             raise NotFoundError(f"the image of item {item.id!r} cannot be read: {e.message}") from None
         data = make_thumbnail(decoded.image, size)
-        _write_atomic(cached, data)
+        write_atomic(cached, data)
         return data
