@@ -75,8 +75,6 @@ def test_export_is_cached_per_weights(tiny_openclip, onnx_cache, encoders, tmp_p
         "image.onnx",
         "image.onnx.data",
         "meta.json",
-        "text.int8.onnx",
-        "text.int8.onnx.data",
         "text.onnx",
         "text.onnx.data",
         "tokenizer.json",

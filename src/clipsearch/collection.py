@@ -68,6 +68,7 @@ class ModelChoice:
     device: str = "auto"
     runtime: str | None = None
     precision: str | None = None
+    decode: str | None = None
 
     @property
     def names_a_model(self) -> bool:
@@ -88,6 +89,8 @@ class ModelChoice:
             spec = dataclasses.replace(spec, runtime=self.runtime.strip().lower())
         if self.precision is not None:
             spec = dataclasses.replace(spec, precision=self.precision.strip().lower())
+        if self.decode is not None:
+            spec = dataclasses.replace(spec, decode=self.decode.strip().lower())
         return spec
 
 
@@ -134,6 +137,7 @@ def open(
     device: str = "auto",
     runtime: str | None = None,
     precision: str | None = None,
+    decode: str | None = None,
     create: bool = True,
 ) -> Collection:
     """Open the collection ``namespace`` of the store ``db`` (a SQLite file, created if absent,
@@ -141,7 +145,9 @@ def open(
     else ``clipsearch.db`` / ``default``.
 
     The model arguments are optional: without them the collection uses the model recorded for
-    the namespace, else ViT-B-32 / openai. ``create=False`` refuses a SQLite file that does not
+    the namespace, else ViT-B-32 / openai. ``decode``: ``fast`` (JPEGs decoded at reduced scale,
+    the default) or ``exact`` (full decode, the reference's pixels), recorded with the namespace
+    like the runtime. ``create=False`` refuses a SQLite file that does not
     exist instead of creating it. Use it as a context manager, or call ``close()``::
 
         with clipsearch.open("photos.db") as photos:
@@ -154,7 +160,7 @@ def open(
     name = validate_namespace(namespace or config.namespace)
     if not create and not database_exists(location):
         raise NoDatabaseError(location)
-    choice = ModelChoice(model, pretrained, weights, device, runtime, precision)
+    choice = ModelChoice(model, pretrained, weights, device, runtime, precision, decode)
     return Collection(open_store(location), name, choice, db=location)
 
 
@@ -272,7 +278,13 @@ class Collection:
             spec = self.spec
             with self.loading(spec.label) if self.loading else contextlib.nullcontext():
                 self._encoder = load_encoder(spec)
+            self._tell(self._encoder.notes)
         return self._encoder
+
+    def _tell(self, notes: Iterable[str]) -> None:
+        for note in notes:
+            if self.notice:
+                self.notice(note)
 
     def check_model(self, identity: ModelIdentity) -> None:
         """Raise ModelMismatchError unless ``identity`` made this namespace's vectors."""
@@ -313,13 +325,14 @@ class Collection:
 
             with self.loading(spec.label) if self.loading else contextlib.nullcontext():
                 loaded = load_encoder(dataclasses.replace(spec, runtime="onnx", device="cpu"))
+            self._tell(loaded.notes)
             folder = getattr(loaded, "folder", None)
             if folder is None or not (folder / "tokenizer.json").is_file():
                 self._encoder = loaded  # a tokenizer of its own: queries keep needing torch
                 return loaded
         elif not (folder / "tokenizer.json").is_file():
             return self.encoder
-        self._towers = TowerEncoder(folder, spec.precision, few_calls=self.few_calls)
+        self._towers = TowerEncoder(folder, spec.precision, few_calls=self.few_calls, decode=spec.decode)
         return self._towers
 
     # -- writing -------------------------------------------------------------------------------
@@ -520,7 +533,7 @@ class Collection:
         from .imaging import DEFAULT_MAX_MEGAPIXELS
 
         encoder = self._embedder()
-        settings_ = DecodeSettings(encoder.preprocess_spec, DEFAULT_MAX_MEGAPIXELS)
+        settings_ = DecodeSettings.for_encoder(encoder, DEFAULT_MAX_MEGAPIXELS)
         crops = []
         for i, image in enumerate(images):
             label = str(image) if isinstance(image, str | Path) else f"image {i}"

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,12 +20,25 @@ from .errors import ImageError
 from .imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage, Preprocessor, PreprocessSpec, decode_image
 from .sources import SourceItem
 
+if TYPE_CHECKING:
+    from .encoders.interface import Encoder
+
+
+DECODE_MODES = ("fast", "exact")
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
     spec: PreprocessSpec
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    draft: bool = True  # DCT-scaled JPEG decode
+    # fast: JPEGs decoded at reduced (DCT) scale; exact: full decode, the reference's pixels
+    decode: str = "fast"
+
+    @classmethod
+    def for_encoder(cls, encoder: Encoder, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> DecodeSettings:
+        """How ``encoder``'s images are decoded: its preprocessing and its identity's decode mode,
+        so that every path (ingest, queries, the server, the worker, Ray) decodes alike."""
+        return cls(encoder.preprocess_spec, max_megapixels, encoder.identity.decode)
 
 
 @dataclass
@@ -90,7 +104,6 @@ def decode_crop(data: bytes, settings: DecodeSettings) -> tuple[DecodedImage, np
     the server, the worker), so that a stored image searched by itself scores 1.0; ImageError
     says why not."""
     spec = settings.spec
-    decoded = decode_image(
-        data, max_megapixels=settings.max_megapixels, draft_size=spec.draft_size if settings.draft else None
-    )
-    return decoded, _preprocessor(spec).crop(decoded.image)
+    draft = spec.draft_size if settings.decode == "fast" else None
+    decoded = decode_image(data, max_megapixels=settings.max_megapixels, draft_size=draft)
+    return decoded, _preprocessor(spec).crop_decoded(decoded)

@@ -272,7 +272,7 @@ def ray_ingest(
 
 
 def _run(ray, store, db, spec, encoder, planner, todo, options, ray_options, report, advance) -> None:
-    settings = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, options.draft)
+    settings = DecodeSettings.for_encoder(encoder, options.max_megapixels)
     rows = [_row(item, known.sha256 if known else None) for item, known in todo]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(1, options.batch_size), 200)))
     decoded = dataset.map_batches(

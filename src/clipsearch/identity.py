@@ -8,6 +8,8 @@ import this module and never the encoders, so they never pay for torch.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ class ModelSpec:
     device: str = "auto"
     runtime: str = "torch"  # torch | onnx
     precision: str = "fp32"  # fp32 | int8 (int8: ONNX Runtime on CPU only)
+    decode: str = "fast"  # fast (JPEGs at reduced DCT scale) | exact (full decode)
 
     @property
     def backend(self) -> str:
@@ -49,13 +52,16 @@ class ModelSpec:
         return f"{self.model} (weights {self.weights})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "model": self.model,
             "pretrained": self.pretrained,
             "weights": str(self.weights) if self.weights else None,
             "runtime": self.runtime,
             "precision": self.precision,
         }
+        if self.decode != "fast":  # recorded specs from before the option stay equal
+            d["decode"] = self.decode
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], device: str = "auto") -> ModelSpec:
@@ -67,6 +73,7 @@ class ModelSpec:
             device=device,
             runtime=data.get("runtime") or "torch",
             precision=data.get("precision") or "fp32",
+            decode=data.get("decode") or "fast",
         )
 
 
@@ -74,9 +81,12 @@ class ModelSpec:
 class ModelIdentity:
     """Everything that determines which vector space an embedding lives in.
 
-    Two encoders may write to one namespace only if their ``compat_key`` is equal. Runtime and
-    float precision are recorded but not compared: fp16 on CUDA and fp32 on CPU give the same
-    vectors to ~1e-4. Quantisation changes them more, so it is part of the key.
+    Two encoders may write to one namespace only if their ``compat_key`` is equal. Runtime,
+    float precision and the decode mode are recorded but not compared: fp16 on CUDA and fp32 on
+    CPU give the same vectors to ~1e-4, and the fast decode stays close to the exact one (see the
+    README). Quantisation changes them more, so it is part of the key. ``weights`` is a digest of
+    local weight files (``sha256:…``): two files under one name are two models. Identities
+    recorded before digests existed have none and are compared without it.
     """
 
     backend: str
@@ -87,6 +97,8 @@ class ModelIdentity:
     runtime: str = "torch"
     precision: str = "fp32"
     quantization: str = "none"
+    weights: str = ""  # sha256:… of local weight files; "" for named hub weights
+    decode: str = "fast"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -98,16 +110,29 @@ class ModelIdentity:
             "runtime": self.runtime,
             "precision": self.precision,
             "quantization": self.quantization,
+            "weights": self.weights,
+            "decode": self.decode,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
+    def _compared(self) -> dict[str, Any]:
+        d = self.as_dict()
+        out = {k: d[k] for k in _COMPARED}
+        # how a crop is rounded shifts it by at most one pixel, like the fast decode: not a space
+        out["preprocess"] = {k: v for k, v in d["preprocess"].items() if k != "crop_rounding"}
+        return out
+
     @property
     def compat_key(self) -> str:
-        keep = ("backend", "model", "pretrained", "dim", "preprocess", "quantization")
-        return json.dumps({k: self.as_dict()[k] for k in keep}, sort_keys=True)
+        return json.dumps(self._compared(), sort_keys=True)
+
+    def same_space(self, other: ModelIdentity) -> bool:
+        """Whether vectors of ``self`` and ``other`` may share a namespace (``compat_key``, with
+        a weights digest compared only when both identities have one)."""
+        return not self.differences(other)
 
     @property
     def model_id(self) -> str:
@@ -120,6 +145,78 @@ class ModelIdentity:
 
     def differences(self, other: ModelIdentity) -> list[str]:
         """Human-readable list of the compared fields that differ."""
-        a, b = self.as_dict(), other.as_dict()
-        keys = ("backend", "model", "pretrained", "dim", "preprocess", "quantization")
-        return [f"{k} {a[k]!r} vs {b[k]!r}" for k in keys if a[k] != b[k]]
+        a, b = self._compared(), other._compared()
+        out = [f"{k} {a[k]!r} vs {b[k]!r}" for k in _COMPARED if k != "weights" and a[k] != b[k]]
+        if self.weights and other.weights and self.weights != other.weights:
+            out.append(f"weights {_short(self.weights)} vs {_short(other.weights)} (other file contents)")
+        return out
+
+
+_COMPARED = ("backend", "model", "pretrained", "dim", "preprocess", "quantization", "weights")
+
+
+def _short(digest: str) -> str:
+    return digest[: len("sha256:") + 12]
+
+
+# -- weights digests -------------------------------------------------------------------------
+# The files of a model folder that decide its vectors (weights, configs, tokenizer files);
+# anything else there (a README, a notebook) may change without making another model.
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt", ".model", ".gz"})
+
+
+def weights_digest(path: str | Path) -> str:
+    """``sha256:HEX`` of local weights: of the file itself (what ``sha256sum`` prints, and
+    what open_clip's download URLs name), or, for a model folder, of the names and digests of
+    its weight, config and tokenizer files. Hashing a large checkpoint takes a second or two, so
+    each file's digest is cached by its path, size and modification time."""
+    path = Path(path).expanduser().resolve()
+    cache = _DigestCache()
+    if path.is_file():
+        digest = cache.file(path)
+        cache.save()
+        return "sha256:" + digest
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if f.is_file() and f.suffix in _WEIGHT_SUFFIXES and not any(p.startswith(".") for p in rel.parts):
+            h.update(f"{rel.as_posix()}\0{cache.file(f.resolve())}\n".encode())
+    cache.save()
+    return "sha256:" + h.hexdigest()
+
+
+class _DigestCache:
+    """File digests by (path, size, mtime), in the user cache (``digests.json``)."""
+
+    def __init__(self) -> None:
+        from .settings import Settings
+
+        self.path = Settings.user_cache() / "digests.json"
+        try:
+            self.known: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def file(self, path: Path) -> str:
+        st = path.stat()
+        key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        digest = self.known.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            digest = self.known[key] = h.hexdigest()
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        from .files import write_atomic
+
+        # a read-only cache costs a second hash next time, nothing else
+        with contextlib.suppress(OSError):
+            write_atomic(self.path, json.dumps(self.known, indent=0), mode=0o644)
+        self.changed = False

@@ -61,12 +61,20 @@ class PreprocessSpec:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"  # shortest | longest | squash
     fill_color: int = 0
+    # transformers' processors resize the short edge to their own length ("shortest_edge", e.g.
+    # 256) before cropping (e.g. 224); 0: to the crop size, as open_clip does
+    resize_edge: int = 0
+    # where a centre crop starts when the margin is odd: open_clip (torchvision) rounds, the
+    # transformers processors floor
+    crop_rounding: str = "round"
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
         if self.resize_mode not in ("shortest", "longest", "squash"):
             raise ValueError(f"unknown resize mode {self.resize_mode!r}")
+        if self.crop_rounding not in ("round", "floor"):
+            raise ValueError(f"unknown crop rounding {self.crop_rounding!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
@@ -79,6 +87,8 @@ class PreprocessSpec:
             interpolation=str(data.get("interpolation", "bicubic")),
             resize_mode=str(data.get("resize_mode", "shortest")),
             fill_color=int(data.get("fill_color", 0)),
+            resize_edge=int(data.get("resize_edge", 0)),
+            crop_rounding=str(data.get("crop_rounding", "round")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,22 +96,36 @@ class PreprocessSpec:
         d["size"] = list(self.size)
         d["mean"] = [round(x, 8) for x in self.mean]
         d["std"] = [round(x, 8) for x in self.std]
+        # recorded only when they differ from open_clip's way, so that the identities of
+        # namespaces made before these fields existed stay equal
+        if not self.resize_edge:
+            del d["resize_edge"]
+        if self.crop_rounding == "round":
+            del d["crop_rounding"]
         return d
 
     @property
     def draft_size(self) -> int:
         """Smallest edge a DCT-scaled decode may produce without losing detail for this spec."""
-        return max(self.size)
+        return max(*self.size, self.resize_edge)
 
 
 @dataclass
 class DecodedImage:
-    """An upright RGB image plus facts about the original file."""
+    """An upright RGB image plus facts about the original file.
+
+    A JPEG decoded at reduced scale is ``M/8`` of the original, rounded up to whole pixels: its
+    last row and column cover only part of a pixel. ``box`` is the region of ``image`` that
+    covers the original exactly (``(0, 0, width·M/8, height·M/8)``, turned upright with the
+    image), so that resizing can compute its geometry from the original size, as a full decode
+    would; None when ``image`` is the original at full size.
+    """
 
     image: Image.Image
     width: int  # of the original, after EXIF orientation
     height: int
     format: str | None
+    box: tuple[float, float, float, float] | None = None
 
 
 def decode_image(
@@ -138,11 +162,13 @@ def decode_image(
         width, height = height, width
     fmt = img.format
 
+    raw_size = img.size
     scaled = _decode_jpeg_scaled(data, draft_size) if draft_size and fmt == "JPEG" and img.mode == "RGB" else None
     if scaled is not None:
+        box = _content_box(raw_size, scaled.size, orientation)
         if orientation in _TRANSPOSES:
             scaled = scaled.transpose(_TRANSPOSES[orientation])
-        return DecodedImage(image=scaled, width=width, height=height, format=fmt)
+        return DecodedImage(image=scaled, width=width, height=height, format=fmt, box=box)
 
     try:
         if getattr(img, "n_frames", 1) > 1:
@@ -156,9 +182,33 @@ def decode_image(
             raise ImageError(f"truncated image data ({msg})") from None
         raise ImageError(f"corrupt image data ({msg})") from None
 
+    box = _content_box(raw_size, img.size, orientation) if img.size != raw_size else None
     if orientation not in (None, 1):
         img = ImageOps.exif_transpose(img)
-    return DecodedImage(image=to_rgb(img), width=width, height=height, format=fmt)
+    return DecodedImage(image=to_rgb(img), width=width, height=height, format=fmt, box=box)
+
+
+def _content_box(
+    original: tuple[int, int], reduced: tuple[int, int], orientation: int | None
+) -> tuple[float, float, float, float] | None:
+    """The region of a reduced-scale decode that covers the original (see ``DecodedImage``),
+    after the image is turned upright by ``orientation``. libjpeg's scaled sizes are
+    ``ceil(edge·M/8)`` for M in 1..8 (Pillow's draft uses 1/2, 1/4, 1/8 of the same kind)."""
+    (w, h), (rw, rh) = original, reduced
+    for m in range(1, 9):
+        if -(-w * m // 8) == rw and -(-h * m // 8) == rh:
+            x, y = w * m / 8, h * m / 8
+            break
+    else:
+        return None
+    # the content starts at the top-left of the stored image; a flip or a turn moves it
+    flip_x = orientation in (2, 3, 7, 8)  # the stored x axis runs the other way after it
+    flip_y = orientation in (3, 4, 6, 7)
+    x0, x1 = (rw - x, rw) if flip_x else (0.0, x)
+    y0, y1 = (rh - y, rh) if flip_y else (0.0, y)
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        return (y0, x0, y1, x1)
+    return (x0, y0, x1, y1)
 
 
 def _decode_jpeg_scaled(data: bytes, min_edge: int) -> Image.Image | None:
@@ -240,34 +290,52 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
 
 
-def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """Geometry of open_clip's eval transform, on a PIL image, with the same rounding."""
+def resize_and_crop(
+    img: Image.Image,
+    spec: PreprocessSpec,
+    *,
+    original: tuple[int, int] | None = None,
+    box: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
+    """Geometry of the model's eval transform (open_clip's, or a transformers processor's), on a
+    PIL image, with the same rounding. For a reduced-scale decode, ``original`` is the full
+    size and ``box`` the region of ``img`` covering it: the output size and crop are computed
+    from the original, as a full decode would give them, and the resize reads exactly ``box``."""
     th, tw = spec.size
-    w, h = img.size
+    w, h = original or img.size
+    if box is None:
+        box = (0.0, 0.0, float(img.width), float(img.height))
+    same = box == (0.0, 0.0, float(w), float(h)) and img.size == (w, h)
     resample = _INTERPOLATIONS[spec.interpolation]
+
+    def resize(size: tuple[int, int]) -> Image.Image:
+        return img if same and size == (w, h) else img.resize(size, resample, box=box)
+
     if spec.resize_mode == "squash":
-        return img if (w, h) == (tw, th) else img.resize((tw, th), resample)
+        return resize((tw, th))
     if spec.resize_mode == "shortest":
-        if th == tw:
-            # torchvision Resize(int): the short edge becomes th, the long edge is truncated.
+        edge = spec.resize_edge or (th if th == tw else 0)
+        if edge:
+            # torchvision Resize(int) and transformers' shortest_edge: the short edge becomes
+            # ``edge``, the long edge is truncated.
             if w <= h:
-                new_w, new_h = th, int(th * h / w)
+                new_w, new_h = edge, int(edge * h / w)
             else:
-                new_w, new_h = int(th * w / h), th
+                new_w, new_h = int(edge * w / h), edge
         else:
             ratio = min(h / th, w / tw)
             new_w, new_h = round(w / ratio), round(h / ratio)
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
-        left = round((new_w - tw) / 2.0)
-        top = round((new_h - th) / 2.0)
-        return img.crop((left, top, left + tw, top + th))
+        resized = resize((new_w, new_h))
+        if spec.crop_rounding == "floor":
+            left, top = (new_w - tw) // 2, (new_h - th) // 2
+        else:
+            left, top = round((new_w - tw) / 2.0), round((new_h - th) / 2.0)
+        return resized.crop((left, top, left + tw, top + th))
     # longest: fit inside the target, pad the rest with fill_color (open_clip ResizeKeepRatio +
     # CenterCropOrPad).
     ratio = max(h / th, w / tw)
     new_w, new_h = max(1, round(w / ratio)), max(1, round(h / ratio))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample)
+    img = resize((new_w, new_h))
     canvas = Image.new("RGB", (tw, th), (spec.fill_color,) * 3)
     canvas.paste(img, ((tw - new_w) // 2, (th - new_h) // 2))
     return canvas
@@ -288,6 +356,15 @@ class Preprocessor:
 
     def crop(self, img: Image.Image) -> np.ndarray:
         return np.asarray(resize_and_crop(to_rgb(img), self.spec), dtype=np.uint8)
+
+    def crop_decoded(self, decoded: DecodedImage) -> np.ndarray:
+        """``crop`` for a decode, reduced-scale or not: the geometry of the original's."""
+        if decoded.box is None:
+            return self.crop(decoded.image)
+        img = resize_and_crop(
+            to_rgb(decoded.image), self.spec, original=(decoded.width, decoded.height), box=decoded.box
+        )
+        return np.asarray(img, dtype=np.uint8)
 
     def normalize(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, 3, H, W)."""

@@ -65,7 +65,6 @@ class IngestOptions:
     worker_type: str = "auto"  # auto | thread | process
     retry_failed: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    draft: bool = True  # DCT-scaled JPEG decode
     filters: dict[str, list[str]] | None = None  # only items whose metadata matches
     sample: int | None = None  # a reproducible random subset of this many items
     seed: int = 0
@@ -152,7 +151,7 @@ class Ingestor:
         device = str(getattr(encoder, "device", "cpu")).split(":")[0]
         self.worker_type = resolve_worker_type(options.worker_type, device)
         self.workers = options.workers or default_workers(self.worker_type)
-        self.settings = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, options.draft)
+        self.settings = DecodeSettings.for_encoder(encoder, options.max_megapixels)
         self.owner = claim_owner()
         store.bind_namespace(self.namespace, encoder.identity, model_spec.to_dict())
 

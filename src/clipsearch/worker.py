@@ -326,7 +326,7 @@ class Worker:
                 else:
                     errors[i] = result.error
         crops, index = [], []
-        settings = DecodeSettings(self.encoder.preprocess_spec, self.options.max_megapixels)
+        settings = DecodeSettings.for_encoder(self.encoder, self.options.max_megapixels)
         for i, blob in enumerate(data):
             if blob is None:
                 continue

@@ -1,4 +1,4 @@
-"""What every command shares: the consoles, error wording, the option definitions (the six model
+"""What every command shares: the consoles, error wording, the option definitions (the model
 options are declared here once), filters, the progress bar and result tables.
 
 Commands are thin: they parse, call ``clipsearch.Collection`` (or the store), and print. Library
@@ -136,11 +136,25 @@ _MODEL_PARAMS: list[tuple[str, Any, Any]] = [
         ],
         None,
     ),
+    (
+        "decode",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--decode",
+                envvar="CLIPSEARCH_DECODE",
+                help="fast (JPEGs decoded at reduced scale, within cosine 0.98 of exact) or exact (full decode, "
+                "the reference's pixels). Default: the namespace's, else fast.",
+                rich_help_panel=_MODEL_PANEL,
+            ),
+        ],
+        None,
+    ),
 ]
 
 
 def model_options(fn: F) -> F:
-    """Give a command the six model options; it receives them as one ``choice: ModelChoice``."""
+    """Give a command the model options; it receives them as one ``choice: ModelChoice``."""
     hints = typing.get_type_hints(fn, include_extras=True)
     signature = inspect.signature(fn)
     params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]

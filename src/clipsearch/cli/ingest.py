@@ -264,6 +264,7 @@ def ingest(
         # sources are checked before the model loads: a typo costs nothing
         parsed = collection.parse_sources(sources, recursive=recursive, catalog=catalog, filters=filters)
         collection.loading = loading  # the model loads only if there is something to embed
+        collection.notice = lambda message: err.print(message, highlight=False)
         if err.is_terminal and not as_json:
             with progress_bar() as bar:
                 task = bar.add_task("ingest", total=None)

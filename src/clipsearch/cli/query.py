@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -128,11 +129,5 @@ def duplicates(
 
 
 def _model_kwargs(choice: ModelChoice) -> dict:
-    return {
-        "model": choice.model,
-        "pretrained": choice.pretrained,
-        "weights": choice.weights,
-        "device": choice.device,
-        "runtime": choice.runtime,
-        "precision": choice.precision,
-    }
+    """``clipsearch.open``'s model arguments are the fields of ModelChoice."""
+    return dataclasses.asdict(choice)

@@ -34,6 +34,8 @@ def check_runtime(spec: ModelSpec) -> None:
         raise UsageError(f"unknown --precision {spec.precision!r}; use fp32 or int8")
     if spec.precision == "int8" and spec.runtime != "onnx":
         raise UsageError("--precision int8 needs --runtime onnx (dynamic int8 quantisation in ONNX Runtime)")
+    if spec.decode not in ("fast", "exact"):
+        raise UsageError(f"unknown --decode {spec.decode!r}; use fast or exact")
     if spec.runtime == "onnx" and spec.device not in ("auto", "cpu"):
         raise UsageError(f"--runtime onnx runs on the CPU; use --runtime torch for --device {spec.device}")
 

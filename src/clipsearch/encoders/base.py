@@ -100,7 +100,10 @@ class TorchEncoder(Encoder):
     def _text_features(self, texts: list[str]) -> torch.Tensor: ...
 
     def _to_device(self, array: np.ndarray, dtype: type) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+        array = np.ascontiguousarray(array, dtype=dtype)
+        if not array.flags.writeable:  # a crop straight from a PIL image is a read-only view
+            array = array.copy()
+        tensor = torch.from_numpy(array)
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)

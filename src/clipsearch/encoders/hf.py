@@ -1,7 +1,9 @@
 """Hugging Face ``transformers`` backend: CLIP and SigLIP checkpoints (``--model hf:REPO``).
 
-Preprocessing is read from the checkpoint's ``preprocessor_config.json`` and done by our own
-imaging module, so no transformers image processor (nor torchvision) runs.
+Preprocessing is read from the checkpoint's ``preprocessor_config.json`` (or the
+``processor_config.json`` that transformers 5's ``save_pretrained`` writes) and done by our own
+imaging module with the processors' geometry (short edge to ``shortest_edge``, centre crop
+starting at the floor of the margin), so no transformers image processor (nor torchvision) runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from .._compat import ensure_torchvision_importable
 from ..errors import MissingWeightsError, UsageError
+from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
 from . import hub
 from .base import ModelIdentity, ModelSpec, TorchEncoder, resolve_device
@@ -112,7 +115,7 @@ def load(spec: ModelSpec) -> HFEncoder:
         raise MissingWeightsError(f"could not load {label} from {folder}: {first[:300]}") from None
     model.to(device).eval()
 
-    preprocess = _preprocess_spec(folder, model)
+    preprocess = _preprocess_spec(folder, model, label)
     dim = int(model.config.projection_dim) if hasattr(model.config, "projection_dim") else 0
     if not dim:
         dim = int(model.config.text_config.hidden_size)
@@ -123,16 +126,41 @@ def load(spec: ModelSpec) -> HFEncoder:
         dim=dim,
         preprocess=preprocess.to_dict(),
         precision="fp16" if dtype == torch.float16 else "fp32",
+        weights=weights_digest(folder),
+        decode=spec.decode,
     )
     encoder = HFEncoder(model, tokenizer, identity, device)
     encoder.use_onednn()
     return encoder
 
 
-def _preprocess_spec(folder: Path, model: Any) -> PreprocessSpec:
-    """Translate a transformers ``preprocessor_config.json`` into our PreprocessSpec."""
-    path = folder / "preprocessor_config.json"
-    cfg: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+def image_processor_config(folder: Path, label: str) -> dict[str, Any]:
+    """The image processor's settings: ``preprocessor_config.json``, else the ``image_processor``
+    part of ``processor_config.json`` (transformers 5 writes only that one). Without either, the
+    mean, std, size and resampling would be guesses, and wrong guesses cost accuracy silently:
+    refused."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            cfg = json.loads(path.read_text())
+        except ValueError as e:
+            raise MissingWeightsError(f"{label}: {path} is not valid JSON ({e})") from None
+        if name == "processor_config.json":
+            cfg = cfg.get("image_processor") or {}
+        if cfg:
+            return cfg
+    raise MissingWeightsError(
+        f"{label} has no image processor settings ({folder} holds neither preprocessor_config.json nor "
+        "processor_config.json); save the model's processor beside it: "
+        "AutoProcessor.from_pretrained(REPO).save_pretrained(DIR)"
+    )
+
+
+def _preprocess_spec(folder: Path, model: Any, label: str) -> PreprocessSpec:
+    """Translate a transformers image processor config into our PreprocessSpec."""
+    cfg = image_processor_config(folder, label)
     image_size = int(model.config.vision_config.image_size)
     size = cfg.get("size", {"shortest_edge": image_size})
     if isinstance(size, int):
@@ -140,9 +168,13 @@ def _preprocess_spec(folder: Path, model: Any) -> PreprocessSpec:
     crop = cfg.get("crop_size", size)
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
+    resize_edge = 0
     if "shortest_edge" in size and cfg.get("do_center_crop", True):
         target = (int(crop.get("height", image_size)), int(crop.get("width", image_size)))
         mode = "shortest"
+        edge = int(size["shortest_edge"])
+        if (edge, edge) != target:
+            resize_edge = edge
     elif "height" in size:
         target, mode = (int(size["height"]), int(size["width"])), "squash"
     else:
@@ -154,4 +186,6 @@ def _preprocess_spec(folder: Path, model: Any) -> PreprocessSpec:
         std=tuple(cfg.get("image_std", PreprocessSpec.std)),  # type: ignore[arg-type]
         interpolation=_PIL_RESAMPLE.get(int(cfg.get("resample", 3)), "bicubic"),
         resize_mode=mode,
+        resize_edge=resize_edge,
+        crop_rounding="floor",  # transformers' center_crop: (size - crop) // 2
     )

@@ -21,6 +21,9 @@ class Encoder(ABC):
 
     identity: ModelIdentity
     preprocess: Preprocessor
+    # what loading the model wants a person told (which activation a checkpoint file runs
+    # with, say); the collection passes them to its ``notice`` hook
+    notes: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:

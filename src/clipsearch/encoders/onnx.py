@@ -5,7 +5,8 @@ ONNX Runtime's CPU kernels are markedly faster than PyTorch's for these towers o
 weights, so a changed checkpoint is exported again and an unchanged one never is; ``towers``
 runs the folder (without torch). ``fp32`` gives the PyTorch vectors (a test holds them to cosine
 >= 0.99999, so they may share a namespace); ``int8`` applies ONNX Runtime's dynamic quantisation
-to the weights and is a separate model identity.
+to the image tower's weights (the text tower stays fp32, see ``towers.tower_file``) and is a
+separate model identity.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..identity import ModelIdentity, ModelSpec
 from ..tokenizer import TokenizerConfig
 from .interface import Encoder
 from .openclip import OpenClipEncoder, encode_text_cut
-from .towers import EXPORT_VERSION, TowerEncoder, cache_root, import_ort, register_export
+from .towers import EXPORT_VERSION, TowerEncoder, cache_root, import_ort, register_export, tower_file
 
 
 class _Tower(torch.nn.Module):
@@ -119,10 +120,8 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
             )
         else:
             _export(_Tower(model, lambda m, x: m.encode_text(x)), example, {0: batch}, folder / "text.onnx")
-    if precision == "int8":
-        for tower in ("image", "text"):
-            if not (folder / f"{tower}.int8.onnx").is_file():
-                _quantize(folder / f"{tower}.onnx", folder / f"{tower}.int8.onnx")
+    if precision == "int8" and not (folder / tower_file("image", "int8")).is_file():
+        _quantize(folder / "image.onnx", folder / tower_file("image", "int8"))
     if not meta.is_file():
         _write_tokenizer(base, folder)
         model_meta = {
@@ -187,4 +186,6 @@ def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> TowerEncoder:
     if not (folder / "tokenizer.json").is_file():  # another tokenizer: the model's own, through torch
         tokenizer = base.tokenizer
         tokenize = lambda texts: tokenizer(texts).numpy()  # noqa: E731
-    return TowerEncoder(folder, spec.precision, spin=spin, tokenize=tokenize)
+    towers = TowerEncoder(folder, spec.precision, spin=spin, tokenize=tokenize, decode=spec.decode)
+    towers.notes = base.notes
+    return towers

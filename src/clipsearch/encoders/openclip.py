@@ -12,6 +12,7 @@ import torch
 
 from .._compat import import_open_clip
 from ..errors import MissingWeightsError, UsageError
+from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
 from . import hub
 from .base import ModelIdentity, ModelSpec, TorchEncoder, normalize, resolve_device
@@ -145,19 +146,20 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
             "layout (open_clip_config.json + weights)"
         )
 
+    notes: list[str] = []
     if weights is not None and weights.is_dir():
         model_name = f"local-dir:{weights}"
         model = _create(open_clip, model_name, device=device, precision=precision)
         tokenizer = open_clip.get_tokenizer(model_name)
         label = spec.model if spec.model.startswith("hf-hub:") else f"local:{weights.resolve().name}"
-        pretrained = ""
+        pretrained, digest = "", weights_digest(weights)
     elif spec.model.startswith("hf-hub:"):
         repo = spec.model.removeprefix("hf-hub:")
         folder = hub.snapshot_or_fetch(repo, _WEIGHT_PATTERNS, "open_clip_config.json", f"open_clip {spec.model}")
         model_name = f"local-dir:{folder}"
         model = _create(open_clip, model_name, device=device, precision=precision)
         tokenizer = open_clip.get_tokenizer(model_name)
-        label, pretrained = spec.model, ""
+        label, pretrained, digest = spec.model, "", weights_digest(folder)
     else:
         name = spec.model
         if name not in open_clip.list_models():
@@ -166,6 +168,10 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
                 "ViT-B-16, ViT-L-14), hf-hub:ORG/REPO, or hf:REPO for a transformers checkpoint"
             )
         tag = spec.pretrained or ""
+        digest = weights_digest(weights) if weights is not None else ""
+        if weights is not None and not tag:
+            tag = _recognise(open_clip, name, weights, digest)
+            notes.append(_activation_note(open_clip, name, weights, tag))
         tag_cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
         if weights is not None:
             checkpoint = str(weights)
@@ -177,6 +183,7 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
             )
         else:
             checkpoint = _tag_checkpoint(open_clip, name, tag, tag_cfg)
+            digest = weights_digest(checkpoint)
         preprocess_overrides = {k: tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}
         model = _create(
             open_clip,
@@ -202,11 +209,49 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
         dim=dim,
         preprocess=PreprocessSpec.from_dict(preprocess_cfg).to_dict(),
         precision=precision,
+        weights=digest,
+        decode=spec.decode,
     )
     encoder = OpenClipEncoder(model, tokenizer, identity, device)
+    encoder.notes = tuple(notes)
     if fast_cpu:
         encoder.use_onednn()
     return encoder
+
+
+def _recognise(open_clip: Any, name: str, weights: Path, digest: str) -> str:
+    """The pretrained tag of ``name`` whose published checkpoint ``weights`` is, or "": by the
+    checksum open_clip's download URL carries (OpenAI's full SHA-256, open_clip's releases a
+    prefix), or by the Hugging Face cache folder the file sits in."""
+    sha = digest.removeprefix("sha256:")
+    resolved = str(weights.expanduser().resolve())
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        url = cfg.get("url", "")
+        if "openaipublic" in url and sha == url.split("/")[-2]:
+            return tag
+        if "mlfoundations" in url:
+            prefix = os.path.splitext(os.path.basename(url))[0].split("-")[-1]
+            if len(prefix) >= 8 and sha.startswith(prefix):
+                return tag
+        repo = cfg.get("hf_hub", "").strip("/")
+        if repo and f"/models--{repo.replace('/', '--')}/" in resolved:
+            return tag
+    return ""
+
+
+def _activation_note(open_clip: Any, name: str, weights: Path, tag: str) -> str:
+    """Which activation a checkpoint file given without --pretrained runs with, and why."""
+    if tag:
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        act = "QuickGELU" if cfg.get("quick_gelu") else "GELU"
+        return f"--weights {weights.name} is {name} '{tag}' (recognised by its checksum): {act} activation"
+    quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu"))
+    act, other = ("QuickGELU", "GELU") if quick else ("GELU", "QuickGELU")
+    return (
+        f"--weights {weights.name}: no --pretrained tag, so {name}'s own config applies ({act} activation); "
+        f"for weights trained with {other} (OpenAI's are QuickGELU) name their tag, e.g. --pretrained openai"
+    )
 
 
 def _create(open_clip: Any, name: str, **kwargs: Any) -> Any:

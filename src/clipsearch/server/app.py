@@ -580,7 +580,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
                     "dimensions": ns.identity.dim,
                     "items": ns.items,
                     "failures": ns.failures,
-                    "searchable_by_text": encoder is not None and ns.identity.compat_key == encoder.identity.compat_key,
+                    "searchable_by_text": encoder is not None and ns.identity.same_space(encoder.identity),
                 }
                 for ns in infos
             ],

@@ -149,6 +149,8 @@ class Service:
 
     def _load_and_warm(self) -> tuple[Encoder, ModelSpec]:
         encoder, spec = self._loader()
+        for note in encoder.notes:
+            log.warning("%s", note)
         # The first call through a model allocates and picks kernels; do it before any client waits.
         encoder.embed_texts(["warm up"])
         h, w = encoder.preprocess_spec.size
@@ -203,7 +205,7 @@ class Service:
 
     def _decode(self, data: bytes) -> tuple[DecodedImage, np.ndarray]:
         encoder = self.ready_encoder()
-        return decode_crop(data, DecodeSettings(encoder.preprocess_spec, self.settings.max_megapixels))
+        return decode_crop(data, DecodeSettings.for_encoder(encoder, self.settings.max_megapixels))
 
     def _prepare(self, data: bytes, label: str | None = None) -> np.ndarray:
         try:

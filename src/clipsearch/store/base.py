@@ -42,7 +42,7 @@ def validate_namespace(name: str) -> str:
 
 def check_same_model(namespace: str, existing: ModelIdentity, requested: ModelIdentity) -> None:
     """Refuse to mix two models' vectors in one namespace."""
-    if existing.compat_key != requested.compat_key:
+    if not existing.same_space(requested):
         raise ModelMismatchError(namespace, existing, requested)
 
 
