@@ -295,6 +295,8 @@ class ImageHandlerServer:
 
         self.hits: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.in_flight = 0  # /slow requests being answered now, and the most at once
+        self.most_in_flight = 0
         images: dict[str, bytes] = {}
         for name in SAMPLE_PHOTOS:
             buf = io.BytesIO()
@@ -336,7 +338,14 @@ class ImageHandlerServer:
                     else:
                         self._send(200, images["coffee"])
                 elif path == "/slow":
-                    time.sleep(float(query.removeprefix("s=") or 5))
+                    with owner.lock:
+                        owner.in_flight += 1
+                        owner.most_in_flight = max(owner.most_in_flight, owner.in_flight)
+                    try:
+                        time.sleep(float(query.split("&")[0].removeprefix("s=") or 5))
+                    finally:
+                        with owner.lock:
+                            owner.in_flight -= 1
                     self._send(200, images["coffee"])
                 elif path == "/html":
                     self._send(200, b"<html><body>not an image</body></html>", "text/html")

@@ -108,3 +108,64 @@ def test_search_click_and_more_like_this(gallery, browser):
     assert page.locator(".card .name").all_text_contents() == ["coffee.jpg"]
     assert errors == []
     page.close()
+
+
+def _box(page, selector: str) -> dict:
+    return page.locator(selector).first.bounding_box()
+
+
+@pytest.mark.parametrize("width, height", [(1200, 800), (390, 844)], ids=["desktop", "phone"])
+def test_panels_layout_and_the_key_prompt(gallery, browser, width, height):
+    """The hardening issue's gallery defects: the detail stayed open over later searches, the
+    query image was never shown, phones got one card per screen and a detail table broken letter
+    by letter, and with a key configured the key field was tiny and the namespace list empty."""
+    server, root = gallery
+    shots = Path(os.environ.get("CLIPSEARCH_SCREENSHOTS", root))
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+
+    # no key yet: the key form asks for it, no empty namespace list is shown
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert not page.is_visible("#namespace")
+    assert _box(page, "#api-key")["width"] >= min(200, width * 0.6)
+    page.screenshot(path=str(shots / f"gallery-key-{width}.png"))
+    page.fill("#api-key", "gallery-key")
+    page.press("#api-key", "Enter")
+    page.wait_for_function("document.querySelectorAll('#namespace option').length > 0")
+    assert page.is_visible("#namespace")
+
+    page.fill("#query", "a photo")
+    page.press("#query", "Enter")
+    page.wait_for_function("document.querySelectorAll('.card').length === 6")
+    first, second = _box(page, ".card:nth-child(1)"), _box(page, ".card:nth-child(2)")
+    assert abs(first["y"] - second["y"]) < 1 and second["x"] > first["x"]  # side by side, even on a phone
+    assert first["width"] < width * 0.55
+
+    # "more like this" on the card with the longest file name, then the detail table
+    page.locator(".card", has_text="immunohistochemistry").first.click()
+    page.wait_for_selector("#detail:not([hidden])")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('5 results like')")
+    cell = page.locator("#detail-meta td", has_text="immunohistochemistry.jpg").first
+    cell_box = cell.bounding_box()
+    line = page.evaluate("parseFloat(getComputedStyle(document.querySelector('#detail td')).lineHeight) || 20")
+    assert cell_box["height"] <= 2.5 * line, "the file name is broken letter by letter"
+    page.screenshot(path=str(shots / f"gallery-detail-{width}.png"), full_page=True)
+
+    # a later search closes the detail
+    page.fill("#query", "a rocket")
+    page.press("#query", "Enter")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('a rocket')")
+    assert not page.is_visible("#detail")
+
+    # searching by a picked file shows that image
+    page.set_input_files("#image-file", str(root / "photos" / "coffee.jpg"))
+    page.wait_for_function("document.querySelector('#status').textContent.includes('similar to coffee.jpg')")
+    assert page.is_visible("#query-preview") and page.text_content("#query-name") == "coffee.jpg"
+    assert page.evaluate("document.querySelector('#query-image').naturalWidth") > 0
+    assert not page.is_visible("#detail")
+    page.screenshot(path=str(shots / f"gallery-query-image-{width}.png"))
+    assert errors == []
+    context.close()

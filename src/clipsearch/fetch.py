@@ -48,7 +48,12 @@ def decode_base64_image(data: str, max_bytes: int) -> bytes:
     if len(payload) * 3 // 4 > max_bytes:
         raise TooLargeError(f"image is larger than the {_mib(max_bytes)} limit")
     compact = "".join(payload.split())
+    if not compact and match:
+        raise ImageError("the data URI holds no data after its comma")
     if not compact or not _BASE64_CHARS.match(compact):
+        if match:
+            bad = next((c for c in compact if not _BASE64_CHARS.match(c)), "")
+            raise ImageError(f"the data URI's payload is not base64 (it contains {bad!r})")
         raise ImageError("image must be an http(s) URL, a data: URI or base64-encoded bytes")
     try:
         if "-" in compact or "_" in compact:
@@ -56,7 +61,8 @@ def decode_base64_image(data: str, max_bytes: int) -> bytes:
         else:
             raw = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError("image is not valid base64") from None
+        where = "the data URI's payload" if match else "image"
+        raise ImageError(f"{where} is not valid base64") from None
     if not raw:
         raise ImageError("image data is empty")
     return raw
@@ -70,9 +76,30 @@ def _mib(n: int) -> str:
     return f"{n / 1024 / 1024:g} MiB"
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
+    """The IPv4 address an IPv6 address carries and how: IPv4-mapped, 6to4 (2002::/16), Teredo
+    (2001::/32, its client) or NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48, the last 32
+    bits). Each reaches that IPv4 host through a translator or tunnel, so it is judged as it."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped, "IPv4-mapped"
+    if ip.sixtofour is not None:
+        return ip.sixtofour, "6to4"
+    if ip.teredo is not None:
+        return ip.teredo[1], "Teredo"
+    if any(ip in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "NAT64"
+    return None
+
+
 def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            inner = _blocked_reason(embedded[0])
+            return f"{inner} wrapped in a {embedded[1]} address" if inner else None
     if ip.is_unspecified:
         return "the unspecified address"
     if ip.is_loopback:

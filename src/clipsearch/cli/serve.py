@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Annotated
 
 import typer
 
 from ..collection import Collection, ModelChoice
-from ..errors import ClipsearchError
+from ..errors import ClipsearchError, UsageError
 from ..store import open_store, validate_namespace
 from ._common import DbOpt, err
 
@@ -61,6 +63,42 @@ def serve(
             help="Under load, how long a batch may wait to fill up.",
         ),
     ] = 5.0,
+    max_request_images_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-request-images-mb",
+            envvar="CLIPSEARCH_MAX_REQUEST_IMAGES_MB",
+            min=0.001,
+            help="What the images of one request (URLs included) may hold together; over it, 413.",
+        ),
+    ] = 128.0,
+    max_url_fetches: Annotated[
+        int,
+        typer.Option(
+            "--max-url-fetches",
+            envvar="CLIPSEARCH_MAX_URL_FETCHES",
+            min=1,
+            help="Image URLs fetched at once, server-wide (8 at most per request).",
+        ),
+    ] = 32,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--allowed-hosts",
+            envvar="CLIPSEARCH_ALLOWED_HOSTS",
+            help="Host names the server answers to, comma-separated ('*': any). Default: localhost, 127.0.0.1, "
+            "::1 and --host; any when --host is 0.0.0.0 or ::.",
+        ),
+    ] = None,
+    allowed_origins: Annotated[
+        str | None,
+        typer.Option(
+            "--allowed-origins",
+            envvar="CLIPSEARCH_ALLOWED_ORIGINS",
+            help="Web origins (https://app.example.com) whose pages may call the API, comma-separated; CORS "
+            "headers are sent for them. Other sites' POST/DELETE requests are refused.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", envvar="CLIPSEARCH_LOG_LEVEL")] = "info",
     *,
     choice: ModelChoice,
@@ -86,6 +124,10 @@ def serve(
         url_timeout=url_timeout,
         max_batch=max_batch,
         batch_wait_ms=batch_wait_ms,
+        max_request_image_bytes=int(max_request_images_mb * 1024 * 1024),
+        max_url_fetches=max_url_fetches,
+        allowed_hosts=_hosts(allowed_hosts, host),
+        allowed_origins=tuple(_split(allowed_origins)),
     )
     web = create_app(settings, lambda: (load_encoder(spec, serving=True), spec), store=store)
     config = uvicorn.Config(web, host=host, port=port, log_level=log_level.lower(), access_log=False)
@@ -97,8 +139,48 @@ def serve(
         server.should_exit = True
 
     web.state.service.on_load_failure = stop
+    # the address is taken before anything says "serving": a port in use is one error line
+    sock = _listen(host, port)
     source = f"{spec.model} from {spec.weights}" if spec.weights else spec.model
     err.print(f"serving {db} on http://{host}:{port} (docs: /docs); loading {source} ...", highlight=False)
-    server.run()
+    server.run(sockets=[sock])
     if failure:
         raise ClipsearchError(failure[0])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (IPv4 or IPv6), or UsageError saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UsageError(
+            f"cannot listen on {host}: {e.strerror or e}; give an address or host name of this machine"
+        ) from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"cannot listen on {host}:{port}: the port is in use; stop what holds it, or pick another --port"
+            ) from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _hosts(given: str | None, bound: str) -> tuple[str, ...]:
+    """The allowed Host names: as given, else the loopback names and the bound address; a server
+    bound to every interface is meant to be reached by names this one cannot know."""
+    if given is not None:
+        return tuple(_split(given)) or ("*",)
+    if bound in ("0.0.0.0", "::", ""):
+        return ("*",)
+    return ("localhost", "127.0.0.1", "::1", bound)

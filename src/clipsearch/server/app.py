@@ -19,8 +19,11 @@ from urllib.parse import quote
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
@@ -53,6 +56,7 @@ from .schemas import (
     ImageInput,
     ImageSearchRequest,
     ItemResponse,
+    ModelCard,
     ModelList,
     NamespaceList,
     SearchRequest,
@@ -60,6 +64,8 @@ from .schemas import (
     VectorSearchRequest,
 )
 from .service import (
+    ConflictError,
+    ImageBudget,
     Loader,
     LoadFailedError,
     ServerSettings,
@@ -71,7 +77,9 @@ from .service import (
 
 log = logging.getLogger("clipsearch.server")
 GALLERY = resources.files("clipsearch.server") / "gallery"
-_RESERVED_FORM_FIELDS = {"file", "namespace", "id", "metadata"}
+DOCS_ASSETS = resources.files("fastapi_offline") / "static"
+_RESERVED_FORM_FIELDS = {"file", "image", "namespace", "id", "metadata"}
+_IMAGE_FIELDS = ("file", "image")  # the form field of an uploaded image: either name
 
 
 class AuthError(ClipsearchError):
@@ -90,6 +98,8 @@ def _status(e: ClipsearchError) -> tuple[int, str, str | None]:
         return 401, "authentication_error", "invalid_api_key"
     if isinstance(e, ModelNotFoundError):
         return 404, "invalid_request_error", "model_not_found"
+    if isinstance(e, ConflictError):
+        return 409, "invalid_request_error", "already_exists"
     if isinstance(e, NotFoundError):
         return 404, "not_found_error", None
     if isinstance(e, TooLargeError):
@@ -153,16 +163,161 @@ class BodyLimitMiddleware:
                 return
             if not message.get("more_body", False):
                 break
-        replayed = False
+        if scope.get("path") not in _CANCELLABLE:
+            await self.app(scope, _replay(bytes(body), receive), send)
+            return
+        await _run_cancelled_on_disconnect(self.app, scope, bytes(body), receive, send)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+# Routes that only compute an answer: if its client has gone, nobody needs it. A write (adding
+# an item) runs to its end, so that it is all done or not at all.
+_CANCELLABLE = {"/v1/embeddings", "/embed", "/api/v1/search", "/api/v1/images/search", "/api/v1/vectors/search"}
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _run_cancelled_on_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    """Run the app on an already read ``body``, and cancel it if the client disconnects.
+
+    Starlette keeps running a handler whose client has gone: a 1000-text request abandoned after
+    0.3 s still cost the model its 1000 texts, ahead of everyone else's. Here the client's
+    channel is watched while the app runs; a disconnect cancels the handler, whose batched
+    inputs are then dropped before they reach the model (``batching``).
+    """
+    disconnected = asyncio.Event()
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnected.wait()  # the app asks again only to learn of a disconnect
+        return {"type": "http.disconnect"}
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+                handler.cancel()
+                return
+
+    handler = asyncio.ensure_future(app(scope, replay, send))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await handler
+    except asyncio.CancelledError:
+        if not disconnected.is_set():
+            raise  # the server itself is stopping
+    finally:
+        watcher.cancel()
+
+
+_TOO_DEEP = "the request body's JSON is nested too deeply to parse; send at most a few hundred levels"
+
+
+def _json_error_message(request: Request, err: dict[str, Any]) -> str:
+    """Where and what is wrong in a body that is not JSON (FastAPI says "JSON decode error")."""
+    loc = err.get("loc", ())
+    what = str((err.get("ctx") or {}).get("error") or "not valid JSON")
+    position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    if position is None:
+        return f"the request body is not valid JSON: {what}"
+    return f"the request body is not valid JSON at character {position}: {what}"
+
+
+async def _json_body(request: Request) -> Any:
+    """A route's own JSON parsing, worded as FastAPI's is (400, where and what)."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise _BadJSON(_TOO_DEEP) from None
+    except UnicodeDecodeError:
+        raise _BadJSON("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise _BadJSON(f"the request body is not valid JSON at character {e.pos}: {e.msg}") from None
+
+
+class _BadJSON(ClipsearchError):
+    """A body that is not JSON (HTTP 400)."""
+
+
+def _literal_suffix(request: Request, suffix: str) -> bool:
+    """Whether the request path ends in ``/suffix`` written as such: an item id containing a
+    slash is sent encoded (``x%2Fthumbnail``), and Starlette decodes it before routing, so only
+    the raw path tells ``GET …/x%2Fthumbnail`` (the item ``x/thumbnail``) from ``…/x/thumbnail``."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    return raw.split(b"?", 1)[0].rstrip(b"/").endswith(b"/" + suffix.encode())
+
+
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def _host_name(value: str) -> str:
+    """The host of a Host header or an origin's authority, without its port: ``[::1]:8080`` → ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class HostOriginMiddleware:
+    """Serve only the allowed Host names, and refuse state-changing requests a browser sends
+    from another origin unless that origin is allowed.
+
+    A multipart POST needs no CORS preflight, so without the Origin check any web page the user
+    visits could add items (cross-site request forgery); without the Host check a hostile domain
+    resolving to 127.0.0.1 could read results, paths and thumbnails (DNS rebinding). Clients that
+    are not browsers send no Origin and are not affected.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...], allowed_origins: tuple[str, ...]):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {_host_name(h) for h in allowed_hosts}
+        self.origins = {o.rstrip("/").lower() for o in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        if not self.any_host and _host_name(host) not in self.hosts:
+            message = (
+                f"this server does not serve the host name {host[:100]!r}; start it with "
+                f"--allowed-hosts {_host_name(host)[:100] or 'NAME'} if that name is meant to reach it"
+            )
+            await error_response(400, message, "invalid_request_error", "host_not_allowed")(scope, receive, send)
+            return
+        origin = headers.get("origin")
+        if origin is not None and scope["method"] not in _SAFE_METHODS and not self._origin_ok(origin, host):
+            message = (
+                f"cross-origin {scope['method']} from {origin[:100]} refused; allow that site with --allowed-origins"
+            )
+            await error_response(403, message, "permission_error", "origin_not_allowed")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _origin_ok(self, origin: str, host: str) -> bool:
+        origin = origin.strip().rstrip("/").lower()
+        if origin in self.origins or "*" in self.origins:
+            return True
+        scheme, _, authority = origin.partition("://")
+        return scheme in ("http", "https") and authority == host.strip().lower()  # same origin
 
 
 def _thumbnail_url(item: Item) -> str:
@@ -211,6 +366,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "Bad input"),
         (401, "Missing or wrong API key"),
         (404, "Not found"),
+        (409, "An item with this id exists (add ?replace=true)"),
         (413, "Request or image too large"),
         (422, "Validation error"),
         (503, "The model is still loading"),
@@ -236,9 +392,24 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         summary="CLIP embeddings (OpenAI-compatible) and semantic image search.",
         lifespan=lifespan,
         responses=_ERROR_RESPONSES,
+        docs_url=None,  # served below from local assets: FastAPI's own pages load them from a CDN
+        redoc_url=None,
     )
     app.state.service = service
+    # added last = outermost: the Host check first, CORS answers preflights, then the rest
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(
+        HostOriginMiddleware, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins
+    )
 
     # -- errors ------------------------------------------------------------------------
     @app.exception_handler(ClipsearchError)
@@ -252,8 +423,11 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(400, _json_error_message(request, errors[0]), "invalid_request_error", "invalid_json")
         parts = []
-        for err in e.errors()[:5]:
+        for err in errors[:5]:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return error_response(422, "; ".join(parts) or "invalid request", "invalid_request_error", "validation_error")
@@ -262,6 +436,8 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def _http_error(request: Request, e: StarletteHTTPException):
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = str(e.detail)
+        if isinstance(e.__cause__, RecursionError):  # FastAPI's body parser met deeply nested JSON
+            message = _TOO_DEEP
         if e.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs"
         return error_response(e.status_code, message, type_)
@@ -287,6 +463,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     api = APIRouter(dependencies=[Depends(require_key)])
 
     # -- health and models -------------------------------------------------------------
+    @app.head("/health", include_in_schema=False)  # load balancers probe with HEAD
     @app.get("/health", response_model=Health, tags=["service"])
     async def health():
         items = await service.run(service.total_items)
@@ -315,6 +492,14 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         encoder = service.ready_encoder()
         card = {"id": encoder.model_id, "created": service.started_at, "dimensions": encoder.dim}
         return {"object": "list", "data": [card]}
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
+    async def retrieve_model(model_id: str):
+        """The served model (the OpenAI client's ``models.retrieve``); 404 for any other id."""
+        encoder = service.ready_encoder()
+        if model_id not in served_names():
+            raise ModelNotFoundError(f"this server serves the model {encoder.model_id!r}, not {model_id!r}")
+        return {"id": encoder.model_id, "created": service.started_at, "dimensions": encoder.dim}
 
     # -- embeddings --------------------------------------------------------------------
     @api.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["openai"])
@@ -345,9 +530,11 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
             else:
                 texts.append((i, x.text))
 
+        budget = ImageBudget(settings.max_request_image_bytes)
+
         async def fetch(i: int, ref: str) -> bytes:
             try:
-                return await service.image_bytes(ref)
+                return await service.image_bytes(ref, budget)
             except ClipsearchError as e:
                 raise labelled(f"input[{i}]", e) from None
 
@@ -395,20 +582,39 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         return data
 
     async def _form_with_file(request: Request, max_fields: int) -> tuple[FormData, bytes, str | None]:
-        """A multipart form whose ``file`` field holds one image: (form, image bytes, file name)."""
+        """A multipart form whose ``file`` (or ``image``) field holds one image: (form, image
+        bytes, file name)."""
+        missing = RequestValidationError(
+            [
+                {
+                    "type": "missing",
+                    "loc": ("body", "file"),
+                    "msg": "send the image as a multipart file field named 'file' (or 'image')",
+                }
+            ]
+        )
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise UsageError("send a multipart form with the image in a field named 'file'")
-        form = await request.form(max_files=1, max_fields=max_fields)
-        upload = form.get("file")
+            raise missing
+        form = await request.form(max_files=2, max_fields=max_fields)
+        uploads = [form.get(name) for name in _IMAGE_FIELDS if form.get(name) is not None]
+        if len(uploads) > 1:
+            raise UsageError("send the image in one field, 'file' or 'image', not both")
+        upload = uploads[0] if uploads else None
         if not isinstance(upload, StarletteUploadFile):
-            raise UsageError("send the image as a multipart file field named 'file'")
+            raise missing
         return form, await _read_upload(upload), upload.filename
 
-    @api.post("/embed", response_model=ImageEmbedding, tags=["embeddings"])
-    async def embed_upload(file: UploadFile = File(..., description="An image file.")):
-        """Embed one uploaded image."""
+    @api.post(
+        "/embed",
+        response_model=ImageEmbedding,
+        tags=["embeddings"],
+        openapi_extra={"requestBody": _multipart_body({})},
+    )
+    async def embed_upload(request: Request):
+        """Embed one uploaded image (a multipart ``file`` or ``image`` field)."""
         encoder = service.ready_encoder()
-        vector = (await service.embed_images([await _read_upload(file)]))[0]
+        _, data, _ = await _form_with_file(request, max_fields=5)
+        vector = (await service.embed_images([data]))[0]
         return {"embedding": vector.tolist(), "dimensions": encoder.dim, "model": encoder.model_id}
 
     # -- search ------------------------------------------------------------------------
@@ -445,27 +651,16 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             form, data, _ = await _form_with_file(request, max_fields=20)
-            try:
-                limit = int(str(form.get("limit") or 10))
-            except ValueError:
-                raise UsageError("limit must be an integer") from None
-            if not 1 <= limit <= 1000:
-                raise UsageError("limit must be between 1 and 1000")
-            namespace_field = form.get("namespace")
-            req = ImageSearchRequest(
-                image="-", namespace=str(namespace_field) if namespace_field else None, limit=limit
-            )
+            fields = {k: form.get(k) for k in ("namespace", "limit") if isinstance(form.get(k), str) and form.get(k)}
+            payload: Any = {"image": "-", **fields}
         else:
-            try:
-                payload = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UsageError(
-                    "send a multipart form with a 'file' field, or a JSON body {\"image\": URL | data-URI}"
-                ) from None
-            try:
-                req = ImageSearchRequest.model_validate(payload)
-            except ValidationError as e:
-                raise RequestValidationError(e.errors()) from None
+            payload = await _json_body(request)
+        try:
+            # one validation for both forms: a bad limit is the same 422 in a form as in JSON
+            req = ImageSearchRequest.model_validate(payload)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        if not ctype.startswith("multipart/form-data"):
             data = await service.image_bytes(req.image)
         namespace = service.namespace_name(req.namespace)
         await service.run(service.check_searchable, namespace)
@@ -489,8 +684,12 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
             )
         },
     )
-    async def add_item(request: Request):
-        """Store and index an uploaded image; other form fields become its metadata."""
+    async def add_item(
+        request: Request,
+        replace: bool = Query(False, description="Replace an existing item with this id (else 409)."),
+    ):
+        """Store and index an uploaded image; other form fields become its metadata. An id that
+        exists is refused with 409 unless ``?replace=true``."""
         form, data, filename = await _form_with_file(request, max_fields=200)
         metadata: dict[str, Any] = {}
         raw_meta = form.get("metadata")
@@ -508,7 +707,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         namespace = service.namespace_name(str(form.get("namespace") or "") or None)
         item_id = form.get("id")
         item = await service.add_item(
-            namespace, data, filename, metadata, str(item_id) if item_id is not None else None
+            namespace, data, filename, metadata, str(item_id) if item_id is not None else None, replace
         )
         return _item_response(item)
 
@@ -516,14 +715,20 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
 
     @api.get("/api/v1/items/{item_id:path}/thumbnail", tags=["items"], response_class=Response)
     async def item_thumbnail(
-        item_id: str, namespace: str | None = NamespaceQuery, size: int = Query(256, description="128, 256 or 512")
+        request: Request,
+        item_id: str,
+        namespace: str | None = NamespaceQuery,
+        size: int = Query(256, description="128, 256 or 512"),
     ):
         """A small JPEG of the item's image (cached)."""
+        if not _literal_suffix(request, "thumbnail"):  # the item "…/thumbnail" itself
+            return JSONResponse(jsonable_encoder(await get_item(f"{item_id}/thumbnail", namespace)))
         data = await service.run(service.thumbnail, service.namespace_name(namespace), item_id, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/api/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"])
     async def item_similar(
+        request: Request,
         item_id: str,
         namespace: str | None = NamespaceQuery,
         limit: int = Query(10, ge=1, le=1000),
@@ -532,6 +737,8 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         ),
     ):
         """Nearest items to this item's image vector, excluding the item itself."""
+        if not _literal_suffix(request, "similar"):  # the item "…/similar" itself
+            return JSONResponse(jsonable_encoder(await get_item(f"{item_id}/similar", namespace)))
         ns = service.namespace_name(namespace)
         return _results(ns, await service.run(service.similar, ns, item_id, limit, same_filter))
 
@@ -542,9 +749,11 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
 
     @api.delete("/api/v1/items/{item_id:path}", response_model=DeletedResponse, tags=["items"])
     async def delete_item(item_id: str, namespace: str | None = NamespaceQuery):
+        """Delete the item, and its original if it was uploaded here (``file_removed``; an
+        ingested photo is the user's own file and stays; ``detail`` says why a file stayed)."""
         ns = service.namespace_name(namespace)
-        await service.run(service.delete_item, ns, item_id)
-        return {"id": item_id, "namespace": ns, "deleted": True}
+        kept = await service.run(service.delete_item, ns, item_id)
+        return {"id": item_id, "namespace": ns, "deleted": True, "file_removed": kept is None, "detail": kept}
 
     @api.get("/api/v1/duplicates", response_model=DuplicatesResponse, tags=["items"])
     async def duplicates(threshold: float = Query(0.95, ge=0.0, le=1.0), namespace: str | None = NamespaceQuery):
@@ -587,6 +796,29 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         }
 
     app.include_router(api)
+
+    # -- API docs, from assets shipped with fastapi-offline (a machine without internet sees them)
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="clipsearch API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="clipsearch API",
+            redoc_js_url="/docs-assets/redoc.standalone.js",
+            redoc_favicon_url="/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.mount("/docs-assets", StaticFiles(directory=str(DOCS_ASSETS)), name="docs-assets")
 
     # -- gallery -----------------------------------------------------------------------
     @app.get("/", include_in_schema=False)

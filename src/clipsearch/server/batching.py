@@ -1,21 +1,27 @@
-"""Dynamic batching: single inputs from many concurrent requests become model-sized batches.
+"""Dynamic batching: inputs from many concurrent requests become model-sized batches, fairly.
 
-Each request puts its inputs on a queue and awaits their futures. One loop per batcher takes
-what is queued (up to ``max_batch``) and runs the model on it in the model thread, outside the
-event loop. Under load, a batch may wait ``max_wait`` seconds to fill up; a lone request never
-waits, because the wait only applies when the previous batch held more than one input.
+Each request's inputs form a job; the batching loop builds each batch by taking inputs from the
+waiting jobs in turn (one from each, round and round), so a one-text query sent while a
+2048-text request is being embedded rides in the very next batch instead of waiting behind all
+of it. A request that goes away (its client disconnected, or it failed) cancels its futures, and
+its queued inputs are dropped without a model call. The model runs in the model thread, outside
+the event loop. Under load, a batch may wait ``max_wait`` seconds to fill up; a lone request
+never waits, because the wait only applies when the previous batch held more than one input.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_Entry = tuple[T, asyncio.Future]
 
 
 class MicroBatcher(Generic[T, R]):
@@ -32,14 +38,16 @@ class MicroBatcher(Generic[T, R]):
         self._executor = executor
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
+        self._jobs: deque[deque[_Entry]] = deque()  # one per request, in turn
+        self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._last_batch = 0
         self.items = 0  # inputs embedded so far (the tests read it)
+        self.dropped = 0  # inputs of gone requests dropped without a model call
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
-        self._queue = asyncio.Queue()
+        self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -51,12 +59,14 @@ class MicroBatcher(Generic[T, R]):
 
     async def submit(self, items: list[T]) -> list[R]:
         """Results for ``items`` in order; the first error of any batch is raised."""
-        if self._queue is None:
+        if self._wakeup is None:
             raise RuntimeError("batcher not started")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        for item, fut in zip(items, futures, strict=True):
-            self._queue.put_nowait((item, fut))
+        if not futures:
+            return []
+        self._jobs.append(deque(zip(items, futures, strict=True)))
+        self._wakeup.set()
         try:
             results = await asyncio.gather(*futures)
         except BaseException:
@@ -65,18 +75,35 @@ class MicroBatcher(Generic[T, R]):
             raise
         return results
 
+    def _pending(self) -> int:
+        return sum(len(job) for job in self._jobs)
+
+    def _take(self) -> list[_Entry]:
+        """Up to ``max_batch`` live inputs, one from each waiting job in turn."""
+        batch: list[_Entry] = []
+        while len(batch) < self.max_batch and self._jobs:
+            job = self._jobs.popleft()
+            while job and job[0][1].done():  # its request is gone: no model time for it
+                job.popleft()
+                self.dropped += 1
+            if not job:
+                continue
+            batch.append(job.popleft())
+            if job:
+                self._jobs.append(job)
+        return batch
+
     async def _loop(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await queue.get()]
-            if self._last_batch > 1 and self.max_wait > 0 and queue.qsize() < self.max_batch - 1:
+            while not self._jobs:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._last_batch > 1 and self.max_wait > 0 and self._pending() < self.max_batch - 1:
                 await asyncio.sleep(self.max_wait)
-            while len(batch) < self.max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            live = [(item, fut) for item, fut in batch if not fut.done()]
-            self._last_batch = len(batch)
+            live = self._take()
+            self._last_batch = len(live)
             if not live:
                 continue
             try:

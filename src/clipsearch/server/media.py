@@ -25,9 +25,10 @@ def _digest(*parts: str) -> str:
 
 class Media:
     def __init__(self, root: Path):
-        self.root = root
-        self.uploads = root / "uploads"
-        self.thumbs = root / "thumbs"
+        # absolute: the store records upload paths, and a server started elsewhere reads them
+        self.root = Path(root).absolute()
+        self.uploads = self.root / "uploads"
+        self.thumbs = self.root / "thumbs"
 
     def upload_path(self, namespace: str, item_id: str, image_format: str | None) -> Path:
         ext = _EXTENSIONS.get(image_format or "", "img")
@@ -38,14 +39,24 @@ class Media:
         write_atomic(path, data)
         return path
 
-    def remove_upload(self, namespace: str, item_id: str, recorded_path: str | None) -> None:
-        """Delete an uploaded original, but only one inside our uploads folder."""
+    def is_upload(self, namespace: str, item_id: str, recorded_path: str | None) -> bool:
+        """Whether ``recorded_path`` is this item's original in our uploads folder (only those are
+        ever deleted: an ingested photo is the user's own file)."""
         if not recorded_path:
-            return
+            return False
         path = Path(recorded_path)
         folder = self.uploads / namespace
-        if path.parent == folder and path.name.startswith(_digest(namespace, item_id) + "."):
-            path.unlink(missing_ok=True)
+        return path.parent == folder and path.name.startswith(_digest(namespace, item_id) + ".")
+
+    def remove_upload(self, namespace: str, item_id: str, recorded_path: str | None) -> str | None:
+        """Delete an item's uploaded original; None when it is gone, else why it was kept."""
+        if not self.is_upload(namespace, item_id, recorded_path):
+            return "the item's file is not an upload of this server (an ingested file stays where it is)"
+        try:
+            Path(recorded_path).unlink(missing_ok=True)  # type: ignore[arg-type]
+        except OSError as e:
+            return f"could not remove {recorded_path}: {e.strerror or e}"
+        return None
 
     def thumbnail(self, item: Item, size: int) -> bytes:
         if size not in THUMBNAIL_SIZES:

@@ -147,6 +147,8 @@ class DeletedResponse(BaseModel):
     id: str
     namespace: str
     deleted: bool
+    file_removed: bool = Field(description="Whether the uploaded original was removed from disk.")
+    detail: str | None = Field(None, description="Why no file was removed, when none was.")
 
 
 class DuplicateItem(BaseModel):

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from ..decoding import DecodeSettings, decode_crop
-from ..errors import ClipsearchError, ImageError, ItemNotFoundError, NamespaceNotFoundError, UsageError
+from ..errors import ClipsearchError, ImageError, ItemNotFoundError, NamespaceNotFoundError, TooLargeError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
 from ..identity import ModelIdentity, ModelSpec
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
@@ -48,6 +48,18 @@ class LoadFailedError(ClipsearchError):
     """The model could not be loaded (HTTP 503, with the reason)."""
 
 
+class ConflictError(ClipsearchError):
+    """An item with this id exists and the request did not ask to replace it (HTTP 409)."""
+
+    def __init__(self, item_id: str, namespace: str):
+        self.item_id = item_id
+        self.namespace = namespace
+        super().__init__(
+            f"item {item_id!r} already exists in namespace {namespace!r}; add ?replace=true to replace it, "
+            "or leave out the id to get a new one"
+        )
+
+
 @dataclass
 class ServerSettings:
     db: str = "clipsearch.db"
@@ -64,6 +76,16 @@ class ServerSettings:
     max_inputs: int = 2048
     decode_workers: int = 2
     media_dir: Path | None = None
+    # image URLs: fetched at most this many at a time server-wide, and 8 per request; the images
+    # of one request may hold at most max_request_image_bytes together (else 413)
+    max_url_fetches: int = 32
+    max_request_image_bytes: int = 128 * 1024 * 1024
+    # Host headers served ("*": any). A page on a hostile domain that resolves to 127.0.0.1 (DNS
+    # rebinding) sends its own name: refused.
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    # origins whose browser pages may call the API (CORS headers are sent for them); other
+    # cross-origin POST/PUT/PATCH/DELETE requests are refused (cross-site request forgery)
+    allowed_origins: tuple[str, ...] = ()
 
     @property
     def media_root(self) -> Path:
@@ -88,6 +110,26 @@ async def gather_in_order(awaitables: Iterable[Awaitable[R]]) -> list[R]:
         if isinstance(r, BaseException):
             raise r
     return results  # type: ignore[return-value]
+
+
+class ImageBudget:
+    """What the images of one request may hold together, and how many of its URLs are fetched
+    at once: many large URLs in one request must not hold the server's memory."""
+
+    PER_REQUEST_FETCHES = 8
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.held = 0
+        self.slots = asyncio.Semaphore(self.PER_REQUEST_FETCHES)
+
+    def take(self, n: int) -> None:
+        self.held += n
+        if self.held > self.max_bytes:
+            raise TooLargeError(
+                f"the images of this request total more than {self.max_bytes / 1024 / 1024:g} MiB (the server's "
+                "--max-request-images-mb); send fewer or smaller images per request"
+            )
 
 
 class Service:
@@ -120,6 +162,7 @@ class Service:
         )
         self._http: httpx.AsyncClient | None = None
         self._load_task: asyncio.Task | None = None
+        self._fetches = asyncio.Semaphore(max(1, settings.max_url_fetches))
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -225,9 +268,16 @@ class Service:
         )
         return np.stack(await self.image_batcher.submit(pixels))
 
-    async def image_bytes(self, ref: str) -> bytes:
+    async def image_bytes(self, ref: str, budget: ImageBudget | None = None) -> bytes:
+        """An image's bytes from a URL, a data URI or base64. URL fetches wait for a slot (server
+        wide, and the request's own), and ``budget`` counts what one request holds."""
         assert self._http is not None
-        return await load_image_ref(self._http, ref, self.fetch_policy)
+        if budget is None:
+            budget = ImageBudget(self.settings.max_request_image_bytes)
+        async with budget.slots, self._fetches:
+            data = await load_image_ref(self._http, ref, self.fetch_policy)
+        budget.take(len(data))
+        return data
 
     # -- store access (blocking calls run in worker threads) ---------------------------------
     @staticmethod
@@ -281,13 +331,23 @@ class Service:
         return found[0]
 
     async def add_item(
-        self, namespace: str, data: bytes, filename: str | None, metadata: dict[str, Any], item_id: str | None
+        self,
+        namespace: str,
+        data: bytes,
+        filename: str | None,
+        metadata: dict[str, Any],
+        item_id: str | None,
+        replace: bool = False,
     ) -> Item:
         encoder = self.ready_encoder()
         assert self.spec is not None
         if item_id is not None and (not 0 < len(item_id) <= 200 or item_id.strip() != item_id):
             raise UsageError("id must be 1-200 characters without leading or trailing spaces")
         item_id = item_id or uuid.uuid4().hex
+        known = await self.run(self.store.identity, namespace) is not None
+        existing = await self.run(self.store.get_items, namespace, [item_id]) if known else []
+        if existing and not replace:
+            raise ConflictError(item_id, namespace)
         loop = asyncio.get_running_loop()
 
         decoded, pixels = await loop.run_in_executor(self._decode_pool, self._decode, data)
@@ -306,12 +366,17 @@ class Service:
         )
         new = NewItem(item_id, meta, sha256=digest, size=len(data), mtime_ns=None)
         await self.run(self.store.write_batch, namespace, [new], vector[None, :])
+        old_path = existing[0].metadata.get("path") if existing else None
+        if old_path and old_path != str(path) and self.media.is_upload(namespace, item_id, old_path):
+            # a replaced upload in another format: its old original must not stay behind
+            await self.run(self.media.remove_upload, namespace, item_id, old_path)
         return (await self.run(self.store.get_items, namespace, [item_id]))[0]
 
-    def delete_item(self, namespace: str, item_id: str) -> None:
+    def delete_item(self, namespace: str, item_id: str) -> str | None:
+        """Delete the item and its uploaded original; None if the file went too, else why not."""
         item = self.get_item(namespace, item_id)
         self.store.delete_items(namespace, [item_id])
-        self.media.remove_upload(namespace, item_id, item.metadata.get("path"))
+        return self.media.remove_upload(namespace, item_id, item.metadata.get("path"))
 
     def thumbnail(self, namespace: str, item_id: str, size: int) -> bytes:
         return self.media.thumbnail(self.get_item(namespace, item_id), size)

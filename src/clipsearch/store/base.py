@@ -75,13 +75,39 @@ def query_words(query: str) -> list[str]:
 
 def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]:
     """(metadata key, accepted values) per filter; a value list means any of them. Keys are
-    checked, since backends put them into JSON paths."""
+    checked, since backends put them into JSON paths. Each value also matches the number or
+    boolean it spells, and a number its text (``typed_variants``)."""
     out = []
     for key, value in (filters or {}).items():
         if not _FILTER_KEY_RE.match(key):
             raise UsageError(f"bad filter key {key!r}")
-        out.append((key, list(value) if isinstance(value, list | tuple) else [value]))
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        out.append((key, list(dict.fromkeys(v for x in values for v in typed_variants(x)))))
     return out
+
+
+_NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def typed_variants(value: Any) -> list[Any]:
+    """The values a filter value stands for. A command line's ``--filter width=500`` is always
+    text, while decoding stored ``width`` as the integer 500 (and a catalog may hold either): so
+    ``"500"`` also matches 500, ``"true"`` matches true, and the number 500 matches ``"500"``."""
+    if isinstance(value, bool):
+        return [value, "true" if value else "false"]
+    if isinstance(value, int | float):
+        text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        return [value, text]
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.lower() in ("true", "false"):
+            return [value, stripped.lower() == "true"]
+        if _NUMBER_RE.match(stripped):
+            number = float(stripped)
+            if number.is_integer() and abs(number) < 2**53:
+                return [value, int(number)]
+            return [value, number]
+    return [value]
 
 
 def checked_queries(namespace: str, dim: int, queries: np.ndarray) -> np.ndarray:

@@ -87,7 +87,23 @@ function namespace() {
   return $("namespace").value || undefined;
 }
 
+// A new search replaces what the page shows: the detail of an earlier item, an earlier query image.
+function clearPanels() {
+  $("detail").hidden = true;
+  $("query-preview").hidden = true;
+  if (state.queryUrl) URL.revokeObjectURL(state.queryUrl);
+  state.queryUrl = null;
+}
+
+function showQueryImage(file) {
+  state.queryUrl = URL.createObjectURL(file);
+  $("query-image").src = state.queryUrl;
+  $("query-name").textContent = file.name;
+  $("query-preview").hidden = false;
+}
+
 async function searchText(text) {
+  clearPanels();
   setStatus("searching…");
   try {
     const mode = $("mode").value;
@@ -99,6 +115,8 @@ async function searchText(text) {
 }
 
 async function searchImage(file) {
+  clearPanels();
+  showQueryImage(file);
   setStatus(`searching by ${file.name}…`);
   const form = new FormData();
   form.append("file", file);
@@ -113,6 +131,7 @@ async function searchImage(file) {
 }
 
 async function showItem(hit) {
+  clearPanels();
   const detail = $("detail");
   detail.hidden = false;
   detail.dataset.id = hit.id;
@@ -151,7 +170,9 @@ async function loadNamespaces() {
       select.append(option);
     }
     select.hidden = data.namespaces.length === 0;
+    if (!data.namespaces.length) setStatus("nothing is stored yet: ingest some images first");
   } catch (e) {
+    $("namespace").hidden = true; // no empty list while the key is missing
     setStatus(e.message, true);
   }
 }

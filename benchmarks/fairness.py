@@ -1,0 +1,173 @@
+"""Head-of-line blocking in `clipsearch serve`: how long a one-text query waits while others
+send big or abandoned requests, before and after fair batching and cancellation.
+
+Two loads, each against a server from ``--baseline`` (a git revision checked out into a
+temporary worktree, run on the same virtual environment) and one from this tree, in one run:
+
+- **big request**: one client sends 2048 texts in one request; 0.5 s later a second client
+  sends one-text requests back to back until the big one is answered. Reported: how many
+  one-text requests were answered meanwhile, the first one's latency, their p50 and maximum,
+  and the big request's own time.
+- **abandoned requests**: 30 clients each send 100 texts and hang up after 0.3 s; then one
+  client sends one-text requests for 5 s. Reported: how many were answered, the first one's
+  latency (right after the hang-ups), their p50 and maximum.
+
+    python benchmarks/fairness.py [--baseline REV] [--model ViT-B-32]
+
+ViT-B-32 with random weights on the CPU (speed does not depend on the weights). One model call
+here embeds up to 64 texts (``CLIPSEARCH_MAX_TEXT_BATCH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import pct, print_table, random_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def texts(n: int, tag: str) -> list[str]:
+    return [f"a photo of thing {tag}-{i}, seen from far away on a sunny day" for i in range(n)]
+
+
+async def one_text_loop(client: httpx.AsyncClient, until: asyncio.Event | float) -> list[float]:
+    """One-text requests back to back until ``until`` (an event, or a monotonic deadline)."""
+    latencies, i = [], 0
+    while not (until.is_set() if isinstance(until, asyncio.Event) else time.monotonic() > until):
+        started = time.perf_counter()
+        response = await client.post("/v1/embeddings", json={"input": f"a cat number {i}"})
+        response.raise_for_status()
+        latencies.append(time.perf_counter() - started)
+        i += 1
+    return latencies
+
+
+async def big_request(url: str) -> tuple[list[float], float]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as big, httpx.AsyncClient(base_url=url, timeout=600) as one:
+        done = asyncio.Event()
+
+        async def send_big() -> float:
+            started = time.perf_counter()
+            response = await big.post("/v1/embeddings", json={"input": texts(2048, "big")})
+            response.raise_for_status()
+            done.set()
+            return time.perf_counter() - started
+
+        task = asyncio.create_task(send_big())
+        await asyncio.sleep(0.5)
+        latencies = await one_text_loop(one, done)
+        return latencies, await task
+
+
+async def abandoned(url: str, port: int) -> list[float]:
+    body = json.dumps({"input": texts(100, "gone")}).encode()
+    socks = []
+    for _ in range(30):
+        s = socket.create_connection(("127.0.0.1", port))
+        head = f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        s.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        socks.append(s)
+    await asyncio.sleep(0.3)
+    for s in socks:
+        s.close()
+    async with httpx.AsyncClient(base_url=url, timeout=600) as one:
+        return await one_text_loop(one, time.monotonic() + 5.0)
+
+
+def run_server(src: Path, env: dict, db: Path, port: int) -> subprocess.Popen:
+    env = {**env, "PYTHONPATH": str(src)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipsearch.cli",
+        "serve",
+        "--db",
+        str(db),
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+    ]
+    server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise SystemExit("server did not become healthy")
+        time.sleep(0.2)
+
+
+def ms(values: list[float], q: float) -> str:
+    return f"{pct(values, q) * 1000:.0f}" if values else "-"
+
+
+def row(name: str, load: str, lat: list[float], big: str) -> list[object]:
+    first = f"{lat[0] * 1000:.0f}" if lat else "-"
+    return [name, load, len(lat), first, ms(lat, 50), f"{max(lat) * 1000:.0f}" if lat else "-", big]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", default="fe6b15b", help="git revision measured as 'before' ('' to skip)")
+    parser.add_argument("--model", default="ViT-B-32")
+    args = parser.parse_args()
+    checkpoint = random_checkpoint(args.model)
+    env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(checkpoint)}
+    env["CLIPSEARCH_QUERY_RUNTIME"] = "torch"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        trees = {"after": ROOT / "src"}
+        if args.baseline:
+            worktree = work / "baseline"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(worktree), args.baseline])
+            trees = {"before": worktree / "src", **trees}
+        try:
+            for name, src in trees.items():
+                port = free_port()
+                server = run_server(src, env, work / f"{name}.db", port)
+                url = f"http://127.0.0.1:{port}"
+                try:
+                    httpx.post(url + "/v1/embeddings", json={"input": texts(64, "warm")}, timeout=600)
+                    one, big_s = asyncio.run(big_request(url))
+                    rows.append(row(name, "one text during a 2048-text request", one, f"{big_s:.1f}"))
+                    after = asyncio.run(abandoned(url, port))
+                    rows.append(row(name, "one text after 30 abandoned 100-text requests", after, "-"))
+                finally:
+                    server.terminate()
+                    server.wait(timeout=30)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")])
+    print_table(
+        f"clipsearch serve: head-of-line blocking, {args.model} (random weights), {os.cpu_count()} CPUs",
+        ["server", "load", "one-text requests", "first ms", "p50 ms", "max ms", "big request s"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
