@@ -10,6 +10,7 @@ hot path needs no torchvision.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,7 +29,11 @@ Image.MAX_IMAGE_PIXELS = None
 # A truncated file must fail with a reason, never be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+# ISO-BMFF brands of HEIF images (iPhones write heic); AVIF (avif, avis) is Pillow's own
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"mif2"}
 DEFAULT_MAX_MEGAPIXELS = 50.0
 
 _INTERPOLATIONS = {
@@ -141,14 +146,17 @@ def decode_image(
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        _register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised file format)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"unreadable image header: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as e:
+        # RuntimeError: what the AVIF and HEIF decoders (libavif, libheif) raise on bad data
+        raise ImageError(f"unreadable image header: {e or type(e).__name__}") from None
 
     width, height = img.size
     megapixels = width * height / 1e6
@@ -157,18 +165,20 @@ def decode_image(
             f"image too large: {width}x{height} is {megapixels:.0f} MP, over the {max_megapixels:g} MP "
             "limit (raise --max-megapixels to allow it)"
         )
-    orientation = _exif_orientation(img)
-    if orientation in _TRANSPOSED_ORIENTATIONS:
-        width, height = height, width
     fmt = img.format
-
     raw_size = img.size
-    scaled = _decode_jpeg_scaled(data, draft_size) if draft_size and fmt == "JPEG" and img.mode == "RGB" else None
-    if scaled is not None:
-        box = _content_box(raw_size, scaled.size, orientation)
-        if orientation in _TRANSPOSES:
-            scaled = scaled.transpose(_TRANSPOSES[orientation])
-        return DecodedImage(image=scaled, width=width, height=height, format=fmt, box=box)
+    # A JPEG's EXIF sits in its header, so its orientation is known before decoding (the reduced
+    # decode needs it). Other formats may keep EXIF after the pixels (a PNG's eXIf chunk):
+    # reading it there would load the image, so they are decoded, strictly, first.
+    orientation = _exif_orientation(img) if fmt == "JPEG" else None
+    if fmt == "JPEG" and draft_size and img.mode == "RGB":
+        scaled = _decode_jpeg_scaled(data, draft_size)
+        if scaled is not None:
+            box = _content_box(raw_size, scaled.size, orientation)
+            if orientation in _TRANSPOSES:
+                scaled = scaled.transpose(_TRANSPOSES[orientation])
+            width, height = _upright(raw_size, orientation)
+            return DecodedImage(image=scaled, width=width, height=height, format=fmt, box=box)
 
     try:
         if getattr(img, "n_frames", 1) > 1:
@@ -176,16 +186,34 @@ def decode_image(
         if draft_size and fmt == "JPEG":
             img.draft(img.mode, (draft_size, draft_size))
         img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, RuntimeError, Image.DecompressionBombError) as e:
         msg = str(e)
         if "truncated" in msg or "broken data stream" in msg:
             raise ImageError(f"truncated image data ({msg})") from None
-        raise ImageError(f"corrupt image data ({msg})") from None
+        raise ImageError(f"corrupt image data ({msg or type(e).__name__})") from None
+    if fmt != "JPEG":
+        orientation = _exif_orientation(img)
 
     box = _content_box(raw_size, img.size, orientation) if img.size != raw_size else None
     if orientation not in (None, 1):
         img = ImageOps.exif_transpose(img)
+    width, height = _upright(raw_size, orientation)
     return DecodedImage(image=to_rgb(img), width=width, height=height, format=fmt, box=box)
+
+
+@functools.cache
+def _register_heif() -> None:
+    """Teach Pillow HEIC/HEIF (pillow-heif), the first time one is met: importing libheif costs
+    40 ms that a text query should not pay. pillow-heif applies the file's rotation itself and
+    reports the upright size (its EXIF orientation then reads 1)."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+def _upright(size: tuple[int, int], orientation: int | None) -> tuple[int, int]:
+    """(width, height) of the original once turned upright."""
+    return (size[1], size[0]) if orientation in _TRANSPOSED_ORIENTATIONS else size
 
 
 def _content_box(

@@ -16,7 +16,16 @@ from ..imaging import decode_file, make_thumbnail
 from ..store import Item
 
 THUMBNAIL_SIZES = (128, 256, 512)
-_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
+_EXTENSIONS = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "HEIF": "heic",
+    "AVIF": "avif",
+}
 
 
 def _digest(*parts: str) -> str:
