@@ -49,9 +49,9 @@ if TYPE_CHECKING:
     from .catalog import CatalogOptions
     from .distributed import RayOptions
     from .encoders import Encoder
-    from .pipeline import IngestReport
+    from .pipeline import IngestOptions, IngestReport
     from .search import DuplicateGroup
-    from .sources import Source
+    from .sources import Source, SourceItem
 
 SEARCH_MODES = ("vector", "keyword", "hybrid")
 
@@ -344,6 +344,7 @@ class Collection:
         recursive: bool = True,
         catalog: CatalogOptions | None = None,
         ray: RayOptions | None = None,
+        prune: bool = False,
         **options: Any,
     ) -> IngestReport:
         """Embed images into the collection; resumable and incremental (see the README).
@@ -354,9 +355,13 @@ class Collection:
         ``options``: any field of ``pipeline.IngestOptions`` (``batch_size``, ``limit``,
         ``workers``, ``worker_type``, ``retry_failed``, ``max_megapixels``, ``filters``,
         ``sample``, ``seed``, ``embed_text``, ``offline``, ``cache_dir``, ``download``).
+        ``prune``: first remove the items of the given folders whose file is gone, keeping the
+        vector of a file that was renamed or moved (``sync``); not with ``limit``, ``filters`` or
+        ``sample``, which list only part of the folders.
         Raises ModelMismatchError if the namespace holds another model's vectors.
         """
-        from .pipeline import IngestOptions, Ingestor, IngestReport, nothing_to_do, select
+        from .pipeline import IngestOptions, IngestReport, select
+        from .sources import FolderSource
 
         known = {f.name for f in dataclasses.fields(IngestOptions)} - {"namespace"}
         unknown = sorted(set(options) - known)
@@ -364,10 +369,53 @@ class Collection:
             raise UsageError(f"unknown ingest option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
         parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.get("filters"))
         ingest_options = IngestOptions(namespace=self.namespace, **options)
+        folders = [s for s in parsed if isinstance(s, FolderSource)]
+        if prune:
+            given = {
+                "--limit": options.get("limit"),
+                "--filter": options.get("filters"),
+                "--sample": options.get("sample"),
+            }
+            partial = [flag for flag, value in given.items() if value is not None and value != {}]
+            if partial:
+                raise UsageError(
+                    f"--prune with {' and '.join(partial)} would remove items merely left out of this run; "
+                    "run --prune over the whole folders",
+                    param="prune",
+                )
+            if not folders:
+                raise UsageError(
+                    "--prune keeps folders in step (images:DIR or a folder); an image list or catalog does not say "
+                    "which stored items it owns",
+                    param="prune",
+                )
         # what there is to do is decided before any model loads or any cluster starts
         started = time.perf_counter()
         listed = IngestReport()
         items = select(parsed, ingest_options, listed)
+        pruned = None
+        if prune:
+            from .sync import prune as prune_folders
+
+            # first: a moved file then finds its vector stored under its new id, and is skipped
+            pruned = prune_folders(self.store, self.namespace, folders, items)
+        report = self._ingest_selected(parsed, items, listed, ingest_options, started, progress, ray)
+        if pruned is not None:
+            report.removed, report.moved = pruned.removed, pruned.moved
+        return report
+
+    def _ingest_selected(
+        self,
+        parsed: list[Source],
+        items: list[SourceItem],
+        listed: IngestReport,
+        ingest_options: IngestOptions,
+        started: float,
+        progress: Callable[[int, int], None] | None,
+        ray: RayOptions | None,
+    ) -> IngestReport:
+        from .pipeline import Ingestor, nothing_to_do
+
         recorded = self.store.namespace(self.namespace)
         # the model that made the namespace (named again, or not named): no need to load it
         if recorded is not None and self.spec.to_dict() == recorded.model_spec:

@@ -82,6 +82,8 @@ class IngestReport:
     previously_failed: int = 0  # skipped because they failed before and --retry-failed was not given
     claimed_elsewhere: int = 0  # left to another ingest process working on the same namespace
     repeated_ids: int = 0  # items whose id an earlier item (e.g. catalog row) already had: not ingested
+    removed: int = 0  # --prune: items whose file is gone, deleted
+    moved: int = 0  # --prune: items whose file was renamed or moved, kept with their vector
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[FailureRecord] = field(default_factory=list)
@@ -94,6 +96,8 @@ class IngestReport:
             "previously_failed": self.previously_failed,
             "claimed_elsewhere": self.claimed_elsewhere,
             "repeated_ids": self.repeated_ids,
+            "removed": self.removed,
+            "moved": self.moved,
             "seconds": round(self.seconds, 3),
             "interrupted": self.interrupted,
             "failures": [{"id": f.id, "source": f.source, "reason": f.reason} for f in self.failures],

@@ -92,6 +92,14 @@ def ingest(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Try items that failed in earlier runs again.")
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Keep the namespace in step with the folders: remove items whose file is gone; a renamed or "
+            "moved file keeps its vector. Not with --limit, --filter or --sample.",
+        ),
+    ] = False,
     filter_: Annotated[
         list[str] | None,
         typer.Option(
@@ -272,10 +280,11 @@ def ingest(
                     parsed,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                     ray=ray,
+                    prune=prune,
                     **options,
                 )
         else:
-            report = collection.ingest(parsed, ray=ray, **options)
+            report = collection.ingest(parsed, ray=ray, prune=prune, **options)
     print_report(report, as_json)
     if report.interrupted:
         raise typer.Exit(130)
@@ -298,6 +307,8 @@ def print_report(report: IngestReport, as_json: bool) -> None:
         line += f"; {report.claimed_elsewhere} left to another ingest process"
     if report.repeated_ids:
         line += f"; {report.repeated_ids} repeated an id listed before (the first was used)"
+    if report.removed or report.moved:
+        line += f"; removed {report.removed} whose file is gone, kept {report.moved} moved or renamed"
     out.print(line, highlight=False)
     for f in report.failures[:20]:
         # a URL's reason starts with the URL already ("URL answered HTTP 404")
