@@ -169,3 +169,32 @@ def test_panels_layout_and_the_key_prompt(gallery, browser, width, height):
     page.screenshot(path=str(shots / f"gallery-query-image-{width}.png"))
     assert errors == []
     context.close()
+
+
+def test_an_item_whose_file_vanished_shows_a_placeholder(gallery, browser):
+    server, root = gallery
+    import httpx
+
+    headers = {"Authorization": "Bearer gallery-key"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
+        data = (root / "photos" / "coffee.jpg").read_bytes()
+        item = c.post("/api/v1/items", files={"file": ("c.jpg", data, "image/jpeg")}, data={"namespace": "vanish"})
+        assert item.status_code == 201, item.text
+    Path(item.json()["metadata"]["path"]).unlink()  # the file goes; the item stays
+
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.add_init_script("localStorage.setItem('clipsearch-api-key', 'gallery-key')")
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#namespace option').length > 1")
+    page.select_option("#namespace", "vanish")
+    page.fill("#query", "coffee")
+    page.press("#query", "Enter")
+    page.wait_for_selector(".card img.missing")
+    img = page.locator(".card img").first
+    assert img.get_attribute("alt") == "image file missing"
+    assert page.evaluate("document.querySelector('.card img').naturalWidth") > 0  # drawn, not broken
+    page.screenshot(path=str(Path(os.environ.get("CLIPSEARCH_SCREENSHOTS", root)) / "gallery-missing-390.png"))
+    assert errors == []
+    page.close()

@@ -492,12 +492,16 @@ class Collection:
         limit: int = 10,
         filter: dict[str, Any] | None = None,
         mode: str = "vector",
+        add: Sequence[str] = (),
+        subtract: Sequence[str] = (),
     ) -> list[Hit]:
         """The items nearest to a text, an image (a path, bytes or a PIL image) or a raw vector,
         best first; give exactly one. ``filter``: ``{key: value or [values]}`` on metadata (AND
         across keys). ``mode`` (text only): ``vector`` (CLIP), ``keyword`` (BM25 over item text
-        and metadata; no model), or ``hybrid`` (both, fused by reciprocal rank). Each ``Hit``
-        has ``id``, ``score``, ``path`` and ``metadata``."""
+        and metadata; no model), or ``hybrid`` (both, fused by reciprocal rank). ``add`` and
+        ``subtract``: texts whose vectors are added to or subtracted from the query's (vector
+        mode; ``"2:sunset"`` weighs a term 2). Each ``Hit`` has ``id``, ``score``, ``path`` and
+        ``metadata``."""
         from . import search as ops
 
         if sum(x is not None for x in (text, image, vector)) != 1:
@@ -509,7 +513,21 @@ class Collection:
             raise UsageError(f"mode {mode} searches by text; search by image or vector in vector mode", param="mode")
         if limit < 1:
             raise UsageError("limit must be at least 1", param="limit")
+        terms = ops.query_terms(list(add), list(subtract))
+        if terms and mode != "vector":
+            raise UsageError(f"adding or subtracting texts works in vector mode, not {mode}", param="add")
         self.identity()  # the namespace must exist, before any model loads
+        if terms:
+            texts = [t for _, t in terms]
+            if text is not None:
+                embedded = self.embed_texts([text, *texts])
+                base, term_vectors = embedded[0], embedded[1:]
+            else:
+                base = np.asarray(vector, np.float32) if vector is not None else self.embed_images([image])[0]
+                base = base / max(float(np.linalg.norm(base)), 1e-12)
+                term_vectors = self.embed_texts(texts)
+            combined = ops.combine(base, terms, term_vectors)
+            return ops.search_vector(self.store, self.namespace, combined, limit, filter)
         if vector is not None:
             return ops.search_vector(self.store, self.namespace, np.asarray(vector, np.float32), limit, filter)
         if image is not None:

@@ -27,6 +27,42 @@ RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al. 2009): 1 / 
 HYBRID_DEPTH = 100  # how deep each ranking is read before fusing
 
 
+def weighted_term(term: str) -> tuple[float, str]:
+    """``"2:sunset"`` → (2.0, "sunset"); a term without a numeric prefix has weight 1."""
+    head, sep, rest = term.partition(":")
+    if sep and rest.strip():
+        try:
+            return float(head), rest.strip()
+        except ValueError:
+            pass
+    return 1.0, term.strip()
+
+
+def query_terms(
+    add: list[str] | tuple[str, ...] = (), subtract: list[str] | tuple[str, ...] = ()
+) -> list[tuple[float, str]]:
+    """The texts to add to (positive weight) or subtract from (negative) a query vector."""
+    terms = [weighted_term(t) for t in add] + [(-w, t) for w, t in (weighted_term(t) for t in subtract)]
+    for weight, text in terms:
+        if not text:
+            raise UsageError("an --add or --subtract term is empty", param="add")
+        if weight == 0:
+            raise UsageError(f"the weight of {text!r} is 0; leave the term out instead", param="add")
+    return terms
+
+
+def combine(query: np.ndarray, terms: list[tuple[float, str]], vectors: np.ndarray) -> np.ndarray:
+    """Query arithmetic (as rclip does it): the query plus each term's vector times its weight,
+    L2-normalised again, e.g. "beach" + "sunset" - "people"."""
+    out = np.asarray(query, np.float32).copy()
+    for (weight, _), vector in zip(terms, vectors, strict=True):
+        out += np.float32(weight) * vector
+    norm = float(np.linalg.norm(out))
+    if norm < 1e-6:
+        raise UsageError("the terms cancel the query out; change a weight", param="subtract")
+    return out / norm
+
+
 def search_vector(
     store: Store,
     namespace: str,

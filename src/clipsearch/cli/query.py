@@ -34,6 +34,14 @@ def search(
             help="vector (CLIP), keyword (words of item text and metadata, no model), or hybrid (both, fused).",
         ),
     ] = "vector",
+    add: Annotated[
+        list[str] | None,
+        typer.Option("--add", help="Add this text's vector to the query (repeatable; WEIGHT:TEXT, e.g. 2:sunset)."),
+    ] = None,
+    subtract: Annotated[
+        list[str] | None,
+        typer.Option("--subtract", help="Subtract this text's vector from the query (repeatable; WEIGHT:TEXT)."),
+    ] = None,
     as_json: HitsJsonOpt = False,
     *,
     choice: ModelChoice,
@@ -49,7 +57,9 @@ def search(
         collection.notice = lambda message: err.print(message, highlight=False)
         collection.loading = loading
         collection.few_calls = True
-        hits = collection.search(query, image=image, limit=limit, filter=filters, mode=mode)
+        hits = collection.search(
+            query, image=image, limit=limit, filter=filters, mode=mode, add=add or (), subtract=subtract or ()
+        )
     print_hits(hits, as_json)
 
 

@@ -44,6 +44,7 @@ from ..errors import (
     TooLargeError,
     UsageError,
 )
+from ..search import combine, query_terms
 from ..store import Hit, Item, Store, open_store
 from .schemas import (
     DeletedResponse,
@@ -622,10 +623,16 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def search_text(req: SearchRequest):
         """Text → image search: by CLIP vector, by keyword, or both fused (``mode``)."""
         namespace = service.namespace_name(req.namespace)
+        terms = query_terms(req.add, req.subtract)
+        if terms and req.mode != "vector":
+            raise UsageError(f"adding or subtracting texts works in vector mode, not {req.mode}", param="add")
         vector = None
         if req.mode != "keyword":
             await service.run(service.check_searchable, namespace)
-            vector = (await service.embed_texts([req.text]))[0][0]
+            embedded = (await service.embed_texts([req.text, *(t for _, t in terms)]))[0]
+            vector = combine(embedded[0], terms, embedded[1:]) if terms else embedded[0]
+        if terms:
+            return _results(namespace, await service.run(service.search, namespace, vector, req.limit, req.filter))
         hits = await service.run(service.search_text, namespace, req.text, vector, req.limit, req.filter, req.mode)
         return _results(namespace, hits)
 

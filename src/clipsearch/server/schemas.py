@@ -103,6 +103,12 @@ class SearchRequest(BaseModel):
         "metadata (BM25 scores; no model needed). hybrid: reciprocal rank fusion of keyword, image-vector and "
         "text-vector rankings (fused-rank scores).",
     )
+    add: list[str] = Field(
+        default_factory=list, description="Texts whose vectors are added to the query's (vector mode; '2:sunset')."
+    )
+    subtract: list[str] = Field(
+        default_factory=list, description="Texts whose vectors are subtracted from the query's (vector mode)."
+    )
 
 
 class VectorSearchRequest(BaseModel):

@@ -43,10 +43,22 @@ async function loadThumbnail(img, url) {
     state.blobUrls.push(objectUrl);
     img.src = objectUrl;
   } catch (e) {
-    img.alt = "no preview";
+    // the item's file vanished (or cannot be read): a placeholder that says so, not a broken image
+    img.src = MISSING_IMAGE;
+    img.alt = "image file missing";
+    img.title = e.message;
     img.classList.add("missing");
   }
 }
+
+const MISSING_IMAGE = "data:image/svg+xml," + encodeURIComponent(
+  '<svg xmlns="http://www.w3.org/2000/svg" width="200" height="200" viewBox="0 0 200 200">' +
+  '<rect width="200" height="200" fill="#eee"/>' +
+  '<path d="M70 80h60v45H70z" fill="none" stroke="#999" stroke-width="4"/>' +
+  '<path d="M70 80l60 45M130 80l-60 45" stroke="#c66" stroke-width="4"/>' +
+  '<text x="100" y="155" font-family="sans-serif" font-size="16" text-anchor="middle" fill="#777">file missing</text>' +
+  "</svg>"
+);
 
 function itemName(item) {
   const m = item.metadata || {};
