@@ -4,6 +4,7 @@ and percentile tables. Speed does not depend on weight values, so random weights
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,21 @@ def print_table(title: str, headers: list[str], rows: list[list[object]]) -> Non
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the server at ``url`` answers /health with 200 (its model is loaded)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise SystemExit("server did not become healthy")
+        time.sleep(0.2)

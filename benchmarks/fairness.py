@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, print_table, random_checkpoint
+from _common import pct, print_table, random_checkpoint, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,16 +108,8 @@ def run_server(src: Path, env: dict, db: Path, port: int) -> subprocess.Popen:
         "error",
     ]
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise SystemExit("server did not become healthy")
-        time.sleep(0.2)
+    wait_healthy(f"http://127.0.0.1:{port}", server)
+    return server
 
 
 def ms(values: list[float], q: float) -> str:

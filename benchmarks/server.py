@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import aiohttp
-import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, photos, print_table, random_checkpoint
+from _common import pct, photos, print_table, random_checkpoint, wait_healthy
 
 NOUNS = ["cat", "dog", "red dress", "rocket", "cup of coffee", "mountain lake", "city at night", "bicycle"]
 
@@ -129,16 +128,7 @@ def bench_runtime(runtime: str, exe: list[str], env: dict, db: Path, blobs: list
     )
     url = f"http://127.0.0.1:{args.port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become healthy")
-            time.sleep(0.2)
+        wait_healthy(url, server)
         loads = [
             ("1 client, 1 short text", 1, lambda i: {"input": text(i)}, "/v1/embeddings", 1, "texts"),
             ("32 clients, 1 short text each", 32, lambda i: {"input": text(i)}, "/v1/embeddings", 1, "texts"),

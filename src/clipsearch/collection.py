@@ -372,11 +372,11 @@ class Collection:
         folders = [s for s in parsed if isinstance(s, FolderSource)]
         if prune:
             given = {
-                "--limit": options.get("limit"),
-                "--filter": options.get("filters"),
-                "--sample": options.get("sample"),
+                "--limit": ingest_options.limit,
+                "--filter": ingest_options.filters,
+                "--sample": ingest_options.sample,
             }
-            partial = [flag for flag, value in given.items() if value is not None and value != {}]
+            partial = [flag for flag, value in given.items() if value not in (None, {})]
             if partial:
                 raise UsageError(
                     f"--prune with {' and '.join(partial)} would remove items merely left out of this run; "
@@ -513,9 +513,7 @@ class Collection:
             raise UsageError(f"mode {mode} searches by text; search by image or vector in vector mode", param="mode")
         if limit < 1:
             raise UsageError("limit must be at least 1", param="limit")
-        terms = ops.query_terms(list(add), list(subtract))
-        if terms and mode != "vector":
-            raise UsageError(f"adding or subtracting texts works in vector mode, not {mode}", param="add")
+        terms = ops.query_terms(add, subtract, mode)
         self.identity()  # the namespace must exist, before any model loads
         if terms:
             texts = [t for _, t in terms]

@@ -8,7 +8,6 @@ import this module and never the encoders, so they never pay for torch.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -189,34 +188,24 @@ class _DigestCache:
     """File digests by (path, size, mtime), in the user cache (``digests.json``)."""
 
     def __init__(self) -> None:
+        from .files import JsonCache
         from .settings import Settings
 
-        self.path = Settings.user_cache() / "digests.json"
-        try:
-            self.known: dict[str, str] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
-        self.changed = False
+        self.cache = JsonCache(Settings.user_cache() / "digests.json")
+        self.known = self.cache.read()
+        self.new: dict[str, str] = {}
 
     def file(self, path: Path) -> str:
+        from .files import sha256_file
+
         st = path.stat()
         key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
         digest = self.known.get(key)
-        if digest is None:
-            h = hashlib.sha256()
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            digest = self.known[key] = h.hexdigest()
-            self.changed = True
+        if not isinstance(digest, str):
+            digest = self.known[key] = self.new[key] = sha256_file(path)
         return digest
 
     def save(self) -> None:
-        if not self.changed:
-            return
-        from .files import write_atomic
-
-        # a read-only cache costs a second hash next time, nothing else
-        with contextlib.suppress(OSError):
-            write_atomic(self.path, json.dumps(self.known, indent=0), mode=0o644)
-        self.changed = False
+        if self.new:
+            self.cache.update(self.new)
+            self.new = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,11 +39,12 @@ def weighted_term(term: str) -> tuple[float, str]:
     return 1.0, term.strip()
 
 
-def query_terms(
-    add: list[str] | tuple[str, ...] = (), subtract: list[str] | tuple[str, ...] = ()
-) -> list[tuple[float, str]]:
-    """The texts to add to (positive weight) or subtract from (negative) a query vector."""
+def query_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), mode: str = "vector") -> list[tuple[float, str]]:
+    """The texts to add to (positive weight) or subtract from (negative) a query vector; query
+    arithmetic works on vectors, so only in ``mode`` vector."""
     terms = [weighted_term(t) for t in add] + [(-w, t) for w, t in (weighted_term(t) for t in subtract)]
+    if terms and mode != "vector":
+        raise UsageError(f"adding or subtracting texts works in vector mode, not {mode}", param="add")
     for weight, text in terms:
         if not text:
             raise UsageError("an --add or --subtract term is empty", param="add")

@@ -12,12 +12,12 @@ which run put it there, so nothing else can tell "gone" from "not listed this ti
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import sha256_file
 from .sources import FolderSource, SourceItem
 from .store import NewItem, Store
 from .store.base import with_derived
@@ -35,14 +35,10 @@ def _under(path: str, roots: list[str]) -> bool:
 
 
 def _sha256(path: Path) -> str | None:
-    h = hashlib.sha256()
     try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def prune(store: Store, namespace: str, folders: Iterable[FolderSource], listed: list[SourceItem]) -> PruneReport:

@@ -183,4 +183,6 @@ def _hosts(given: str | None, bound: str) -> tuple[str, ...]:
         return tuple(_split(given)) or ("*",)
     if bound in ("0.0.0.0", "::", ""):
         return ("*",)
-    return ("localhost", "127.0.0.1", "::1", bound)
+    from ..server.service import LOOPBACK_HOSTS
+
+    return (*LOOPBACK_HOSTS, bound)

@@ -13,7 +13,6 @@ the kernel is missing or disagrees.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import write_atomic
+from ..files import JsonCache
 
 log = logging.getLogger(__name__)
 
@@ -148,26 +147,15 @@ class Verdicts:
     PyTorch, CPU and architecture instead of at every load."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.cache = JsonCache(path)
 
     def get(self, key: str) -> bool | None:
-        try:
-            value = json.loads(self.path.read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            return None
+        value = self.cache.read().get(key)
         return value if isinstance(value, bool) else None
 
     def put(self, key: str, verdict: bool) -> None:
-        try:
-            data = json.loads(self.path.read_text())
-            data = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            data = {}
-        data[key] = verdict
-        try:
-            write_atomic(self.path, json.dumps(data, indent=1), mode=0o644)
-        except OSError as e:  # a read-only cache costs the check next time, nothing else
-            log.debug("cannot keep the oneDNN verdict in %s: %s", self.path, e)
+        if not self.cache.update({key: verdict}):  # read-only: the check runs again next time
+            log.debug("cannot keep the oneDNN verdict in %s", self.cache.path)
 
 
 def accelerate(model: nn.Module, checks: list[Callable[[], torch.Tensor]], atol: float = 1e-5) -> bool:

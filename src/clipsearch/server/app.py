@@ -175,7 +175,8 @@ class BodyLimitMiddleware:
 _CANCELLABLE = {"/v1/embeddings", "/embed", "/api/v1/search", "/api/v1/images/search", "/api/v1/vectors/search"}
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def _replay(body: bytes, then: Receive) -> Receive:
+    """A ``receive`` that gives the app the already read ``body`` in one message, then ``then``."""
     replayed = False
 
     async def replay() -> Message:
@@ -183,7 +184,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         if not replayed:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        return await then()
 
     return replay
 
@@ -197,13 +198,8 @@ async def _run_cancelled_on_disconnect(app: ASGIApp, scope: Scope, body: bytes, 
     inputs are then dropped before they reach the model (``batching``).
     """
     disconnected = asyncio.Event()
-    replayed = False
 
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def after_body() -> Message:
         await disconnected.wait()  # the app asks again only to learn of a disconnect
         return {"type": "http.disconnect"}
 
@@ -215,7 +211,7 @@ async def _run_cancelled_on_disconnect(app: ASGIApp, scope: Scope, body: bytes, 
                 handler.cancel()
                 return
 
-    handler = asyncio.ensure_future(app(scope, replay, send))
+    handler = asyncio.ensure_future(app(scope, _replay(body, after_body), send))
     watcher = asyncio.ensure_future(watch())
     try:
         await handler
@@ -229,14 +225,17 @@ async def _run_cancelled_on_disconnect(app: ASGIApp, scope: Scope, body: bytes, 
 _TOO_DEEP = "the request body's JSON is nested too deeply to parse; send at most a few hundred levels"
 
 
-def _json_error_message(request: Request, err: dict[str, Any]) -> str:
-    """Where and what is wrong in a body that is not JSON (FastAPI says "JSON decode error")."""
+def _not_json(what: str, position: int | None) -> str:
+    """The one wording of a body that is not JSON: where and what."""
+    where = "" if position is None else f" at character {position}"
+    return f"the request body is not valid JSON{where}: {what}"
+
+
+def _json_error_message(err: dict[str, Any]) -> str:
+    """``_not_json`` for FastAPI's own parse error (which says only "JSON decode error")."""
     loc = err.get("loc", ())
     what = str((err.get("ctx") or {}).get("error") or "not valid JSON")
-    position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
-    if position is None:
-        return f"the request body is not valid JSON: {what}"
-    return f"the request body is not valid JSON at character {position}: {what}"
+    return _not_json(what, loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None)
 
 
 async def _json_body(request: Request) -> Any:
@@ -249,7 +248,7 @@ async def _json_body(request: Request) -> Any:
     except UnicodeDecodeError:
         raise _BadJSON("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise _BadJSON(f"the request body is not valid JSON at character {e.pos}: {e.msg}") from None
+        raise _BadJSON(_not_json(e.msg, e.pos)) from None
 
 
 class _BadJSON(ClipsearchError):
@@ -426,7 +425,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def _validation_error(request: Request, e: RequestValidationError):
         errors = e.errors()
         if errors and errors[0].get("type") == "json_invalid":
-            return error_response(400, _json_error_message(request, errors[0]), "invalid_request_error", "invalid_json")
+            return error_response(400, _json_error_message(errors[0]), "invalid_request_error", "invalid_json")
         parts = []
         for err in errors[:5]:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
@@ -623,9 +622,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def search_text(req: SearchRequest):
         """Text → image search: by CLIP vector, by keyword, or both fused (``mode``)."""
         namespace = service.namespace_name(req.namespace)
-        terms = query_terms(req.add, req.subtract)
-        if terms and req.mode != "vector":
-            raise UsageError(f"adding or subtracting texts works in vector mode, not {req.mode}", param="add")
+        terms = query_terms(req.add, req.subtract, req.mode)
         vector = None
         if req.mode != "keyword":
             await service.run(service.check_searchable, namespace)

@@ -60,6 +60,9 @@ class ConflictError(ClipsearchError):
         )
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the names of this machine a browser uses
+
+
 @dataclass
 class ServerSettings:
     db: str = "clipsearch.db"
@@ -82,7 +85,7 @@ class ServerSettings:
     max_request_image_bytes: int = 128 * 1024 * 1024
     # Host headers served ("*": any). A page on a hostile domain that resolves to 127.0.0.1 (DNS
     # rebinding) sends its own name: refused.
-    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     # origins whose browser pages may call the API (CORS headers are sent for them); other
     # cross-origin POST/PUT/PATCH/DELETE requests are refused (cross-site request forgery)
     allowed_origins: tuple[str, ...] = ()
