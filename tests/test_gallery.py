@@ -198,3 +198,32 @@ def test_an_item_whose_file_vanished_shows_a_placeholder(gallery, browser):
     page.screenshot(path=str(Path(os.environ.get("CLIPSEARCH_SCREENSHOTS", root)) / "gallery-missing-390.png"))
     assert errors == []
     page.close()
+
+
+def test_the_filter_field_narrows_text_and_image_searches(gallery, browser):
+    server, root = gallery
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.add_init_script("localStorage.setItem('clipsearch-api-key', 'gallery-key')")
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#namespace option').length > 0")
+
+    def names() -> set[str]:
+        return set(page.eval_on_selector_all(".card .name", "ns => ns.map(n => n.textContent.trim())"))
+
+    # the sample photos are 371 to 640 pixels wide: 512, 512, 600 and 640 are at least 500
+    page.fill("#filter", "width>=500")
+    page.fill("#query", "a photo")
+    page.press("#query", "Enter")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('4 results')")
+    assert names() == {"astronaut.jpg", "coffee.jpg", "immunohistochemistry.jpg", "rocket.jpg"}
+    page.fill("#filter", "width>=500  width<600")
+    page.set_input_files("#image-file", str(root / "photos" / "coffee.jpg"))
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('2 results')")
+    assert names() == {"astronaut.jpg", "immunohistochemistry.jpg"}
+    page.fill("#filter", "width")
+    page.press("#query", "Enter")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('bad filter')")
+    assert errors == []
+    page.close()

@@ -239,7 +239,7 @@ def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
     SQLiteStore(path).close()  # opening a migrated file again changes nothing
 
 

@@ -122,6 +122,7 @@ class CollectionInfo:
             "failures": self.failures,
             "index": self.index.kind,
             "index_fresh": self.index.fresh,
+            "index_tombstones": self.index.tombstones,
             "identity": self.identity.as_dict(),
             "model_spec": self.model_spec,
         }

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class Decoded:
     width: int  # of the original, upright
     height: int
     crop: np.ndarray  # uint8 (H, W, 3), ready for Preprocessor.normalize
+    photo: dict[str, Any] = field(default_factory=dict)  # imaging.photo_facts
 
 
 @dataclass
@@ -96,7 +97,7 @@ def decode_item(item: SourceItem, known_sha256: str | None, settings: DecodeSett
     if known_sha256 == digest:
         return Unchanged(digest, len(data))
     decoded, crop = decode_crop(data, settings)
-    return Decoded(digest, len(data), decoded.width, decoded.height, crop)
+    return Decoded(digest, len(data), decoded.width, decoded.height, crop, decoded.photo)
 
 
 def decode_crop(data: bytes, settings: DecodeSettings) -> tuple[DecodedImage, np.ndarray]:

@@ -16,6 +16,7 @@ yet committed, and the next run skips everything that was.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -127,9 +128,11 @@ class _Decode:
         self._fetch(items, errors)
         h, w = self.settings.spec.size
         crops = np.zeros((len(items), h, w, 3), np.uint8)
-        out: dict[str, list[Any]] = {"kind": [], "sha256": [], "size": [], "width": [], "height": [], "reason": []}
+        out: dict[str, list[Any]] = {
+            "kind": [], "sha256": [], "size": [], "width": [], "height": [], "photo": [], "reason": []
+        }  # fmt: skip
         for i, (item, known) in enumerate(zip(items, batch["known_sha"], strict=True)):
-            kind, sha, size, width, height, reason = "failed", "", 0, 0, 0, errors[i] or ""
+            kind, sha, size, width, height, photo, reason = "failed", "", 0, 0, 0, "{}", errors[i] or ""
             if not reason:
                 try:
                     result = decode_item(item, str(known) or None, self.settings)
@@ -141,8 +144,9 @@ class _Decode:
                         kind = "unchanged"
                     else:
                         kind, width, height = "new", result.width, result.height
+                        photo = json.dumps(result.photo)  # a JSON column: Arrow has no open-ended dicts
                         crops[i] = result.crop
-            for key, value in zip(out, (kind, sha, size, width, height, reason), strict=True):
+            for key, value in zip(out, (kind, sha, size, width, height, photo, reason), strict=True):
                 out[key].append(value)
         return {"item": items, "crop": crops, **{k: np.asarray(v) for k, v in out.items()}}
 
@@ -204,7 +208,9 @@ def _records(
         if kind == "unchanged":
             touched.append(item_row(item, sha, size, text_vector=text_vector))
             continue
-        decoded = SimpleNamespace(width=batch["width"][i], height=batch["height"][i])
+        decoded = SimpleNamespace(
+            width=batch["width"][i], height=batch["height"][i], photo=json.loads(str(batch["photo"][i]))
+        )
         items.append(item_row(item, sha, size, namespace=namespace, size_wh=decoded, text_vector=text_vector))
         vectors.append(batch["vector"][i])
     matrix = np.stack(vectors) if vectors else np.zeros((0, batch["vector"].shape[1]), np.float32)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import functools
 import io
+import math
+import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +134,7 @@ class DecodedImage:
     height: int
     format: str | None
     box: tuple[float, float, float, float] | None = None
+    photo: dict[str, Any] = field(default_factory=dict)  # photo_facts: what its EXIF says
 
 
 def decode_image(
@@ -171,6 +175,7 @@ def decode_image(
     # decode needs it). Other formats may keep EXIF after the pixels (a PNG's eXIf chunk):
     # reading it there would load the image, so they are decoded, strictly, first.
     orientation = _exif_orientation(img) if fmt == "JPEG" else None
+    photo = photo_facts(img) if fmt == "JPEG" else {}
     if fmt == "JPEG" and draft_size and img.mode == "RGB":
         scaled = _decode_jpeg_scaled(data, draft_size)
         if scaled is not None:
@@ -178,7 +183,7 @@ def decode_image(
             if orientation in _TRANSPOSES:
                 scaled = scaled.transpose(_TRANSPOSES[orientation])
             width, height = _upright(raw_size, orientation)
-            return DecodedImage(image=scaled, width=width, height=height, format=fmt, box=box)
+            return DecodedImage(image=scaled, width=width, height=height, format=fmt, box=box, photo=photo)
 
     try:
         if getattr(img, "n_frames", 1) > 1:
@@ -193,12 +198,13 @@ def decode_image(
         raise ImageError(f"corrupt image data ({msg or type(e).__name__})") from None
     if fmt != "JPEG":
         orientation = _exif_orientation(img)
+        photo = photo_facts(img)
 
     box = _content_box(raw_size, img.size, orientation) if img.size != raw_size else None
     if orientation not in (None, 1):
         img = ImageOps.exif_transpose(img)
     width, height = _upright(raw_size, orientation)
-    return DecodedImage(image=to_rgb(img), width=width, height=height, format=fmt, box=box)
+    return DecodedImage(image=to_rgb(img), width=width, height=height, format=fmt, box=box, photo=photo)
 
 
 @functools.cache
@@ -280,6 +286,73 @@ def _exif_orientation(img: Image.Image) -> int | None:
     except Exception:  # a broken EXIF block must not cost us the picture
         return None
     return int(value) if isinstance(value, int) else None
+
+
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_DATETIME_ORIGINAL, _DATETIME_DIGITIZED, _DATETIME, _OFFSET_ORIGINAL = 0x9003, 0x9004, 0x0132, 0x9011
+_MAKE, _MODEL = 0x010F, 0x0110
+_OFFSET_RE = re.compile(r"^[+-]\d{2}:\d{2}$")
+
+
+def photo_facts(img: Image.Image) -> dict[str, Any]:
+    """What a photo's EXIF says, as stored metadata: ``taken_at`` (DateTimeOriginal, else
+    DateTimeDigitized, else DateTime, as ISO 8601 with its UTC offset when the camera wrote
+    one), ``camera_make``, ``camera_model``, ``gps_lat`` and ``gps_lon`` (signed decimal
+    degrees). Facts that are absent or malformed are left out; a broken EXIF block gives none."""
+    try:
+        exif = img.getexif()
+        sub = exif.get_ifd(_EXIF_IFD)
+        gps = exif.get_ifd(_GPS_IFD)
+    except Exception:  # a broken EXIF block must not cost us the picture
+        return {}
+    facts: dict[str, Any] = {}
+    for tag in (_DATETIME_ORIGINAL, _DATETIME_DIGITIZED, _DATETIME):
+        taken = _exif_datetime(sub.get(tag) if tag != _DATETIME else exif.get(tag))
+        if taken:
+            offset = _exif_text(sub.get(_OFFSET_ORIGINAL)) if tag == _DATETIME_ORIGINAL else None
+            facts["taken_at"] = taken + (offset if offset and _OFFSET_RE.match(offset) else "")
+            break
+    for key, tag in (("camera_make", _MAKE), ("camera_model", _MODEL)):
+        text = _exif_text(exif.get(tag))
+        if text:
+            facts[key] = text
+    lat, lon = _gps_degrees(gps.get(2), gps.get(1), 90), _gps_degrees(gps.get(4), gps.get(3), 180)
+    if lat is not None and lon is not None:
+        facts["gps_lat"], facts["gps_lon"] = lat, lon
+    return facts
+
+
+def _exif_text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return None
+    text = value.replace("\x00", "").strip()
+    return text or None
+
+
+def _exif_datetime(value: Any) -> str | None:
+    """``2024:06:01 12:30:00`` as ``2024-06-01T12:30:00``; None for blanks and impossible dates
+    (cameras with no clock write ``0000:00:00 00:00:00``)."""
+    text = _exif_text(value)
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S").isoformat()
+    except ValueError:
+        return None
+
+
+def _gps_degrees(value: Any, ref: Any, limit: int) -> float | None:
+    """Degrees, minutes, seconds (three rationals) and N/S/E/W as signed decimal degrees."""
+    try:
+        d, m, sec = (float(x) for x in value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    degrees = d + m / 60 + sec / 3600
+    if not math.isfinite(degrees) or degrees > limit:
+        return None
+    return round(-degrees if _exif_text(ref) in ("S", "W") else degrees, 7)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

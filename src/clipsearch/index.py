@@ -2,8 +2,10 @@
 
 Vectors are L2-normalised, so inner product is cosine similarity. Below ``hnsw_threshold``
 vectors the index is exact (``IndexFlatIP``); above it, HNSW on inner product. Each index file
-records the store generation it reflects, so a stale or missing index is rebuilt (or, when rows
-were only appended, extended) on the next search.
+records the store generation it reflects, so a stale index is brought up to date on the next
+search: new rows are appended, removed rows leave it (an exact index drops them; HNSW cannot,
+so their ids become tombstones that every search excludes, until the index is compacted by a
+rebuild), and only a missing, foreign or too-dead index is rebuilt from scratch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,15 @@ DEFAULT_EF_CONSTRUCTION = 128
 DEFAULT_EF_SEARCH = 128
 _PARALLEL_QUERIES = 16  # fewer queries than this are searched on the calling thread alone
 _MAX_THREADS: list[int] = []  # FAISS's own thread count, read when FAISS is first loaded
+# an HNSW index whose tombstones pass this share of its vectors is rebuilt: each dead vector still
+# costs graph hops, and a filtered HNSW search returns fewer good neighbours the more it skips
+MAX_DEAD_SHARE = 0.25
+# Writing an index file costs its whole size (2.5 GB for 1M 512-d vectors in HNSW), catching an
+# older file up costs only the rows that changed since. So a large index that was only caught up
+# is written once the changes pass this share of it; a process that loads the older file catches
+# up the same way. Small indexes are always written.
+SAVE_CHANGED_SHARE = 0.01
+SAVE_ALWAYS_BELOW = 50_000
 
 
 def _faiss() -> Any:
@@ -67,6 +78,12 @@ class IndexState:
     rebuild_generation: int
     max_seq: int
     owner: str = ""  # whose index it is: the store's id, the namespace and its creation (the store says)
+    removal_mark: int = 0  # the store's removal log is applied up to this entry
+    dead: list[int] = field(default_factory=list)  # tombstones: ids still in an HNSW graph, never returned
+
+    @property
+    def live(self) -> int:
+        return self.count - len(self.dead)
 
 
 class VectorIndex:
@@ -76,6 +93,10 @@ class VectorIndex:
         self.index = index
         self.state = state
         self.settings = settings
+        self.unsaved = 0  # rows added or removed since the file was written (or read)
+
+    def worth_saving(self) -> bool:
+        return self.state.live < SAVE_ALWAYS_BELOW or self.unsaved >= SAVE_CHANGED_SHARE * self.state.live
 
     @classmethod
     def empty(cls, kind: str, dim: int, settings: IndexSettings) -> VectorIndex:
@@ -91,6 +112,7 @@ class VectorIndex:
     def add(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
         if len(seqs):
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), seqs.astype(np.int64))
+            self.unsaved += len(seqs)
             self.state.count = int(self.index.ntotal)
             self.state.max_seq = max(self.state.max_seq, int(seqs.max()))
 
@@ -98,21 +120,51 @@ class VectorIndex:
         for seqs, vectors in batches:
             self.add(seqs, vectors)
 
+    def remove(self, seqs: np.ndarray) -> int:
+        """Take these ids out of search results; ids the index does not hold are ignored. An
+        exact index drops their vectors; an HNSW graph cannot lose nodes, so they become
+        tombstones. Returns how many ids it held."""
+        seqs = np.unique(np.asarray(seqs, dtype=np.int64))
+        if not len(seqs) or not self.state.count:
+            return 0
+        faiss = _faiss()
+        if self.state.kind != "hnsw":
+            removed = int(self.index.remove_ids(faiss.IDSelectorBatch(seqs)))
+            self.state.count = int(self.index.ntotal)
+            self.unsaved += removed
+            return removed
+        held = faiss.vector_to_array(self.index.id_map)
+        new = np.setdiff1d(seqs[np.isin(seqs, held)], np.asarray(self.state.dead, dtype=np.int64))
+        self.state.dead = sorted({*self.state.dead, *new.tolist()})
+        self.unsaved += len(new)
+        return len(new)
+
+    @property
+    def dead_share(self) -> float:
+        return len(self.state.dead) / self.state.count if self.state.count else 0.0
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and sequence numbers, shape (n, k); missing neighbours have seq -1."""
         faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k = max(1, min(k, self.state.count)) if self.state.count else 1
+        k = max(1, min(k, self.state.live)) if self.state.live else 1
         params = None
         if self.state.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(self.settings.ef_search, k)
+        # the selectors must outlive the search: the parameters hold them by pointer only
+        selector = dead = None
         if allowed is not None:
+            # allowed ids come from the table, so they never name a removed row
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        elif self.state.dead:
+            dead = faiss.IDSelectorBatch(np.asarray(self.state.dead, dtype=np.int64))
+            selector = faiss.IDSelectorNot(dead)
+        if selector is not None:
             if params is None:
                 params = faiss.SearchParameters()
             params.sel = selector
-        if self.state.count == 0:
+        if self.state.live <= 0:
             n = len(queries)
             return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
         # FAISS parallelises over queries. For a few queries extra OpenMP threads only cost: they
@@ -131,6 +183,7 @@ class VectorIndex:
         meta_tmp = meta.with_suffix(".json.tmp")
         meta_tmp.write_text(json.dumps(asdict(self.state)))
         os.replace(meta_tmp, meta)
+        self.unsaved = 0
 
     @staticmethod
     def read_state(path: Path) -> IndexState | None:

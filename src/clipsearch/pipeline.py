@@ -523,11 +523,15 @@ def item_row(
     """The store row of a source item. For a newly decoded image give ``namespace`` and
     ``size_wh`` (anything with the original's ``width`` and ``height``): its metadata gains what
     decoding found. Without them (the bytes are unchanged) the row carries only what the source
-    says, and the store keeps the derived keys it has. Local ingest and Ray both write these."""
+    says, and the store keeps the derived keys it has. Local ingest and Ray both write these.
+    ``size_wh`` may also carry ``photo``, the facts of the image's EXIF."""
     metadata = item.metadata
     if namespace is not None:
         width, height = int(size_wh.width), int(size_wh.height)
-        metadata = with_derived(metadata, namespace=namespace, width=width, height=height, sha256=sha256, size=size)
+        photo = getattr(size_wh, "photo", None)
+        metadata = with_derived(
+            metadata, namespace=namespace, width=width, height=height, sha256=sha256, size=size, photo=photo
+        )
     return NewItem(item.id, metadata, sha256, size, item.mtime_ns, item.fingerprint, item.text, text_vector)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ImageError, UsageError
+from .filters import matches
 from .imaging import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
@@ -229,7 +230,7 @@ def parse_source(spec: str, recursive: bool = True, catalog: CatalogOptions | No
 
 
 def select_items(
-    items: list[SourceItem], filters: dict[str, list[str]] | None = None, sample: int | None = None, seed: int = 0
+    items: list[SourceItem], filters: dict[str, Any] | None = None, sample: int | None = None, seed: int = 0
 ) -> list[SourceItem]:
     """The items whose metadata matches every ``KEY=VALUE`` filter, then, with ``sample``, a
     reproducible random subset of that many: the items whose ids hash lowest under ``seed``.
@@ -237,9 +238,10 @@ def select_items(
     return sample_items(filter_items(items, filters), sample, seed)
 
 
-def filter_items(items: list[SourceItem], filters: dict[str, list[str]] | None) -> list[SourceItem]:
-    """The items whose metadata matches every ``KEY=VALUE`` filter (any of a key's values).
-    A key that no item has at all is a mistake, not an empty selection: UsageError."""
+def filter_items(items: list[SourceItem], filters: dict[str, Any] | None) -> list[SourceItem]:
+    """The items whose metadata passes every filter (``filters.matches``: ``KEY=VALUE``, any of a
+    key's values, and ranges). A key that no item has at all is a mistake, not an empty
+    selection: UsageError."""
     if not filters:
         return items
     missing = [key for key in filters if not any(key in it.metadata for it in items)]
@@ -249,7 +251,7 @@ def filter_items(items: list[SourceItem], filters: dict[str, list[str]] | None) 
             f"no item has the metadata key {missing[0]!r} to filter on; their keys: {', '.join(keys)}",
             param="filters",
         )
-    return [it for it in items if all(_matches(it.metadata.get(k), wanted) for k, wanted in filters.items())]
+    return [it for it in items if matches(it.metadata, filters)]
 
 
 def sample_items(items: list[SourceItem], sample: int | None = None, seed: int = 0) -> list[SourceItem]:
@@ -259,18 +261,3 @@ def sample_items(items: list[SourceItem], sample: int | None = None, seed: int =
         chosen = set(sorted(rank, key=rank.__getitem__)[:sample])
         items = [it for it in items if it.id in chosen]
     return items
-
-
-def _matches(value: Any, wanted: list[str]) -> bool:
-    """A metadata value (or any element of a list value) equal to one of the wanted strings;
-    JSON and Parquet values compare as they are written (true, 3, 2.5)."""
-    values = value if isinstance(value, list) else [value]
-    return any(_as_text(v) in wanted for v in values if v is not None)
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)

@@ -20,7 +20,7 @@ from pathlib import Path
 from .files import sha256_file
 from .sources import FolderSource, SourceItem
 from .store import NewItem, Store
-from .store.base import with_derived
+from .store.base import PHOTO_KEYS, with_derived
 
 
 @dataclass
@@ -84,6 +84,7 @@ def prune(store: Store, namespace: str, folders: Iterable[FolderSource], listed:
                 height=int(old.metadata.get("height") or 0),
                 sha256=digest or "",
                 size=source_item.size or 0,
+                photo={k: old.metadata.get(k) for k in PHOTO_KEYS},
             )
             row = NewItem(source_item.id, meta, digest, source_item.size, source_item.mtime_ns, source_item.fingerprint)
             store.write_batch(namespace, [row], vector[None, :])

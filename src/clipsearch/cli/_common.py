@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import typing
 import warnings
@@ -219,15 +220,32 @@ def quiet_libraries() -> None:
 
 
 # -- shared helpers --------------------------------------------------------------------------------
+_FILTER_RE = re.compile(r"^\s*([^=<>!\s]+)\s*(>=|<=|=|>|<)\s*(.*?)\s*$", re.S)
+_OPERATOR_NAMES = {">=": "gte", "<=": "lte", ">": "gt", "<": "lt"}
+
+
 def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
+    """``--filter`` values as the library's filters: ``KEY=VALUE`` (repeated: any of them) and
+    ``KEY>=VALUE``, ``KEY<=``, ``KEY>``, ``KEY<`` (combined: all of them)."""
     if not values:
         return None
-    filters: dict[str, list[str]] = {}
+    filters: dict[str, Any] = {}
     for v in values:
-        key, sep, value = v.partition("=")
-        if not sep or not key:
-            raise UsageError(f"bad --filter {v!r}: use KEY=VALUE, e.g. --filter label=cat")
-        filters.setdefault(key.strip(), []).append(value.strip())
+        m = _FILTER_RE.match(v)
+        if not m or not m.group(3):
+            raise UsageError(
+                f"bad --filter {v!r}: use KEY=VALUE or KEY>=VALUE (also <=, >, <), "
+                "e.g. --filter label=cat --filter 'taken_at>=2024-06-01'"
+            )
+        key, op, value = m.groups()
+        if op == "=":
+            if isinstance(filters.get(key), dict):
+                raise UsageError(f"--filter {key}: give either values ({key}=...) or a range ({key}>=...), not both")
+            filters.setdefault(key, []).append(value)
+        else:
+            if isinstance(filters.get(key), list):
+                raise UsageError(f"--filter {key}: give either values ({key}=...) or a range ({key}>=...), not both")
+            filters.setdefault(key, {})[_OPERATOR_NAMES[op]] = value
     return filters
 
 

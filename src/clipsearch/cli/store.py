@@ -30,6 +30,8 @@ def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
         table.add_column(col)
     for r in rows:
         index = "none" if r["index"] == "none" else f"{r['index']} ({'fresh' if r['index_fresh'] else 'stale'})"
+        if r.get("index_tombstones"):
+            index += f", {r['index_tombstones']} removed"
         table.add_row(
             r["namespace"], f"{r['backend']} {r['model']}", str(r["dim"]), str(r["items"]), str(r["failures"]), index
         )
@@ -136,8 +138,9 @@ def index_build(
     ] = "auto",
 ) -> None:
     """Build (or bring up to date) the namespace's vector index: FAISS beside SQLite, an HNSW
-    index (vector_ip_ops) in PostgreSQL. HNSW settings come from CLIPSEARCH_HNSW_M and
-    CLIPSEARCH_EF_CONSTRUCTION."""
+    index (vector_ip_ops) in PostgreSQL. On SQLite this also compacts an HNSW index: the vectors
+    of deleted or replaced items, skipped by searches until now, leave the graph. HNSW settings
+    come from CLIPSEARCH_HNSW_M and CLIPSEARCH_EF_CONSTRUCTION."""
     with lib.open(db, namespace, create=False) as collection:
         collection.identity()
         if is_postgres_url(db) and kind == "auto":

@@ -251,6 +251,17 @@ async def _json_body(request: Request) -> Any:
         raise _BadJSON(_not_json(e.msg, e.pos)) from None
 
 
+def _json_field(name: str, raw: str) -> Any:
+    """A form field that carries a JSON object (``filter``, ``metadata``)."""
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise UsageError(f"the {name!r} field must be a JSON object")
+    return parsed
+
+
 class _BadJSON(ClipsearchError):
     """A body that is not JSON (HTTP 400)."""
 
@@ -645,7 +656,11 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         tags=["search"],
         openapi_extra={
             "requestBody": _multipart_body(
-                {"namespace": {"type": "string"}, "limit": {"type": "integer", "default": 10}},
+                {
+                    "namespace": {"type": "string"},
+                    "limit": {"type": "integer", "default": 10},
+                    "filter": {"type": "string", "description": "the filter object, as JSON"},
+                },
                 also={"application/json": {"schema": ImageSearchRequest.model_json_schema()}},
             )
         },
@@ -655,7 +670,11 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             form, data, _ = await _form_with_file(request, max_fields=20)
-            fields = {k: form.get(k) for k in ("namespace", "limit") if isinstance(form.get(k), str) and form.get(k)}
+            fields: dict[str, Any] = {
+                k: form.get(k) for k in ("namespace", "limit", "filter") if isinstance(form.get(k), str) and form.get(k)
+            }
+            if "filter" in fields:
+                fields["filter"] = _json_field("filter", fields["filter"])
             payload: Any = {"image": "-", **fields}
         else:
             payload = await _json_body(request)
@@ -698,13 +717,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         metadata: dict[str, Any] = {}
         raw_meta = form.get("metadata")
         if raw_meta:
-            try:
-                parsed = json.loads(str(raw_meta))
-            except json.JSONDecodeError:
-                raise UsageError("the 'metadata' field must be a JSON object") from None
-            if not isinstance(parsed, dict):
-                raise UsageError("the 'metadata' field must be a JSON object")
-            metadata.update(parsed)
+            metadata.update(_json_field("metadata", str(raw_meta)))
         for key, value in form.multi_items():
             if key not in _RESERVED_FORM_FIELDS and isinstance(value, str):
                 metadata[key] = value

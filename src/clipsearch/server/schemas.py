@@ -6,7 +6,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FilterValue = str | int | float | bool | list[str | int | float | bool]
+Scalar = str | int | float | bool
+RangeBounds = dict[Literal["gt", "gte", "lt", "lte"], str | int | float]
+# one value, any of a list, or a range: {"width": {"gte": 1000}}, {"taken_at": {"lt": "2024-07-01"}}
+FilterValue = Scalar | list[Scalar] | RangeBounds
+_FILTER_DOC = (
+    "Metadata conditions, all of which must hold: a value ({'label': 'cat'}), any of a list "
+    "({'label': ['cat', 'dog']}), or a range ({'width': {'gte': 1000}}, {'taken_at': {'gte': '2024-06-01', "
+    "'lt': '2024-07-01'}}). Numbers compare as numbers (text that spells one included), other text in "
+    "code-point order, so ISO 8601 dates compare by time; a bare date as 'lte' or 'gt' bound covers its whole day."
+)
 
 
 class ErrorBody(BaseModel):
@@ -96,7 +105,7 @@ class SearchRequest(BaseModel):
     text: str = Field(min_length=1, description="What to look for.")
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
-    filter: dict[str, FilterValue] | None = Field(None, description="Exact metadata matches, e.g. {'label': 'cat'}.")
+    filter: dict[str, FilterValue] | None = Field(None, description=_FILTER_DOC)
     mode: Literal["vector", "keyword", "hybrid"] = Field(
         "vector",
         description="vector: CLIP similarity to the images (cosine scores). keyword: the words of item text and "
@@ -116,7 +125,7 @@ class VectorSearchRequest(BaseModel):
     embedding: list[float] = Field(min_length=1)
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
-    filter: dict[str, FilterValue] | None = None
+    filter: dict[str, FilterValue] | None = Field(None, description=_FILTER_DOC)
 
 
 class ImageSearchRequest(BaseModel):
@@ -124,7 +133,7 @@ class ImageSearchRequest(BaseModel):
     image: str = Field(description="An http(s) URL, a data: URI, or base64-encoded image bytes.")
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
-    filter: dict[str, FilterValue] | None = None
+    filter: dict[str, FilterValue] | None = Field(None, description=_FILTER_DOC)
 
 
 class SearchResult(BaseModel):

@@ -366,6 +366,7 @@ class Service:
             height=decoded.height,
             sha256=digest,
             size=len(data),
+            photo=decoded.photo,
         )
         new = NewItem(item_id, meta, sha256=digest, size=len(data), mtime_ns=None)
         await self.run(self.store.write_batch, namespace, [new], vector[None, :])

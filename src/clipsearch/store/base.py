@@ -18,16 +18,22 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import DimensionError, ModelMismatchError, UsageError
+from ..filters import Range, as_number, filter_ranges, filter_values, typed_variants
 from ..identity import ModelIdentity
 
+__all__ = ["Range", "as_number", "filter_ranges", "filter_values", "typed_variants"]
+
 DEFAULT_NAMESPACE = "default"
+# what a photo's EXIF says (imaging.photo_facts); stored when present
+PHOTO_KEYS = ("taken_at", "camera_make", "camera_model", "gps_lat", "gps_lon")
 # metadata the pipeline derives from the image itself; kept when a source updates the rest
-DERIVED_KEYS = ("namespace", "width", "height", "sha256", "bytes")
-# metadata that is no use to keyword search (digests, sizes, locations)
-_NOT_KEYWORDS = frozenset({*DERIVED_KEYS, "type", "extension", "path", "url", "catalog"})
+DERIVED_KEYS = ("namespace", "width", "height", "sha256", "bytes", *PHOTO_KEYS)
+# metadata that is no use to keyword search (digests, sizes, dates, locations)
+_NOT_KEYWORDS = frozenset(
+    {*DERIVED_KEYS, "type", "extension", "path", "url", "catalog"} - {"camera_make", "camera_model"}
+)
 FIELDS = ("image", "text")  # which vectors of an item a search runs over
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_FILTER_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _WORD_RE = re.compile(r"\w+")
 
 
@@ -47,11 +53,27 @@ def check_same_model(namespace: str, existing: ModelIdentity, requested: ModelId
 
 
 def with_derived(
-    metadata: dict[str, Any], *, namespace: str, width: int, height: int, sha256: str, size: int
+    metadata: dict[str, Any],
+    *,
+    namespace: str,
+    width: int,
+    height: int,
+    sha256: str,
+    size: int,
+    photo: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An image's metadata as stored: what its source says, plus what decoding found
-    (``DERIVED_KEYS``). Every path that stores a decoded image builds its row's metadata here."""
-    return {**metadata, "namespace": namespace, "width": width, "height": height, "sha256": sha256, "bytes": size}
+    (``DERIVED_KEYS``: sizes, digest, and the ``photo`` facts of its EXIF). Every path that stores
+    a decoded image builds its row's metadata here."""
+    derived = {"namespace": namespace, "width": width, "height": height, "sha256": sha256, "bytes": size}
+    return {**metadata, **derived, **{k: photo[k] for k in PHOTO_KEYS if photo and photo.get(k) is not None}}
+
+
+def keep_derived(metadata: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """A source's new metadata for an item whose bytes did not change: what decoding derived
+    stays, except a photo fact the source itself now gives (a catalog's own ``taken_at``)."""
+    kept = {k: stored[k] for k in DERIVED_KEYS if k in stored and not (k in PHOTO_KEYS and k in metadata)}
+    return {**metadata, **kept}
 
 
 def check_field(field: str) -> str:
@@ -71,43 +93,6 @@ def query_words(query: str) -> list[str]:
     if not found:
         raise UsageError(f"the keyword query {query!r} has no words to look for")
     return found
-
-
-def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]:
-    """(metadata key, accepted values) per filter; a value list means any of them. Keys are
-    checked, since backends put them into JSON paths. Each value also matches the number or
-    boolean it spells, and a number its text (``typed_variants``)."""
-    out = []
-    for key, value in (filters or {}).items():
-        if not _FILTER_KEY_RE.match(key):
-            raise UsageError(f"bad filter key {key!r}")
-        values = list(value) if isinstance(value, list | tuple) else [value]
-        out.append((key, list(dict.fromkeys(v for x in values for v in typed_variants(x)))))
-    return out
-
-
-_NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-
-
-def typed_variants(value: Any) -> list[Any]:
-    """The values a filter value stands for. A command line's ``--filter width=500`` is always
-    text, while decoding stored ``width`` as the integer 500 (and a catalog may hold either): so
-    ``"500"`` also matches 500, ``"true"`` matches true, and the number 500 matches ``"500"``."""
-    if isinstance(value, bool):
-        return [value, "true" if value else "false"]
-    if isinstance(value, int | float):
-        text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-        return [value, text]
-    if isinstance(value, str):
-        stripped = value.strip()
-        if stripped.lower() in ("true", "false"):
-            return [value, stripped.lower() == "true"]
-        if _NUMBER_RE.match(stripped):
-            number = float(stripped)
-            if number.is_integer() and abs(number) < 2**53:
-                return [value, int(number)]
-            return [value, number]
-    return [value]
 
 
 def checked_queries(namespace: str, dim: int, queries: np.ndarray) -> np.ndarray:
@@ -265,7 +250,8 @@ class Hit:
 class IndexStatus:
     kind: str  # flat | hnsw | none
     fresh: bool
-    vectors: int
+    vectors: int  # searchable vectors
+    tombstones: int = 0  # removed vectors an HNSW graph still holds (until `index build` compacts it)
 
 
 class Store(Protocol):

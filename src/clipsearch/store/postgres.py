@@ -30,7 +30,6 @@ from ..identity import ModelIdentity
 from ..index import IndexSettings
 from ..settings import settings
 from .base import (
-    DERIVED_KEYS,
     ClosingStore,
     Failure,
     FailureRecord,
@@ -45,7 +44,9 @@ from .base import (
     checked_batch,
     checked_queries,
     dead_owners,
+    filter_ranges,
     filter_values,
+    keep_derived,
     keyword_text,
     query_words,
     validate_namespace,
@@ -154,6 +155,10 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+# a text that spells a number, as base.as_number reads one (jsonpath's like_regex is POSIX)
+_NUMBER_PATTERN = r"^ *[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][+-]?[0-9]+)? *$"
 
 
 class PostgresStore(ClosingStore):
@@ -365,7 +370,7 @@ class PostgresStore(ClosingStore):
                     row = conn.execute(self._sql("SELECT metadata FROM {t} WHERE id = %s", table), (t.id,)).fetchone()
                     if row is None:
                         continue
-                    metadata = {**t.metadata, **{k: row[0][k] for k in DERIVED_KEYS if k in row[0]}}
+                    metadata = keep_derived(t.metadata, row[0])
                     conn.execute(
                         self._sql(
                             "UPDATE {t} SET size = %s, mtime_ns = %s, metadata = %s, fingerprint = %s, text = %s, "
@@ -555,10 +560,27 @@ class PostgresStore(ClosingStore):
 
     # -- search ------------------------------------------------------------------------
     def _filter_sql(self, filters: dict[str, Any] | None) -> tuple[str, list[Any]]:
+        """`` AND ...`` clauses for the filters, by the rules of ``clipsearch.filters``: a JSON
+        path per condition (lax mode tests each element of a list value), its values passed as
+        variables. Silent, so that ``.double()`` of a text that is no number is no match rather
+        than an error."""
         clauses, params = [], []
-        for key, values in filter_values(filters):
-            clauses.append(f"metadata -> %s IN ({', '.join(['%s::jsonb'] * len(values))})")
-            params += [key, *(json.dumps(v) for v in values)]
+        for key, wanted in filter_values(filters):
+            names = {f"v{i}": v for i, v in enumerate(wanted)}
+            test = " || ".join(f"@ == ${name}" for name in names)
+            clauses.append("jsonb_path_exists(metadata, %s::jsonpath, %s::jsonb, true)")
+            params += [f'$."{key}" ? ({test})', json.dumps(names)]
+        for r in filter_ranges(filters):
+            if r.number is None:
+                test = f'@.type() == "string" && @ {r.sql} $t'
+            else:
+                test = (
+                    f'(@.type() == "number" && @ {r.sql} $n) || '
+                    f'(@.type() == "string" && @ like_regex "{_NUMBER_PATTERN}" && @.double() {r.sql} $n) || '
+                    f'(@.type() == "string" && !(@ like_regex "{_NUMBER_PATTERN}") && @ {r.sql} $t)'
+                )
+            clauses.append("jsonb_path_exists(metadata, %s::jsonpath, %s::jsonb, true)")
+            params += [f'$."{r.key}" ? ({test})', json.dumps({"n": r.number, "t": r.text})]
         return "".join(f" AND {c}" for c in clauses), params
 
     def search(

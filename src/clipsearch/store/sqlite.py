@@ -24,9 +24,8 @@ import numpy as np
 
 from ..errors import NotFoundError, UsageError
 from ..identity import ModelIdentity
-from ..index import IndexSettings, VectorIndex
+from ..index import MAX_DEAD_SHARE, IndexSettings, VectorIndex
 from .base import (
-    DERIVED_KEYS,
     ClosingStore,
     Failure,
     FailureRecord,
@@ -36,19 +35,22 @@ from .base import (
     Item,
     NamespaceInfo,
     NewItem,
+    as_number,
     check_field,
     check_same_model,
     checked_batch,
     checked_queries,
     dead_owners,
+    filter_ranges,
     filter_values,
+    keep_derived,
     keyword_text,
     query_words,
     utcnow,
     validate_namespace,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
 
 _SCHEMA = """
@@ -103,6 +105,14 @@ CREATE TABLE IF NOT EXISTS failures (
     fingerprint TEXT,
     PRIMARY KEY (namespace, id)
 );
+-- the rows that left each namespace (deleted, or re-embedded under a new seq), in order: an index
+-- built up to mark M applies the entries after M instead of being rebuilt
+CREATE TABLE IF NOT EXISTS removals (
+    mark INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS removals_namespace ON removals (namespace, mark);
 CREATE TABLE IF NOT EXISTS claims (
     namespace TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -140,6 +150,7 @@ class SQLiteStore(ClosingStore):
             # NORMAL in WAL mode survives a killed process; only power loss may drop the last commit.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.create_function("cs_number", 1, as_number, deterministic=True)
             self._migrate()
         except sqlite3.DatabaseError as e:
             raise UsageError(f"{self.path} is not a clipsearch database ({e})") from None
@@ -298,46 +309,39 @@ class SQLiteStore(ClosingStore):
         ns = self._require(namespace)
         vectors = checked_batch(namespace, ns["dim"], items, vectors, touched)
         now = utcnow()
-        replaced = text_added = text_replaced = False
+        text_changed = text_replaced = removed = False
         with self._tx() as conn:
             for item, vec in zip(items, vectors, strict=True):
                 blob = vec.astype("<f4").tobytes()
                 meta = json.dumps(item.metadata, ensure_ascii=False)
                 row = conn.execute(
-                    "SELECT seq FROM items WHERE namespace = ? AND id = ?", (namespace, item.id)
+                    "SELECT seq, created_at FROM items WHERE namespace = ? AND id = ?", (namespace, item.id)
                 ).fetchone()
                 if row is not None:
-                    seq = row["seq"]
-                    conn.execute(
-                        "UPDATE items SET sha256=?, size=?, mtime_ns=?, metadata=?, vector=?, updated_at=?, "
-                        "fingerprint=?, text=? WHERE seq=?",
-                        (item.sha256, item.size, item.mtime_ns, meta, blob, now, item.fingerprint, item.text, seq),
-                    )
-                    replaced = True
-                else:
-                    seq = conn.execute(
-                        "INSERT INTO items (namespace, id, sha256, size, mtime_ns, metadata, vector, "
-                        "created_at, updated_at, fingerprint, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            namespace,
-                            item.id,
-                            item.sha256,
-                            item.size,
-                            item.mtime_ns,
-                            meta,
-                            blob,
-                            now,
-                            now,
-                            item.fingerprint,
-                            item.text,
-                        ),
-                    ).lastrowid
+                    # a new vector takes a new seq: the indexes drop the old one and append this one,
+                    # where rewriting a vector in place would mean rebuilding them
+                    self._remove_rows(conn, namespace, [row["seq"]])
+                    removed = True
+                seq = conn.execute(
+                    "INSERT INTO items (namespace, id, sha256, size, mtime_ns, metadata, vector, "
+                    "created_at, updated_at, fingerprint, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        namespace,
+                        item.id,
+                        item.sha256,
+                        item.size,
+                        item.mtime_ns,
+                        meta,
+                        blob,
+                        row["created_at"] if row is not None else now,
+                        now,
+                        item.fingerprint,
+                        item.text,
+                    ),
+                ).lastrowid
                 self._set_keywords(conn, seq, item.text, item.metadata)
-                had_text = self._set_text_vector(conn, namespace, seq, item.text_vector)
-                text_added |= item.text_vector is not None
-                # an index can only be appended to in seq order: a changed or dropped text vector,
-                # or a new one for an older item, means a rebuild
-                text_replaced |= had_text or (row is not None and item.text_vector is not None)
+                self._set_text_vector(conn, namespace, seq, item.text_vector)
+                text_changed |= item.text_vector is not None
             for t in touched:
                 row = conn.execute(
                     "SELECT seq, metadata FROM items WHERE namespace = ? AND id = ?", (namespace, t.id)
@@ -345,7 +349,7 @@ class SQLiteStore(ClosingStore):
                 if row is None:
                     continue
                 stored = json.loads(row["metadata"])
-                metadata = {**t.metadata, **{k: stored[k] for k in DERIVED_KEYS if k in stored}}
+                metadata = keep_derived(t.metadata, stored)
                 conn.execute(
                     "UPDATE items SET size=?, mtime_ns=?, metadata=?, fingerprint=?, text=?, updated_at=? WHERE seq=?",
                     (
@@ -360,7 +364,9 @@ class SQLiteStore(ClosingStore):
                 )
                 self._set_keywords(conn, row["seq"], t.text, metadata)
                 had_text = self._set_text_vector(conn, namespace, row["seq"], t.text_vector)
-                text_added |= t.text_vector is not None
+                text_changed |= had_text or t.text_vector is not None
+                # a text index can only be appended to in seq order: a changed or dropped text
+                # vector of a kept row means rebuilding it (the image index is untouched)
                 text_replaced |= had_text or t.text_vector is not None
             done = [(namespace, it.id) for it in (*items, *touched)]
             conn.executemany("DELETE FROM failures WHERE namespace = ? AND id = ?", done)
@@ -386,19 +392,25 @@ class SQLiteStore(ClosingStore):
                         f.fingerprint,
                     ),
                 )
-            if items or text_added or text_replaced:
+            if items or text_changed:
                 conn.execute(
-                    "UPDATE namespaces SET generation = generation + ?, rebuild_generation = rebuild_generation + ?, "
-                    "text_generation = text_generation + ?, text_rebuild_generation = text_rebuild_generation + ? "
-                    "WHERE name = ?",
+                    "UPDATE namespaces SET generation = generation + ?, text_generation = text_generation + ?, "
+                    "text_rebuild_generation = text_rebuild_generation + ? WHERE name = ?",
                     (
                         1 if items else 0,
-                        1 if replaced else 0,
-                        1 if text_added or text_replaced else 0,
+                        1 if text_changed or removed else 0,
                         1 if text_replaced else 0,
                         namespace,
                     ),
                 )
+
+    @staticmethod
+    def _remove_rows(conn: sqlite3.Connection, namespace: str, seqs: list[int]) -> None:
+        """Delete rows (their keyword entries and, by cascade, text vectors) and log their seqs
+        for the indexes."""
+        conn.executemany("DELETE FROM items_fts WHERE rowid = ?", [(s,) for s in seqs])
+        conn.executemany("DELETE FROM items WHERE seq = ?", [(s,) for s in seqs])
+        conn.executemany("INSERT INTO removals (namespace, seq) VALUES (?, ?)", [(namespace, s) for s in seqs])
 
     def delete_items(self, namespace: str, ids: list[str]) -> int:
         self._require(namespace)
@@ -407,18 +419,18 @@ class SQLiteStore(ClosingStore):
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i : i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                conn.execute(
-                    "DELETE FROM items_fts WHERE rowid IN "
-                    f"(SELECT seq FROM items WHERE namespace = ? AND id IN ({marks}))",
-                    [namespace, *chunk],
-                )
-                deleted += conn.execute(
-                    f"DELETE FROM items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
-                ).rowcount
+                seqs = [
+                    r["seq"]
+                    for r in conn.execute(
+                        f"SELECT seq FROM items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
+                    )
+                ]
+                self._remove_rows(conn, namespace, seqs)
+                deleted += len(seqs)
             if deleted:
+                # the indexes apply the logged removals: no rebuild
                 conn.execute(
-                    "UPDATE namespaces SET generation = generation + 1, rebuild_generation = rebuild_generation + 1, "
-                    "text_generation = text_generation + 1, text_rebuild_generation = text_rebuild_generation + 1 "
+                    "UPDATE namespaces SET generation = generation + 1, text_generation = text_generation + 1 "
                     "WHERE name = ?",
                     (namespace,),
                 )
@@ -562,9 +574,11 @@ class SQLiteStore(ClosingStore):
         return list(groups.values())
 
     # -- search ------------------------------------------------------------------------
-    def _fresh_index(self, namespace: str, field: str = "image") -> VectorIndex:
-        """The namespace's index of ``field`` vectors, brought up to date with the table (loaded,
-        extended or rebuilt)."""
+    def _fresh_index(self, namespace: str, field: str = "image", compact: bool = False) -> VectorIndex:
+        """The namespace's index of ``field`` vectors, brought up to date with the table: loaded,
+        then the logged removals applied and new rows appended; rebuilt only when it is missing,
+        another database's, of the wrong kind, or (HNSW) more than ``MAX_DEAD_SHARE`` tombstones.
+        ``compact``: rebuild any index that holds tombstones."""
         check_field(field)
         ns = self._require(namespace)
         settings = self.index_settings
@@ -577,31 +591,48 @@ class SQLiteStore(ClosingStore):
                 index = None  # another database's (or an earlier namespace's) index at this path
             if index is not None and settings.kind in ("flat", "hnsw") and index.state.kind != settings.kind:
                 index = None  # a kind was asked for explicitly: build that one
+            if index is not None and compact and index.state.dead:
+                index = None
             gen, rebuild_gen = ns[gen_col], ns[rebuild_col]
             if index is not None and index.state.generation == gen and index.state.rebuild_generation == rebuild_gen:
                 self._indexes[(namespace, field)] = index
                 return index
+            # read before the rows: a removal committed meanwhile is applied next time
+            last_mark = self._query("SELECT max(mark) AS m FROM removals WHERE namespace = ?", (namespace,))[0]["m"]
             # counting rows is a scan (25 ms at 1M rows): only when the index must catch up
             count = self._count(namespace, field)
             kind = settings.kind_for(count)
+            if index is not None and settings.kind == "auto" and index.state.kind == "hnsw":
+                # a few deletions below the threshold do not turn a large HNSW index back into a scan
+                kind = "hnsw" if count >= settings.hnsw_threshold // 2 else kind
             appendable = (
                 index is not None
                 and index.state.rebuild_generation == rebuild_gen
                 and index.state.dim == ns["dim"]
                 and index.state.kind == kind
             )
-            if not appendable:
+            if appendable:
+                assert index is not None
+                removed = self._query(
+                    "SELECT seq FROM removals WHERE namespace = ? AND mark > ? AND mark <= ?",
+                    (namespace, index.state.removal_mark, last_mark or 0),
+                )
+                index.remove(np.fromiter((r["seq"] for r in removed), dtype=np.int64, count=len(removed)))
+                appendable = index.dead_share <= MAX_DEAD_SHARE
+            rebuilt = not appendable
+            if rebuilt:
                 index = VectorIndex.empty(kind, ns["dim"], settings)
             assert index is not None
             index.state.owner = owner
+            index.state.removal_mark = last_mark or 0
             rows = self._iter_rows(namespace, index.state.max_seq, 50_000, with_items=False, field=field)
             for seqs, _, vectors in rows:
                 index.add(seqs, vectors)
             index.state.generation, index.state.rebuild_generation = gen, rebuild_gen
-            if index.state.count != count:
+            if index.state.live != count:
                 # a writer committed while we read; the next search will catch up
                 index.state.generation = -1
-            else:
+            elif rebuilt or compact or index.worth_saving():
                 index.save(path)
             self._indexes[(namespace, field)] = index
             return index
@@ -625,11 +656,41 @@ class SQLiteStore(ClosingStore):
 
     @staticmethod
     def _filter_sql(filters: dict[str, Any] | None, alias: str = "") -> tuple[str, list[Any]]:
-        """`` AND ...`` clauses matching metadata KEY = VALUE (any of a list of values)."""
+        """`` AND ...`` clauses for the filters, by the rules of ``clipsearch.filters``: each
+        condition holds when the value, or any element of a list value, passes it. ``json_each``
+        yields a scalar once and a list's elements one by one, each with its JSON type."""
         clauses, params = [], []
-        for key, values in filter_values(filters):
-            clauses.append(f"json_extract({alias}metadata, ?) IN ({','.join('?' * len(values))})")
-            params += [f'$."{key}"', *values]
+
+        def any_element(path: str, test: str, values: list[Any]) -> None:
+            clauses.append(
+                f"json_type({alias}metadata, ?) <> 'object' AND "
+                f"EXISTS (SELECT 1 FROM json_each({alias}metadata, ?) WHERE {test})"
+            )
+            params.extend([path, path, *values])
+
+        for key, wanted in filter_values(filters):
+            tests, values = [], []
+            for v in wanted:
+                if isinstance(v, bool):
+                    tests.append("type = ?")
+                    values.append("true" if v else "false")
+                elif isinstance(v, int | float):
+                    tests.append("(type IN ('integer', 'real') AND value = ?)")
+                    values.append(v)
+                else:
+                    tests.append("(type = 'text' AND value = ?)")
+                    values.append(str(v))
+            any_element(f'$."{key}"', " OR ".join(tests), values)
+        for r in filter_ranges(filters):
+            if r.number is None:
+                any_element(f'$."{r.key}"', f"type = 'text' AND value {r.sql} ?", [r.text])
+                continue
+            test = (
+                f"(type IN ('integer', 'real') AND value {r.sql} ?) "
+                f"OR (type = 'text' AND cs_number(value) {r.sql} ?) "
+                f"OR (type = 'text' AND cs_number(value) IS NULL AND value {r.sql} ?)"
+            )
+            any_element(f'$."{r.key}"', test, [r.number, r.number, r.text])
         return "".join(f" AND {c}" for c in clauses), params
 
     def _allowed_seqs(self, namespace: str, filters: dict[str, Any]) -> np.ndarray:
@@ -692,7 +753,7 @@ class SQLiteStore(ClosingStore):
             return IndexStatus(kind="none", fresh=False, vectors=0)
         gen_col, rebuild_col = _COUNTERS[field]
         fresh = state.generation == ns[gen_col] and state.rebuild_generation == ns[rebuild_col]
-        return IndexStatus(kind=state.kind, fresh=fresh, vectors=state.count)
+        return IndexStatus(kind=state.kind, fresh=fresh, vectors=state.live, tombstones=len(state.dead))
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
         if kind not in (None, "auto"):
@@ -702,9 +763,13 @@ class SQLiteStore(ClosingStore):
             self.index_settings = dataclasses.replace(self.index_settings, kind=kind)
             self._indexes.pop((namespace, "image"), None)
             self._indexes.pop((namespace, "text"), None)
-        self._fresh_index(namespace)
+        # an explicit build also compacts: tombstones left by deletions go with the rebuild
+        marks = [self._fresh_index(namespace, compact=True).state.removal_mark]
         if self.has_text_vectors(namespace):
-            self._fresh_index(namespace, "text")
+            marks.append(self._fresh_index(namespace, "text", compact=True).state.removal_mark)
+        with self._tx() as conn:
+            # what both saved indexes have applied is no use to anyone any more
+            conn.execute("DELETE FROM removals WHERE namespace = ? AND mark <= ?", (namespace, min(marks)))
         return self.index_status(namespace)
 
     def close(self) -> None:

@@ -114,12 +114,33 @@ function showQueryImage(file) {
   $("query-preview").hidden = false;
 }
 
+const RANGE_NAMES = { ">=": "gte", "<=": "lte", ">": "gt", "<": "lt" };
+
+// The filter field as the API's filter object, read as the CLI reads --filter: key=value (repeated:
+// any of them) and key>=value, key<=value, key>value, key<value (all of them), separated by spaces.
+function parseFilter(text) {
+  const filter = {};
+  for (const part of text.trim().split(/\s+/).filter(Boolean)) {
+    const m = part.match(/^([^=<>!]+)(>=|<=|=|>|<)(.+)$/);
+    if (!m) throw new Error(`bad filter “${part}”: use key=value or key>=value (also <=, > and <)`);
+    const [, key, op, value] = m;
+    const isRange = op !== "=";
+    if (key in filter && Array.isArray(filter[key]) === isRange) {
+      throw new Error(`filter ${key}: give either values (${key}=…) or a range (${key}>=…), not both`);
+    }
+    if (isRange) (filter[key] ||= {})[RANGE_NAMES[op]] = value;
+    else (filter[key] ||= []).push(value);
+  }
+  return Object.keys(filter).length ? filter : undefined;
+}
+
 async function searchText(text) {
   clearPanels();
   setStatus("searching…");
   try {
     const mode = $("mode").value;
-    const data = await apiJson("/api/v1/search", { text, namespace: namespace(), limit: 40, mode });
+    const filter = parseFilter($("filter").value);
+    const data = await apiJson("/api/v1/search", { text, namespace: namespace(), limit: 40, mode, filter });
     renderResults(data.results, mode === "vector" ? `for “${text}”` : `for “${text}” (${mode})`);
   } catch (e) {
     setStatus(e.message, true);
@@ -135,6 +156,8 @@ async function searchImage(file) {
   form.append("limit", "40");
   if (namespace()) form.append("namespace", namespace());
   try {
+    const filter = parseFilter($("filter").value);
+    if (filter) form.append("filter", JSON.stringify(filter));
     const data = await (await api("/api/v1/images/search", { method: "POST", body: form })).json();
     renderResults(data.results, `similar to ${file.name}`);
   } catch (e) {

@@ -1,0 +1,172 @@
+"""What a metadata filter means, in one place: equality (``{"label": ["cat", "dog"]}``: any of
+the values) and ranges (``{"width": {"gte": 1000}}``, ``{"taken_at": {"lt": "2024-07-01"}}``).
+
+The stores turn these rules into SQL (SQLite's JSON functions, PostgreSQL's JSON paths) so that
+they apply inside the vector search; ``matches`` applies them to a source's rows in Python (a
+catalog's ``ingest --filter``). The rules:
+
+- a value also matches the number or boolean it spells, and a number its text (``typed_variants``);
+- a range bound that is a number compares numerically with numbers and with text that spells
+  one (catalog columns are text); any other text compares in code-point order, so ISO 8601
+  dates and times compare by time;
+- a date or the start of one (``2024``, ``2024-06``, ``2024-06-30``) names its whole span: as
+  ``lte`` or ``gt`` bound it reaches past every time inside it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UsageError
+
+_FILTER_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+RANGE_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+# a date, or the start of one (2024, 2024-06, 2024-06-01, 2024-06-01T10): as an upper bound
+# (lte) or a lower one that excludes it (gt) it names the whole span, so it gains a character
+# that sorts after every character of an ISO 8601 date
+_DATE_PREFIX_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}([T ]\d{2}(:\d{2}(:\d{2})?)?)?)?)?$")
+DATE_SPAN_END = "~"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A range condition on one metadata key: ``value OP bound``. A bound that is a number
+    (``number``) compares numerically with numbers and with text that spells one, as catalog
+    columns do; other text compares with ``text`` in code-point order, so ISO 8601 dates and
+    times compare by time."""
+
+    key: str
+    op: str  # gt | gte | lt | lte
+    number: float | None
+    text: str
+
+    @property
+    def sql(self) -> str:
+        return RANGE_OPERATORS[self.op]
+
+
+def _check_key(key: str) -> str:
+    if not _FILTER_KEY_RE.match(key):
+        raise UsageError(f"bad filter key {key!r}")
+    return key
+
+
+def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]:
+    """(metadata key, accepted values) per equality filter; a value list means any of them. Keys
+    are checked, since backends put them into JSON paths. Each value also matches the number or
+    boolean it spells, and a number its text (``typed_variants``). Range filters (a value that
+    is a dict of operators) are ``filter_ranges``'."""
+    out = []
+    for key, value in (filters or {}).items():
+        _check_key(key)
+        if isinstance(value, dict):
+            continue
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        out.append((key, list(dict.fromkeys(v for x in values for v in typed_variants(x)))))
+    return out
+
+
+def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
+    """The range conditions among ``filters``: ``{key: {"gte": 1000, "lt": "2024-07-01"}}``."""
+    out = []
+    for key, value in (filters or {}).items():
+        if not isinstance(value, dict):
+            continue
+        _check_key(key)
+        if not value:
+            raise UsageError(f"filter {key!r} has no condition; use gt, gte, lt or lte")
+        for op, bound in value.items():
+            if op not in RANGE_OPERATORS:
+                raise UsageError(f"unknown filter operator {op!r} on {key!r}; use gt, gte, lt or lte")
+            if isinstance(bound, bool) or not isinstance(bound, int | float | str) or bound == "":
+                raise UsageError(f"filter {key} {RANGE_OPERATORS[op]} needs a number, a date or a word, not {bound!r}")
+            text = bound if isinstance(bound, str) else str(bound)
+            text = text.strip()
+            number = next((v for v in typed_variants(text) if isinstance(v, int | float)), None)
+            if isinstance(bound, int | float):
+                number = float(bound)
+            if op in ("lte", "gt") and _DATE_PREFIX_RE.match(text):
+                text += DATE_SPAN_END
+            out.append(Range(key, op, None if number is None else float(number), text))
+    return out
+
+
+def as_number(value: Any) -> float | None:
+    """The number a text value spells (``" 19.99"``), else None: how range filters read catalog
+    columns, which are text."""
+    if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+        return float(value)
+    return None
+
+
+_NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def typed_variants(value: Any) -> list[Any]:
+    """The values a filter value stands for. A command line's ``--filter width=500`` is always
+    text, while decoding stored ``width`` as the integer 500 (and a catalog may hold either): so
+    ``"500"`` also matches 500, ``"true"`` matches true, and the number 500 matches ``"500"``."""
+    if isinstance(value, bool):
+        return [value, "true" if value else "false"]
+    if isinstance(value, int | float):
+        text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        return [value, text]
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.lower() in ("true", "false"):
+            return [value, stripped.lower() == "true"]
+        if _NUMBER_RE.match(stripped):
+            number = float(stripped)
+            if number.is_integer() and abs(number) < 2**53:
+                return [value, int(number)]
+            return [value, number]
+    return [value]
+
+
+def matches(metadata: dict[str, Any], filters: dict[str, Any] | None) -> bool:
+    """Whether ``metadata`` passes every filter, by the rules above (a list value passes when
+    any element does)."""
+    for key, wanted in filter_values(filters):
+        if not any(_equal(v, w) for v in _listed(metadata.get(key)) for w in wanted):
+            return False
+    return all(any(_in_range(v, r) for v in _listed(metadata.get(r.key))) for r in filter_ranges(filters))
+
+
+def _equal(value: Any, wanted: Any) -> bool:
+    """Equality as JSON has it: true is not 1, 500.0 is 500."""
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return isinstance(value, bool) and isinstance(wanted, bool) and value == wanted
+    if isinstance(value, int | float) and isinstance(wanted, int | float):
+        return value == wanted
+    return type(value) is type(wanted) and value == wanted
+
+
+def _listed(value: Any) -> list[Any]:
+    return [v for v in (value if isinstance(value, list) else [value]) if v is not None]
+
+
+_COMPARE = {
+    "gt": lambda a, b: a > b,
+    "gte": lambda a, b: a >= b,
+    "lt": lambda a, b: a < b,
+    "lte": lambda a, b: a <= b,
+}
+
+
+def _in_range(value: Any, r: Range) -> bool:
+    compare = _COMPARE[r.op]
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return r.number is not None and compare(value, r.number)
+    if isinstance(value, str):
+        number = as_number(value)
+        if r.number is not None and number is not None:
+            return compare(number, r.number)
+        # code-point order, as SQLite's BINARY collation and JSON path comparisons
+        return compare(value, r.text)
+    return False
