@@ -62,10 +62,8 @@ def test_prune_refuses_a_partial_run_and_sources_it_cannot_own(cli, tmp_path):
     for extra in (["--limit", "1"], ["--sample", "1"]):
         code, _, err = cli("ingest", str(folder), "--prune", *extra)
         assert code == 2 and "would remove items merely left out of this run" in err and extra[0] in err
-    listing = tmp_path / "list.csv"
-    listing.write_text(f"{folder / 'astronaut.jpg'}\n")
-    code, _, err = cli("ingest", f"image-list:{listing}", "--prune")
-    assert code == 2 and "--prune keeps folders in step" in err
+    code, _, err = cli("ingest", str(folder / "astronaut.jpg"), "--prune")
+    assert code == 2 and "is a single file, which owns no other items" in err
 
 
 def test_prune_leaves_other_folders_alone(cli, tmp_path):
@@ -78,3 +76,50 @@ def test_prune_leaves_other_folders_alone(cli, tmp_path):
     assert code == 0, err
     assert json.loads(out)["removed"] == 0
     assert str(photos_b[0]) in _paths(tmp_path / "test.db")  # b was not named: its item stays
+
+
+def test_prune_follows_an_image_list(cli, tmp_path):
+    photos = write_photos(tmp_path / "p", ["astronaut", "chelsea", "coffee", "rocket"])
+    listing = tmp_path / "list.csv"
+    listing.write_text("".join(f"{p},label{i}\n" for i, p in enumerate(photos)))
+    other = tmp_path / "other.csv"
+    other.write_text(f"{photos[3]}\n")
+    db = tmp_path / "test.db"
+    assert cli("ingest", f"image-list:{listing}")[0] == 0
+    # the list drops a row, a listed file is deleted, another is renamed (and the list says so)
+    photos[0].unlink()
+    renamed = photos[2].with_name("espresso.jpg")
+    photos[2].rename(renamed)
+    listing.write_text(f"{photos[0]},label0\n{photos[1]},label1\n{renamed},label2\n")
+    code, out, err = cli("ingest", f"image-list:{listing}", "--prune", "--json")
+    assert code == 1, err  # the listed file that is gone is a failure of this run
+    report = json.loads(out)
+    assert (report["removed"], report["moved"], report["embedded"]) == (2, 1, 0)
+    assert set(_paths(db)) == {str(photos[1]), str(renamed)}
+    # a list prunes only what it put there: the same photo ingested from another list stays
+    assert cli("ingest", f"image-list:{other}")[0] == 0
+    listing.write_text(f"{photos[1]},label1\n")
+    code, out, _ = cli("ingest", f"image-list:{listing}", "--prune", "--json")
+    assert json.loads(out)["removed"] == 1 and set(_paths(db)) == {str(photos[1]), str(photos[3])}
+
+
+def test_prune_follows_a_catalog(cli, tmp_path):
+    photos = write_photos(tmp_path / "p", ["astronaut", "chelsea", "coffee"])
+    products = tmp_path / "products.csv"
+    rows = [("sku1", photos[0]), ("sku2", photos[1]), ("sku3", photos[2])]
+    products.write_text("id,image\n" + "".join(f"{i},{p}\n" for i, p in rows))
+    db = tmp_path / "test.db"
+    assert cli("ingest", f"catalog:{products}")[0] == 0
+    products.write_text("id,image\n" + "".join(f"{i},{p}\n" for i, p in rows[1:]))
+    # without --prune a row that left the catalog stays
+    code, out, _ = cli("ingest", f"catalog:{products}", "--json")
+    assert json.loads(out)["removed"] == 0
+    with clipsearch.open(db) as col:
+        assert col.store.count("default") == 3
+    photos[2].unlink()  # a row whose file is gone
+    code, out, err = cli("ingest", f"catalog:{products}", "--prune", "--json")
+    assert code == 1, err
+    assert json.loads(out)["removed"] == 2
+    with clipsearch.open(db) as col:
+        assert [it.id for it in col.get(["sku1", "sku2", "sku3"])] == ["sku2"]
+        assert {h.id for h in col.search("a photo", limit=5)} == {"sku2"}

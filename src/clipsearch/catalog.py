@@ -154,6 +154,7 @@ class CatalogSource:
         metadata: dict[str, Any] = dict(row)
         metadata.setdefault("type", "image")  # a product's own "type" column wins
         metadata.setdefault("catalog", self.path.name)
+        metadata["catalog_path"] = str(self.path.resolve())  # which file a row came from: ingest --prune asks
         fp = fingerprint(ref, row, text, options.embed_text)
         item = SourceItem(id=raw_id, source=ref, path=None, metadata=metadata, text=text, fingerprint=fp)
         if not raw_id:

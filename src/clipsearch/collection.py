@@ -199,10 +199,11 @@ class Collection:
         owns_store: bool = True,
         db: str | None = None,
         encoder: Encoder | None = None,
+        spec: ModelSpec | None = None,
     ):
         """Usually made by ``clipsearch.open``. ``store``: an open store (``owns_store``: close it
         with the collection); ``choice``: the model asked for; ``encoder``: a model already
-        loaded for this collection (the server's, say)."""
+        loaded for this collection (the server's, say), and ``spec`` the spec it was loaded from."""
         self.store = store
         self.namespace = validate_namespace(namespace)
         self.choice = choice or ModelChoice()
@@ -210,7 +211,7 @@ class Collection:
         self._owns_store = owns_store
         self._encoder = encoder  # the full model (PyTorch, or ONNX through it), loaded on demand
         self._towers: Encoder | None = None  # the torch-free query encoder, loaded on demand
-        self._spec: ModelSpec | None = None
+        self._spec: ModelSpec | None = spec
         self._lock = threading.Lock()
         # told about slow one-time work (the first query of a model exports its towers)
         self.notice: Callable[[str], None] | None = None
@@ -356,13 +357,12 @@ class Collection:
         ``options``: any field of ``pipeline.IngestOptions`` (``batch_size``, ``limit``,
         ``workers``, ``worker_type``, ``retry_failed``, ``max_megapixels``, ``filters``,
         ``sample``, ``seed``, ``embed_text``, ``offline``, ``cache_dir``, ``download``).
-        ``prune``: first remove the items of the given folders whose file is gone, keeping the
-        vector of a file that was renamed or moved (``sync``); not with ``limit``, ``filters`` or
-        ``sample``, which list only part of the folders.
+        ``prune``: first remove the items of the given folders, image lists and catalogs whose
+        file or row is gone, keeping the vector of a file that was renamed or moved (``sync``);
+        not with ``limit``, ``filters`` or ``sample``, which list only part of the sources.
         Raises ModelMismatchError if the namespace holds another model's vectors.
         """
         from .pipeline import IngestOptions, IngestReport, select
-        from .sources import FolderSource
 
         known = {f.name for f in dataclasses.fields(IngestOptions)} - {"namespace"}
         unknown = sorted(set(options) - known)
@@ -370,8 +370,9 @@ class Collection:
             raise UsageError(f"unknown ingest option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
         parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.get("filters"))
         ingest_options = IngestOptions(namespace=self.namespace, **options)
-        folders = [s for s in parsed if isinstance(s, FolderSource)]
         if prune:
+            from .sync import PRUNABLE
+
             given = {
                 "--limit": ingest_options.limit,
                 "--filter": ingest_options.filters,
@@ -381,13 +382,14 @@ class Collection:
             if partial:
                 raise UsageError(
                     f"--prune with {' and '.join(partial)} would remove items merely left out of this run; "
-                    "run --prune over the whole folders",
+                    "run --prune over the whole sources",
                     param="prune",
                 )
-            if not folders:
+            single = [s.description for s in parsed if not isinstance(s, PRUNABLE)]
+            if single:
                 raise UsageError(
-                    "--prune keeps folders in step (images:DIR or a folder); an image list or catalog does not say "
-                    "which stored items it owns",
+                    f"--prune keeps folders, image lists and catalogs in step; {single[0]} is a single file, "
+                    "which owns no other items",
                     param="prune",
                 )
         # what there is to do is decided before any model loads or any cluster starts
@@ -399,7 +401,7 @@ class Collection:
             from .sync import prune as prune_folders
 
             # first: a moved file then finds its vector stored under its new id, and is skipped
-            pruned = prune_folders(self.store, self.namespace, folders, items)
+            pruned = prune_folders(self.store, self.namespace, parsed, items)
         report = self._ingest_selected(parsed, items, listed, ingest_options, started, progress, ray)
         if pruned is not None:
             report.removed, report.moved = pruned.removed, pruned.moved

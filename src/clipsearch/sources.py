@@ -167,6 +167,7 @@ class ImageListSource:
 
     def __iter__(self) -> Iterator[SourceItem]:
         base = self.list_file.resolve().parent
+        owner = str(self.list_file.resolve())  # which list an item came from: ingest --prune asks
         with self.list_file.open(newline="", encoding="utf-8-sig") as f:
             lines = (line for line in f if line.strip() and not line.lstrip().startswith("#"))
             for row in csv.reader(lines, skipinitialspace=True):
@@ -180,7 +181,7 @@ class ImageListSource:
                     for i, value in enumerate(row[1:])
                     if value.strip()
                 }
-                yield file_item(path, labels)
+                yield file_item(path, {**labels, "image_list": owner})
 
 
 class SingleFileSource:

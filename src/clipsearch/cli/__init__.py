@@ -1,7 +1,7 @@
 """The ``clipsearch`` command line: a thin face of ``clipsearch.Collection``.
 
-One module per command group: ``ingest``; ``query`` (search, similar, embed, duplicates);
-``store`` (info, failures, export, db, index); ``serve``; ``worker``. Options shared by several
+One module per command group: ``ingest``; ``watch``; ``query`` (search, similar, embed,
+duplicates); ``store`` (info, failures, export, db, index); ``serve``; ``worker``. Options shared by several
 commands, the model options among them, are declared once in ``_common``.
 
 Settings come from flags, then ``CLIPSEARCH_*`` environment variables, then the model recorded
@@ -19,7 +19,7 @@ import typer
 
 from .. import __version__
 from . import ingest as ingest_cmd
-from . import query, serve, store, worker
+from . import query, serve, store, watch, worker
 from ._common import handle_errors, model_options, out, quiet_libraries
 
 app = typer.Typer(
@@ -54,6 +54,7 @@ app.command("duplicates")(handle_errors(query.duplicates))
 app.command("export")(handle_errors(store.export))
 app.command("info")(handle_errors(store.info))
 app.command("failures")(handle_errors(store.failures))
+app.command("watch")(handle_errors(model_options(watch.watch)))
 app.command("serve")(handle_errors(model_options(serve.serve)))
 
 db_app = typer.Typer(help="The store itself: schema version and migrations.", no_args_is_help=True)

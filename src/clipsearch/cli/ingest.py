@@ -96,8 +96,9 @@ def ingest(
         bool,
         typer.Option(
             "--prune",
-            help="Keep the namespace in step with the folders: remove items whose file is gone; a renamed or "
-            "moved file keeps its vector. Not with --limit, --filter or --sample.",
+            help="Keep the namespace in step with the sources: remove the items of these folders, image lists "
+            "and catalogs whose file or row is gone; a renamed or moved file keeps its vector. Not with --limit, "
+            "--filter or --sample.",
         ),
     ] = False,
     filter_: Annotated[

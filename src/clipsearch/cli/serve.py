@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -100,6 +101,14 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", envvar="CLIPSEARCH_LOG_LEVEL")] = "info",
+    watch: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--watch",
+            help="Keep the default namespace in step with this folder while serving (repeatable): new and "
+            "changed images are embedded, deleted ones removed, so the gallery stays current.",
+        ),
+    ] = None,
     *,
     choice: ModelChoice,
 ) -> None:
@@ -110,6 +119,9 @@ def serve(
     from ..server import ServerSettings, create_app
 
     validate_namespace(namespace)
+    for folder in watch or ():
+        if not folder.expanduser().is_dir():
+            raise UsageError(f"cannot watch {folder}: no such folder")
     store = open_store(db)
     # the server's model: the flags, else the default namespace's recorded model, else the default
     spec = Collection(store, namespace, choice, owns_store=False).spec
@@ -128,6 +140,7 @@ def serve(
         max_url_fetches=max_url_fetches,
         allowed_hosts=_hosts(allowed_hosts, host),
         allowed_origins=tuple(_split(allowed_origins)),
+        watch=tuple(watch or ()),
     )
     web = create_app(settings, lambda: (load_encoder(spec, serving=True), spec), store=store)
     config = uvicorn.Config(web, host=host, port=port, log_level=log_level.lower(), access_log=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -35,6 +36,7 @@ from .media import Media
 
 if TYPE_CHECKING:
     from ..encoders import Encoder
+    from ..watch import Watcher
 
 log = logging.getLogger("clipsearch.server")
 R = TypeVar("R")
@@ -89,6 +91,8 @@ class ServerSettings:
     # origins whose browser pages may call the API (CORS headers are sent for them); other
     # cross-origin POST/PUT/PATCH/DELETE requests are refused (cross-site request forgery)
     allowed_origins: tuple[str, ...] = ()
+    # folders kept in step with the default namespace while the server runs (watch.Watcher)
+    watch: tuple[Path, ...] = ()
 
     @property
     def media_root(self) -> Path:
@@ -166,6 +170,8 @@ class Service:
         self._http: httpx.AsyncClient | None = None
         self._load_task: asyncio.Task | None = None
         self._fetches = asyncio.Semaphore(max(1, settings.max_url_fetches))
+        self._watcher: Watcher | None = None
+        self._watch_thread: threading.Thread | None = None
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -187,6 +193,36 @@ class Service:
             self.encoder, self.spec = encoder, spec
             self.status = "healthy"
             log.info("model %s ready on %s", encoder.model_id, getattr(encoder, "device", "cpu"))
+            if self.settings.watch:
+                self._start_watching(encoder, spec)
+
+    def _start_watching(self, encoder: Encoder, spec: ModelSpec) -> None:
+        """``serve --watch``: a thread that keeps the default namespace in step with the folders,
+        through its own store connection and the server's model."""
+        from ..collection import Collection
+        from ..store import open_store
+        from ..watch import Watcher, describe
+
+        collection = Collection(
+            open_store(self.settings.db), self.settings.namespace, encoder=encoder, spec=spec, db=self.settings.db
+        )
+        self._watcher = Watcher(
+            collection,
+            self.settings.watch,
+            on_event=lambda event: log.info("watch: %s", describe(event)),
+            max_megapixels=self.settings.max_megapixels,
+        )
+
+        def run() -> None:
+            try:
+                self._watcher.run()
+            except Exception as e:  # the server goes on serving; the log says why watching stopped
+                log.exception("watching %s stopped: %s", ", ".join(map(str, self.settings.watch)), e)
+            finally:
+                collection.close()
+
+        self._watch_thread = threading.Thread(target=run, name="clipsearch-watch", daemon=True)
+        self._watch_thread.start()
 
     def _fail(self, message: str) -> None:
         self.status, self.error = "failed", message
@@ -206,6 +242,9 @@ class Service:
     async def close(self) -> None:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        if self._watcher is not None:
+            self._watcher.stop()  # the batch in flight is finished and stored
+            await asyncio.get_running_loop().run_in_executor(None, self._watch_thread.join, 60)
         await self.text_batcher.stop()
         await self.image_batcher.stop()
         if self._http is not None:

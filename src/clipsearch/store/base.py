@@ -30,7 +30,8 @@ PHOTO_KEYS = ("taken_at", "camera_make", "camera_model", "gps_lat", "gps_lon")
 DERIVED_KEYS = ("namespace", "width", "height", "sha256", "bytes", *PHOTO_KEYS)
 # metadata that is no use to keyword search (digests, sizes, dates, locations)
 _NOT_KEYWORDS = frozenset(
-    {*DERIVED_KEYS, "type", "extension", "path", "url", "catalog"} - {"camera_make", "camera_model"}
+    {*DERIVED_KEYS, "type", "extension", "path", "url", "catalog", "catalog_path", "image_list"}
+    - {"camera_make", "camera_model"}
 )
 FIELDS = ("image", "text")  # which vectors of an item a search runs over
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

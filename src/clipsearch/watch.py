@@ -1,0 +1,145 @@
+"""Watch mode: a collection kept in step with folders while it runs (``clipsearch watch``,
+``serve --watch``).
+
+watchfiles (the Rust ``notify`` crate: inotify, FSEvents, ReadDirectoryChangesW) reports what
+changed. A batch of changes is applied once the folders have been quiet for ``quiet_ms`` (a copy
+in progress keeps writing, so a file is read once it is whole), and at most ``max_wait_ms``
+after its first change, through ``Collection.ingest``:
+
+- only new and modified files: those files are ingested (a file whose bytes did not change is
+  not embedded again);
+- any deletion or move, or a folder that appeared: one pass over the whole folders with
+  ``prune`` (unless switched off), so a moved file keeps its vector and a deleted one leaves.
+
+The first pass over the folders is a full one too. A watched folder that vanishes is waited for;
+when it is back, a full pass catches up and watching resumes (an OS watch dies with its folder).
+``stop()`` ends the loop after the batch in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .sources import SingleFileSource, is_image_name
+
+if TYPE_CHECKING:
+    from .collection import Collection
+    from .pipeline import IngestReport
+
+
+@dataclass
+class WatchEvent:
+    """What the watcher did: a full pass (``sync``), a batch of changes (``batch``), or that it
+    waits for folders that are gone (``waiting``)."""
+
+    kind: str
+    changes: int = 0  # changes reported by the OS for this batch
+    report: IngestReport | None = None
+    missing: list[Path] = field(default_factory=list)
+
+
+class Watcher:
+    def __init__(
+        self,
+        collection: Collection,
+        folders: Iterable[str | Path],
+        *,
+        prune: bool = True,
+        recursive: bool = True,
+        quiet_ms: int = 500,
+        max_wait_ms: int = 5000,
+        on_event: Callable[[WatchEvent], None] | None = None,
+        **ingest_options: Any,
+    ):
+        self.collection = collection
+        self.folders = [Path(f).expanduser().absolute() for f in folders]
+        self.prune = prune
+        self.recursive = recursive
+        self.quiet_ms = quiet_ms
+        self.max_wait_ms = max_wait_ms
+        self.on_event = on_event or (lambda event: None)
+        self.ingest_options = ingest_options
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """End the loop once the batch in flight is stored."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Watch until ``stop()``."""
+        import watchfiles
+
+        waiting: list[Path] = []
+        while not self._stop.is_set():
+            missing = [f for f in self.folders if not f.is_dir()]
+            if missing:
+                if missing != waiting:
+                    self.on_event(WatchEvent("waiting", missing=missing))
+                waiting = missing
+                self._stop.wait(0.5)
+                continue
+            waiting = []
+            self._ingest("sync", 0, self.folders, self.prune)
+            # rust_timeout + yield_on_timeout: an empty batch each second, to notice a vanished
+            # folder (its OS watch is gone with it) and the stop flag
+            for changes in watchfiles.watch(
+                *self.folders,
+                stop_event=self._stop,
+                step=self.quiet_ms,
+                debounce=self.max_wait_ms,
+                rust_timeout=1000,
+                yield_on_timeout=True,
+                recursive=self.recursive,
+                raise_interrupt=False,
+            ):
+                if any(not f.is_dir() for f in self.folders):
+                    break
+                if changes:
+                    self._apply(changes)
+                if self._stop.is_set():
+                    break
+
+    def _apply(self, changes: set[tuple[Any, str]]) -> None:
+        import watchfiles
+
+        removed = any(change == watchfiles.Change.deleted for change, _ in changes)
+        touched = {Path(p) for change, p in changes if change != watchfiles.Change.deleted}
+        # a folder moved or copied in brings files that raised no events of their own
+        if removed or any(p.is_dir() for p in touched):
+            self._ingest("batch", len(changes), self.folders, self.prune)
+            return
+        files = sorted(p for p in touched if is_image_name(p.name) and p.is_file())
+        if files:
+            self._ingest("batch", len(changes), [SingleFileSource(p) for p in files], False)
+
+    def _ingest(self, kind: str, changes: int, sources: list[Any], prune: bool) -> None:
+        started = time.perf_counter()
+        report = self.collection.ingest(sources, prune=prune, recursive=self.recursive, **self.ingest_options)
+        report.seconds = time.perf_counter() - started
+        self.on_event(WatchEvent(kind, changes=changes, report=report))
+
+
+def describe(event: WatchEvent) -> str:
+    """One line for a terminal or a log."""
+    if event.kind == "waiting":
+        return f"waiting for {', '.join(str(p) for p in event.missing)} (gone)"
+    r = event.report
+    assert r is not None
+    parts = [f"embedded {r.embedded}"]
+    if r.removed:
+        parts.append(f"removed {r.removed}")
+    if r.moved:
+        parts.append(f"moved {r.moved}")
+    if r.failed:
+        parts.append(f"failed {r.failed}")
+    what = "synced the folders" if event.kind == "sync" else f"{event.changes} changes"
+    return f"{time.strftime('%H:%M:%S')} {what}: {', '.join(parts)} ({r.seconds:.1f} s)"
