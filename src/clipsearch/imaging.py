@@ -32,8 +32,14 @@ Image.MAX_IMAGE_PIXELS = None
 # A truncated file must fail with a reason, never be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# camera RAW files, read through LibRaw (rawpy)
+RAW_EXTENSIONS = frozenset(
+    {".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf", ".rw2", ".raf", ".pef",
+     ".srw", ".rwl", ".3fr", ".erf", ".kdc", ".mrw", ".x3f", ".iiq", ".mos"}
+)  # fmt: skip
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+    | RAW_EXTENSIONS
 )
 # ISO-BMFF brands of HEIF images (iPhones write heic); AVIF (avif, avis) is Pillow's own
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"mif2"}
@@ -157,10 +163,15 @@ def decode_image(
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        # a RAW Pillow cannot read: its own format, or a TIFF container of sensor data (a DNG)
+        if _raw_signature(data) or data[:4] in _TIFF_MAGICS:
+            return _decode_raw(data, None, max_megapixels, draft_size)
         raise ImageError("not an image (unrecognised file format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as e:
         # RuntimeError: what the AVIF and HEIF decoders (libavif, libheif) raise on bad data
         raise ImageError(f"unreadable image header: {e or type(e).__name__}") from None
+    if img.format == "TIFF" and _is_raw_tiff(data, img):
+        return _decode_raw(data, img, max_megapixels, draft_size)
 
     width, height = img.size
     megapixels = width * height / 1e6
@@ -205,6 +216,80 @@ def decode_image(
         img = ImageOps.exif_transpose(img)
     width, height = _upright(raw_size, orientation)
     return DecodedImage(image=to_rgb(img), width=width, height=height, format=fmt, box=box, photo=photo)
+
+
+# RAW formats Pillow does not open: Fujifilm RAF, Olympus ORF, Panasonic RW2, Canon CR3 (ISO BMFF)
+_RAW_MAGICS = (b"FUJIFILMCCD-RAW", b"IIRO", b"IIRS", b"MMOR", b"IIU\x00")
+_RAW_BRANDS = {b"crx "}
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*")
+# LibRaw's flip as the EXIF orientation that names the same turn
+_RAW_FLIPS = {0: 1, 3: 3, 5: 8, 6: 6}
+
+
+def _raw_signature(data: bytes) -> bool:
+    return data.startswith(_RAW_MAGICS) or (data[4:8] == b"ftyp" and data[8:12] in _RAW_BRANDS)
+
+
+def _is_raw_tiff(data: bytes, img: Image.Image) -> bool:
+    """A TIFF container that holds a camera RAW: a DNG (DNGVersion), sensor data (CFA), a Canon
+    CR2 ("CR" after the header), or a first page that is only a reduced preview of the picture
+    (NEF, ARW, PEF and the like put the RAW data in later pages)."""
+    tags = getattr(img, "tag_v2", {})
+    return 50706 in tags or tags.get(262) in (32803, 34892) or data[8:10] == b"CR" or tags.get(254) == 1
+
+
+def _decode_raw(
+    data: bytes, img: Image.Image | None, max_megapixels: float, draft_size: int | None
+) -> DecodedImage:
+    """A camera RAW file through LibRaw: its embedded JPEG preview when that is at least
+    ``draft_size`` on its short edge (a JPEG decode instead of a demosaic: many times faster),
+    else a demosaic at half size when that is large enough, else at full size (always full for
+    ``--decode exact``, where ``draft_size`` is None). Turned upright by the camera's
+    orientation; the megapixel limit applies to the sensor size, read before any decoding."""
+    import rawpy
+
+    photo = photo_facts(img) if img is not None else {}
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            sizes = raw.sizes
+            orientation = _RAW_FLIPS.get(sizes.flip, 1)
+            width, height = _upright((sizes.width, sizes.height), orientation)
+            megapixels = width * height / 1e6
+            if max_megapixels > 0 and megapixels > max_megapixels:
+                raise TooLargeError(
+                    f"image too large: {width}x{height} is {megapixels:.0f} MP, over the {max_megapixels:g} MP "
+                    "limit (raise --max-megapixels to allow it)"
+                )
+            image = _raw_preview(raw, orientation, draft_size) if draft_size else None
+            if image is None:
+                half = draft_size is not None and min(width, height) // 2 >= draft_size
+                # LibRaw turns the picture upright itself (its user_flip follows the camera)
+                pixels = raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8)
+                image = Image.fromarray(pixels)
+    except (rawpy.LibRawError, OSError, ValueError) as e:
+        raise ImageError(f"unreadable RAW file ({e or type(e).__name__})") from None
+    return DecodedImage(image=to_rgb(image), width=width, height=height, format="RAW", photo=photo)
+
+
+def _raw_preview(raw: Any, orientation: int, min_edge: int) -> Image.Image | None:
+    """The RAW file's embedded JPEG preview, upright, if its short edge is at least ``min_edge``."""
+    import rawpy
+
+    try:
+        thumb = raw.extract_thumb()
+    except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+        return None
+    if thumb.format != rawpy.ThumbFormat.JPEG:
+        return None
+    try:
+        preview = Image.open(io.BytesIO(thumb.data))
+        if min(preview.size) < min_edge:
+            return None
+        preview.load()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None  # a damaged preview: the sensor data may still be whole
+    # a preview is stored as the sensor saw it; the RAW file's orientation turns it upright
+    return preview.transpose(_TRANSPOSES[orientation]) if orientation in _TRANSPOSES else preview
 
 
 @functools.cache
