@@ -238,9 +238,7 @@ def _is_raw_tiff(data: bytes, img: Image.Image) -> bool:
     return 50706 in tags or tags.get(262) in (32803, 34892) or data[8:10] == b"CR" or tags.get(254) == 1
 
 
-def _decode_raw(
-    data: bytes, img: Image.Image | None, max_megapixels: float, draft_size: int | None
-) -> DecodedImage:
+def _decode_raw(data: bytes, img: Image.Image | None, max_megapixels: float, draft_size: int | None) -> DecodedImage:
     """A camera RAW file through LibRaw: its embedded JPEG preview when that is at least
     ``draft_size`` on its short edge (a JPEG decode instead of a demosaic: many times faster),
     else a demosaic at half size when that is large enough, else at full size (always full for
