@@ -195,3 +195,23 @@ def test_a_large_index_is_written_only_once_enough_changed(tmp_path, monkeypatch
     store.build_index("default")
     assert store._query("SELECT count(*) AS n FROM removals")[0]["n"] == 0
     store.close()
+
+
+def test_building_after_a_search_uses_every_faiss_thread(tmp_path):
+    """A search of a few queries sets FAISS to one thread on its thread; a rebuild there later
+    (a compaction in a server, a second round of deletes) must not stay at one."""
+    import faiss
+
+    from clipsearch import index as index_module
+
+    store = _open(tmp_path, kind="hnsw")
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    vectors = _unit(np.random.default_rng(1), 50)
+    _write(store, [f"id{i}" for i in range(50)], vectors)
+    store.search("default", vectors[:1], 1)
+    store.delete_items("default", ["id0"])
+    store.search("default", vectors[:1], 1)  # a tombstone, and one thread
+    assert faiss.omp_get_max_threads() == 1
+    store.build_index("default")  # compacts: a rebuild
+    assert faiss.omp_get_max_threads() == index_module._MAX_THREADS[0] > 1
+    store.close()
