@@ -144,6 +144,14 @@ def tiny_hf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_clip() -> Path:
+    """The tiny CLIP the suite trains (tests/trained.py), cached between runs."""
+    from .trained import trained_model
+
+    return trained_model()
+
+
+@pytest.fixture(scope="session")
 def encoder(tiny_openclip):
     from clipsearch.encoders import ModelSpec, load_encoder
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .catalog import CatalogOptions
     from .distributed import RayOptions
     from .encoders import Encoder
+    from .evaluate import RetrievalReport, ZeroShotReport
     from .pipeline import IngestOptions, IngestReport
     from .search import DuplicateGroup
     from .sources import Source, SourceItem
@@ -183,6 +184,7 @@ class Collection:
     - ``search(text=..., image=..., vector=..., limit=, filter=, mode=)``: ranked ``Hit`` objects;
     - ``similar(id)``, ``duplicates(threshold)``, ``export(path)``, ``info()``, ``failures()``;
     - ``embed_texts(texts)``, ``embed_images(images)``: vectors in the collection's space;
+    - ``zero_shot(dataset)``, ``retrieval(catalog)``: how well the model does on your images;
     - ``get(ids)``, ``delete(ids)``, ``close()``.
 
     Searching or writing with a model other than the one that made the namespace's vectors raises
@@ -464,6 +466,38 @@ class Collection:
     def delete(self, ids: Sequence[str]) -> int:
         """Remove items (their vectors and metadata); returns how many there were."""
         return self.store.delete_items(self.namespace, list(ids))
+
+    # -- evaluating ------------------------------------------------------------------------------
+    def zero_shot(
+        self,
+        dataset: str | Path | Source,
+        *,
+        templates: Sequence[str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        **ingest_options: Any,
+    ) -> ZeroShotReport:
+        """Zero-shot classification accuracy on ``dataset`` (a folder of class subfolders, or
+        ``image-list:FILE`` whose label column is the class): top-1, top-5, per class. The images
+        are ingested into this collection first (so a second run embeds nothing); ``templates``
+        are prompts with ``{}`` for the class name (default: OpenAI's 80 ImageNet templates,
+        averaged). See ``clipsearch.evaluate``."""
+        from .evaluate import zero_shot
+
+        return zero_shot(self, dataset, templates=templates, progress=progress, **ingest_options)
+
+    def retrieval(
+        self,
+        dataset: str | Path | Source,
+        *,
+        catalog: CatalogOptions,
+        progress: Callable[[int, int], None] | None = None,
+        **ingest_options: Any,
+    ) -> RetrievalReport:
+        """Text→image and image→text Recall@1/5/10 on a catalog of images and captions
+        (``catalog.text_columns``: the caption column). See ``clipsearch.evaluate``."""
+        from .evaluate import retrieval
+
+        return retrieval(self, dataset, catalog=catalog, progress=progress, **ingest_options)
 
     # -- reading ---------------------------------------------------------------------------------
     def info(self) -> CollectionInfo:

@@ -1,7 +1,8 @@
 """The ``clipsearch`` command line: a thin face of ``clipsearch.Collection``.
 
 One module per command group: ``ingest``; ``watch``; ``query`` (search, similar, embed,
-duplicates); ``store`` (info, failures, export, db, index); ``serve``; ``worker``. Options shared by several
+duplicates); ``store`` (info, failures, export, db, index); ``evaluate`` (eval zero-shot,
+eval retrieval); ``serve``; ``worker``. Options shared by several
 commands, the model options among them, are declared once in ``_common``.
 
 Settings come from flags, then ``CLIPSEARCH_*`` environment variables, then the model recorded
@@ -18,8 +19,8 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from . import evaluate, query, serve, store, watch, worker
 from . import ingest as ingest_cmd
-from . import query, serve, store, watch, worker
 from ._common import handle_errors, model_options, out, quiet_libraries
 
 app = typer.Typer(
@@ -63,6 +64,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(index_app, name="index")
 db_app.command("migrate")(handle_errors(store.db_migrate))
 index_app.command("build")(handle_errors(store.index_build))
+
+evaluate.eval_app.command("zero-shot")(handle_errors(model_options(evaluate.zero_shot)))
+evaluate.eval_app.command("retrieval")(handle_errors(model_options(evaluate.retrieval)))
+app.add_typer(evaluate.eval_app, name="eval")
 
 worker.worker_app.callback()(handle_errors(model_options(worker.worker)))
 worker.worker_app.command("install-trigger")(handle_errors(worker.worker_install_trigger))

@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers`` backend: CLIP and SigLIP checkpoints (``--model hf:REPO``).
+"""Hugging Face ``transformers`` backend: CLIP, SigLIP and fixed-resolution SigLIP 2 checkpoints
+(``--model hf:REPO``).
 
 Preprocessing is read from the checkpoint's ``preprocessor_config.json`` (or the
 ``processor_config.json`` that transformers 5's ``save_pretrained`` writes) and done by our own
@@ -23,7 +24,10 @@ from .base import ModelIdentity, ModelSpec, TorchEncoder, resolve_device
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
-_SUPPORTED_TYPES = ("clip", "siglip", "siglip2")
+# SigLIP 2 at a fixed resolution (google/siglip2-base-patch16-224 and the like) is model_type
+# siglip with a Gemma tokenizer; the NaFlex variants (model_type siglip2) take patch sequences
+# of a variable resolution, which the image pipeline here does not make
+_SUPPORTED_TYPES = ("clip", "siglip")
 
 
 class HFEncoder(TorchEncoder):
@@ -101,6 +105,12 @@ def load(spec: ModelSpec) -> HFEncoder:
 
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type", "")
+    if model_type == "siglip2":
+        raise UsageError(
+            f"{label} is a SigLIP 2 NaFlex checkpoint (model_type siglip2: variable resolution, patch inputs), "
+            "which clipsearch does not run; use a fixed-resolution SigLIP 2 checkpoint such as "
+            "hf:google/siglip2-base-patch16-224 (model_type siglip)"
+        )
     if model_type not in _SUPPORTED_TYPES:
         raise UsageError(
             f"{label} is a {model_type or 'unknown'!r} model; the transformers backend supports "

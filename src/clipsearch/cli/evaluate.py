@@ -1,0 +1,190 @@
+"""``clipsearch eval zero-shot`` and ``eval retrieval``: how well a model (and a runtime, a
+precision, a decode mode) does on the user's own images, several configurations side by side."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..collection import Collection, ModelChoice
+from ..errors import UsageError
+from ..store import open_store, validate_namespace
+from ._common import JsonOpt, err, loading, out
+from .ingest import progress_bar
+
+eval_app = typer.Typer(
+    help="Measure a model on your own images: zero-shot accuracy, retrieval recall.", no_args_is_help=True
+)
+
+EvalDbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Keep the images' vectors in this store (a re-run embeds nothing again); default: a temporary one.",
+    ),
+]
+CompareOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--compare",
+        help="Another configuration to score beside the first, e.g. 'runtime=onnx,precision=int8' or "
+        "'decode=exact' or 'model=ViT-B-16' (keys: model, pretrained, weights, device, runtime, precision, "
+        "decode); repeatable.",
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, envvar="CLIPSEARCH_BATCH_SIZE")]
+_KEYS = ("model", "pretrained", "weights", "device", "runtime", "precision", "decode")
+
+
+def _choices(base: ModelChoice, compare: list[str] | None) -> list[ModelChoice]:
+    choices = [base]
+    for spec in compare or ():
+        changes: dict[str, Any] = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in _KEYS or not value.strip():
+                raise UsageError(f"bad --compare {spec!r}: use KEY=VALUE[,KEY=VALUE] with keys {', '.join(_KEYS)}")
+            changes[key] = value.strip()
+        if {"model", "weights"} & set(changes) and "pretrained" not in changes:
+            changes["pretrained"] = None  # another model: its own default tag
+        choices.append(dataclasses.replace(base, **changes))
+    return choices
+
+
+@contextlib.contextmanager
+def _collections(db: str | None, namespace: str, choices: list[ModelChoice]) -> Iterator[list[Collection]]:
+    """One collection per configuration, each its own namespace (a runtime's vectors must not be
+    reused for another's score), in ``db`` or a temporary store."""
+    with contextlib.ExitStack() as stack:
+        if db is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="clipsearch-eval-"))
+            db = str(Path(folder) / "eval.db")
+        collections = []
+        for i, choice in enumerate(choices):
+            name = namespace if len(choices) == 1 else f"{namespace}.{i + 1}"
+            collection = stack.enter_context(Collection(open_store(db), validate_namespace(name), choice, db=db))
+            collection.loading = loading
+            collection.notice = lambda message: err.print(message, highlight=False)
+            collections.append(collection)
+        yield collections
+
+
+def _run(collection: Collection, as_json: bool, fn) -> Any:
+    if err.is_terminal and not as_json:
+        with progress_bar() as bar:
+            task = bar.add_task("ingest", total=None)
+            return fn(progress=lambda done, total: bar.update(task, completed=done, total=total))
+    return fn(progress=None)
+
+
+def _label(config: dict[str, Any], model: str) -> str:
+    return f"{model} {config['runtime']}/{config['precision']}/{config['decode']}"
+
+
+def zero_shot(
+    dataset: Annotated[
+        str, typer.Argument(help="A folder of class subfolders, or image-list:FILE with a label column.")
+    ],
+    template: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--template",
+            help="A prompt with {} for the class name (repeatable); default: OpenAI's 80 ImageNet templates.",
+        ),
+    ] = None,
+    compare: CompareOpt = None,
+    db: EvalDbOpt = None,
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "eval",
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Zero-shot classification: top-1, top-5 and per-class accuracy of the model on DATASET, the
+    class names taken from the folder names or labels ('_' read as a space)."""
+    reports = []
+    with _collections(db, namespace, _choices(choice, compare)) as collections:
+        for collection in collections:
+            report = _run(
+                collection,
+                as_json,
+                lambda progress, c=collection: c.zero_shot(
+                    dataset, templates=template, progress=progress, batch_size=batch_size
+                ),
+            )
+            reports.append(report)
+            if as_json:
+                out.print(json.dumps(report.as_dict()), highlight=False, soft_wrap=True)
+    if as_json:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"zero-shot on {dataset}: {reports[0].n} images, {len(reports[0].classes)} classes")
+    for col in ("configuration", "top-1", "top-5", "images/s", "failed"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for r in reports:
+        rate = f"{r.images_per_second:.1f}" if r.embedded else "(stored)"
+        table.add_row(_label(r.config, r.model), f"{r.top1:.2%}", f"{r.top5:.2%}", rate, str(r.failed))
+    out.print(table)
+    per_class = Table(title="top-1 per class")
+    per_class.add_column("class")
+    for i, _ in enumerate(reports):
+        per_class.add_column(f"#{i + 1}" if len(reports) > 1 else "top-1", justify="right")
+    for name in reports[0].classes:
+        per_class.add_row(name, *(f"{r.per_class[name]:.2%}" if name in r.per_class else "-" for r in reports))
+    out.print(per_class)
+
+
+def retrieval(
+    dataset: Annotated[str, typer.Argument(help="catalog:FILE with an image column and a caption column.")],
+    text_column: Annotated[str, typer.Option("--text-column", help="The caption column.")] = "caption",
+    image_column: Annotated[str | None, typer.Option("--image-column", help="The image column.")] = None,
+    id_column: Annotated[str, typer.Option("--id-column", help="The row id column.")] = "id",
+    compare: CompareOpt = None,
+    db: EvalDbOpt = None,
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "eval",
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Captioned-image retrieval: text→image and image→text Recall@1/5/10 (rows naming the same
+    image give it several captions)."""
+    from ..catalog import CatalogOptions
+
+    catalog = CatalogOptions(id_column=id_column, image_column=image_column, text_columns=[text_column])
+    reports = []
+    with _collections(db, namespace, _choices(choice, compare)) as collections:
+        for collection in collections:
+            report = _run(
+                collection,
+                as_json,
+                lambda progress, c=collection: c.retrieval(
+                    dataset, catalog=catalog, progress=progress, batch_size=batch_size
+                ),
+            )
+            reports.append(report)
+            if as_json:
+                out.print(json.dumps(report.as_dict()), highlight=False, soft_wrap=True)
+    if as_json:
+        return
+    from rich.table import Table
+
+    first = reports[0]
+    table = Table(title=f"retrieval on {dataset}: {first.images} images, {first.captions} captions")
+    table.add_column("configuration")
+    for col in ("text→image R@1", "R@5", "R@10", "image→text R@1", "R@5", "R@10", "images/s"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        rate = f"{r.images_per_second:.1f}" if r.embedded else "(stored)"
+        cells = [f"{r.text_to_image[k]:.2%}" for k in (1, 5, 10)] + [f"{r.image_to_text[k]:.2%}" for k in (1, 5, 10)]
+        table.add_row(_label(r.config, r.model), *cells, rate)
+    out.print(table)
