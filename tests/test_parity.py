@@ -155,6 +155,7 @@ def spread_hf(tiny_hf, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf-spread")
     shutil.copytree(tiny_hf, folder, dirs_exist_ok=True)
     model = CLIPModel.from_pretrained(tiny_hf)
+    torch.manual_seed(0)
     shrink_positions(model)
     model.save_pretrained(folder)
     return folder
@@ -171,7 +172,7 @@ def test_transformers(spread_hf, tmp_path):
         ref_images = _features(model.get_image_features(**pixels))
         tokens = processor(text=TEXTS, return_tensors="pt", padding=True, truncation=True, max_length=77)
         ref_texts = _features(model.get_text_features(**tokens))
-    assert spread("transformers photos", ref_images) < 0.9
+    assert spread("transformers photos", ref_images) < 0.95
     with clipsearch.open(tmp_path / "h.db", weights=spread_hf, decode="exact") as col:
         assert cos(col.embed_images(paths), ref_images).min() >= 0.99999
         assert cos(col.embed_texts(TEXTS), ref_texts).min() >= 0.99999

@@ -143,6 +143,23 @@ def test_stores_agree_with_the_rules(backend, rows, ops):
     assert {h.item.id for h in backend.keyword_search("default", "word", 12, filters)} == expected
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.one_of(VALUES, st.lists(VALUES, max_size=3), st.none()), min_size=1, max_size=12),
+    wanted=st.lists(st.one_of(VALUES, BOUNDS.map(str)), min_size=1, max_size=3),
+)
+def test_stores_agree_with_the_rules_for_values(backend, rows, wanted):
+    """Equality too (a value, any of a list of values, typed variants, list elements): both
+    stores return the rows the Python rules pass."""
+    backend.delete_items("default", [f"r{i}" for i in range(12)])
+    metas = [({"v": v} if v is not None else {}) | {"t": "word"} for v in rows]
+    vectors = np.tile(np.array([[1, 0, 0, 0]], np.float32), (len(rows), 1))
+    backend.write_batch("default", [NewItem(f"r{i}", m) for i, m in enumerate(metas)], vectors)
+    filters = {"v": wanted}
+    expected = {f"r{i}" for i, m in enumerate(metas) if matches(m, filters)}
+    assert {h.item.id for h in backend.search("default", vectors[:1], 12, filters)[0]} == expected, (rows, wanted)
+
+
 # -- end to end -----------------------------------------------------------------------------
 @pytest.fixture
 def trips(tmp_path):

@@ -91,7 +91,8 @@ def _label(config: dict[str, Any], model: str) -> str:
 
 def zero_shot(
     dataset: Annotated[
-        str, typer.Argument(help="A folder of class subfolders, or image-list:FILE with a label column.")
+        str,
+        typer.Argument(metavar="DATASET", help="A folder of class subfolders, or image-list:FILE with a label column."),
     ],
     template: Annotated[
         list[str] | None,
@@ -144,7 +145,9 @@ def zero_shot(
 
 
 def retrieval(
-    dataset: Annotated[str, typer.Argument(help="catalog:FILE with an image column and a caption column.")],
+    dataset: Annotated[
+        str, typer.Argument(metavar="CATALOG", help="catalog:FILE with an image column and a caption column.")
+    ],
     text_column: Annotated[str, typer.Option("--text-column", help="The caption column.")] = "caption",
     image_column: Annotated[str | None, typer.Option("--image-column", help="The image column.")] = None,
     id_column: Annotated[str, typer.Option("--id-column", help="The row id column.")] = "id",
