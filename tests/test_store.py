@@ -304,3 +304,11 @@ def test_claims_share_items_between_owners(make_store):
     assert store.claim("default", ["y"], f"{socket.gethostname()}:{no_such_pid}") == {"y"}
     assert store.claim("default", ["y"], "host-e:5") == {"y"}
     assert store.claim("default", ["y"], f"{socket.gethostname()}:{os.getpid()}") == set()  # a live holder
+
+
+def test_iter_items_lists_what_iter_vectors_lists(make_store):
+    store = make_store()
+    _fill(store, 25)
+    with_vectors = [it.id for items, _ in store.iter_vectors("default", batch_size=7) for it in items]
+    assert [it.id for items in store.iter_items("default", batch_size=7) for it in items] == with_vectors
+    assert len(with_vectors) == 25

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .catalog import CatalogSource
 from .files import sha256_file
 from .sources import FolderSource, ImageListSource, Source, SourceItem
-from .store import NewItem, Store
+from .store import Item, NewItem, Store
 from .store.base import PHOTO_KEYS, with_derived
 
 PRUNABLE = (FolderSource, ImageListSource, CatalogSource)
@@ -94,11 +92,13 @@ def prune(store: Store, namespace: str, sources: Iterable[Source], listed: list[
     if not owners or store.identity(namespace) is None:
         return report
     by_id = {item.id: item for item in listed}
-    gone: dict[str, tuple[Any, np.ndarray]] = {}  # id -> (item, vector)
-    for items, vectors in store.iter_vectors(namespace):
-        for item, vector in zip(items, vectors, strict=True):
-            if owners.gone(item.id, item.metadata, by_id):
-                gone[item.id] = (item, vector)
+    # metadata alone decides what is gone; only a gone item's vector may be needed (if it moved)
+    gone: dict[str, Item] = {
+        item.id: item
+        for items in store.iter_items(namespace)
+        for item in items
+        if owners.gone(item.id, item.metadata, by_id)
+    }
     if gone:
         report.moved = _keep_moved(store, namespace, gone, listed)
         if gone:
@@ -110,13 +110,13 @@ def prune(store: Store, namespace: str, sources: Iterable[Source], listed: list[
     return report
 
 
-def _keep_moved(store: Store, namespace: str, gone: dict[str, tuple[Any, np.ndarray]], listed: list[SourceItem]) -> int:
+def _keep_moved(store: Store, namespace: str, gone: dict[str, Item], listed: list[SourceItem]) -> int:
     """Give each new listed file whose content a gone item had that item's vector, under the
     new id; those items leave ``gone``. Returns how many moved."""
-    by_hash: dict[str, list[tuple[Any, np.ndarray]]] = {}
-    for item, vector in gone.values():
+    by_hash: dict[str, list[Item]] = {}
+    for item in gone.values():
         if item.sha256:
-            by_hash.setdefault(item.sha256, []).append((item, vector))
+            by_hash.setdefault(item.sha256, []).append(item)
     if not by_hash:
         return 0
     new = [it for it in listed if it.error is None and it.path is not None and it.id not in gone]
@@ -129,7 +129,7 @@ def _keep_moved(store: Store, namespace: str, gone: dict[str, tuple[Any, np.ndar
         matches = by_hash.get(digest or "")
         if not matches:
             continue
-        old, vector = matches.pop()
+        old = matches.pop()
         if not matches:
             del by_hash[digest]  # type: ignore[arg-type]
         meta = with_derived(
@@ -150,6 +150,7 @@ def _keep_moved(store: Store, namespace: str, gone: dict[str, tuple[Any, np.ndar
             source_item.fingerprint,
             source_item.text,
         )
+        vector = store.get_vectors(namespace, [old.id])[old.id]
         store.write_batch(namespace, [row], vector[None, :])
         store.delete_items(namespace, [old.id])
         del gone[old.id]

@@ -529,18 +529,26 @@ class PostgresStore(ClosingStore):
             for r in rows
         ]
 
-    def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
+    def _iter_rows(self, namespace: str, columns: str, batch_size: int) -> Iterator[list[Any]]:
         last = 0
         while True:
             with self._conn() as conn:
-                table, dim = self._table(conn, namespace)
+                table, _ = self._table(conn, namespace)
                 rows = conn.execute(
-                    self._sql(f"SELECT {_ITEM_COLS}, embedding FROM {{t}} WHERE seq > %s ORDER BY seq LIMIT %s", table),
+                    self._sql(f"SELECT {columns} FROM {{t}} WHERE seq > %s ORDER BY seq LIMIT %s", table),
                     (last, batch_size),
                 ).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
+            yield rows
+
+    def iter_items(self, namespace: str, batch_size: int = 10_000) -> Iterator[list[Item]]:
+        for rows in self._iter_rows(namespace, _ITEM_COLS, batch_size):
+            yield [self._item(namespace, r) for r in rows]
+
+    def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
+        for rows in self._iter_rows(namespace, f"{_ITEM_COLS}, embedding", batch_size):
             yield [self._item(namespace, r) for r in rows], np.stack([_array(r[6]) for r in rows])
 
     def hash_groups(self, namespace: str) -> list[list[Item]]:

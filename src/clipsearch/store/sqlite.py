@@ -556,6 +556,19 @@ class SQLiteStore(ClosingStore):
             items = [self._item(r) for r in rows] if with_items and field == "image" else []
             yield seqs, items, vectors.astype(np.float32)
 
+    def iter_items(self, namespace: str, batch_size: int = 10_000) -> Iterator[list[Item]]:
+        self._require(namespace)
+        last = 0
+        while True:
+            rows = self._query(
+                f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (namespace, last, batch_size),
+            )
+            if not rows:
+                return
+            last = rows[-1]["seq"]
+            yield [self._item(r) for r in rows]
+
     def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
         self._require(namespace)
         for _, items, vectors in self._iter_rows(namespace, 0, batch_size, with_items=True):
