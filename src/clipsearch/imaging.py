@@ -143,6 +143,16 @@ class DecodedImage:
     photo: dict[str, Any] = field(default_factory=dict)  # photo_facts: what its EXIF says
 
 
+def check_megapixels(width: int, height: int, max_megapixels: float) -> None:
+    """TooLargeError for a picture over ``max_megapixels`` (0: no limit), read from its header."""
+    megapixels = width * height / 1e6
+    if max_megapixels > 0 and megapixels > max_megapixels:
+        raise TooLargeError(
+            f"image too large: {width}x{height} is {megapixels:.0f} MP, over the {max_megapixels:g} MP "
+            "limit (raise --max-megapixels to allow it)"
+        )
+
+
 def decode_image(
     data: bytes,
     *,
@@ -174,12 +184,7 @@ def decode_image(
         return _decode_raw(data, img, max_megapixels, draft_size)
 
     width, height = img.size
-    megapixels = width * height / 1e6
-    if max_megapixels > 0 and megapixels > max_megapixels:
-        raise TooLargeError(
-            f"image too large: {width}x{height} is {megapixels:.0f} MP, over the {max_megapixels:g} MP "
-            "limit (raise --max-megapixels to allow it)"
-        )
+    check_megapixels(width, height, max_megapixels)
     fmt = img.format
     raw_size = img.size
     # A JPEG's EXIF sits in its header, so its orientation is known before decoding (the reduced
@@ -252,12 +257,7 @@ def _decode_raw(data: bytes, img: Image.Image | None, max_megapixels: float, dra
             sizes = raw.sizes
             orientation = _RAW_FLIPS.get(sizes.flip, 1)
             width, height = _upright((sizes.width, sizes.height), orientation)
-            megapixels = width * height / 1e6
-            if max_megapixels > 0 and megapixels > max_megapixels:
-                raise TooLargeError(
-                    f"image too large: {width}x{height} is {megapixels:.0f} MP, over the {max_megapixels:g} MP "
-                    "limit (raise --max-megapixels to allow it)"
-                )
+            check_megapixels(width, height, max_megapixels)
             image = _raw_preview(raw, orientation, draft_size) if draft_size else None
             if image is None:
                 half = draft_size is not None and min(width, height) // 2 >= draft_size

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,12 +78,28 @@ def _collections(db: str | None, namespace: str, choices: list[ModelChoice]) -> 
         yield collections
 
 
-def _run(collection: Collection, as_json: bool, fn) -> Any:
-    if err.is_terminal and not as_json:
-        with progress_bar() as bar:
-            task = bar.add_task("ingest", total=None)
-            return fn(progress=lambda done, total: bar.update(task, completed=done, total=total))
-    return fn(progress=None)
+def _advance(bar: Any, task: Any, done: int, total: int) -> None:
+    bar.update(task, completed=done, total=total)
+
+
+def _score_each(
+    db: str | None, namespace: str, choices: list[ModelChoice], as_json: bool, score: Callable[..., Any]
+) -> list[Any]:
+    """``score(collection, progress=...)`` for each configuration, with a progress bar on a
+    terminal; with ``as_json`` each report is printed as one JSON line as soon as it is made."""
+    reports = []
+    with _collections(db, namespace, choices) as collections:
+        for collection in collections:
+            if err.is_terminal and not as_json:
+                with progress_bar() as bar:
+                    task = bar.add_task("ingest", total=None)
+                    report = score(collection, progress=functools.partial(_advance, bar, task))
+            else:
+                report = score(collection, progress=None)
+            reports.append(report)
+            if as_json:
+                out.print(json.dumps(report.as_dict()), highlight=False, soft_wrap=True)
+    return reports
 
 
 def _label(config: dict[str, Any], model: str) -> str:
@@ -111,19 +128,13 @@ def zero_shot(
 ) -> None:
     """Zero-shot classification: top-1, top-5 and per-class accuracy of the model on DATASET, the
     class names taken from the folder names or labels ('_' read as a space)."""
-    reports = []
-    with _collections(db, namespace, _choices(choice, compare)) as collections:
-        for collection in collections:
-            report = _run(
-                collection,
-                as_json,
-                lambda progress, c=collection: c.zero_shot(
-                    dataset, templates=template, progress=progress, batch_size=batch_size
-                ),
-            )
-            reports.append(report)
-            if as_json:
-                out.print(json.dumps(report.as_dict()), highlight=False, soft_wrap=True)
+    reports = _score_each(
+        db,
+        namespace,
+        _choices(choice, compare),
+        as_json,
+        lambda c, progress: c.zero_shot(dataset, templates=template, progress=progress, batch_size=batch_size),
+    )
     if as_json:
         return
     from rich.table import Table
@@ -164,19 +175,13 @@ def retrieval(
     from ..catalog import CatalogOptions
 
     catalog = CatalogOptions(id_column=id_column, image_column=image_column, text_columns=[text_column])
-    reports = []
-    with _collections(db, namespace, _choices(choice, compare)) as collections:
-        for collection in collections:
-            report = _run(
-                collection,
-                as_json,
-                lambda progress, c=collection: c.retrieval(
-                    dataset, catalog=catalog, progress=progress, batch_size=batch_size
-                ),
-            )
-            reports.append(report)
-            if as_json:
-                out.print(json.dumps(report.as_dict()), highlight=False, soft_wrap=True)
+    reports = _score_each(
+        db,
+        namespace,
+        _choices(choice, compare),
+        as_json,
+        lambda c, progress: c.retrieval(dataset, catalog=catalog, progress=progress, batch_size=batch_size),
+    )
     if as_json:
         return
     from rich.table import Table
