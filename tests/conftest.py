@@ -410,6 +410,17 @@ def pg_url(pg_server) -> str:
 
 
 # -- killing an ingest mid-run -----------------------------------------------------------------
+def stored_vectors(db) -> dict[str, np.ndarray]:
+    """Item id -> vector of a store's default namespace (a SQLite file or a PostgreSQL URL)."""
+    from clipsearch.store import open_store
+
+    store = open_store(str(db))
+    try:
+        return {it.id: v for items, vecs in store.iter_vectors("default") for it, v in zip(items, vecs, strict=True)}
+    finally:
+        store.close()
+
+
 def stored_items(db: Path) -> int:
     """Rows in a SQLite store's items table (0 while the file is being created)."""
     import sqlite3

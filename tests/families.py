@@ -88,14 +88,11 @@ def _siglip_config(tf, vocab_size: int, text_length: int):
     )
 
 
-def make_tiny_siglip(folder: Path, seed: int = 0) -> Path:
-    """google/siglip-* layout: SiglipModel, SiglipTokenizer (SentencePiece), SiglipImageProcessor."""
+def _save_siglip(folder: Path, tokenizer, seed: int) -> Path:
+    """A tiny SigLIP model for ``tokenizer``, saved with its processor as google/siglip* are."""
     tf = _transformers()
-    folder.mkdir(parents=True, exist_ok=True)
-    spm_model = _sentencepiece(folder, "spiece")
-    tokenizer = tf.SiglipTokenizer(str(spm_model), model_max_length=16)
     torch.manual_seed(seed)
-    model = tf.SiglipModel(_siglip_config(tf, tokenizer.vocab_size, 16))
+    model = tf.SiglipModel(_siglip_config(tf, len(tokenizer), 16))
     shrink_positions(model)
     model.save_pretrained(folder)
     processor = tf.SiglipProcessor(
@@ -103,6 +100,15 @@ def make_tiny_siglip(folder: Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(folder)
     return folder
+
+
+def make_tiny_siglip(folder: Path, seed: int = 0) -> Path:
+    """google/siglip-* layout: SiglipModel, SiglipTokenizer (SentencePiece), SiglipImageProcessor."""
+    tf = _transformers()
+    folder.mkdir(parents=True, exist_ok=True)
+    spm_model = _sentencepiece(folder, "spiece")
+    tokenizer = tf.SiglipTokenizer(str(spm_model), model_max_length=16)
+    return _save_siglip(folder, tokenizer, seed)
 
 
 def make_tiny_siglip2(folder: Path, seed: int = 0) -> Path:
@@ -118,15 +124,7 @@ def make_tiny_siglip2(folder: Path, seed: int = 0) -> Path:
     data = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["merges"]]
     tokenizer = tf.GemmaTokenizer(vocab=data["vocab"], merges=merges, model_max_length=16)
-    torch.manual_seed(seed)
-    model = tf.SiglipModel(_siglip_config(tf, len(tokenizer), 16))
-    shrink_positions(model)
-    model.save_pretrained(folder)
-    processor = tf.SiglipProcessor(
-        image_processor=tf.SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
-    )
-    processor.save_pretrained(folder)
-    return folder
+    return _save_siglip(folder, tokenizer, seed)
 
 
 def make_tiny_siglip2_naflex(folder: Path) -> Path:

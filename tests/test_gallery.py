@@ -171,6 +171,18 @@ def test_panels_layout_and_the_key_prompt(gallery, browser, width, height):
     context.close()
 
 
+def _signed_in(browser, server, width: int, height: int, namespaces: int = 1):
+    """A page of the gallery with the API key already stored, once its namespace list holds
+    ``namespaces``; and the list its page errors go to."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.add_init_script("localStorage.setItem('clipsearch-api-key', 'gallery-key')")
+    page.goto(server.url + "/")
+    page.wait_for_function(f"document.querySelectorAll('#namespace option').length >= {namespaces}")
+    return page, errors
+
+
 def test_an_item_whose_file_vanished_shows_a_placeholder(gallery, browser):
     server, root = gallery
     import httpx
@@ -182,12 +194,7 @@ def test_an_item_whose_file_vanished_shows_a_placeholder(gallery, browser):
         assert item.status_code == 201, item.text
     Path(item.json()["metadata"]["path"]).unlink()  # the file goes; the item stays
 
-    page = browser.new_page(viewport={"width": 390, "height": 844})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.add_init_script("localStorage.setItem('clipsearch-api-key', 'gallery-key')")
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#namespace option').length > 1")
+    page, errors = _signed_in(browser, server, 390, 844, namespaces=2)
     page.select_option("#namespace", "vanish")
     page.fill("#query", "coffee")
     page.press("#query", "Enter")
@@ -202,12 +209,7 @@ def test_an_item_whose_file_vanished_shows_a_placeholder(gallery, browser):
 
 def test_the_filter_field_narrows_text_and_image_searches(gallery, browser):
     server, root = gallery
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.add_init_script("localStorage.setItem('clipsearch-api-key', 'gallery-key')")
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#namespace option').length > 0")
+    page, errors = _signed_in(browser, server, 1200, 900)
 
     def names() -> set[str]:
         return set(page.eval_on_selector_all(".card .name", "ns => ns.map(n => n.textContent.trim())"))

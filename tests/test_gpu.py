@@ -11,20 +11,11 @@ import pytest
 import torch
 
 from clipsearch.encoders import ModelSpec, load_encoder
-from clipsearch.store import open_store
 
-from .conftest import noise_images
+from .conftest import noise_images, stored_vectors
 from .trained import CLASSES, write_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _vectors(db) -> dict[str, np.ndarray]:
-    store = open_store(str(db))
-    try:
-        return {it.id: v for items, vecs in store.iter_vectors("default") for it, v in zip(items, vecs, strict=True)}
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize("fixture", ["trained_clip", "tiny_hf"])
@@ -49,7 +40,7 @@ def test_ingest_on_the_gpu_with_decode_processes_matches_the_cpu(cli, trained_cl
     code, out, err = cli("ingest", *common, "--db", tmp_path / "gpu.db", "--device", "cuda", "--worker-type", "process")
     assert code == 0, err
     assert json.loads(out)["embedded"] == len(CLASSES) * 8
-    cpu, gpu = _vectors(tmp_path / "cpu.db"), _vectors(tmp_path / "gpu.db")
+    cpu, gpu = stored_vectors(tmp_path / "cpu.db"), stored_vectors(tmp_path / "gpu.db")
     assert sorted(cpu) == sorted(gpu)
     assert min(float(np.dot(cpu[i], gpu[i])) for i in cpu) >= 0.999
 

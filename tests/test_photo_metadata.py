@@ -124,6 +124,19 @@ def backend(request, tmp_path):
     store.close()
 
 
+def assert_store_agrees(backend, rows: list, filters: dict) -> None:
+    """Rows of ``{"v": value}`` (none where the value is None) in the store: the vector search
+    and keyword search with ``filters`` return exactly the rows the Python rules pass."""
+    backend.delete_items("default", [f"r{i}" for i in range(12)])
+    metas = [({"v": v} if v is not None else {}) | {"t": "word"} for v in rows]
+    vectors = np.tile(np.array([[1, 0, 0, 0]], np.float32), (len(rows), 1))
+    backend.write_batch("default", [NewItem(f"r{i}", m) for i, m in enumerate(metas)], vectors)
+    expected = {f"r{i}" for i, m in enumerate(metas) if matches(m, filters)}
+    hits = backend.search("default", vectors[:1], 12, filters)[0]
+    assert {h.item.id for h in hits} == expected, (rows, filters)
+    assert {h.item.id for h in backend.keyword_search("default", "word", 12, filters)} == expected
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.lists(st.one_of(VALUES, st.lists(VALUES, max_size=3), st.none()), min_size=1, max_size=12),
@@ -132,15 +145,7 @@ def backend(request, tmp_path):
 def test_stores_agree_with_the_rules(backend, rows, ops):
     """Whatever the values and bounds, SQLite and PostgreSQL return exactly the rows the Python
     rules pass, inside the vector search and in keyword search."""
-    backend.delete_items("default", [f"r{i}" for i in range(12)])
-    metas = [({"v": v} if v is not None else {}) | {"t": "word"} for v in rows]
-    vectors = np.tile(np.array([[1, 0, 0, 0]], np.float32), (len(rows), 1))
-    backend.write_batch("default", [NewItem(f"r{i}", m) for i, m in enumerate(metas)], vectors)
-    filters = {"v": ops}
-    expected = {f"r{i}" for i, m in enumerate(metas) if matches(m, filters)}
-    hits = backend.search("default", vectors[:1], 12, filters)[0]
-    assert {h.item.id for h in hits} == expected, (rows, ops)
-    assert {h.item.id for h in backend.keyword_search("default", "word", 12, filters)} == expected
+    assert_store_agrees(backend, rows, {"v": ops})
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -151,13 +156,7 @@ def test_stores_agree_with_the_rules(backend, rows, ops):
 def test_stores_agree_with_the_rules_for_values(backend, rows, wanted):
     """Equality too (a value, any of a list of values, typed variants, list elements): both
     stores return the rows the Python rules pass."""
-    backend.delete_items("default", [f"r{i}" for i in range(12)])
-    metas = [({"v": v} if v is not None else {}) | {"t": "word"} for v in rows]
-    vectors = np.tile(np.array([[1, 0, 0, 0]], np.float32), (len(rows), 1))
-    backend.write_batch("default", [NewItem(f"r{i}", m) for i, m in enumerate(metas)], vectors)
-    filters = {"v": wanted}
-    expected = {f"r{i}" for i, m in enumerate(metas) if matches(m, filters)}
-    assert {h.item.id for h in backend.search("default", vectors[:1], 12, filters)[0]} == expected, (rows, wanted)
+    assert_store_agrees(backend, rows, {"v": wanted})
 
 
 # -- end to end -----------------------------------------------------------------------------

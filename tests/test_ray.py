@@ -13,7 +13,7 @@ import pytest
 from clipsearch.distributed import ray_log_file
 from clipsearch.store import open_store
 
-from .conftest import noise_images
+from .conftest import noise_images, stored_vectors
 
 ray = pytest.importorskip("ray")
 
@@ -72,14 +72,6 @@ def library(tmp_path, image_server):
     return folder, catalog
 
 
-def vectors(db) -> dict[str, np.ndarray]:
-    store = open_store(str(db))
-    try:
-        return {it.id: v for items, vecs in store.iter_vectors("default") for it, v in zip(items, vecs, strict=True)}
-    finally:
-        store.close()
-
-
 def failure_reasons(db) -> dict[str, str]:
     store = open_store(str(db))
     try:
@@ -101,7 +93,7 @@ def test_ray_ingest_matches_local_ingest(cli, ray_cluster, library, tmp_path):
     assert ray_log_file().is_file()
     assert code == 1 and (report["embedded"], report["failed"]) == (local["embedded"], local["failed"]) == (34, 3)
 
-    expected, got = vectors(tmp_path / "local.db"), vectors(tmp_path / "ray.db")
+    expected, got = stored_vectors(tmp_path / "local.db"), stored_vectors(tmp_path / "ray.db")
     assert sorted(got) == sorted(expected)
     cosines = [float(np.dot(expected[i], got[i])) for i in expected]
     assert min(cosines) >= 0.9999
@@ -121,7 +113,7 @@ def test_ray_ingest_writes_postgres_from_the_workers(cli, ray_cluster, library, 
     report = json.loads(out)
     assert (report["embedded"], report["failed"]) == (24, 2)
     code, out, _ = cli("ingest", folder, "--db", tmp_path / "local.db", "--json")
-    expected, got = vectors(tmp_path / "local.db"), vectors(pg_url)
+    expected, got = stored_vectors(tmp_path / "local.db"), stored_vectors(pg_url)
     assert sorted(got) == sorted(expected) and min(float(np.dot(expected[i], got[i])) for i in got) >= 0.9999
     code, out, _ = cli("ingest", folder, "--db", pg_url, "--ray", "local", "--json")
     assert json.loads(out)["skipped"] == 24
