@@ -11,7 +11,7 @@ PHOTOS ?=
 DEMO_PHOTOS := $(if $(PHOTOS),$(PHOTOS),$(DEMO_DIR)/photos)
 DEMO_QUERY ?= a cat
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean install-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# the wheel as a user installs it (pip's defaults): the core without torch, and the torch extra
+install-check: $(VENV)/.installed-dev
+	scripts/install_check.sh all
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,8 +1,10 @@
 """Workarounds for broken third-party installs, kept in one place.
 
-PyPI's torchvision wheels are CUDA builds. Beside a CPU-only torch their compiled ops library
-cannot load, and ``import torchvision`` then dies in its meta registrations with
-``operator torchvision::nms does not exist``. open_clip and some transformers processors import
+PyPI's torchvision wheels are CUDA builds. Beside a CPU-only torch (our machines' torch 2.13
+wheel) their compiled ops library cannot load, and ``import torchvision`` up to 0.28 then dies in
+its meta registrations with ``operator torchvision::nms does not exist`` (0.29 checks first).
+A user's ``pip install 'clipsearch[torch]'`` gets a matching pair, whose ops load: then nothing
+here does anything. open_clip and some transformers processors import
 torchvision, although clipsearch never calls a torchvision op (our preprocessing is Pillow +
 numpy). Registering the two missing operator schemas makes the import succeed; calling those ops
 would still fail loudly, which is what we want.
@@ -32,15 +34,20 @@ def _has_schema(name: str) -> bool:
 
 
 def _torchvision_ops_loadable(package_dir: Path) -> bool:
-    """Load torchvision's compiled ops the way torchvision itself does; False if they cannot load."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        lib = package_dir / f"_C{suffix}"
-        if lib.exists():
-            try:
-                torch.ops.load_library(str(lib))
-            except OSError:
-                return False
-            return True
+    """Load torchvision's compiled ops the way torchvision itself does; False if they cannot load.
+
+    The library's name changes between releases (``_C`` up to 0.28, ``_C_stable`` from 0.29):
+    every ``_C*`` extension counts, since registering the schemas beside ops that do load makes
+    torchvision's own registration abort the process."""
+    libs = sorted(lib for suffix in importlib.machinery.EXTENSION_SUFFIXES for lib in package_dir.glob(f"_C*{suffix}"))
+    if not libs:
+        return True  # nothing to load, nothing to register against: leave torchvision alone
+    for lib in libs:
+        try:
+            torch.ops.load_library(str(lib))
+        except OSError:
+            continue
+        return True
     return False
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import MissingExtraError, UsageError
 from .fetch import is_url
 from .sources import SourceItem, fingerprint
 
@@ -185,7 +185,5 @@ def _parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError(
-            "reading Parquet catalogs needs pyarrow: pip install 'clipsearch[catalog]' (or pip install pyarrow)"
-        ) from None
+        raise MissingExtraError("reading Parquet catalogs (pyarrow)", "catalog") from None
     return pq

@@ -88,6 +88,8 @@ class ModelChoice:
             )
         if self.runtime is not None:
             spec = dataclasses.replace(spec, runtime=self.runtime.strip().lower())
+        elif spec.backend == "onnx":
+            spec = dataclasses.replace(spec, runtime="onnx")  # a tower folder runs on ONNX Runtime
         if self.precision is not None:
             spec = dataclasses.replace(spec, precision=self.precision.strip().lower())
         if self.decode is not None:
@@ -277,11 +279,11 @@ class Collection:
     def encoder(self) -> Encoder:
         """The full model (loaded on first use; ingest and ``--runtime torch`` use it)."""
         if self._encoder is None:
-            from .encoders import load_encoder
+            from .encoders import load_encoder, runnable_spec
 
-            spec = self.spec
+            spec = runnable_spec(self.spec, self.choice.runtime is not None)
             with self.loading(spec.label) if self.loading else contextlib.nullcontext():
-                self._encoder = load_encoder(spec)
+                self._encoder = load_encoder(spec, few_calls=self.few_calls)
             self._tell(self._encoder.notes)
         return self._encoder
 
@@ -309,6 +311,8 @@ class Collection:
 
         spec = self.spec
         check_runtime(spec)
+        if spec.backend == "onnx":  # a tower folder: it is its own query encoder
+            return self.encoder
         torch_asked = self.choice.runtime is not None and spec.runtime == "torch"
         if (
             torch_asked
@@ -321,23 +325,27 @@ class Collection:
 
         folder = find_export(spec, spec.precision)
         if folder is None:
-            # the first query of this model: export its towers (loads torch once), and use them
-            from .encoders import load_encoder
-
-            if self.notice:
-                self.notice(f"exporting {spec.label} to ONNX once, so that later queries need no torch ...")
-
-            with self.loading(spec.label) if self.loading else contextlib.nullcontext():
-                loaded = load_encoder(dataclasses.replace(spec, runtime="onnx", device="cpu"))
-            self._tell(loaded.notes)
-            folder = getattr(loaded, "folder", None)
-            if folder is None or not (folder / "tokenizer.json").is_file():
+            loaded = self.prepare_query_towers()
+            if not isinstance(loaded, TowerEncoder) or loaded.tokenize_needs_model:
                 self._encoder = loaded  # a tokenizer of its own: queries keep needing torch
                 return loaded
-        elif not (folder / "tokenizer.json").is_file():
-            return self.encoder
+            folder = loaded.folder
         self._towers = TowerEncoder(folder, spec.precision, few_calls=self.few_calls, decode=spec.decode)
         return self._towers
+
+    def prepare_query_towers(self) -> Encoder:
+        """Export the model's ONNX towers if they are not yet (once per model; it needs the
+        ``torch`` extra), so that queries run without torch; returns the exported encoder."""
+        from .encoders import load_encoder, require_torch
+
+        spec = dataclasses.replace(self.spec, runtime="onnx", device="cpu")
+        require_torch(f"exporting {spec.label} to ONNX for queries")
+        if self.notice:
+            self.notice(f"exporting {spec.label} to ONNX once, so that later queries need no torch ...")
+        with self.loading(spec.label) if self.loading else contextlib.nullcontext():
+            loaded = load_encoder(spec)
+        self._tell(loaded.notes)
+        return loaded
 
     # -- writing -------------------------------------------------------------------------------
     def ingest(
@@ -407,7 +415,25 @@ class Collection:
         report = self._ingest_selected(parsed, items, listed, ingest_options, started, progress, ray)
         if pruned is not None:
             report.removed, report.moved = pruned.removed, pruned.moved
+        self._prepare_after_ingest()
         return report
+
+    def _prepare_after_ingest(self) -> None:
+        """After an ingest on the PyTorch model, export the query towers now rather than on the
+        first query (which would then wait for it)."""
+        from .encoders import torch_installed
+        from .encoders.towers import find_export
+
+        spec = self.spec
+        if (
+            self._encoder is None  # nothing was loaded: a no-op run, or the towers ingested
+            or spec.backend != "open_clip"
+            or settings().query_runtime == "torch"
+            or not torch_installed()
+            or find_export(spec, spec.precision) is not None
+        ):
+            return
+        self.prepare_query_towers()
 
     def _ingest_selected(
         self,

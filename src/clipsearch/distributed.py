@@ -28,7 +28,7 @@ import numpy as np
 
 from .decoding import DecodeSettings, Unchanged, decode_item, failure_reason
 from .downloads import DownloadCache, DownloadSettings, download_all
-from .errors import UsageError
+from .errors import MissingExtraError, UsageError
 from .identity import ModelSpec
 from .pipeline import IngestOptions, Ingestor, IngestReport, failure_record, item_row, progress_counter
 from .settings import Settings
@@ -56,7 +56,7 @@ def _ray():
         import ray
         import ray.data
     except ImportError:
-        raise UsageError("--ray needs Ray: pip install 'clipsearch[ray]'") from None
+        raise MissingExtraError("ingest on Ray", "ray") from None
     return ray
 
 

@@ -37,6 +37,19 @@ class MissingWeightsError(ClipsearchError):
     """The model's weights are neither cached nor downloadable."""
 
 
+class MissingExtraError(ClipsearchError):
+    """Something asked for needs an optional part that is not installed.
+
+    ``what``: what needs it (``exporting ViT-B-32 to ONNX``); ``extra``: the extra that brings it
+    (``torch``), so that the message names the install line."""
+
+    def __init__(self, what: str, extra: str, *, hint: str = ""):
+        self.what = what
+        self.extra = extra
+        line = f"pip install 'clipsearch[{extra}]'"
+        super().__init__(f"{what} needs the '{extra}' extra: {line}{hint}")
+
+
 class DeviceUnavailableError(ClipsearchError):
     """The requested compute device does not exist on this machine."""
 

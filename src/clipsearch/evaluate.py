@@ -38,12 +38,13 @@ RECALL_AT = (1, 5, 10)
 
 
 def openai_imagenet_templates() -> list[str]:
-    """The 80 prompt templates of OpenAI's ImageNet zero-shot evaluation, as open_clip ships
-    them (``{}`` is the class name)."""
-    from ._compat import import_open_clip
+    """The 80 prompt templates of OpenAI's ImageNet zero-shot evaluation (``{}`` is the class
+    name), as open_clip ships them; kept as data here so that ``eval`` needs no torch (a test
+    compares the file with open_clip's list)."""
+    from importlib.resources import files
 
-    templates = import_open_clip().zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
-    return [t("{}") for t in templates]
+    text = files("clipsearch").joinpath("data/openai_imagenet_templates.txt").read_text(encoding="utf-8")
+    return text.splitlines()
 
 
 @dataclass

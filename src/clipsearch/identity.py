@@ -18,6 +18,12 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 
 
+def is_repo_name(model: str) -> bool:
+    """``OWNER/NAME`` without a scheme: a published ONNX repository. open_clip's names have no
+    slash (``ViT-B-32``) and its hub form has a scheme (``hf-hub:OWNER/NAME``)."""
+    return ":" not in model and model.count("/") == 1 and all(model.split("/"))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the user asked for: a model name, its pretrained tag, optional local weights, a device."""
@@ -32,9 +38,15 @@ class ModelSpec:
 
     @property
     def backend(self) -> str:
+        """``hf`` (transformers), ``onnx`` (a tower folder: ``--weights DIR`` in that layout, or a
+        published repository named ``OWNER/NAME``, as Immich's) or ``open_clip``."""
         if self.model.startswith("hf:"):
             return "hf"
+        if self.weights is None and is_repo_name(self.model):
+            return "onnx"
         if self.weights is not None and self.weights.is_dir():
+            if (self.weights / "visual" / "model.onnx").is_file() and (self.weights / "config.json").is_file():
+                return "onnx"
             if (self.weights / "open_clip_config.json").is_file():
                 return "open_clip"
             if (self.weights / "config.json").is_file():
@@ -120,6 +132,10 @@ class ModelIdentity:
     def _compared(self) -> dict[str, Any]:
         d = self.as_dict()
         out = {k: d[k] for k in _COMPARED}
+        if self.backend == "onnx" and self.weights:
+            # a published tower folder is its files: the same files under another name or
+            # folder are the same model (its digest decides)
+            out["model"] = out["pretrained"] = ""
         # how a crop is rounded shifts it by at most one pixel, like the fast decode: not a space
         out["preprocess"] = {k: v for k, v in d["preprocess"].items() if k != "crop_rounding"}
         return out
@@ -180,6 +196,18 @@ def weights_digest(path: str | Path) -> str:
         rel = f.relative_to(path)
         if f.is_file() and f.suffix in _WEIGHT_SUFFIXES and not any(p.startswith(".") for p in rel.parts):
             h.update(f"{rel.as_posix()}\0{cache.file(f.resolve())}\n".encode())
+    cache.save()
+    return "sha256:" + h.hexdigest()
+
+
+def folder_digest(folder: str | Path, names: list[str]) -> str:
+    """``sha256:HEX`` of the files ``names`` (relative paths) of ``folder``: their names and
+    contents, cached like ``weights_digest``."""
+    folder = Path(folder).expanduser().resolve()
+    cache = _DigestCache()
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(f"{name}\0{cache.file(folder / name)}\n".encode())
     cache.save()
     return "sha256:" + h.hexdigest()
 

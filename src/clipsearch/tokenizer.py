@@ -1,158 +1,124 @@
-"""CLIP's byte-level BPE tokenizer in plain Python and numpy, for queries that run without torch.
+"""Text towers' tokenizers without torch: Hugging Face ``tokenizers`` over a ``tokenizer.json``,
+with open_clip's own text cleaning in front, so that queries need neither torch nor open_clip.
 
-It gives exactly the token ids of open_clip's ``SimpleTokenizer`` (a test compares them on
-English, Japanese, Korean, emoji, HTML entities, mojibake and texts longer than the context):
-the same text cleaning (ftfy, HTML unescaping, whitespace, lower case), the same pre-tokenising
-pattern, the same merges, and the same truncation (the last kept position becomes end-of-text).
-The merges come from the file open_clip ships, copied beside each ONNX export
-(``TokenizerConfig``), so a query needs neither torch nor open_clip.
+A tower folder (``encoders.towers``) keeps its tokenizer as Hugging Face saves one
+(``textual/tokenizer.json`` and ``textual/tokenizer_config.json``), the layout Immich publishes.
+open_clip cleans a text before it tokenises it (ftfy, HTML entities, white space, and lower case
+for its CLIP tokenizer, or ``canonicalize`` for SigLIP's); ``clean_text`` does the same here, so
+the ids equal open_clip's (a test compares them on English, Japanese, Korean, emoji, HTML
+entities and texts longer than the context). ``clip_tokenizer_json`` writes CLIP's byte-level BPE
+(open_clip's ``SimpleTokenizer``) in that format, for exports of models that use it.
 """
 
 from __future__ import annotations
 
-import gzip
 import html
-import itertools
 import json
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+import string
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-# open_clip's merges file holds a version line, then 48,894 merges (49,152 minus the 256 byte
-# tokens and the two special tokens); only those are part of the vocabulary.
-_MERGES = 49152 - 256 - 2
 CLEANERS = ("lower", "whitespace", "canonicalize")
+# CLIP's pre-tokenising pattern (open_clip's SimpleTokenizer, OpenAI's clip)
+CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """What a text tower expects: written as ``tokenizer.json`` beside an export."""
+def clean_text(text: str, mode: str) -> str:
+    """open_clip's cleaning: ``lower`` (its CLIP tokenizer), ``whitespace`` (its Hugging Face
+    tokenizers' default) or ``canonicalize`` (SigLIP: no punctuation, lower case)."""
+    import ftfy
 
-    merges_file: str  # gzip text, one merge per line, as open_clip ships it (relative to the export)
-    context_length: int = 77
-    clean: str = "lower"
-    special_tokens: tuple[str, ...] = ("<start_of_text>", "<end_of_text>")
-    pad_id: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        data = asdict(self)
-        data["special_tokens"] = list(self.special_tokens)
-        path.write_text(json.dumps(data, indent=1))
-
-    @classmethod
-    def load(cls, path: Path) -> TokenizerConfig:
-        data = json.loads(path.read_text())
-        data["special_tokens"] = tuple(data.get("special_tokens") or cls.special_tokens)
-        return cls(**data)
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if mode == "canonicalize":
+        text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
+        return " ".join(text.split()).strip()
+    text = " ".join(text.split()).strip()
+    return text.lower() if mode == "lower" else text
 
 
-@lru_cache(maxsize=1)
-def byte_alphabet() -> dict[int, str]:
-    """Each byte's printable stand-in: printable Latin-1 bytes stand for themselves, the others
-    take the code points from 256 on, in order (GPT-2's reversible table)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+class TextTokenizer:
+    """``tokenizer(texts) -> int64 (n, context_length)``, padded with the pad id, truncated as the
+    model's reference truncates (the end-of-text token kept last)."""
 
+    def __init__(self, folder: Path, context_length: int, clean: str, *, strip_sep: bool = False):
+        from tokenizers import Tokenizer
 
-class ClipTokenizer:
-    """``tokenizer(texts) -> int64 (n, context_length)``, zero-padded, like open_clip's."""
+        if clean not in CLEANERS:
+            raise ValueError(f"unknown text cleaning {clean!r}")
+        self.clean = clean
+        self.context_length = context_length
+        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        pad = _token_text(_read_json(folder / "tokenizer_config.json").get("pad_token"))
+        pad_id = self._tokenizer.token_to_id(pad) if pad is not None else None
+        self.pad_id = int(pad_id) if pad_id is not None else 0
+        self._tokenizer.enable_truncation(max_length=context_length)
+        self._tokenizer.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=pad or "")
+        # open_clip's ``strip_sep_token``: the separator becomes padding
+        sep = _token_text(_read_json(folder / "tokenizer_config.json").get("sep_token")) if strip_sep else None
+        self._sep_id = self._tokenizer.token_to_id(sep) if sep else None
 
-    def __init__(self, config: TokenizerConfig, root: Path | None = None):
-        import regex
-
-        self.config = config
-        if config.clean not in CLEANERS:
-            raise ValueError(f"unknown text cleaning {config.clean!r}")
-        path = Path(config.merges_file)
-        if root is not None and not path.is_absolute():
-            path = root / path
-        with gzip.open(path) as stream:
-            lines = stream.read().decode("utf-8").split("\n")[1 : _MERGES + 1]
-        merges = [tuple(line.split()) for line in lines]
-        alphabet = list(byte_alphabet().values())
-        vocab = [*alphabet, *(c + "</w>" for c in alphabet), *("".join(m) for m in merges), *config.special_tokens]
-        self.ids = {token: i for i, token in enumerate(vocab)}
-        self.ranks = {pair: i for i, pair in enumerate(merges)}
-        self.sot_id = self.ids[config.special_tokens[0]]
-        self.eot_id = self.ids[config.special_tokens[1]]
-        self.context_length = config.context_length
-        self.pad_id = config.pad_id
-        self._specials = set(config.special_tokens)
-        specials = "|".join(regex.escape(t) for t in config.special_tokens)
-        self._pattern = regex.compile(
-            specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
-        )
-        self._bytes = byte_alphabet()
-        self._cache: dict[str, list[int]] = {}
-
-    def clean(self, text: str) -> str:
-        import ftfy
-
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        if self.config.clean == "canonicalize":
-            import string
-
-            text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
-            return " ".join(text.split()).strip()
-        text = " ".join(text.split()).strip()
-        return text.lower() if self.config.clean == "lower" else text
-
-    def _word_ids(self, word: str) -> list[int]:
-        """The ids of one pre-token: its bytes' stand-ins, merged by rank, ``</w>`` on the last."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        if word in self._specials:
-            ids = [self.ids[word]]
-        else:
-            parts = [*word[:-1], word[-1] + "</w>"]
-            while len(parts) > 1:
-                best, at = min((self.ranks.get(pair, _MERGES), i) for i, pair in enumerate(itertools.pairwise(parts)))
-                if best == _MERGES:
-                    break
-                first, second = parts[at], parts[at + 1]
-                merged: list[str] = []
-                i = 0
-                while i < len(parts):  # every occurrence of the pair, left to right
-                    if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
-                        merged.append(first + second)
-                        i += 2
-                    else:
-                        merged.append(parts[i])
-                        i += 1
-                parts = merged
-            ids = [self.ids[p] for p in parts]
-        if len(self._cache) < 100_000:
-            self._cache[word] = ids
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        encoded = self._tokenizer.encode_batch([clean_text(str(t), self.clean) for t in texts])
+        ids = np.asarray([e.ids for e in encoded], dtype=np.int64).reshape(len(texts), self.context_length)
+        if self._sep_id is not None:
+            ids[ids == self._sep_id] = self.pad_id
         return ids
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without the special start and end tokens."""
-        out: list[int] = []
-        for piece in self._pattern.findall(self.clean(text)):
-            out += self._word_ids("".join(self._bytes[b] for b in piece.encode("utf-8")))
-        return out
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        n = self.context_length
-        result = np.full((len(texts), n), self.pad_id, dtype=np.int64)
-        for row, text in enumerate(texts):
-            ids = [self.sot_id, *self.encode(text), self.eot_id]
-            if len(ids) > n:
-                ids = ids[:n]
-                ids[-1] = self.eot_id
-            result[row, : len(ids)] = ids
-        return result
 
     def counts(self, tokens: np.ndarray) -> list[int]:
         """Tokens each row occupies (special tokens included), as the server reports usage."""
         return (tokens != self.pad_id).sum(axis=1).tolist()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(token: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or {"content": ...}."""
+    if isinstance(token, Mapping):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def clip_tokenizer_json(
+    folder: Path,
+    vocab: Mapping[str, int],
+    merges: Sequence[tuple[str, str]],
+    special_tokens: Sequence[str],
+    pad_token: str,
+    lower: bool,
+) -> None:
+    """Write CLIP's byte-level BPE as ``tokenizer.json`` + ``tokenizer_config.json`` in
+    ``folder``: ``vocab`` and ``merges`` as open_clip's SimpleTokenizer holds them,
+    ``special_tokens`` its start and end of text, ``pad_token`` the token whose id pads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    sot, eot = special_tokens[0], special_tokens[1]
+    bpe = models.BPE(
+        vocab=dict(vocab), merges=list(merges), continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False
+    )
+    tokenizer = Tokenizer(bpe)
+    steps = [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " ")]
+    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Lowercase()] if lower else steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{sot} $A {eot}", special_tokens=[(sot, vocab[sot]), (eot, vocab[eot])]
+    )
+    tokenizer.add_special_tokens(list(special_tokens))
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": sot, "eos_token": eot, "pad_token": pad_token, "unk_token": eot}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))

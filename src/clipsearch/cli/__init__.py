@@ -2,7 +2,7 @@
 
 One module per command group: ``ingest``; ``watch``; ``query`` (search, similar, embed,
 duplicates); ``store`` (info, failures, export, db, index); ``evaluate`` (eval zero-shot,
-eval retrieval); ``serve``; ``worker``. Options shared by several
+eval retrieval); ``models`` (models export, models list); ``serve``; ``worker``. Options shared by several
 commands, the model options among them, are declared once in ``_common``.
 
 Settings come from flags, then ``CLIPSEARCH_*`` environment variables, then the model recorded
@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import evaluate, query, serve, store, watch, worker
+from . import evaluate, models, query, serve, store, watch, worker
 from . import ingest as ingest_cmd
 from ._common import handle_errors, model_options, out, quiet_libraries
 
@@ -68,6 +68,10 @@ index_app.command("build")(handle_errors(store.index_build))
 evaluate.eval_app.command("zero-shot")(handle_errors(model_options(evaluate.zero_shot)))
 evaluate.eval_app.command("retrieval")(handle_errors(model_options(evaluate.retrieval)))
 app.add_typer(evaluate.eval_app, name="eval")
+
+models.models_app.command("export")(handle_errors(models.export))
+models.models_app.command("list")(handle_errors(models.list_models))
+app.add_typer(models.models_app, name="models")
 
 worker.worker_app.callback()(handle_errors(model_options(worker.worker)))
 worker.worker_app.command("install-trigger")(handle_errors(worker.worker_install_trigger))

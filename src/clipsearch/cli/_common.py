@@ -24,12 +24,15 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..collection import ModelChoice
 from ..errors import ClipsearchError, NamespaceNotFoundError, NoDatabaseError, UsageError
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# No markup: what we print holds paths, ids and install lines (``clipsearch[postgres]``,
+# ``holiday[red].jpg``) that Rich would read as style tags; styles are given as ``Text`` spans.
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 CATALOG_PANEL = "Catalogs and selection"
@@ -62,8 +65,9 @@ _MODEL_PARAMS: list[tuple[str, Any, Any]] = [
             typer.Option(
                 "--model",
                 envvar="CLIPSEARCH_MODEL",
-                help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), hf-hub:ORG/REPO, or hf:REPO for "
-                "transformers. Default: the namespace's model, else ViT-B-32.",
+                help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), hf-hub:ORG/REPO, hf:REPO for "
+                "transformers, or OWNER/NAME for a model published as ONNX towers (immich-app/ViT-B-32__openai). "
+                "Default: the namespace's model, else ViT-B-32.",
                 rich_help_panel=_MODEL_PANEL,
             ),
         ],
@@ -90,7 +94,8 @@ _MODEL_PARAMS: list[tuple[str, Any, Any]] = [
             typer.Option(
                 "--weights",
                 envvar="CLIPSEARCH_WEIGHTS",
-                help="Local weights: a checkpoint file, or a saved model folder (open_clip or transformers).",
+                help="Local weights: a checkpoint file, or a saved model folder (open_clip, transformers, or ONNX "
+                "towers from `clipsearch models export`).",
                 rich_help_panel=_MODEL_PANEL,
             ),
         ],
@@ -201,7 +206,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ClipsearchError as e:
-            err.print(f"[bold red]error:[/] {word(e)}", highlight=False, markup=True)
+            err.print(Text.assemble(("error:", "bold red"), " ", word(e)), highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -253,7 +258,7 @@ def loading(what: str):
     """A spinner on a terminal while a model loads; nothing elsewhere."""
     import contextlib
 
-    return err.status(f"loading {what} ...", spinner="dots") if err.is_terminal else contextlib.nullcontext()
+    return err.status(Text(f"loading {what} ..."), spinner="dots") if err.is_terminal else contextlib.nullcontext()
 
 
 def rate_column() -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from .. import collection as lib
 from ..collection import ModelChoice
@@ -133,7 +134,9 @@ def duplicates(
         out.print(f"no duplicates at threshold {threshold}")
     else:
         for i, g in enumerate(groups, 1):
-            out.print(f"[bold]group {i}[/] ({g.kind}, {len(g.items)} items, similarity >= {g.score:.4f})")
+            out.print(
+                Text.assemble((f"group {i}", "bold"), f" ({g.kind}, {len(g.items)} items, similarity >= {g.score:.4f})")
+            )
             for it in g.items:
                 out.print(f"  {it.metadata.get('path', it.id)}", highlight=False, markup=False)
 

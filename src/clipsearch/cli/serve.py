@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -64,6 +65,10 @@ def serve(
             help="Under load, how long a batch may wait to fill up.",
         ),
     ] = 5.0,
+    access_log: Annotated[
+        bool,
+        typer.Option("--access-log/--no-access-log", envvar="CLIPSEARCH_ACCESS_LOG", help="Log every request."),
+    ] = False,
     max_request_images_mb: Annotated[
         float,
         typer.Option(
@@ -115,7 +120,7 @@ def serve(
     """Run the HTTP API (OpenAI-compatible /v1/embeddings, search, items) and the web gallery."""
     import uvicorn
 
-    from ..encoders import load_encoder
+    from ..encoders import load_encoder, runnable_spec
     from ..server import ServerSettings, create_app
 
     validate_namespace(namespace)
@@ -142,8 +147,9 @@ def serve(
         allowed_origins=tuple(_split(allowed_origins)),
         watch=tuple(watch or ()),
     )
-    web = create_app(settings, lambda: (load_encoder(spec, serving=True), spec), store=store)
-    config = uvicorn.Config(web, host=host, port=port, log_level=log_level.lower(), access_log=False)
+    runnable = runnable_spec(spec, choice.runtime is not None)
+    web = create_app(settings, lambda: (load_encoder(runnable, serving=True), spec), store=store)
+    config = uvicorn.Config(web, host=host, port=port, log_level=log_level.lower(), access_log=access_log)
     server = uvicorn.Server(config)
     failure: list[str] = []
 
@@ -156,7 +162,13 @@ def serve(
     sock = _listen(host, port)
     source = f"{spec.model} from {spec.weights}" if spec.weights else spec.model
     err.print(f"serving {db} on http://{host}:{port} (docs: /docs); loading {source} ...", highlight=False)
-    server.run(sockets=[sock])
+    # uvicorn drains, then raises the signal it caught again: a SIGTERM that only asks for a
+    # clean stop (systemd, docker stop) then ends the process with 143; ignored, it ends in 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if failure:
         raise ClipsearchError(failure[0])
 

@@ -1,9 +1,10 @@
 """Encoders: turn images and texts into L2-normalised vectors of one model's space.
 
-``load_encoder(ModelSpec(...))`` picks the backend: ``hf:REPO`` (or a transformers folder given
-with ``--weights``) uses transformers; anything else uses open_clip. Importing this package
-imports no torch: the backends are imported when a model is loaded, and ``towers`` answers
-queries with ONNX Runtime alone.
+``load_encoder(ModelSpec(...))`` picks the backend: a tower folder or published ONNX repository
+(``towers``) runs on ONNX Runtime alone; ``hf:REPO`` (or a transformers folder given with
+``--weights``) uses transformers; anything else uses open_clip, whose towers are exported to ONNX
+once (``onnx``). Importing this package imports no torch: only the PyTorch backends and the
+export do, and they need the ``torch`` extra.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import MissingExtraError, UsageError
 from ..identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, ModelSpec
 from .interface import Encoder
 
@@ -26,6 +27,39 @@ def resolve_device(requested: str) -> torch.device:
     return resolve(requested)
 
 
+def torch_installed() -> bool:
+    """Whether the ``torch`` extra (torch and open_clip) is installed, without importing it."""
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("torch", "open_clip"))
+    except ImportError:  # a finder that refuses the name outright: not importable either
+        return False
+
+
+def require_torch(what: str, hint: str = "") -> None:
+    """MissingExtraError naming ``what`` unless the ``torch`` extra is installed."""
+    if not torch_installed():
+        raise MissingExtraError(what, "torch", hint=hint)
+
+
+def runnable_spec(spec: ModelSpec, runtime_asked: bool) -> ModelSpec:
+    """``spec`` as this install can run it: without the torch extra, an open_clip model whose
+    runtime was not asked for runs on its exported towers (the same vectors in fp32); without an
+    export, loading then says which extra is missing. A runtime that was asked for stays."""
+    if (
+        not runtime_asked
+        and spec.backend == "open_clip"
+        and spec.runtime == "torch"
+        and spec.device in ("auto", "cpu")
+        and not torch_installed()
+    ):
+        return dataclasses.replace(spec, runtime="onnx", device="cpu")
+    if runtime_asked and spec.runtime == "torch":
+        require_torch(f"the torch runtime for {spec.label}")
+    return spec
+
+
 def check_runtime(spec: ModelSpec) -> None:
     """Refuse a runtime, precision and device that do not go together, before anything loads."""
     if spec.runtime not in ("torch", "onnx"):
@@ -36,14 +70,32 @@ def check_runtime(spec: ModelSpec) -> None:
         raise UsageError("--precision int8 needs --runtime onnx (dynamic int8 quantisation in ONNX Runtime)")
     if spec.decode not in ("fast", "exact"):
         raise UsageError(f"unknown --decode {spec.decode!r}; use fast or exact")
+    if spec.backend == "onnx" and spec.runtime != "onnx":
+        raise UsageError(f"{spec.label} is an ONNX model: it runs on ONNX Runtime only; leave out --runtime torch")
     if spec.runtime == "onnx" and spec.device not in ("auto", "cpu"):
         raise UsageError(f"--runtime onnx runs on the CPU; use --runtime torch for --device {spec.device}")
 
 
-def load_encoder(spec: ModelSpec, *, serving: bool = False) -> Encoder:
+def load_encoder(spec: ModelSpec, *, serving: bool = False, few_calls: bool = False) -> Encoder:
     """Load the encoder ``spec`` describes. ``serving`` tunes thread pools for a server that
-    shares the cores with its event loop (ONNX Runtime threads sleep instead of spinning)."""
+    shares the cores with its event loop (ONNX Runtime threads sleep instead of spinning);
+    ``few_calls``: a command that answers a query or two (see ``towers.TowerEncoder``).
+
+    A tower folder runs without torch. So does an open_clip model on the onnx runtime once its
+    towers are exported (``towers.find_export``); exporting them, the torch runtime and the
+    transformers backend need the ``torch`` extra."""
+    from . import towers
+
     check_runtime(spec)
+    if spec.backend == "onnx":
+        return towers.load(spec, spin=not serving, few_calls=few_calls)
+    if spec.runtime == "onnx" and spec.backend == "open_clip":
+        folder = towers.find_export(spec, spec.precision)
+        if folder is not None:
+            return towers.TowerEncoder(
+                folder, spec.precision, spin=not serving, few_calls=few_calls, decode=spec.decode
+            )
+    require_torch(f"{'exporting ' if spec.runtime == 'onnx' else 'running '}{spec.label}", hint=TOWER_HINT)
     if spec.backend == "hf":
         from . import hf
 
@@ -62,6 +114,13 @@ def load_encoder(spec: ModelSpec, *, serving: bool = False) -> Encoder:
     return base
 
 
+# what a user without the torch extra can do instead
+TOWER_HINT = (
+    "; or use a model exported to ONNX (--model immich-app/ViT-B-32__openai, "
+    "or --weights DIR from `clipsearch models export`)"
+)
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PRETRAINED",
@@ -70,5 +129,8 @@ __all__ = [
     "ModelSpec",
     "check_runtime",
     "load_encoder",
+    "require_torch",
     "resolve_device",
+    "runnable_spec",
+    "torch_installed",
 ]

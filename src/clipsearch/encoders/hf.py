@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .._compat import ensure_torchvision_importable
-from ..errors import MissingWeightsError, UsageError
+from ..errors import MissingExtraError, MissingWeightsError, UsageError
 from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
 from . import hub
@@ -84,7 +84,7 @@ def load(spec: ModelSpec) -> HFEncoder:
     try:
         import transformers
     except ImportError:
-        raise UsageError("the transformers backend needs the 'hf' extra: pip install 'clipsearch[hf]'") from None
+        raise MissingExtraError("the transformers backend (hf:)", "hf") from None
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # our CLI shows its own progress

@@ -1,4 +1,5 @@
-"""ONNX exports: open_clip's image and text towers exported once from the PyTorch model.
+"""ONNX exports: open_clip's image and text towers exported once from the PyTorch model, into a
+tower folder (the layout ``towers`` reads, Immich's).
 
 ONNX Runtime's CPU kernels are markedly faster than PyTorch's for these towers on many CPUs
 (see ``benchmarks/``). The towers are exported into a cache folder keyed by a digest of the
@@ -12,7 +13,6 @@ separate model identity.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
 import json
@@ -29,10 +29,19 @@ import torch
 from ..errors import UsageError
 from ..files import write_atomic
 from ..identity import ModelIdentity, ModelSpec
-from ..tokenizer import TokenizerConfig
 from .interface import Encoder
 from .openclip import OpenClipEncoder, encode_text_cut
-from .towers import EXPORT_VERSION, TowerEncoder, cache_root, import_ort, register_export, tower_file
+from .towers import (
+    EXPORT_VERSION,
+    META,
+    TowerEncoder,
+    cache_root,
+    import_ort,
+    move_model,
+    quantize,
+    register_export,
+    tower_file,
+)
 
 
 class _Tower(torch.nn.Module):
@@ -58,7 +67,7 @@ def weights_digest(model: torch.nn.Module, identity: ModelIdentity) -> str:
     return h.hexdigest()[:24]
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, dims: dict[int, Any], path: Path) -> None:
+def _export(module: torch.nn.Module, example: torch.Tensor, dims: dict[int, Any], path: Path, name: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
@@ -70,44 +79,46 @@ def _export(module: torch.nn.Module, example: torch.Tensor, dims: dict[int, Any]
                 (example,),
                 dynamo=True,
                 dynamic_shapes=(dims,),
-                input_names=["clipsearch_input"],
-                output_names=["clipsearch_features"],
+                # the input names Immich's towers take; the output is read by position (the
+                # exporter names an inner node "embedding", Immich's output name)
+                input_names=[name],
+                output_names=["embeddings"],
                 verbose=False,
             )
         # Weights in a file of their own: ONNX Runtime maps it instead of copying it out of the
         # protobuf, which halves a query's memory and load time (see towers).
         program.save(str(out), external_data=True)
-        _move_model(out, path)
+        move_model(out, path)
 
 
-def _move_model(src: Path, dst: Path) -> None:
-    """Move a model and its external data; the model last, since its presence means ready."""
-    for data in src.parent.glob(src.name + "*.data"):
-        os.replace(data, dst.parent / data.name)
-    os.replace(src, dst)
-
-
-def _quantize(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        out = Path(tmp) / dst.name
-        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, use_external_data_format=True)
-        _move_model(out, dst)
+def _portable_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model config without the local paths a folder checkpoint names its text model by
+    (an export is a folder you can move): such a name keeps only its last part."""
+    cfg = json.loads(json.dumps(cfg))
+    text = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if isinstance(text.get(key), str) and os.path.isabs(text[key]):
+            text[key] = Path(text[key]).name
+    return cfg
 
 
 def prepare(base: OpenClipEncoder, precision: str) -> Path:
-    """The cache folder holding this model's exported towers (exported now if missing)."""
+    """The cache folder holding this model's exported towers (exported now if missing), in the
+    tower layout (``towers``)."""
     model = base.model
     folder = cache_root() / weights_digest(model, base.identity)
     h, w = base.preprocess_spec.size
-    meta = folder / "meta.json"
-    if not (folder / "image.onnx").is_file():
+    meta = folder / META
+    if not (folder / tower_file("image", "fp32")).is_file():
         batch = torch.export.Dim("batch", min=1, max=4096)
         _export(
-            _Tower(model, lambda m, x: m.encode_image(x)), torch.zeros(2, 3, h, w), {0: batch}, folder / "image.onnx"
+            _Tower(model, lambda m, x: m.encode_image(x)),
+            torch.zeros(2, 3, h, w),
+            {0: batch},
+            folder / tower_file("image", "fp32"),
+            "image",
         )
-    if not (folder / "text.onnx").is_file():
+    if not (folder / tower_file("text", "fp32")).is_file():
         ctx = int(getattr(model, "context_length", 77))
         example = base.tokenizer(["a photo", "an example text"])
         batch = torch.export.Dim("batch", min=1, max=4096)
@@ -116,14 +127,32 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
             length = torch.export.Dim("length", min=2, max=ctx)
             # open_clip's causal text tower on tokens already cut to the batch's longest sequence
             _export(
-                _Tower(model, encode_text_cut), example[:, : max(n, 3)], {0: batch, 1: length}, folder / "text.onnx"
+                _Tower(model, encode_text_cut),
+                example[:, : max(n, 3)],
+                {0: batch, 1: length},
+                folder / tower_file("text", "fp32"),
+                "text",
             )
         else:
-            _export(_Tower(model, lambda m, x: m.encode_text(x)), example, {0: batch}, folder / "text.onnx")
+            _export(
+                _Tower(model, lambda m, x: m.encode_text(x)),
+                example,
+                {0: batch},
+                folder / tower_file("text", "fp32"),
+                "text",
+            )
     if precision == "int8" and not (folder / tower_file("image", "int8")).is_file():
-        _quantize(folder / "image.onnx", folder / tower_file("image", "int8"))
+        quantize(folder)
     if not meta.is_file():
-        _write_tokenizer(base, folder)
+        preprocess = {"mode": "RGB", **base.identity.preprocess}
+        write_atomic(folder / "visual" / "preprocess_cfg.json", json.dumps(preprocess, indent=1), mode=0o644)
+        config = _portable_config(base.model_cfg or {})
+        config["embed_dim"] = base.dim
+        # the tokenizer's length: the text tower's own may be longer (an XLM-RoBERTa's positions)
+        ctx = getattr(base.tokenizer, "context_length", None) or getattr(model, "context_length", 77)
+        config.setdefault("text_cfg", {})["context_length"] = int(ctx)
+        write_atomic(folder / "config.json", json.dumps(config, indent=1), mode=0o644)
+        clean = _write_tokenizer(base, folder / "textual")
         model_meta = {
             "identity": base.identity.as_dict(),
             "export_version": EXPORT_VERSION,
@@ -133,6 +162,7 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
                 "pool": getattr(model, "text_pool_type", None),
                 "eos_id": getattr(model, "text_eos_id", None),
                 "pad_id": getattr(base.tokenizer, "pad_token_id", None) or 0,
+                "clean": clean,
             },
         }
         write_atomic(meta, json.dumps(model_meta, indent=1), mode=0o644)
@@ -149,28 +179,35 @@ _TOKENIZER_CHECK = [
 ]
 
 
-def _write_tokenizer(base: OpenClipEncoder, folder: Path) -> None:
-    """``tokenizer.json`` and the merges, for models with open_clip's CLIP tokenizer, so that
-    queries can run without torch; written only if our tokenizer gives the model's tokens."""
-    from ..tokenizer import ClipTokenizer
+def _write_tokenizer(base: OpenClipEncoder, textual: Path) -> str | None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` in ``textual``, so that queries can run
+    without torch: CLIP's BPE written from open_clip's own vocabulary and merges, or a Hugging
+    Face tokenizer as it saves itself. Kept only if it gives the model's own tokens on texts of
+    several scripts; returns the text cleaning it was checked with (None: no tokenizer)."""
+    from ..tokenizer import TextTokenizer, clip_tokenizer_json
 
     tok = base.tokenizer
     clean = _CLEANERS.get(getattr(getattr(tok, "clean_fn", None), "__name__", ""))
-    if type(tok).__name__ != "SimpleTokenizer" or getattr(tok, "reduction_fn", None) is not None or clean is None:
-        return
-    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.__getitem__)
-    with gzip.open(folder / "bpe_merges.txt.gz", "wt", encoding="utf-8") as f:
-        f.write("#version: clipsearch export of the model's merges\n")
-        f.write("\n".join(" ".join(pair) for pair in merges) + "\n")
-    config = TokenizerConfig(
-        merges_file="bpe_merges.txt.gz",
-        context_length=int(tok.context_length),
-        clean=clean,
-        special_tokens=tuple(tok.decoder[i] for i in tok.all_special_ids),
-        pad_id=int(getattr(tok, "pad_token_id", None) or 0),
-    )
-    if np.array_equal(ClipTokenizer(config, root=folder)(_TOKENIZER_CHECK), tok(_TOKENIZER_CHECK).numpy()):
-        config.save(folder / "tokenizer.json")
+    if clean is None or getattr(tok, "reduction_fn", None) is not None:
+        return None
+    if type(tok).__name__ == "SimpleTokenizer":
+        merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.__getitem__)
+        specials = [tok.decoder[i] for i in tok.all_special_ids]
+        pad_id = int(getattr(tok, "pad_token_id", None) or 0)
+        clip_tokenizer_json(textual, tok.encoder, merges, specials, tok.decoder[pad_id], lower=clean == "lower")
+    elif type(tok).__name__ == "HFTokenizer" and getattr(tok, "tokenizer_mode", "") == "":
+        textual.mkdir(parents=True, exist_ok=True)
+        tok.tokenizer.save_pretrained(str(textual))
+        if not (textual / "tokenizer.json").is_file():
+            return None
+    else:
+        return None
+    ctx = int(tok.context_length)
+    ours = TextTokenizer(textual, ctx, clean, strip_sep=bool(getattr(tok, "strip_sep_token", False)))
+    if np.array_equal(ours(_TOKENIZER_CHECK), tok(_TOKENIZER_CHECK).numpy()):
+        return clean
+    (textual / "tokenizer.json").unlink()
+    return None
 
 
 def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> TowerEncoder:
@@ -183,7 +220,7 @@ def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> TowerEncoder:
     folder = prepare(base, spec.precision)
     register_export(spec, folder)
     tokenize = None
-    if not (folder / "tokenizer.json").is_file():  # another tokenizer: the model's own, through torch
+    if not (folder / "textual" / "tokenizer.json").is_file():  # another tokenizer: the model's own, through torch
         tokenizer = base.tokenizer
         tokenize = lambda texts: tokenizer(texts).numpy()  # noqa: E731
     towers = TowerEncoder(folder, spec.precision, spin=spin, tokenize=tokenize, decode=spec.decode)

@@ -34,6 +34,8 @@ class OpenClipEncoder(TorchEncoder):
         self.model = model
         self.tokenizer = tokenizer
         self.trim_text_padding = _can_trim_padding(model)
+        # open_clip's model config (embed_dim, vision_cfg, text_cfg), written beside an export
+        self.model_cfg: dict[str, Any] = {}
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
@@ -151,6 +153,7 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
         model_name = f"local-dir:{weights}"
         model = _create(open_clip, model_name, device=device, precision=precision)
         tokenizer = open_clip.get_tokenizer(model_name)
+        model_cfg = _folder_config(weights)
         label = spec.model if spec.model.startswith("hf-hub:") else f"local:{weights.resolve().name}"
         pretrained, digest = "", weights_digest(weights)
     elif spec.model.startswith("hf-hub:"):
@@ -159,6 +162,7 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
         model_name = f"local-dir:{folder}"
         model = _create(open_clip, model_name, device=device, precision=precision)
         tokenizer = open_clip.get_tokenizer(model_name)
+        model_cfg = _folder_config(folder)
         label, pretrained, digest = spec.model, "", weights_digest(folder)
     else:
         name = spec.model
@@ -197,6 +201,9 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
             force_preprocess_cfg=preprocess_overrides,
         )
         tokenizer = open_clip.get_tokenizer(name)
+        model_cfg = dict(open_clip.get_model_config(name) or {})
+        if tag_cfg.get("quick_gelu"):
+            model_cfg["quick_gelu"] = True
         label, pretrained = name, tag or f"file:{Path(checkpoint).name}"
 
     model.eval()
@@ -214,9 +221,17 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
     )
     encoder = OpenClipEncoder(model, tokenizer, identity, device)
     encoder.notes = tuple(notes)
+    encoder.model_cfg = model_cfg
     if fast_cpu:
         encoder.use_onednn()
     return encoder
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    """The model config of a folder in open_clip's hub layout."""
+    import json
+
+    return dict(json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {}))
 
 
 def _recognise(open_clip: Any, name: str, weights: Path, digest: str) -> str:

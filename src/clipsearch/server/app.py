@@ -46,6 +46,7 @@ from ..errors import (
 )
 from ..search import combine, query_terms
 from ..store import Hit, Item, Store, open_store
+from .metrics import Metrics
 from .schemas import (
     DeletedResponse,
     DuplicatesResponse,
@@ -407,6 +408,11 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         redoc_url=None,
     )
     app.state.service = service
+    metrics = Metrics()
+    metrics.watch_batcher("text", service.text_batcher)
+    metrics.watch_batcher("image", service.image_batcher)
+    app.state.metrics = metrics
+    app.middleware("http")(metrics.middleware)
     # added last = outermost: the Host check first, CORS answers preflights, then the rest
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.allowed_origins:
@@ -472,6 +478,13 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
             raise AuthError("invalid API key")
 
     api = APIRouter(dependencies=[Depends(require_key)])
+
+    # -- metrics -----------------------------------------------------------------------
+    @api.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests by route and status, latency, model batch sizes, queue
+        depth, embeddings made (behind the API key, when one is set)."""
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     # -- health and models -------------------------------------------------------------
     @app.head("/health", include_in_schema=False)  # load balancers probe with HEAD

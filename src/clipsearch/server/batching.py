@@ -42,6 +42,8 @@ class MicroBatcher(Generic[T, R]):
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._last_batch = 0
+        # told each batch's size before the model runs it (the server's metrics)
+        self.observe: Callable[[int], None] | None = None
         self.items = 0  # inputs embedded so far (the tests read it)
         self.dropped = 0  # inputs of gone requests dropped without a model call
 
@@ -75,6 +77,10 @@ class MicroBatcher(Generic[T, R]):
             raise
         return results
 
+    def pending(self) -> int:
+        """Inputs waiting for the model."""
+        return self._pending()
+
     def _pending(self) -> int:
         return sum(len(job) for job in self._jobs)
 
@@ -106,6 +112,8 @@ class MicroBatcher(Generic[T, R]):
             self._last_batch = len(live)
             if not live:
                 continue
+            if self.observe is not None:
+                self.observe(len(live))
             try:
                 out = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in live])
             except Exception as e:  # the model failed: every waiting request gets the error

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..errors import ClipsearchError, NotFoundError, UsageError
+from ..errors import ClipsearchError, MissingExtraError, NotFoundError, UsageError
 from ..identity import ModelIdentity
 from ..index import IndexSettings
 from ..settings import settings
@@ -142,9 +142,7 @@ def load_psycopg():
         import psycopg_pool
         from pgvector.psycopg import register_vector
     except ImportError:
-        raise UsageError(
-            "PostgreSQL stores need psycopg, psycopg_pool and pgvector: pip install 'clipsearch[postgres]'"
-        ) from None
+        raise MissingExtraError("a PostgreSQL store (psycopg, psycopg_pool, pgvector)", "postgres") from None
     return psycopg, psycopg_pool, register_vector
 
 

@@ -1,0 +1,5 @@
+"""``python -m clipsearch``: the command line."""
+
+from .cli import main
+
+main()
