@@ -51,13 +51,14 @@ class TextTokenizer:
         self.clean = clean
         self.context_length = context_length
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        pad = _token_text(_read_json(folder / "tokenizer_config.json").get("pad_token"))
+        config = _read_json(folder / "tokenizer_config.json")
+        pad = _token_text(config.get("pad_token"))
         pad_id = self._tokenizer.token_to_id(pad) if pad is not None else None
         self.pad_id = int(pad_id) if pad_id is not None else 0
         self._tokenizer.enable_truncation(max_length=context_length)
         self._tokenizer.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=pad or "")
         # open_clip's ``strip_sep_token``: the separator becomes padding
-        sep = _token_text(_read_json(folder / "tokenizer_config.json").get("sep_token")) if strip_sep else None
+        sep = _token_text(config.get("sep_token")) if strip_sep else None
         self._sep_id = self._tokenizer.token_to_id(sep) if sep else None
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:

@@ -241,7 +241,7 @@ def folder_identity(folder: Path, name: str) -> ModelIdentity:
         dim=int(config["embed_dim"]),
         preprocess=preprocess.to_dict(),
         runtime="onnx",
-        weights=folder_digest(folder, [n for n in _tower_files(folder)]),
+        weights=folder_digest(folder, _tower_files(folder)),
     )
 
 
