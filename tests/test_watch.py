@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -192,3 +193,56 @@ def test_serve_watch_keeps_the_gallery_current(tmp_path, tiny_openclip):
         write_photos(folder, ["rocket"])
         (folder / "coffee.jpg").unlink()
         wait_for({"astronaut.jpg", "rocket.jpg"})
+
+
+def test_no_change_is_lost_in_any_window(tmp_path, tiny_model):
+    """Files written while the first pass runs, between two batches and while a batch runs are
+    all stored: the OS watch starts before the first pass, and every pass reconciles the store
+    with the folder (the newcomer issue, point 1: a file added during the first pass was lost
+    for good)."""
+    from clipsearch.watch import Watcher
+
+    from .conftest import noise_png, stored_items
+
+    folder = tmp_path / "photos"
+    write_photos(folder)
+    db = tmp_path / "w.db"
+    injected: list[str] = []
+
+    def inject(name: str) -> None:
+        (folder / name).write_bytes(noise_png(500 + len(injected)))
+        injected.append(name)
+
+    events = []
+
+    def progress(done: int, total: int) -> None:
+        # inside a pass, after its files were listed
+        if len(events) == 0 and "during-first-pass.png" not in injected:
+            inject("during-first-pass.png")
+        elif len(events) == 1 and "during-a-batch.png" not in injected:
+            inject("during-a-batch.png")
+
+    def on_event(event) -> None:
+        events.append(event.kind)
+        if len(events) == 1:
+            inject("between-batches.png")  # after the first pass, before the next batch
+
+    with clipsearch.open(db, weights=tiny_model) as col:
+        watcher = Watcher(col, [folder], quiet_ms=200, max_wait_ms=1000, on_event=on_event, progress=progress)
+        thread = threading.Thread(target=watcher.run, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 90
+            while not (len(injected) == 3 and stored_items(db) == len(list(folder.iterdir()))):
+                assert thread.is_alive(), "the watcher stopped"
+                assert time.monotonic() < deadline, (
+                    f"stored {stored_items(db)} of {len(list(folder.iterdir()))}: {events}"
+                )
+                time.sleep(0.2)
+        finally:
+            watcher.stop()
+            thread.join(timeout=60)
+    assert events[0] == "sync" and len(events) >= 3
+    with sqlite3.connect(db) as conn:
+        stored = {Path(path).name for (path,) in conn.execute("SELECT json_extract(metadata, '$.path') FROM items")}
+    assert stored == {p.name for p in folder.iterdir()}

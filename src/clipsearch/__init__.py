@@ -13,24 +13,76 @@ decoding -> encoders -> store / index -> collection -> CLI / server / worker / R
 
 __version__ = "0.1.0"
 
-from .collection import Collection, CollectionInfo, ModelChoice, describe, open
-from .errors import (
-    ClipsearchError,
-    DeviceUnavailableError,
-    DimensionError,
-    FetchError,
-    ImageError,
-    ItemNotFoundError,
-    MissingWeightsError,
-    ModelMismatchError,
-    NamespaceNotFoundError,
-    NoDatabaseError,
-    NotFoundError,
-    TooLargeError,
-    UsageError,
-)
-from .identity import ModelIdentity, ModelSpec
-from .store import Hit, Item
+from typing import TYPE_CHECKING, Any
+
+# What ``import clipsearch`` offers, imported on first use (PEP 562): the command line imports
+# this package, and ``clipsearch --help`` should not pay for numpy, the store and the index.
+_EXPORTS = {
+    "Collection": "collection",
+    "CollectionInfo": "collection",
+    "describe": "collection",
+    "open": "collection",
+    "ModelChoice": "choice",
+    "ModelIdentity": "identity",
+    "ModelSpec": "identity",
+    "Hit": "store",
+    "Item": "store",
+    **{
+        name: "errors"
+        for name in (
+            "ClipsearchError",
+            "DeviceUnavailableError",
+            "DimensionError",
+            "FetchError",
+            "ImageError",
+            "ItemNotFoundError",
+            "MissingWeightsError",
+            "ModelMismatchError",
+            "NamespaceNotFoundError",
+            "NoDatabaseError",
+            "NotFoundError",
+            "TooLargeError",
+            "UsageError",
+        )
+    },
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipsearch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from .choice import ModelChoice
+    from .collection import Collection, CollectionInfo, describe, open
+    from .errors import (
+        ClipsearchError,
+        DeviceUnavailableError,
+        DimensionError,
+        FetchError,
+        ImageError,
+        ItemNotFoundError,
+        MissingWeightsError,
+        ModelMismatchError,
+        NamespaceNotFoundError,
+        NoDatabaseError,
+        NotFoundError,
+        TooLargeError,
+        UsageError,
+    )
+    from .identity import ModelIdentity, ModelSpec
+    from .store import Hit, Item
 
 __all__ = [
     "ClipsearchError",

@@ -292,10 +292,10 @@ def _raw_preview(raw: Any, orientation: int, min_edge: int) -> Image.Image | Non
 
 @functools.cache
 def _register_heif() -> None:
-    """Teach Pillow HEIC/HEIF (pillow-heif), the first time one is met: importing libheif costs
-    40 ms that a text query should not pay. pillow-heif applies the file's rotation itself and
-    reports the upright size (its EXIF orientation then reads 1)."""
-    from pillow_heif import register_heif_opener
+    """Teach Pillow HEIC/HEIF (pi-heif: pillow-heif without its encoders), the first time one is
+    met: importing libheif costs 40 ms that a text query should not pay. It applies the file's
+    rotation itself and reports the upright size (its EXIF orientation then reads 1)."""
+    from pi_heif import register_heif_opener
 
     register_heif_opener()
 

@@ -1,8 +1,9 @@
 """Model folders you can move: exporting a model's towers to ONNX, and listing what is cached.
 
 ``export(choice, out)`` writes a model as a tower folder (``encoders.towers``: Immich's layout,
-plus our ``clipsearch.json``), fp32 and the int8 image tower: an open_clip checkpoint through its
-PyTorch model (the ``torch`` extra), a published tower repository or folder by copying it. The
+plus our ``clipsearch.json``), fp32 and the int8 image tower: an open_clip or transformers
+checkpoint through its PyTorch model (the ``torch`` extra; ``hf`` for transformers), a published
+tower repository or folder by copying it. The
 folder runs anywhere with ``--weights DIR``, without torch, and records the identity of the model
 it came from, so a namespace made with the PyTorch model is searched with it unchanged.
 ``cached()`` lists the exports in the ONNX cache and the tower repositories in the Hugging Face
@@ -68,12 +69,6 @@ def export(
     target = Path(out).expanduser() if out is not None else None
     if target is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UsageError(f"{target} exists and is not an empty folder; name a new folder", param="out")
-    if spec.backend == "hf":
-        raise UsageError(
-            f"{spec.label} is a transformers checkpoint; exporting those to ONNX is not supported yet "
-            "(run it with --runtime torch)",
-            param="model",
-        )
     if spec.backend == "onnx":
         source = spec_folder(spec)
         name = spec.model if spec.weights is None else Path(spec.weights).name

@@ -15,7 +15,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import UsageError
-from .store import is_server
 
 PREFIX = "CLIPSEARCH_"
 
@@ -77,14 +76,14 @@ class Settings:
 
     def download_cache(self, db: str) -> Path:
         """Downloads live beside a SQLite database; a server database gets a per-user cache."""
-        if is_server(db):
+        if _is_server(db):
             return self.user_cache() / "downloads"
         # absolute: the paths of downloaded images are stored, and read from any folder later
         return Path(os.path.abspath(db + "-cache"))
 
     def media_root(self, db: str) -> Path:
         """The server's uploads and thumbnails: beside a SQLite database, else per user."""
-        if is_server(db):
+        if _is_server(db):
             return self.user_cache() / "media"
         return Path(os.path.abspath(db + "-media"))
 
@@ -92,3 +91,9 @@ class Settings:
 def settings() -> Settings:
     """The settings as the environment says now."""
     return Settings.from_env()
+
+
+def _is_server(db: str) -> bool:
+    from .store import is_server  # the store package loads numpy: only when a path is asked for
+
+    return is_server(db)

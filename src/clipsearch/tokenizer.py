@@ -21,14 +21,24 @@ from typing import Any
 
 import numpy as np
 
-CLEANERS = ("lower", "whitespace", "canonicalize")
+# "none": the text as given (a transformers tokenizer normalises it itself); "siglip": as
+# transformers' SiglipTokenizer canonicalises it before SentencePiece
+CLEANERS = ("lower", "whitespace", "canonicalize", "none", "siglip")
 # CLIP's pre-tokenising pattern (open_clip's SimpleTokenizer, OpenAI's clip)
 CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def clean_text(text: str, mode: str) -> str:
     """open_clip's cleaning: ``lower`` (its CLIP tokenizer), ``whitespace`` (its Hugging Face
-    tokenizers' default) or ``canonicalize`` (SigLIP: no punctuation, lower case)."""
+    tokenizers' default) or ``canonicalize`` (SigLIP: no punctuation, lower case); ``none``
+    leaves it as it is, as transformers' tokenizers take it; ``siglip`` is transformers'
+    SiglipTokenizer's own (lower case, punctuation removed, white space collapsed: no ftfy and no
+    HTML entities, unlike open_clip's ``canonicalize``)."""
+    if mode == "none":
+        return text
+    if mode == "siglip":
+        text = text.lower().translate(str.maketrans("", "", string.punctuation))
+        return " ".join(text.split())
     import ftfy
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
@@ -55,8 +65,15 @@ class TextTokenizer:
         pad = _token_text(config.get("pad_token"))
         pad_id = self._tokenizer.token_to_id(pad) if pad is not None else None
         self.pad_id = int(pad_id) if pad_id is not None else 0
-        self._tokenizer.enable_truncation(max_length=context_length)
-        self._tokenizer.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=pad or "")
+        # the sides transformers pads and truncates on, as its tokenizer_config.json says
+        # (Gemma's tokenizer, SigLIP 2's, pads on the left)
+        self._tokenizer.enable_truncation(max_length=context_length, direction=_side(config.get("truncation_side")))
+        self._tokenizer.enable_padding(
+            length=context_length,
+            pad_id=self.pad_id,
+            pad_token=pad or "",
+            direction=_side(config.get("padding_side")),
+        )
         # open_clip's ``strip_sep_token``: the separator becomes padding
         sep = _token_text(config.get("sep_token")) if strip_sep else None
         self._sep_id = self._tokenizer.token_to_id(sep) if sep else None
@@ -71,6 +88,10 @@ class TextTokenizer:
     def counts(self, tokens: np.ndarray) -> list[int]:
         """Tokens each row occupies (special tokens included), as the server reports usage."""
         return (tokens != self.pad_id).sum(axis=1).tolist()
+
+
+def _side(value: Any) -> str:
+    return "left" if value == "left" else "right"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -4,14 +4,14 @@
 watchfiles (the Rust ``notify`` crate: inotify, FSEvents, ReadDirectoryChangesW) reports what
 changed. A batch of changes is applied once the folders have been quiet for ``quiet_ms`` (a copy
 in progress keeps writing, so a file is read once it is whole), and at most ``max_wait_ms``
-after its first change, through ``Collection.ingest``:
+after its first change, as one pass over the whole folders through ``Collection.ingest``
+(incremental: a file whose bytes did not change is not read again; with ``prune``, unless
+switched off, a moved file keeps its vector and a deleted one leaves). Every pass reconciles the
+store with the folders, so a change the OS did not report (an overflowing event queue, a file
+that raced a pass) is repaired by the next one.
 
-- only new and modified files: those files are ingested (a file whose bytes did not change is
-  not embedded again);
-- any deletion or move, or a folder that appeared: one pass over the whole folders with
-  ``prune`` (unless switched off), so a moved file keeps its vector and a deleted one leaves.
-
-The first pass over the folders is a full one too. A watched folder that vanishes is waited for;
+The OS watch starts before the first pass: a change made while that pass runs (minutes, on a
+large library) is reported after it, never lost. A watched folder that vanishes is waited for;
 when it is back, a full pass catches up and watching resumes (an OS watch dies with its folder).
 ``stop()`` ends the loop after the batch in flight.
 """
@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from .sources import SingleFileSource, is_image_name
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -88,10 +86,9 @@ class Watcher:
                 self._stop.wait(0.5)
                 continue
             waiting = []
-            self._ingest("sync", 0, self.folders, self.prune)
             # rust_timeout + yield_on_timeout: an empty batch each second, to notice a vanished
             # folder (its OS watch is gone with it) and the stop flag
-            for changes in watchfiles.watch(
+            watch = watchfiles.watch(
                 *self.folders,
                 stop_event=self._stop,
                 step=self.quiet_ms,
@@ -100,26 +97,23 @@ class Watcher:
                 yield_on_timeout=True,
                 recursive=self.recursive,
                 raise_interrupt=False,
-            ):
-                if any(not f.is_dir() for f in self.folders):
-                    break
-                if changes:
-                    self._apply(changes)
-                if self._stop.is_set():
-                    break
-
-    def _apply(self, changes: set[tuple[Any, str]]) -> None:
-        import watchfiles
-
-        removed = any(change == watchfiles.Change.deleted for change, _ in changes)
-        touched = {Path(p) for change, p in changes if change != watchfiles.Change.deleted}
-        # a folder moved or copied in brings files that raised no events of their own
-        if removed or any(p.is_dir() for p in touched):
-            self._ingest("batch", len(changes), self.folders, self.prune)
-            return
-        files = sorted(p for p in touched if is_image_name(p.name) and p.is_file())
-        if files:
-            self._ingest("batch", len(changes), [SingleFileSource(p) for p in files], False)
+            )
+            try:
+                # The OS watch exists once the generator has taken its first step (up to a
+                # second): from then on every change is queued, so one made during the pass
+                # below arrives as the next batch. What that step itself reports, the pass covers.
+                if next(watch, None) is None:
+                    break  # stopped
+                self._ingest("sync", 0, self.folders, self.prune)
+                for changes in watch:
+                    if any(not f.is_dir() for f in self.folders):
+                        break
+                    if changes:
+                        self._ingest("batch", len(changes), self.folders, self.prune)
+                    if self._stop.is_set():
+                        break
+            finally:
+                watch.close()
 
     def _ingest(self, kind: str, changes: int, sources: list[Any], prune: bool) -> None:
         started = time.perf_counter()

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..collection import ModelChoice
+from ..choice import ModelChoice
 from ..errors import ClipsearchError, NamespaceNotFoundError, NoDatabaseError, UsageError
 
 # No markup: what we print holds paths, ids and install lines (``clipsearch[postgres]``,

@@ -10,15 +10,17 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..collection import Collection, ModelChoice
+from ..choice import ModelChoice
 from ..errors import UsageError
-from ..store import open_store, validate_namespace
 from ._common import JsonOpt, err, loading, out
 from .ingest import progress_bar
+
+if TYPE_CHECKING:
+    from ..collection import Collection
 
 eval_app = typer.Typer(
     help="Measure a model on your own images: zero-shot accuracy, retrieval recall.", no_args_is_help=True
@@ -64,6 +66,9 @@ def _choices(base: ModelChoice, compare: list[str] | None) -> list[ModelChoice]:
 def _collections(db: str | None, namespace: str, choices: list[ModelChoice]) -> Iterator[list[Collection]]:
     """One collection per configuration, each its own namespace (a runtime's vectors must not be
     reused for another's score), in ``db`` or a temporary store."""
+    from ..collection import Collection
+    from ..store import open_store, validate_namespace
+
     with contextlib.ExitStack() as stack:
         if db is None:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="clipsearch-eval-"))

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..collection import Collection, ModelChoice
+from ..choice import ModelChoice
 from ..errors import UsageError
-from ..store import open_store
 from ._common import (
     CATALOG_PANEL,
     DbOpt,
@@ -225,9 +224,10 @@ def ingest(
 ) -> None:
     """Embed images from folders, image lists and catalogs into the store (resumable, incremental)."""
     from ..catalog import CatalogOptions
+    from ..collection import Collection
     from ..downloads import CATALOG_POLICY, DownloadSettings
     from ..pipeline import resolve_worker_type
-    from ..store import validate_namespace
+    from ..store import open_store, validate_namespace
 
     validate_namespace(namespace)
     resolve_worker_type(worker_type, "cpu")  # a typo fails before the model loads

@@ -10,8 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import models as lib
-from ..collection import ModelChoice
+from ..choice import ModelChoice
 from ._common import JsonOpt, err, out
 
 models_app = typer.Typer(help="Models as ONNX folders you can move: export and list.", no_args_is_help=True)
@@ -42,6 +41,8 @@ def export(
 
     The folder runs without torch wherever it is copied: --weights DIR in any command. Exporting
     an open_clip checkpoint needs the torch extra."""
+    from .. import models as lib
+
     spec = ModelChoice(model, pretrained, weights).resolve(None)
     notice = (lambda line: err.print(line, highlight=False)) if not as_json else None
     folder = lib.export(spec, out_dir, int8=int8, notice=notice)
@@ -54,6 +55,8 @@ def export(
 
 def list_models(as_json: JsonOpt = False) -> None:
     """Models cached as ONNX towers: exports, and repositories from the Hugging Face hub."""
+    from .. import models as lib
+
     folders = lib.cached()
     if as_json:
         for f in folders:

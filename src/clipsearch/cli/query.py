@@ -6,16 +6,17 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
 
-from .. import collection as lib
-from ..collection import ModelChoice
+from ..choice import ModelChoice
 from ..errors import UsageError
-from ..store import database_exists
 from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, err, loading, out, parse_filters, print_hits
+
+if TYPE_CHECKING:
+    from ..collection import Collection
 
 
 def search(
@@ -48,6 +49,8 @@ def search(
     choice: ModelChoice,
 ) -> None:
     """Search the store by text (QUERY) or by image (--image PATH)."""
+    from .. import collection as lib
+
     if (query is None) == (image is None):
         raise UsageError("give a text QUERY or --image PATH (exactly one)")
     mode = mode.strip().lower()
@@ -76,6 +79,8 @@ def similar(
     as_json: HitsJsonOpt = False,
 ) -> None:
     """Items nearest to item ID by image vector (the item itself left out). No model needed."""
+    from .. import collection as lib
+
     with lib.open(db, namespace, create=False) as collection:
         print_hits(collection.similar(item_id, limit=limit, same_filter=same_filter), as_json)
 
@@ -92,6 +97,9 @@ def embed(
 
     Uses the namespace's model when the database has one, else --model/--pretrained/--weights.
     """
+    from .. import collection as lib
+    from ..store import database_exists
+
     if (text is None) == (image is None):
         raise UsageError("give --text TEXT or --image PATH (exactly one)")
     if database_exists(db):
@@ -106,7 +114,7 @@ def embed(
     sys.stdout.write(json.dumps([round(float(x), 8) for x in vector]) + "\n")
 
 
-def _embed(collection: lib.Collection, text: str | None, image: Path | None):
+def _embed(collection: Collection, text: str | None, image: Path | None):
     collection.notice = lambda message: err.print(message, highlight=False)
     collection.loading = loading
     collection.few_calls = True
@@ -125,6 +133,8 @@ def duplicates(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one group each.")] = False,
 ) -> None:
     """Groups of near-identical images: identical bytes first, then close vectors."""
+    from .. import collection as lib
+
     with lib.open(db, namespace, create=False) as collection:
         groups = collection.duplicates(threshold)
     if as_json:

@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 
-from ..collection import Collection, ModelChoice
+from ..choice import ModelChoice
 from ..errors import ClipsearchError, UsageError
-from ..store import open_store, validate_namespace
 from ._common import DbOpt, err
 
 
@@ -120,8 +119,10 @@ def serve(
     """Run the HTTP API (OpenAI-compatible /v1/embeddings, search, items) and the web gallery."""
     import uvicorn
 
+    from ..collection import Collection
     from ..encoders import load_encoder, runnable_spec
     from ..server import ServerSettings, create_app
+    from ..store import open_store, validate_namespace
 
     validate_namespace(namespace)
     for folder in watch or ():

@@ -11,14 +11,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import collection as lib
 from ..errors import NoDatabaseError, UsageError
-from ..store import database_exists, is_postgres_url, open_store
 from ._common import DbOpt, JsonOpt, NamespaceOpt, out
 
 
 def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
     """Per namespace: model, dimensions, items, failures, index kind and freshness."""
+    from .. import collection as lib
+
     location, infos = lib.describe(db)
     rows = [i.as_dict() for i in infos]
     if as_json:
@@ -47,6 +47,8 @@ def failures(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one failure each.")] = False,
 ) -> None:
     """List the items that failed to ingest, with their reasons."""
+    from ..store import database_exists, open_store
+
     if not database_exists(db):
         raise NoDatabaseError(db)
     with open_store(db) as store:
@@ -91,6 +93,8 @@ def export(
     namespace: NamespaceOpt = "default",
 ) -> None:
     """Export a namespace's vectors and metadata."""
+    from .. import collection as lib
+
     if format_ not in ("npy", "seed-compatible"):
         raise UsageError(f"unknown --format {format_!r}; use npy or seed-compatible")
     if format_ == "npy" and (npy is None or meta is None):
@@ -116,6 +120,8 @@ def export(
 def db_migrate(db: DbOpt = "clipsearch.db") -> None:
     """Create the schema, or bring it up to this version of clipsearch (every command also does
     this when it opens the store)."""
+    from ..store import open_store
+
     with open_store(db) as store:
         before = getattr(store, "schema_version_before", None)
         now = store.schema_version()
@@ -141,6 +147,9 @@ def index_build(
     index (vector_ip_ops) in PostgreSQL. On SQLite this also compacts an HNSW index: the vectors
     of deleted or replaced items, skipped by searches until now, leave the graph. HNSW settings
     come from CLIPSEARCH_HNSW_M and CLIPSEARCH_EF_CONSTRUCTION."""
+    from .. import collection as lib
+    from ..store import is_postgres_url
+
     with lib.open(db, namespace, create=False) as collection:
         collection.identity()
         if is_postgres_url(db) and kind == "auto":

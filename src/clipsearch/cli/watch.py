@@ -9,9 +9,8 @@ from typing import Annotated
 
 import typer
 
-from ..collection import Collection, ModelChoice
+from ..choice import ModelChoice
 from ..errors import UsageError
-from ..store import open_store, validate_namespace
 from ._common import DbOpt, JsonOpt, NamespaceOpt, err, loading, out
 
 
@@ -52,6 +51,8 @@ def watch(
     """Keep a namespace in step with folders while it runs: new and changed images are embedded
     in batches, deleted ones removed, moved ones keep their vector; a line per batch. Stops on
     Ctrl-C or SIGTERM once the batch in flight is stored (a second Ctrl-C stops at once)."""
+    from ..collection import Collection
+    from ..store import open_store, validate_namespace
     from ..watch import Watcher, WatchEvent, describe
 
     validate_namespace(namespace)

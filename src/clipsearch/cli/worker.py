@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..collection import ModelChoice
+from ..choice import ModelChoice
 from ..errors import ClipsearchError, UsageError
-from ..store import is_postgres_url
 from ._common import JsonOpt, err, loading, out
 
 TABLE_PANEL = "Table"
@@ -87,6 +86,8 @@ def worker(
     """Embed the rows of TABLE that need it: vector NULL, status 'pending' (and, if asked, zero
     vectors and other model versions). Several workers may run at once; SIGTERM finishes the
     batch in hand and exits."""
+    from ..store import is_postgres_url
+
     if ctx.invoked_subcommand is not None:
         return
     import signal
@@ -175,6 +176,7 @@ def worker_install_trigger(
 ) -> None:
     """Add triggers to TABLE: NOTIFY waiting workers when rows arrive or their source changes,
     and clear the vector (status 'pending') of a row whose image or text changed."""
+    from ..store import is_postgres_url
     from ..worker import install_trigger
 
     if (image_column is None) == (text_column is None):

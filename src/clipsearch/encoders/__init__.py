@@ -99,7 +99,10 @@ def load_encoder(spec: ModelSpec, *, serving: bool = False, few_calls: bool = Fa
     if spec.backend == "hf":
         from . import hf
 
-        base: Encoder = hf.load(spec)
+        if spec.runtime == "onnx":
+            base: Encoder = hf.load(dataclasses.replace(spec, device="cpu"), fast_cpu=False)
+        else:
+            base = hf.load(spec)
     else:
         from . import openclip
 

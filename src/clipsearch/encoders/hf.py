@@ -58,6 +58,15 @@ class HFEncoder(TorchEncoder):
             kwargs["attention_mask"] = enc["attention_mask"].to(self.device)
         return _features(self.model.get_text_features(**kwargs))
 
+    @property
+    def text_length(self) -> int:
+        """The longest token sequence the text tower takes (SigLIP: every text is padded to it)."""
+        return int(self._text_kwargs["max_length"])
+
+    @property
+    def pads_text_to_length(self) -> bool:
+        return self._text_kwargs["padding"] == "max_length"
+
     def count_tokens(self, texts: list[str]) -> list[int]:
         kwargs = {k: v for k, v in self._text_kwargs.items() if k != "padding"}
         enc = self.tokenizer([str(t) for t in texts], **kwargs)
@@ -78,7 +87,9 @@ def _text_max_length(model: Any) -> int:
     return int(model.config.text_config.max_position_embeddings)
 
 
-def load(spec: ModelSpec) -> HFEncoder:
+def load(spec: ModelSpec, *, fast_cpu: bool = True) -> HFEncoder:
+    """``spec``'s checkpoint; ``fast_cpu``: run its matrix products on oneDNN where that gives
+    the same vectors (off for an export, which traces the model as it is)."""
     device = resolve_device(spec.device)
     ensure_torchvision_importable()  # transformers' model modules import torchvision
     try:
@@ -140,7 +151,8 @@ def load(spec: ModelSpec) -> HFEncoder:
         decode=spec.decode,
     )
     encoder = HFEncoder(model, tokenizer, identity, device)
-    encoder.use_onednn()
+    if fast_cpu:
+        encoder.use_onednn()
     return encoder
 
 

@@ -1,5 +1,5 @@
-"""ONNX exports: open_clip's image and text towers exported once from the PyTorch model, into a
-tower folder (the layout ``towers`` reads, Immich's).
+"""ONNX exports: an open_clip or transformers (CLIP, SigLIP) model's image and text towers
+exported once from the PyTorch model, into a tower folder (the layout ``towers`` reads, Immich's).
 
 ONNX Runtime's CPU kernels are markedly faster than PyTorch's for these towers on many CPUs
 (see ``benchmarks/``). The towers are exported into a cache folder keyed by a digest of the
@@ -29,6 +29,7 @@ import torch
 from ..errors import UsageError
 from ..files import write_atomic
 from ..identity import ModelIdentity, ModelSpec
+from ..imaging import PreprocessSpec
 from .interface import Encoder
 from .openclip import OpenClipEncoder, encode_text_cut
 from .towers import (
@@ -210,13 +211,125 @@ def _write_tokenizer(base: OpenClipEncoder, textual: Path) -> str | None:
     return None
 
 
+def prepare_hf(base: Any, precision: str) -> Path:
+    """The cache folder holding a transformers model's exported towers (exported now if
+    missing). Its tokenizer is saved as transformers saves it and must give the model's own ids
+    without cleaning the text first (``clean: none``): otherwise the text tower could not run
+    without torch, and the export is refused."""
+    from .hf import _features
+
+    model = base.model
+    folder = cache_root() / weights_digest(model, base.identity)
+    h, w = PreprocessSpec.from_dict(base.identity.preprocess).size
+    ctx = base.text_length
+    config = model.config
+    # transformers' CLIP pools the first end-of-text token, or the largest id where the config
+    # keeps the legacy eos id 2 (OpenAI's checkpoints); SigLIP reads every position of a text
+    # padded to its full length
+    eos = int(getattr(config.text_config, "eos_token_id", 2) or 2)
+    pool = None if base.pads_text_to_length else ("argmax" if eos == 2 else "eos")
+    if not (folder / tower_file("image", "fp32")).is_file():
+        _export(
+            _Tower(model, lambda m, x: _features(m.get_image_features(pixel_values=x))),
+            torch.zeros(2, 3, h, w),
+            {0: torch.export.Dim("batch", min=1, max=4096)},
+            folder / tower_file("image", "fp32"),
+            "image",
+        )
+    textual = folder / "textual"
+    if not (folder / tower_file("text", "fp32")).is_file():
+        ids = base.tokenizer(["a photo", "an example text"], return_tensors="pt", **base._text_kwargs)["input_ids"]
+        dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
+        if pool is not None:  # a causal tower: any length up to the context, cut per batch
+            dims[1] = torch.export.Dim("length", min=2, max=ctx)
+            ids = torch.cat([ids, torch.full((2, 2), int(base.tokenizer.pad_token_id or 0))], dim=1)
+        _export(
+            _Tower(model, lambda m, x: _features(m.get_text_features(input_ids=x))),
+            ids,
+            dims,
+            folder / tower_file("text", "fp32"),
+            "text",
+        )
+    if precision == "int8" and not (folder / tower_file("image", "int8")).is_file():
+        quantize(folder)
+    if not (folder / META).is_file():
+        clean = _save_hf_tokenizer(base.tokenizer, textual, ctx)
+        if clean is None:
+            raise UsageError(
+                f"{base.identity.model_id}: its tokenizer does not save as a tokenizer.json that gives the model's "
+                "own ids, so its text tower cannot run without torch; run it with --runtime torch",
+                param="model",
+            )
+        preprocess = {"mode": "RGB", **base.identity.preprocess}
+        write_atomic(folder / "visual" / "preprocess_cfg.json", json.dumps(preprocess, indent=1), mode=0o644)
+        portable = {
+            "embed_dim": base.dim,
+            "model_type": config.model_type,
+            "vision_cfg": {"image_size": h},
+            "text_cfg": {"context_length": ctx},
+        }
+        write_atomic(folder / "config.json", json.dumps(portable, indent=1), mode=0o644)
+        model_meta = {
+            "identity": base.identity.as_dict(),
+            "export_version": EXPORT_VERSION,
+            "image_tokens": base.image_tokens,
+            "text": {
+                "trim": pool is not None,
+                "pool": pool,
+                "eos_id": eos,
+                "pad_id": int(base.tokenizer.pad_token_id or 0),
+                "clean": clean,
+            },
+        }
+        write_atomic(folder / META, json.dumps(model_meta, indent=1), mode=0o644)
+    return folder
+
+
+def _save_hf_tokenizer(tok: Any, textual: Path, ctx: int) -> str | None:
+    """A transformers tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` in
+    ``textual``; returns the text cleaning with which it gives ``tok``'s own ids on texts of
+    several scripts, or None (then no ``tokenizer.json`` is left). A fast tokenizer saves its
+    own; SigLIP's SentencePiece tokenizer has no fast twin in transformers, so its model is
+    converted (a Unigram with SentencePiece's normalisation, then ``</s>``), and its Python
+    canonicalisation is the ``siglip`` cleaning."""
+    from ..tokenizer import TextTokenizer
+
+    textual.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(textual))
+    if not (textual / "tokenizer.json").is_file() and type(tok).__name__ == "SiglipTokenizer":
+        from tokenizers import processors
+        from transformers.convert_slow_tokenizer import SpmConverter
+
+        converted = SpmConverter(tok).converted()
+        eos = str(tok.eos_token)
+        converted.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", special_tokens=[(eos, int(tok.eos_token_id))]
+        )
+        converted.save(str(textual / "tokenizer.json"))
+    if not (textual / "tokenizer.json").is_file():
+        return None
+    # the sides it pads and truncates on can be class defaults that save_pretrained leaves out
+    # (Gemma's tokenizer pads on the left): written down for the tokenizer that reads the folder
+    config_path = textual / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.update(padding_side=tok.padding_side, truncation_side=tok.truncation_side)
+    config_path.write_text(json.dumps(config, indent=1, ensure_ascii=False))
+    theirs = tok(_TOKENIZER_CHECK, padding="max_length", max_length=ctx, truncation=True)["input_ids"]
+    for clean in ("none", "siglip"):
+        if np.array_equal(TextTokenizer(textual, ctx, clean)(_TOKENIZER_CHECK), np.asarray(theirs)):
+            return clean
+    (textual / "tokenizer.json").unlink()
+    return None
+
+
 def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> TowerEncoder:
     """``base`` loaded on the CPU; ``load_encoder`` has checked runtime, precision and device."""
-    if not isinstance(base, OpenClipEncoder):
-        raise UsageError(
-            "--runtime onnx supports open_clip models; use --runtime torch for transformers (hf:) checkpoints"
-        )
     import_ort()
+    if not isinstance(base, OpenClipEncoder):  # a transformers checkpoint (hf.HFEncoder)
+        folder = prepare_hf(base, spec.precision)
+        towers = TowerEncoder(folder, spec.precision, spin=spin, decode=spec.decode)
+        towers.notes = base.notes
+        return towers
     folder = prepare(base, spec.precision)
     register_export(spec, folder)
     tokenize = None

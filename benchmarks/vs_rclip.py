@@ -1,0 +1,180 @@
+"""clipsearch's torch-free core beside rclip, as a user installs and runs them: venv size and
+install time (pip's defaults, no local wheel folder), ``--help``, a whole-process ingest of N
+photos into a fresh store, and a cold text query (a new process, the store already made).
+
+Both run the same network: a random-init open_clip ViT-B-32-256 (rclip's architecture; speed
+does not depend on weight values), exported once by this checkout's dev venv. clipsearch gets
+it as a tower folder (``clipsearch models export``); rclip as the two ONNX files it downloads
+from its hub repository, placed where it looks for them (``RCLIP_DATADIR``), since the hub
+can't be reached here. Also, in the dev venv: how long the first query after an ingest on the
+torch runtime takes (the query towers are exported by the ingest).
+
+    python benchmarks/vs_rclip.py                 # 100 photos, 5 runs of each timed command
+    python benchmarks/vs_rclip.py --n 300 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import CACHE, photos, print_table, random_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCH = "ViT-B-32-256"
+RCLIP_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"  # where rclip 3.x looks for its towers
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def timed(cmd: list[str], repeat: int, **kw) -> float:
+    """Median wall seconds of ``cmd`` run ``repeat`` times."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        sh(cmd, **kw)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def venv(path: Path, *packages: str) -> float:
+    """A clean venv with ``packages`` installed with pip's defaults; returns the seconds taken."""
+    env = {**os.environ, "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    start = time.perf_counter()
+    sh([sys.executable, "-m", "venv", str(path)])
+    sh([str(path / "bin" / "pip"), "install", "--quiet", *packages], env=env)
+    return time.perf_counter() - start
+
+
+def size_mb(path: Path) -> int:
+    return int(sh(["du", "-sm", str(path)]).stdout.split()[0])
+
+
+def rclip_model(towers: Path, datadir: Path) -> None:
+    """Our export, as rclip's files: one ONNX file per tower, the input named "input"."""
+    import onnx
+    from open_clip import tokenizer as oc_tokenizer
+
+    out = datadir / RCLIP_SUBDIR
+    out.mkdir(parents=True, exist_ok=True)
+    for src, dst in (("visual/model.onnx", "visual.onnx"), ("textual/model.onnx", "textual.onnx")):
+        model = onnx.load(str(towers / src))
+        old = model.graph.input[0].name
+        model.graph.input[0].name = "input"
+        for node in model.graph.node:
+            node.input[:] = ["input" if name == old else name for name in node.input]
+        onnx.save(model, str(out / dst))
+    (datadir / "tokenizer").mkdir(exist_ok=True)
+    vocab = Path(oc_tokenizer.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    shutil.copy(vocab, datadir / "tokenizer" / vocab.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100, help="photos to ingest")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rclip", default="rclip", help="pip requirement for rclip")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="vs-rclip-"))
+    dev = ROOT / ".venv" / "bin"
+    try:
+        checkpoint = random_checkpoint(ARCH)
+        towers = CACHE / f"{ARCH}-towers"
+        if not towers.is_dir():
+            sh([str(dev / "clipsearch"), "models", "export", ARCH, "--weights", str(checkpoint), "--out", str(towers)])
+        wheel_dir = work / "dist"
+        sh([str(dev / "python"), "-m", "build", "--wheel", "--outdir", str(wheel_dir), str(ROOT)])
+        wheel = next(wheel_dir.glob("clipsearch-*.whl"))
+        rclip_data = work / "rclip-data"
+        rclip_model(towers, rclip_data)
+        folder = work / "photos"
+        folder.mkdir()
+        for i, src in enumerate(photos(args.n)):
+            shutil.copy(src, folder / f"{i:05d}{src.suffix}")
+
+        rows = []
+        # -- install
+        ours, theirs = work / "clipsearch-venv", work / "rclip-venv"
+        t_ours = venv(ours, str(wheel))
+        t_theirs = venv(theirs, args.rclip)
+        version = sh([str(theirs / "bin" / "pip"), "show", "rclip"]).stdout.split("Version: ")[1].split()[0]
+        rows.append(["install (pip's defaults)", f"{t_ours:.0f} s", f"{t_theirs:.0f} s"])
+        rows.append(["venv size", f"{size_mb(ours)} MB", f"{size_mb(theirs)} MB"])
+        # -- --help
+        h_ours = timed([str(ours / "bin" / "clipsearch"), "--help"], args.repeat)
+        h_theirs = timed([str(theirs / "bin" / "rclip"), "--help"], args.repeat)
+        rows.append(["--help", f"{h_ours:.2f} s", f"{h_theirs:.2f} s"])
+
+        # -- ingest N photos, whole process, fresh store
+        env_theirs = {**os.environ, "RCLIP_DATADIR": str(rclip_data), "HF_HUB_OFFLINE": "1"}
+        env_ours = {**os.environ, "CLIPSEARCH_ONNX_CACHE": str(work / "onnx"), "HF_HUB_OFFLINE": "1"}
+        db = work / "c.db"
+        start = time.perf_counter()
+        sh(
+            [str(ours / "bin" / "clipsearch"), "ingest", str(folder), "--db", str(db), "--weights", str(towers)],
+            env=env_ours,
+        )
+        i_ours = time.perf_counter() - start
+        start = time.perf_counter()
+        # rclip indexes the current folder, then answers the query
+        sh([str(theirs / "bin" / "rclip"), "-t", "1", "a dog"], env=env_theirs, cwd=folder)
+        i_theirs = time.perf_counter() - start
+        rows.append([f"ingest {args.n} photos (+ rclip's query)", f"{i_ours:.1f} s", f"{i_theirs:.1f} s"])
+
+        # -- a cold text query in a new process
+        q_ours = timed(
+            [str(ours / "bin" / "clipsearch"), "search", "a dog", "--db", str(db), "--limit", "1"],
+            args.repeat,
+            env=env_ours,
+        )
+        q_theirs = timed(
+            [str(theirs / "bin" / "rclip"), "--no-indexing", "-t", "1", "a dog"],
+            args.repeat,
+            env=env_theirs,
+            cwd=folder,
+        )
+        rows.append(["cold text query", f"{q_ours:.2f} s", f"{q_theirs:.2f} s"])
+        print_table(
+            f"clipsearch (core wheel, no torch) beside rclip {version}: {ARCH} random-init, {args.n} photos, "
+            f"median of {args.repeat}",
+            ["", "clipsearch", "rclip"],
+            rows,
+        )
+
+        # -- the torch runtime: the first query after an ingest (the ingest exported the towers)
+        env_dev = {**os.environ, "CLIPSEARCH_ONNX_CACHE": str(work / "onnx-dev"), "HF_HUB_OFFLINE": "1"}
+        dev_db = work / "t.db"
+        model = ["--model", ARCH, "--weights", str(checkpoint)]
+        start = time.perf_counter()
+        sh(
+            [str(dev / "clipsearch"), "ingest", str(folder), "--db", str(dev_db), "--runtime", "torch", *model],
+            env=env_dev,
+        )
+        ingest_torch = time.perf_counter() - start
+        start = time.perf_counter()
+        sh([str(dev / "clipsearch"), "search", "a dog", "--db", str(dev_db), "--limit", "1"], env=env_dev)
+        first = time.perf_counter() - start
+        print_table(
+            "dev venv (torch extra): ingest on the torch runtime, then the first query",
+            ["step", "wall"],
+            [
+                [f"ingest {args.n} photos, --runtime torch (exports the query towers)", f"{ingest_torch:.1f} s"],
+                ["first text query after it", f"{first:.2f} s"],
+            ],
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
