@@ -4,6 +4,8 @@ tokenizer.json written from open_clip's vocabulary) gives open_clip's token ids 
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipsearch._compat import import_open_clip
 from clipsearch.tokenizer import TextTokenizer, clip_tokenizer_json
@@ -53,3 +55,16 @@ def test_token_ids_equal_open_clip(tmp_path):
     texts = TEXTS + _random_texts(300)
     np.testing.assert_array_equal(ours(texts), reference(texts).numpy())
     assert ours.counts(ours(["a photo"])) == [4]
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80))
+def test_ascii_skips_ftfy_only_where_ftfy_changes_nothing(text):
+    """clean_text leaves ftfy out for printable ASCII without '&' (its import costs a cold query
+    130 ms): on every such text ftfy gives the text back unchanged."""
+    import ftfy
+
+    from clipsearch.tokenizer import _fix_text
+
+    assert _fix_text(text) == ftfy.fix_text(text)
+    assert _fix_text(text + "&amp;") == ftfy.fix_text(text + "&amp;")

@@ -320,27 +320,52 @@ class TowerEncoder(Encoder):
         self._tokenize = tokenize
         self._few_calls = few_calls
         self._sessions: dict[str, Any] = {}
+        self._opening: dict[str, Any] = {}  # tower -> Future of its session, while it opens
         self.device = "cpu"
 
     # -- sessions ------------------------------------------------------------------------
     def _session(self, tower: str) -> Any:
         session = self._sessions.get(tower)
         if session is None:
-            ort = import_ort()
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self._threads or os.cpu_count() or 1
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if not self._spin:
-                # Idle worker threads spin by default: best for batch ingest, but in a server they
-                # burn the cores the event loop needs between batches.
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if self._few_calls:
-                options.add_session_config_entry("session.disable_prepacking", "1")
-            path = str(self.folder / tower_file(tower, self._precision))
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            opening = self._opening.pop(tower, None)
+            session = opening.result() if opening is not None else self._open(tower)
             self._sessions[tower] = session
         return session
+
+    def _open_soon(self, tower: str) -> None:
+        """Start opening ``tower``'s session on another thread: importing ONNX Runtime and
+        mapping the weights (C++, without the GIL) then overlap the tokenizer's loading, which a
+        cold text query also waits for."""
+        if tower in self._sessions or tower in self._opening:
+            return
+        import threading
+        from concurrent.futures import Future
+
+        future: Future[Any] = Future()
+
+        def open_it() -> None:
+            try:
+                future.set_result(self._open(tower))
+            except BaseException as e:  # given to the caller of _session, as a direct open would
+                future.set_exception(e)
+
+        self._opening[tower] = future
+        threading.Thread(target=open_it, name=f"clipsearch-open-{tower}", daemon=True).start()
+
+    def _open(self, tower: str) -> Any:
+        ort = import_ort()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not self._spin:
+            # Idle worker threads spin by default: best for batch ingest, but in a server they
+            # burn the cores the event loop needs between batches.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self._few_calls:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        path = str(self.folder / tower_file(tower, self._precision))
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     @property
     def tokenize_needs_model(self) -> bool:
@@ -392,6 +417,7 @@ class TowerEncoder(Encoder):
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32), []
+        self._open_soon("text")
         tokens = self.tokenize(texts)
         counts = (tokens != self.pad_id).sum(axis=1).tolist()
         session = self._session("text")
