@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .choice import ModelChoice
-from .errors import ImageError, NamespaceNotFoundError, NoDatabaseError, UsageError
-from .identity import ModelIdentity, ModelSpec
+from .errors import ImageError, ModelMismatchError, NamespaceNotFoundError, NoDatabaseError, UsageError
+from .identity import ModelIdentity, ModelSpec, known_differences
 from .settings import settings
 from .store import (
     DEFAULT_DB,
@@ -236,6 +236,7 @@ class Collection:
         if self._encoder is None:
             from .encoders import load_encoder, runnable_spec
 
+            self._refuse_known_mismatch()
             spec = runnable_spec(self.spec, self.choice.runtime is not None)
             with self.loading(spec.label) if self.loading else contextlib.nullcontext():
                 self._encoder = load_encoder(spec, few_calls=self.few_calls)
@@ -257,9 +258,24 @@ class Collection:
         first use, and cached). ``CLIPSEARCH_QUERY_RUNTIME=torch`` keeps queries on PyTorch."""
         stored = self.identity()
         with self._lock:
+            if self._encoder is None and self._towers is None:
+                self._refuse_known_mismatch()
             encoder = self._encoder or self._towers or self._load_query_encoder()
         check_same_model(self.namespace, stored, encoder.identity)
         return encoder
+
+    def _refuse_known_mismatch(self) -> None:
+        """ModelMismatchError at once where the request already proves another model (another
+        architecture, tag or quantisation): loading or exporting it first could take a minute,
+        or end in a missing-weights error that hides the real one."""
+        if not (self.choice.names_a_model or self.choice.precision):
+            return  # the recorded model: nothing to compare yet
+        stored = self.store.identity(self.namespace)
+        if stored is None:
+            return
+        requested, reasons = known_differences(stored, self.spec)
+        if reasons:
+            raise ModelMismatchError(self.namespace, stored, requested, reasons)
 
     def _load_query_encoder(self) -> Encoder:
         from .encoders import check_runtime

@@ -61,13 +61,16 @@ class ModelMismatchError(ClipsearchError):
     live in different spaces: comparing or mixing them gives meaningless rankings.
     """
 
-    def __init__(self, namespace: str, stored: ModelIdentity, requested: ModelIdentity):
+    def __init__(
+        self, namespace: str, stored: ModelIdentity, requested: ModelIdentity, reasons: list[str] | None = None
+    ):
         self.namespace = namespace
         self.stored = stored
         self.requested = requested
+        self.reasons = reasons if reasons is not None else stored.differences(requested)
         super().__init__(
             f"namespace {namespace!r} holds vectors of {stored.describe()}, but the model in use is "
-            f"{requested.describe()} ({'; '.join(stored.differences(requested))}); use the same model, "
+            f"{requested.describe()} ({'; '.join(self.reasons)}); use the same model, "
             "or another namespace"
         )
 

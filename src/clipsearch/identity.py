@@ -156,11 +156,25 @@ class ModelIdentity:
 
     def describe(self) -> str:
         extra = "" if self.quantization == "none" else f", {self.quantization}"
+        if not self.dim:  # an identity known from the request alone (see ``known_differences``)
+            return f"{self.backend} {self.model_id}{f' ({extra[2:]})' if extra else ''}"
         return f"{self.backend} {self.model_id} ({self.dim}-d{extra})"
 
     def differences(self, other: ModelIdentity) -> list[str]:
-        """Human-readable list of the compared fields that differ."""
+        """Human-readable list of the compared fields that differ. Where both identities have a
+        weights digest, the content decides: the ``pretrained`` tag of a local file
+        (``file:NAME``) and the name of a checkpoint folder are labels, and the same bytes under
+        another name are the same model."""
         a, b = self._compared(), other._compared()
+        if self.weights and other.weights:
+            # folder checkpoints are named after their folder (open_clip's ``local:NAME``,
+            # transformers' ``hf:NAME``); their digest covers the config that names the
+            # architecture. A checkpoint file's model stays compared: it is the architecture.
+            labels = all(i.backend == "hf" or i.model.startswith("local:") for i in (self, other))
+            for d in (a, b):
+                d["pretrained"] = ""
+                if labels:
+                    d["model"] = ""
         out = [f"{k} {a[k]!r} vs {b[k]!r}" for k in _COMPARED if k != "weights" and a[k] != b[k]]
         if self.weights and other.weights and self.weights != other.weights:
             out.append(f"weights {_short(self.weights)} vs {_short(other.weights)} (other file contents)")
@@ -237,3 +251,29 @@ class _DigestCache:
         if self.new:
             self.cache.update(self.new)
             self.new = {}
+
+
+# -- what a request proves before anything loads ------------------------------------------
+def known_differences(stored: ModelIdentity, spec: ModelSpec) -> tuple[ModelIdentity, list[str]]:
+    """What already proves that ``spec`` names another model than the one that made ``stored``,
+    without loading it: another backend, another open_clip architecture, another named tag of
+    hub weights, another quantisation. Returns the requested model as far as it is known, and
+    the differences (none: only loading the model can tell)."""
+    backend = spec.backend
+    quantization = "int8-dynamic" if spec.precision == "int8" else "none"
+    requested = ModelIdentity(
+        backend=backend, model=spec.model, pretrained=spec.pretrained or "", dim=0, quantization=quantization
+    )
+    out: list[str] = []
+    if backend == "onnx" or stored.backend == "onnx":
+        return requested, out  # a tower folder's identity comes from its files, read cheaply on load
+    if backend != stored.backend:
+        out.append(f"backend {stored.backend!r} vs {backend!r}")
+    elif backend == "open_clip" and (spec.weights is None or not spec.weights.is_dir()):
+        if stored.model != spec.model:
+            out.append(f"model {stored.model!r} vs {spec.model!r}")
+        elif spec.weights is None and not stored.weights and (spec.pretrained or "") != stored.pretrained:
+            out.append(f"pretrained {stored.pretrained!r} vs {spec.pretrained or ''!r}")
+    if quantization != stored.quantization:
+        out.append(f"quantization {stored.quantization!r} vs {quantization!r}")
+    return requested, out

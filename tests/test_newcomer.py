@@ -1,0 +1,59 @@
+"""The newcomer issue (26), one test per point fixed, each failing before its fix. Point 1 (the
+watcher's lost files) is in ``tests/test_watch.py``."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+import clipsearch
+from clipsearch.errors import ModelMismatchError
+
+from .conftest import SAMPLE_PHOTOS, make_tiny_openclip, write_photos
+
+
+def test_another_architecture_is_refused_before_anything_loads(cli, photos, tmp_path):
+    """Point 3: ``--model ViT-B-16`` on a namespace of another model exported ViT-B-16 for half a
+    minute and then said its weights were missing. The request alone proves the mismatch: the
+    refusal comes at once, and it names the real problem, from search, embed and ingest."""
+    assert cli("ingest", photos)[0] == 0
+    for args in (
+        ("search", "a cat", "--model", "ViT-B-16"),
+        ("embed", "--text", "a cat", "--model", "ViT-B-16"),
+        ("ingest", photos, "--model", "ViT-B-16", "--pretrained", "openai"),
+        ("search", "a cat", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"),
+    ):
+        started = time.monotonic()
+        code, _, err = cli(*args, weights=False)
+        assert code == 2 and "holds vectors of" in err and "model 'local:tiny-openclip' vs 'ViT-B-" in err, err
+        assert "weights" not in err.lower(), err  # not the missing-weights error
+        assert time.monotonic() - started < 5, "it loaded or exported something first"
+    # the library says it the same way, with the reasons as a field
+    with clipsearch.open(cli.db, model="ViT-B-16") as col, pytest.raises(ModelMismatchError) as e:
+        col.search("a cat")
+    assert e.value.reasons and e.value.requested.model == "ViT-B-16"
+
+
+def test_the_same_weights_under_another_name_are_the_same_model(tmp_path):
+    """Point 4: a byte-identical copy of the checkpoint folder under another name was refused as
+    another model (with equal digests on both sides of the message). The content decides; a
+    changed copy is still another model."""
+    first = make_tiny_openclip(tmp_path / "A")
+    copy = tmp_path / "model"
+    shutil.copytree(first, copy)
+    changed = make_tiny_openclip(tmp_path / "changed", seed=3)
+    photos = write_photos(tmp_path / "photos", SAMPLE_PHOTOS[:3])
+    db = tmp_path / "c.db"
+    with clipsearch.open(db, weights=first) as col:
+        col.ingest(photos[:2])
+        before = col.embed_texts(["a cat"])
+    with clipsearch.open(db, weights=copy) as col:
+        report = col.ingest(photos)
+        assert report.embedded == 1  # the copy adds the third photo, the first two stay
+        assert np.allclose(col.embed_texts(["a cat"]), before, atol=1e-6)
+        assert col.search(image=photos[2], limit=1)[0].metadata["filename"] == photos[2].name
+    with clipsearch.open(db, weights=changed) as col, pytest.raises(ModelMismatchError, match="other file contents"):
+        col.ingest(photos)
