@@ -24,7 +24,14 @@ from clipsearch.errors import MissingWeightsError, ModelMismatchError
 from clipsearch.identity import ModelIdentity, weights_digest
 from clipsearch.imaging import Preprocessor, PreprocessSpec, decode_image, resize_and_crop, to_rgb
 
-from .conftest import TINY_OPENCLIP_CFG, make_tiny_hf_clip, make_tiny_openclip, sample_photo, write_photos
+from .conftest import (
+    SAMPLE_PHOTOS,
+    TINY_OPENCLIP_CFG,
+    make_tiny_hf_clip,
+    make_tiny_openclip,
+    sample_photo,
+    write_photos,
+)
 
 
 def _jpeg(img: Image.Image, orientation: int = 1, quality: int = 95) -> bytes:
@@ -220,11 +227,11 @@ def test_crop_rounding_is_how_not_which_space():
 
 # -- 5: the fast decode keeps the original's geometry ---------------------------------------------
 @pytest.mark.parametrize("orientation", range(1, 9))
-@pytest.mark.parametrize("size", [(500, 334), (501, 335)])
+@pytest.mark.parametrize("size", [(1000, 670), (1001, 671)])
 def test_fast_decode_crops_what_a_full_decode_crops(size, orientation):
-    """500x334 decodes at 6/8 to 375x251 (250.5 rows of picture). The resize and crop must come
-    from 500x334 (short edge 224 → 335x224), not from 375x251 (→ 334x224), and read exactly the
-    250.5 rows: then the fast crop is the exact crop up to the DCT scaling's blur."""
+    """1000x670 decodes at 6/8 to 750x503 (502.5 rows of picture). The resize and crop must come
+    from 1000x670 (short edge 224 → 334x224), not from 750x503 (→ 334x224 from other rows), and
+    read exactly the 502.5 rows: then the fast crop is the exact crop up to the DCT scaling's blur."""
     spec = PreprocessSpec()
     data = _jpeg(sample_photo("astronaut").resize(size, Image.Resampling.BICUBIC), orientation)
     fast = decode_image(data, draft_size=spec.draft_size)
@@ -256,6 +263,27 @@ def test_fast_decode_embedding_bound(encoder):
     assert _cos(fast_v, ref_v).min() >= 0.995
     mutual = ref_v @ ref_v.T
     assert mutual[0, 4] < 0.9  # astronaut vs chelsea
+
+
+def test_fast_decode_bound_holds_on_textured_web_sized_photos(encoder):
+    """The newcomer issue, point 5: photos of about 500x375 with fine texture (grain, a weave),
+    where the DCT scaling alone used to bring the picture down to the model's size, drifted to
+    cosine 0.986 from the full decode on the sensitive tiny model. The scaled decode now stops
+    at twice the model's edge; the bound holds for them and for larger ones still decoded at
+    reduced scale."""
+    spec = encoder.preprocess_spec
+    rng = np.random.default_rng(0)
+    fast, exact = [], []
+    for name in SAMPLE_PHOTOS:
+        for size in ((500, 326), (500, 375), (468, 500), (1000, 652), (1400, 933)):
+            picture = np.asarray(sample_photo(name).convert("RGB").resize(size, Image.Resampling.BICUBIC), np.float32)
+            yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+            texture = rng.normal(0, 50, (size[1], size[0], 1)) + 90 * np.sin(xx * 2.9 + yy * 1.3)[..., None]
+            data = _jpeg(Image.fromarray(np.clip(picture + texture, 0, 255).astype(np.uint8)), quality=90)
+            fast.append(decode_crop(data, DecodeSettings(spec, decode="fast"))[1])
+            exact.append(decode_crop(data, DecodeSettings(spec, decode="exact"))[1])
+    cosines = _cos(encoder.embed_crops(np.stack(fast)), encoder.embed_crops(np.stack(exact)))
+    assert cosines.min() >= 0.995, sorted(cosines)[:3]
 
 
 def test_exact_decode_equals_open_clip(encoder):
@@ -291,7 +319,7 @@ def test_decode_exact_is_recorded_and_reused(cli, tmp_path):
     # and a fast query of the same file is close, but not the same vector
     code, out, err = cli("search", "--image", str(big), "--json", "--limit", "1", "--decode", "fast")
     assert code == 0, err
-    assert 0.99 <= json.loads(out.splitlines()[0])["score"] < 0.99999
+    assert 0.99 <= json.loads(out.splitlines()[0])["score"] < 1.0
     assert photos
 
 

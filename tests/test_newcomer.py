@@ -57,3 +57,18 @@ def test_the_same_weights_under_another_name_are_the_same_model(tmp_path):
         assert col.search(image=photos[2], limit=1)[0].metadata["filename"] == photos[2].name
     with clipsearch.open(db, weights=changed) as col, pytest.raises(ModelMismatchError, match="other file contents"):
         col.ingest(photos)
+
+
+def test_tables_never_break_a_path(cli, tmp_path):
+    """Point 9: the search and failures tables folded long paths across lines (at 80 columns),
+    so a path could not be copied or grepped whole. Tables now take their natural width."""
+    deep = tmp_path / ("a-folder-with-a-rather-long-name-" * 3) / "and-another-level-below-it"
+    photos = write_photos(deep, SAMPLE_PHOTOS[:2])
+    (deep / "broken-file-with-a-long-name-too.jpg").write_bytes(b"not a jpeg")
+    assert cli("ingest", deep)[0] == 1  # one failure
+    code, out, err = cli("search", "a photo", "--limit", "2")
+    assert code == 0, err
+    assert any(str(photos[0]) in line or str(photos[1]) in line for line in out.splitlines())
+    assert len(max(out.splitlines(), key=len)) > 80
+    code, out, _ = cli("failures")
+    assert code == 0 and any(str(deep / "broken-file-with-a-long-name-too.jpg") in line for line in out.splitlines())

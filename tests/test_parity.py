@@ -135,9 +135,20 @@ def test_open_clip_queries_on_the_towers(open_clip_reference, trained_clip, tmp_
     assert cos(towers.embed_texts(TEXTS), ref_texts(TEXTS)).min() >= 0.99999
 
 
+def web_photos(tmp_path) -> list:
+    """JPEGs at the size most photos of a web sample have (about 500x375): there the smallest
+    DCT scale that still covers a 32-pixel model's input would do nearly all the downscaling."""
+    paths = []
+    for i, name in enumerate(SAMPLE_PHOTOS):
+        path = tmp_path / f"{name}-web.jpg"
+        sample_photo(name).resize((500 - i * 9, 375 - i * 7)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
 def test_open_clip_fast_decode(open_clip_reference, trained_clip, tmp_path):
     ref_images, _ = open_clip_reference
-    paths = photos(tmp_path)
+    paths = photos(tmp_path) + web_photos(tmp_path)
     reference = ref_images(paths)
     with clipsearch.open(tmp_path / "p.db", weights=trained_clip, decode="fast") as col:
         ours = col.embed_images(paths)

@@ -261,8 +261,15 @@ def known_differences(stored: ModelIdentity, spec: ModelSpec) -> tuple[ModelIden
     the differences (none: only loading the model can tell)."""
     backend = spec.backend
     quantization = "int8-dynamic" if spec.precision == "int8" else "none"
+    # named as loading would name it: a folder checkpoint by its folder
+    model = spec.model
+    if spec.weights is not None and spec.weights.is_dir():
+        if backend == "hf" and not model.startswith("hf:"):
+            model = f"hf:{spec.weights.resolve().name}"
+        elif backend == "open_clip":
+            model = f"local:{spec.weights.resolve().name}"
     requested = ModelIdentity(
-        backend=backend, model=spec.model, pretrained=spec.pretrained or "", dim=0, quantization=quantization
+        backend=backend, model=model, pretrained=spec.pretrained or "", dim=0, quantization=quantization
     )
     out: list[str] = []
     if backend == "onnx" or stored.backend == "onnx":

@@ -34,6 +34,29 @@ from ..errors import ClipsearchError, NamespaceNotFoundError, NoDatabaseError, U
 out = Console(soft_wrap=True, markup=False)
 err = Console(stderr=True, soft_wrap=True, markup=False)
 
+
+def print_table(table: Table) -> None:
+    """A table at its natural width: a path or id is never broken across lines (it can be copied
+    or piped whole); on a narrower terminal the lines run long instead."""
+    from rich.measure import Measurement
+
+    natural = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    # Console.print never renders wider than its console: a console as wide as the table
+    wide = Console(
+        file=out.file,
+        width=min(natural, 10_000),
+        markup=False,
+        soft_wrap=True,
+        force_terminal=out.is_terminal,
+        color_system=out.color_system,  # type: ignore[arg-type]
+        no_color=out.no_color,
+    )
+    wide.print(table)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 CATALOG_PANEL = "Catalogs and selection"
 
@@ -288,10 +311,10 @@ def print_hits(hits: list, as_json: bool) -> None:
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
     if catalog:  # products are known by their id and where the image came from
-        table.add_column("id", overflow="fold")
-        table.add_column("image", overflow="fold")
+        table.add_column("id", no_wrap=True)
+        table.add_column("image", no_wrap=True)
     else:
-        table.add_column("path", overflow="fold")
+        table.add_column("path", no_wrap=True)
         table.add_column("label")
     for rank, h in enumerate(hits, 1):
         meta = h.metadata
@@ -299,4 +322,4 @@ def print_hits(hits: list, as_json: bool) -> None:
             table.add_row(str(rank), f"{h.score:.4f}", h.id, str(meta.get("url") or meta.get("path") or ""))
         else:
             table.add_row(str(rank), f"{h.score:.4f}", str(meta.get("path", h.id)), str(meta.get("label", "")))
-    out.print(table)
+    print_table(table)

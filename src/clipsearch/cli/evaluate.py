@@ -16,7 +16,7 @@ import typer
 
 from ..choice import ModelChoice
 from ..errors import UsageError
-from ._common import JsonOpt, err, loading, out
+from ._common import JsonOpt, err, loading, out, print_table
 from .ingest import progress_bar
 
 if TYPE_CHECKING:
@@ -150,14 +150,14 @@ def zero_shot(
     for r in reports:
         rate = f"{r.images_per_second:.1f}" if r.embedded else "(stored)"
         table.add_row(_label(r.config, r.model), f"{r.top1:.2%}", f"{r.top5:.2%}", rate, str(r.failed))
-    out.print(table)
+    print_table(table)
     per_class = Table(title="top-1 per class")
     per_class.add_column("class")
     for i, _ in enumerate(reports):
         per_class.add_column(f"#{i + 1}" if len(reports) > 1 else "top-1", justify="right")
     for name in reports[0].classes:
         per_class.add_row(name, *(f"{r.per_class[name]:.2%}" if name in r.per_class else "-" for r in reports))
-    out.print(per_class)
+    print_table(per_class)
 
 
 def retrieval(
@@ -200,4 +200,4 @@ def retrieval(
         rate = f"{r.images_per_second:.1f}" if r.embedded else "(stored)"
         cells = [f"{r.text_to_image[k]:.2%}" for k in (1, 5, 10)] + [f"{r.image_to_text[k]:.2%}" for k in (1, 5, 10)]
         table.add_row(_label(r.config, r.model), *cells, rate)
-    out.print(table)
+    print_table(table)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..choice import ModelChoice
-from ._common import JsonOpt, err, out
+from ._common import JsonOpt, err, out, print_table
 
 models_app = typer.Typer(help="Models as ONNX folders you can move: export and list.", no_args_is_help=True)
 
@@ -67,7 +67,7 @@ def list_models(as_json: JsonOpt = False) -> None:
         return
     table = Table(show_edge=False, pad_edge=False)
     for col in ("model", "dim", "int8", "size", "source", "folder"):
-        table.add_column(col, overflow="fold" if col == "folder" else None)
+        table.add_column(col, no_wrap=col == "folder")
     for f in folders:
         size = f"{f.size_bytes / 1e6:.0f} MB" if f.size_bytes >= 1e6 else f"{f.size_bytes / 1e3:.0f} kB"
         table.add_row(
@@ -78,4 +78,4 @@ def list_models(as_json: JsonOpt = False) -> None:
             f.source,
             str(f.folder),
         )
-    out.print(table)
+    print_table(table)

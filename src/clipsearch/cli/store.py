@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ..errors import NoDatabaseError, UsageError
-from ._common import DbOpt, JsonOpt, NamespaceOpt, out
+from ._common import DbOpt, JsonOpt, NamespaceOpt, out, print_table
 
 
 def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
@@ -35,7 +35,7 @@ def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
         table.add_row(
             r["namespace"], f"{r['backend']} {r['model']}", str(r["dim"]), str(r["items"]), str(r["failures"]), index
         )
-    out.print(table)
+    print_table(table)
 
 
 def failures(
@@ -69,10 +69,10 @@ def failures(
     else:
         table = Table(show_edge=False, pad_edge=False)
         for col in ("namespace", "source", "reason", "attempts"):
-            table.add_column(col, overflow="fold")
+            table.add_column(col, no_wrap=col in ("source", "reason"))
         for f in rows:
             table.add_row(f.namespace, f.source, f.reason, str(f.attempts))
-        out.print(table)
+        print_table(table)
 
 
 def export(
