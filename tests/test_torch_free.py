@@ -318,4 +318,6 @@ def test_serve_without_torch(exported, blocker, tmp_path):
         output = server.communicate(timeout=60)[0]
     assert server.returncode == 0, output
     assert "POST /v1/embeddings" in output  # the access log
+    # the start line names the model folder, not the default architecture (newcomer issue, point 9)
+    assert f"loading {exported.name} (from {exported})" in output and "ViT-B-32" not in output
     assert not log.exists(), f"tried to import: {log.read_text()}"

@@ -246,3 +246,27 @@ def test_no_change_is_lost_in_any_window(tmp_path, tiny_model):
     with sqlite3.connect(db) as conn:
         stored = {Path(path).name for (path,) in conn.execute("SELECT json_extract(metadata, '$.path') FROM items")}
     assert stored == {p.name for p in folder.iterdir()}
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path, tiny_openclip):
+    """The newcomer issue, point 9: a second SIGTERM only repeated "stopping after the current
+    batch" and the first pass ran to its end. Now the second signal stops at once, and what was
+    stored is whole (each batch is one transaction)."""
+    from .conftest import noise_images, stored_items
+
+    folder, db = tmp_path / "many", tmp_path / "m.db"
+    noise_images(folder, 400, size=(64, 48))
+    watcher = WatchProcess(folder, db, tiny_openclip, "--batch-size", "8")
+    deadline = time.monotonic() + 90
+    while stored_items(db) == 0:  # the first pass is under way
+        assert time.monotonic() < deadline and watcher.proc.poll() is None
+        time.sleep(0.02)
+    watcher.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    watcher.proc.send_signal(signal.SIGTERM)
+    code = watcher.proc.wait(timeout=60)
+    err = watcher.proc.stderr.read()  # type: ignore[union-attr]
+    assert code == 130 and err.count("stopping after the current batch") == 1, err
+    assert 0 < stored_items(db) < 400
+    with clipsearch.open(db) as col:
+        assert len(col) == stored_items(db) and col.failures() == []

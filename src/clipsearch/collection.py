@@ -386,7 +386,8 @@ class Collection:
         report = self._ingest_selected(parsed, items, listed, ingest_options, started, progress, ray)
         if pruned is not None:
             report.removed, report.moved = pruned.removed, pruned.moved
-        self._prepare_after_ingest()
+        if not report.interrupted:  # Ctrl-C asked to stop, not to start a minute-long export
+            self._prepare_after_ingest()
         return report
 
     def _prepare_after_ingest(self) -> None:

@@ -13,7 +13,8 @@ that raced a pass) is repaired by the next one.
 The OS watch starts before the first pass: a change made while that pass runs (minutes, on a
 large library) is reported after it, never lost. A watched folder that vanishes is waited for;
 when it is back, a full pass catches up and watching resumes (an OS watch dies with its folder).
-``stop()`` ends the loop after the batch in flight.
+``stop()`` ends the loop after the batch in flight; a KeyboardInterrupt during a pass (a second
+Ctrl-C) ends it at once, the batch in flight rolled back, and reaches the caller.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ class Watcher:
         report = self.collection.ingest(sources, prune=prune, recursive=self.recursive, **self.ingest_options)
         report.seconds = time.perf_counter() - started
         self.on_event(WatchEvent(kind, changes=changes, report=report))
+        if report.interrupted:
+            # ingest caught the KeyboardInterrupt to roll back the batch in flight; the caller
+            # asked to stop now, so the interrupt goes on to it
+            self._stop.set()
+            raise KeyboardInterrupt
 
 
 def describe(event: WatchEvent) -> str:

@@ -161,8 +161,8 @@ def serve(
     web.state.service.on_load_failure = stop
     # the address is taken before anything says "serving": a port in use is one error line
     sock = _listen(host, port)
-    source = f"{spec.model} from {spec.weights}" if spec.weights else spec.model
-    err.print(f"serving {db} on http://{host}:{port} (docs: /docs); loading {source} ...", highlight=False)
+    # the model as a person knows it: a weights folder by its name, not the default architecture's
+    err.print(f"serving {db} on http://{host}:{port} (docs: /docs); loading {spec.label} ...", highlight=False)
     # uvicorn drains, then raises the signal it caught again: a SIGTERM that only asks for a
     # clean stop (systemd, docker stop) then ends the process with 143; ignored, it ends in 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

@@ -50,7 +50,7 @@ def watch(
 ) -> None:
     """Keep a namespace in step with folders while it runs: new and changed images are embedded
     in batches, deleted ones removed, moved ones keep their vector; a line per batch. Stops on
-    Ctrl-C or SIGTERM once the batch in flight is stored (a second Ctrl-C stops at once)."""
+    Ctrl-C or SIGTERM once the batch in flight is stored (a second one stops at once)."""
     from ..collection import Collection
     from ..store import open_store, validate_namespace
     from ..watch import Watcher, WatchEvent, describe
@@ -85,10 +85,12 @@ def watch(
         )
 
         def request_stop(signum: int, frame: object) -> None:
-            if watcher.stopping and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the batch
+            if watcher.stopping:
+                # a second Ctrl-C or SIGTERM: do not wait for the batch (its transaction is
+                # rolled back; the next run embeds those files)
+                raise KeyboardInterrupt
             watcher.stop()
-            err.print("stopping after the current batch ...", highlight=False)
+            err.print("stopping after the current batch (again to stop at once) ...", highlight=False)
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
