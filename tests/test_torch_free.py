@@ -285,9 +285,21 @@ def test_serve_without_torch(exported, blocker, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(blocker), "BLOCK_LOG": str(log)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "clipsearch", "serve", "--db", db, "--port", str(port), "--access-log"],
+        [
+            sys.executable,
+            "-m",
+            "clipsearch",
+            "serve",
+            "--db",
+            db,
+            "--port",
+            str(port),
+            "--access-log",
+            "--watch",
+            str(photos),
+        ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=(server_log := (tmp_path / "server.log").open("w")),
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -314,10 +326,18 @@ def test_serve_without_torch(exported, blocker, tmp_path):
         assert 'clipsearch_requests_total{method="POST",route="/v1/embeddings",status="200"} 2.0' in metrics
         assert "clipsearch_queue_depth" in metrics and "clipsearch_batch_size_bucket" in metrics
     finally:
+        # the --watch pass logs a line once it is done
+        deadline = time.monotonic() + 60
+        while "synced the folders" not in (tmp_path / "server.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         server.send_signal(signal.SIGTERM)
-        output = server.communicate(timeout=60)[0]
+        server.wait(timeout=60)
+        server_log.close()
+        output = (tmp_path / "server.log").read_text()
     assert server.returncode == 0, output
     assert "POST /v1/embeddings" in output  # the access log
     # the start line names the model folder, not the default architecture (newcomer issue, point 9)
     assert f"loading {exported.name} (from {exported})" in output and "ViT-B-32" not in output
+    # the library's own log lines at --log-level info: the model ready, a --watch pass
+    assert "ready on cpu" in output and "watch: " in output and "synced the folders" in output, output
     assert not log.exists(), f"tried to import: {log.read_text()}"

@@ -150,7 +150,14 @@ def serve(
     )
     runnable = runnable_spec(spec, choice.runtime is not None)
     web = create_app(settings, lambda: (load_encoder(runnable, serving=True), spec), store=store)
-    config = uvicorn.Config(web, host=host, port=port, log_level=log_level.lower(), access_log=access_log)
+    config = uvicorn.Config(
+        web,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=access_log,
+        log_config=_log_config(log_level),
+    )
     server = uvicorn.Server(config)
     failure: list[str] = []
 
@@ -172,6 +179,19 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
     if failure:
         raise ClipsearchError(failure[0])
+
+
+def _log_config(level: str) -> dict:
+    """uvicorn's logging, with the library's own loggers (``clipsearch.*``: the model loaded,
+    ``--watch`` batches, failures) on the same handler and level; without it they had no
+    handler, and Python printed only their warnings."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["clipsearch"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
 
 
 def _listen(host: str, port: int) -> socket.socket:
