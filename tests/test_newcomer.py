@@ -72,3 +72,27 @@ def test_tables_never_break_a_path(cli, tmp_path):
     assert len(max(out.splitlines(), key=len)) > 80
     code, out, _ = cli("failures")
     assert code == 0 and any(str(deep / "broken-file-with-a-long-name-too.jpg") in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.2, 200])
+def test_a_truncated_heic_is_called_truncated(tmp_path, keep):
+    """Point 9: a HEIC cut short was "not an image (unrecognised file format)", or a two-line
+    libheif message. It is a truncated file, said in one line."""
+    import io
+
+    from pillow_heif import register_heif_opener
+
+    from clipsearch.errors import ImageError
+    from clipsearch.imaging import decode_image
+
+    register_heif_opener()  # pillow-heif writes HEIC (the core reads it with pi-heif)
+    buf = io.BytesIO()
+    write_photos(tmp_path, ["coffee"])
+    from PIL import Image
+
+    Image.open(tmp_path / "coffee.jpg").save(buf, "HEIF")
+    data = buf.getvalue()
+    cut = data[: int(len(data) * keep)] if isinstance(keep, float) else data[:keep]
+    with pytest.raises(ImageError) as e:
+        decode_image(cut)
+    assert str(e.value).startswith("truncated") and "\n" not in str(e.value), str(e.value)

@@ -181,6 +181,9 @@ def decode_image(
         # a RAW Pillow cannot read: its own format, or a TIFF container of sensor data (a DNG)
         if _raw_signature(data) or data[:4] in _TIFF_MAGICS:
             return _decode_raw(data, None, max_megapixels, draft_size)
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            # the file says it is HEIF, but libheif cannot read even its header: cut short
+            raise ImageError("truncated HEIC/HEIF file (its header is incomplete)") from None
         raise ImageError("not an image (unrecognised file format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as e:
         # RuntimeError: what the AVIF and HEIF decoders (libavif, libheif) raise on bad data
@@ -213,8 +216,8 @@ def decode_image(
             img.draft(img.mode, (draft_size, draft_size))
         img.load()
     except (OSError, ValueError, SyntaxError, EOFError, RuntimeError, Image.DecompressionBombError) as e:
-        msg = str(e)
-        if "truncated" in msg or "broken data stream" in msg:
+        msg = " ".join(str(e).split())  # libheif's messages end in a newline: one line
+        if "truncated" in msg or "broken data stream" in msg or "end of file" in msg.lower():
             raise ImageError(f"truncated image data ({msg})") from None
         raise ImageError(f"corrupt image data ({msg or type(e).__name__})") from None
     if fmt != "JPEG":
