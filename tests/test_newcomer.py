@@ -96,3 +96,22 @@ def test_a_truncated_heic_is_called_truncated(tmp_path, keep):
     with pytest.raises(ImageError) as e:
         decode_image(cut)
     assert str(e.value).startswith("truncated") and "\n" not in str(e.value), str(e.value)
+
+
+def test_quantising_prints_nothing_of_onnx_runtimes(tmp_path):
+    """Point 9: ONNX Runtime's quantiser logged "Please consider to run pre-processing before
+    quantization" on the root logger, in the middle of ``eval --compare`` and ``models export``."""
+    import subprocess
+    import sys
+
+    from .towers import make_tiny_towers
+
+    folder = make_tiny_towers(tmp_path / "towers")
+    code = (
+        "import sys; from pathlib import Path; from clipsearch.encoders.towers import quantize; "
+        "quantize(Path(sys.argv[1]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "visual" / "model.int8.onnx").is_file()
+    assert "quantization" not in done.stderr and "WARNING" not in done.stderr, done.stderr

@@ -26,12 +26,14 @@ cache can be copied or moved (``CLIPSEARCH_ONNX_CACHE``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +211,33 @@ def quantize(folder: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = folder / tower_file("image", "fp32"), folder / tower_file("image", "int8")
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, _quiet_quantizer():
         out = Path(tmp) / dst.name
         quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, use_external_data_format=True)
         move_model(out, dst)
+
+
+class _FromQuantizer(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime/quantization" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs advice ("consider to run pre-processing before
+    quantization") on the root logger, which then lands in the middle of a command's output
+    (``eval --compare``, ``models export``); its records are dropped while it runs, others kept."""
+    root = logging.getLogger()
+    quiet = _FromQuantizer()
+    root.addFilter(quiet)
+    for handler in root.handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        for handler in root.handlers:
+            handler.removeFilter(quiet)
 
 
 # -- running a folder --------------------------------------------------------------------------
