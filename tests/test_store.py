@@ -156,6 +156,23 @@ def test_metadata_filters_are_exact(make_store):
         store.search("default", vecs[1:2], 5, {"label') OR 1=1 --": "x"})
 
 
+def test_a_day_filter_means_that_day(make_store):
+    """The newcomer issue, point 7: ``taken_at=2024-06-15`` matched only the bare date, not the
+    photos taken that day (stored with their time and offset), while a range already meant the
+    whole day. Both stores."""
+    store = make_store()
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    times = ["2024-06-15T09:30:00+02:00", "2024-06-15", "2024-06-15T23:59:59", "2024-06-16T00:00:00", "2024-06-14"]
+    items = [NewItem(f"t{i}", {"taken_at": t}, sha256=f"t{i}") for i, t in enumerate(times)]
+    vecs = _vectors(len(items))
+    store.write_batch("default", items, vecs)
+    hits = store.search("default", vecs[:1], 10, {"taken_at": "2024-06-15"})[0]
+    assert sorted(h.item.id for h in hits) == ["t0", "t1", "t2"]
+    # the same as the range a person would write for that day
+    ranged = store.search("default", vecs[:1], 10, {"taken_at": {"gte": "2024-06-15", "lte": "2024-06-15"}})[0]
+    assert sorted(h.item.id for h in ranged) == ["t0", "t1", "t2"]
+
+
 def test_failures_and_file_states(make_store):
     store = make_store()
     store.bind_namespace("default", IDENT, {})

@@ -10,7 +10,9 @@ catalog's ``ingest --filter``). The rules:
   one (catalog columns are text); any other text compares in code-point order, so ISO 8601
   dates and times compare by time;
 - a date or the start of one (``2024``, ``2024-06``, ``2024-06-30``) names its whole span: as
-  ``lte`` or ``gt`` bound it reaches past every time inside it.
+  ``lte`` or ``gt`` bound it reaches past every time inside it;
+- an equality with a day (``taken_at=2024-06-15``) means that day, as a range does: any time on
+  it (``2024-06-15T18:02:11+02:00``) matches, not only the bare date.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ RANGE_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 # that sorts after every character of an ISO 8601 date
 _DATE_PREFIX_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}([T ]\d{2}(:\d{2}(:\d{2})?)?)?)?)?$")
 DATE_SPAN_END = "~"
+_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _day(value: Any) -> str | None:
+    """The day an equality filter names (``2024-06-15``), else None."""
+    return value.strip() if isinstance(value, str) and _DAY_RE.match(value.strip()) else None
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,8 @@ def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]
     out = []
     for key, value in (filters or {}).items():
         _check_key(key)
-        if isinstance(value, dict):
-            continue
+        if isinstance(value, dict) or _day(value):
+            continue  # a range, or a day (which filter_ranges spans)
         values = list(value) if isinstance(value, list | tuple) else [value]
         out.append((key, list(dict.fromkeys(v for x in values for v in typed_variants(x)))))
     return out
@@ -74,6 +82,11 @@ def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
     """The range conditions among ``filters``: ``{key: {"gte": 1000, "lt": "2024-07-01"}}``."""
     out = []
     for key, value in (filters or {}).items():
+        day = _day(value)
+        if day:  # key=2024-06-15: from the start of the day to past its last moment
+            _check_key(key)
+            out += [Range(key, "gte", None, day), Range(key, "lte", None, day + DATE_SPAN_END)]
+            continue
         if not isinstance(value, dict):
             continue
         _check_key(key)
