@@ -115,3 +115,22 @@ def test_quantising_prints_nothing_of_onnx_runtimes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (folder / "visual" / "model.int8.onnx").is_file()
     assert "quantization" not in done.stderr and "WARNING" not in done.stderr, done.stderr
+
+
+def test_filter_errors_name_their_argument(cli, photos):
+    """Point 7: filter errors carried ``param=None``, though errors name the argument they are
+    about, so each face can word it (``--filter`` on the command line, ``filter`` in the API)."""
+    from clipsearch.errors import UsageError
+    from clipsearch.filters import filter_ranges, filter_values
+
+    for bad in ({"width": {"about": 3}}, {"width": {}}, {"width": {"gte": None}}):
+        with pytest.raises(UsageError) as e:
+            filter_ranges(bad)
+        assert e.value.param == "filter"
+    with pytest.raises(UsageError) as e:
+        filter_values({"label') OR 1=1 --": "x"})
+    assert e.value.param == "filter"
+    assert cli("ingest", photos)[0] == 0
+    with clipsearch.open(cli.db) as col, pytest.raises(UsageError) as e:
+        col.search("a photo", mode="keyword", filter={"label') OR 1=1 --": "x"})
+    assert e.value.param == "filter" and e.value.worded("--filter").endswith("(--filter)")

@@ -59,7 +59,7 @@ class Range:
 
 def _check_key(key: str) -> str:
     if not _FILTER_KEY_RE.match(key):
-        raise UsageError(f"bad filter key {key!r}")
+        raise UsageError(f"bad filter key {key!r}", param="filter")
     return key
 
 
@@ -91,12 +91,15 @@ def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
             continue
         _check_key(key)
         if not value:
-            raise UsageError(f"filter {key!r} has no condition; use gt, gte, lt or lte")
+            raise UsageError(f"filter {key!r} has no condition; use gt, gte, lt or lte", param="filter")
         for op, bound in value.items():
             if op not in RANGE_OPERATORS:
-                raise UsageError(f"unknown filter operator {op!r} on {key!r}; use gt, gte, lt or lte")
+                raise UsageError(f"unknown filter operator {op!r} on {key!r}; use gt, gte, lt or lte", param="filter")
             if isinstance(bound, bool) or not isinstance(bound, int | float | str) or bound == "":
-                raise UsageError(f"filter {key} {RANGE_OPERATORS[op]} needs a number, a date or a word, not {bound!r}")
+                raise UsageError(
+                    f"filter {key} {RANGE_OPERATORS[op]} needs a number, a date or a word, not {bound!r}",
+                    param="filter",
+                )
             text = bound if isinstance(bound, str) else str(bound)
             text = text.strip()
             number = next((v for v in typed_variants(text) if isinstance(v, int | float)), None)
