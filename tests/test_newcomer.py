@@ -134,3 +134,24 @@ def test_filter_errors_name_their_argument(cli, photos):
     with clipsearch.open(cli.db) as col, pytest.raises(UsageError) as e:
         col.search("a photo", mode="keyword", filter={"label') OR 1=1 --": "x"})
     assert e.value.param == "filter" and e.value.worded("--filter").endswith("(--filter)")
+
+
+def test_a_collection_reads_like_a_list_and_hits_like_rows(cli, photos):
+    """Point 6: a Collection could only be counted (``len``), not iterated or listed, so seeing
+    what is stored took an export to a file; ``repr(hit)`` was a nested ``Item(...)`` with the
+    digest, and ``dict(hit)`` raised."""
+    assert cli("ingest", photos)[0] == 0
+    with clipsearch.open(cli.db) as col:
+        items = list(col)
+        assert len(items) == len(col) == 6 and len({i.id for i in items}) == 6
+        assert [i.metadata["filename"] for i in col.items(filter={"filename": "coffee.jpg"})] == ["coffee.jpg"]
+        assert [i.id for i in col.items(limit=2)] == [i.id for i in items[:2]]
+        assert col.items(filter={"width": {"gte": 10**6}}) == []
+        with pytest.raises(clipsearch.UsageError) as e:
+            col.items(filter={"width": {"about": 3}})
+        assert e.value.param == "filter"
+        hit = col.search("a photo", filter={"filename": "coffee.jpg"})[0]
+    assert repr(hit).startswith("Hit(score=") and "coffee.jpg" in repr(hit) and "sha256" not in repr(hit)
+    assert repr(items[0]) == f"Item(id={items[0].id!r}, path={items[0].path!r})"
+    row = dict(hit)
+    assert set(row) == {"id", "score", "path", "metadata"} and row["path"].endswith("coffee.jpg")

@@ -22,7 +22,7 @@ import dataclasses
 import io
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -516,6 +516,27 @@ class Collection:
 
     def __len__(self) -> int:
         return self.store.count(self.namespace) if self.exists else 0
+
+    def __iter__(self) -> Iterator[Item]:
+        """Every stored item, in the order they were stored (without their vectors)."""
+        if self.exists:
+            for batch in self.store.iter_items(self.namespace):
+                yield from batch
+
+    def items(self, filter: dict[str, Any] | None = None, limit: int | None = None) -> list[Item]:
+        """The stored items that pass ``filter`` (the rules of ``clipsearch.filters``, as search
+        applies them), in the order they were stored, at most ``limit``."""
+        import itertools
+
+        from .filters import filter_ranges, filter_values, matches
+
+        if limit is not None and limit < 0:
+            raise UsageError(f"limit must be 0 or more, not {limit}", param="limit")
+        # a bad filter fails before any item is read
+        filter_values(filter)
+        filter_ranges(filter)
+        passing = (item for item in self if matches(item.metadata, filter))
+        return list(itertools.islice(passing, limit))
 
     # -- search ----------------------------------------------------------------------------------
     def search(

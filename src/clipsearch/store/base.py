@@ -223,6 +223,17 @@ class Item:
     created_at: str = ""
     updated_at: str = ""
 
+    @property
+    def path(self) -> str | None:
+        """Where the image is: its file, else its URL (catalog items), else None (uploads kept
+        elsewhere)."""
+        where = self.metadata.get("path") or self.metadata.get("url")
+        return str(where) if where else None
+
+    def __repr__(self) -> str:
+        # what a person looks for in a notebook; the digest and timestamps are fields still
+        return f"Item(id={self.id!r}, path={self.path!r})"
+
 
 @dataclass
 class Hit:
@@ -243,8 +254,21 @@ class Hit:
     def path(self) -> str | None:
         """Where the image is: its file, else its URL (catalog items), else None (uploads kept
         elsewhere)."""
-        where = self.item.metadata.get("path") or self.item.metadata.get("url")
-        return str(where) if where else None
+        return self.item.path
+
+    def __repr__(self) -> str:
+        return f"Hit(score={self.score:.4f}, id={self.id!r}, path={self.path!r})"
+
+    # a mapping, so that ``dict(hit)`` (and a DataFrame of hits) reads as a row
+    _KEYS = ("id", "score", "path", "metadata")
+
+    def keys(self) -> tuple[str, ...]:
+        return self._KEYS
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 @dataclass
