@@ -155,3 +155,17 @@ def test_a_collection_reads_like_a_list_and_hits_like_rows(cli, photos):
     assert repr(items[0]) == f"Item(id={items[0].id!r}, path={items[0].path!r})"
     row = dict(hit)
     assert set(row) == {"id", "score", "path", "metadata"} and row["path"].endswith("coffee.jpg")
+
+
+def test_ingest_shows_progress_where_someone_watches(tmp_path, tiny_model, capfd, monkeypatch):
+    """Point 6: a two-minute ``ingest()`` in a notebook printed nothing. ``progress=True`` shows
+    a bar on a terminal (or in a notebook), and nothing where stderr is a file or a pipe."""
+    photos = write_photos(tmp_path / "photos", SAMPLE_PHOTOS[:3])
+    with clipsearch.open(tmp_path / "quiet.db", weights=tiny_model) as col:
+        assert col.ingest(photos, progress=True).embedded == 3
+    assert capfd.readouterr().err == ""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # Rich then treats stderr as a terminal
+    with clipsearch.open(tmp_path / "shown.db", weights=tiny_model) as col:
+        assert col.ingest(photos, progress=True).embedded == 3
+    err = capfd.readouterr().err
+    assert "ingest" in err and "3/3" in err, err

@@ -323,7 +323,7 @@ class Collection:
         self,
         sources: Iterable[str | Path | Source],
         *,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int], None] | bool | None = None,
         recursive: bool = True,
         catalog: CatalogOptions | None = None,
         ray: RayOptions | None = None,
@@ -334,7 +334,9 @@ class Collection:
 
         ``sources``: folders, ``images:DIR``, ``image-list:FILE``, ``catalog:FILE``, image files,
         or ``Source`` objects. ``catalog``: the catalog columns (``CatalogOptions``). ``ray``: run
-        on a Ray cluster (``RayOptions``). ``progress(done, total)`` hears about every item.
+        on a Ray cluster (``RayOptions``). ``progress(done, total)`` hears about every item;
+        ``progress=True`` shows a progress bar on stderr where a person watches (a terminal or a
+        notebook), and nothing where output goes to a file or a pipe.
         ``options``: any field of ``pipeline.IngestOptions`` (``batch_size``, ``limit``,
         ``workers``, ``worker_type``, ``retry_failed``, ``max_megapixels``, ``filters``,
         ``sample``, ``seed``, ``embed_text``, ``offline``, ``cache_dir``, ``download``).
@@ -345,6 +347,11 @@ class Collection:
         """
         from .pipeline import IngestOptions, IngestReport, select
 
+        if isinstance(progress, bool):
+            with _progress_bar(progress) as callback:
+                return self.ingest(
+                    sources, progress=callback, recursive=recursive, catalog=catalog, ray=ray, prune=prune, **options
+                )
         known = {f.name for f in dataclasses.fields(IngestOptions)} - {"namespace"}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -694,3 +701,20 @@ def _crop(image: Any, encoder: Encoder, decode_settings: Any, decode_crop: Calla
 
 
 __all__ = ["DEFAULT_DB", "Collection", "CollectionInfo", "ModelChoice", "describe", "open"]
+
+
+@contextlib.contextmanager
+def _progress_bar(wanted: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """``ingest(progress=True)``: a Rich progress bar on stderr, where someone watches it."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not wanted or not (console.is_terminal or console.is_jupyter):
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+    task = bar.add_task("ingest", total=None)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)
