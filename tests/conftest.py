@@ -77,6 +77,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
+def tiny_clip_vocab() -> dict[str, int]:
+    """A byte-level CLIP vocabulary without merges: each byte's character, alone and ending a
+    word (``</w>``), then start and end of text (514 tokens)."""
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return vocab
+
+
 def make_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
     """A transformers CLIP folder written with save_pretrained: byte-level tokenizer, 2 layers."""
     from clipsearch._compat import ensure_torchvision_importable
@@ -86,11 +97,7 @@ def make_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
+    vocab = tiny_clip_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))

@@ -20,31 +20,17 @@ SIZE = 64
 CONTEXT = 16
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def make_tiny_towers(folder: Path, seed: int = 0) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from clipsearch.tokenizer import clip_tokenizer_json
 
+    from .conftest import tiny_clip_vocab
+
     rng = np.random.default_rng(seed)
     grid = 4
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
+    vocab = tiny_clip_vocab()
 
     def save(graph: onnx.GraphProto, path: Path) -> None:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

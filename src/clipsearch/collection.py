@@ -535,14 +535,12 @@ class Collection:
         applies them), in the order they were stored, at most ``limit``."""
         import itertools
 
-        from .filters import filter_ranges, filter_values, matches
+        from .filters import matcher
 
         if limit is not None and limit < 0:
             raise UsageError(f"limit must be 0 or more, not {limit}", param="limit")
-        # a bad filter fails before any item is read
-        filter_values(filter)
-        filter_ranges(filter)
-        passing = (item for item in self if matches(item.metadata, filter))
+        test = matcher(filter)  # a bad filter fails before any item is read
+        passing = (item for item in self if test(item.metadata))
         return list(itertools.islice(passing, limit))
 
     # -- search ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ catalog's ``ingest --filter``). The rules:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,10 +147,20 @@ def typed_variants(value: Any) -> list[Any]:
 def matches(metadata: dict[str, Any], filters: dict[str, Any] | None) -> bool:
     """Whether ``metadata`` passes every filter, by the rules above (a list value passes when
     any element does)."""
-    for key, wanted in filter_values(filters):
-        if not any(_equal(v, w) for v in _listed(metadata.get(key)) for w in wanted):
-            return False
-    return all(any(_in_range(v, r) for v in _listed(metadata.get(r.key))) for r in filter_ranges(filters))
+    return matcher(filters)(metadata)
+
+
+def matcher(filters: dict[str, Any] | None) -> Callable[[dict[str, Any]], bool]:
+    """``matches`` with the filters read once (a bad one raises here), for many items."""
+    values, ranges = filter_values(filters), filter_ranges(filters)
+
+    def test(metadata: dict[str, Any]) -> bool:
+        for key, wanted in values:
+            if not any(_equal(v, w) for v in _listed(metadata.get(key)) for w in wanted):
+                return False
+        return all(any(_in_range(v, r) for v in _listed(metadata.get(r.key))) for r in ranges)
+
+    return test
 
 
 def _equal(value: Any, wanted: Any) -> bool:

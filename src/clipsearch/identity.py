@@ -62,6 +62,20 @@ class ModelSpec:
             return f"{self.weights.name} (from {self.weights})"
         return f"{self.model} (weights {self.weights})"
 
+    @property
+    def recorded_model(self) -> str:
+        """The model name the identity records: a checkpoint folder by its folder's name
+        (open_clip's ``local:NAME``, transformers' ``hf:NAME``), unless the model names its hub
+        repository (``hf-hub:REPO``, ``hf:REPO``); otherwise the model as given."""
+        if self.weights is not None and self.weights.is_dir():
+            name = self.weights.resolve().name
+            backend = self.backend
+            if backend == "hf" and not self.model.startswith("hf:"):
+                return f"hf:{name}"
+            if backend == "open_clip" and not self.model.startswith("hf-hub:"):
+                return f"local:{name}"
+        return self.model
+
     def to_dict(self) -> dict[str, Any]:
         d = {
             "model": self.model,
@@ -261,15 +275,8 @@ def known_differences(stored: ModelIdentity, spec: ModelSpec) -> tuple[ModelIden
     the differences (none: only loading the model can tell)."""
     backend = spec.backend
     quantization = "int8-dynamic" if spec.precision == "int8" else "none"
-    # named as loading would name it: a folder checkpoint by its folder
-    model = spec.model
-    if spec.weights is not None and spec.weights.is_dir():
-        if backend == "hf" and not model.startswith("hf:"):
-            model = f"hf:{spec.weights.resolve().name}"
-        elif backend == "open_clip":
-            model = f"local:{spec.weights.resolve().name}"
     requested = ModelIdentity(
-        backend=backend, model=model, pretrained=spec.pretrained or "", dim=0, quantization=quantization
+        backend=backend, model=spec.recorded_model, pretrained=spec.pretrained or "", dim=0, quantization=quantization
     )
     out: list[str] = []
     if backend == "onnx" or stored.backend == "onnx":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ImageError, UsageError
-from .filters import matches
+from .filters import matcher
 from .imaging import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
@@ -240,19 +240,20 @@ def select_items(
 
 
 def filter_items(items: list[SourceItem], filters: dict[str, Any] | None) -> list[SourceItem]:
-    """The items whose metadata passes every filter (``filters.matches``: ``KEY=VALUE``, any of a
+    """The items whose metadata passes every filter (``filters.matcher``: ``KEY=VALUE``, any of a
     key's values, and ranges). A key that no item has at all is a mistake, not an empty
     selection: UsageError."""
-    if not filters:
+    if not filters or not items:
         return items
     missing = [key for key in filters if not any(key in it.metadata for it in items)]
-    if items and missing:
+    if missing:
         keys = sorted({key for it in items for key in it.metadata})
         raise UsageError(
             f"no item has the metadata key {missing[0]!r} to filter on; their keys: {', '.join(keys)}",
             param="filters",
         )
-    return [it for it in items if matches(it.metadata, filters)]
+    test = matcher(filters)
+    return [it for it in items if test(it.metadata)]
 
 
 def sample_items(items: list[SourceItem], sample: int | None = None, seed: int = 0) -> list[SourceItem]:

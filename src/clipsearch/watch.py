@@ -105,20 +105,21 @@ class Watcher:
                 # below arrives as the next batch. What that step itself reports, the pass covers.
                 if next(watch, None) is None:
                     break  # stopped
-                self._ingest("sync", 0, self.folders, self.prune)
+                self._ingest("sync", 0)
                 for changes in watch:
                     if any(not f.is_dir() for f in self.folders):
                         break
                     if changes:
-                        self._ingest("batch", len(changes), self.folders, self.prune)
+                        self._ingest("batch", len(changes))
                     if self._stop.is_set():
                         break
             finally:
                 watch.close()
 
-    def _ingest(self, kind: str, changes: int, sources: list[Any], prune: bool) -> None:
+    def _ingest(self, kind: str, changes: int) -> None:
+        """One incremental pass over the folders (every pass reconciles: see the module)."""
         started = time.perf_counter()
-        report = self.collection.ingest(sources, prune=prune, recursive=self.recursive, **self.ingest_options)
+        report = self.collection.ingest(self.folders, prune=self.prune, recursive=self.recursive, **self.ingest_options)
         report.seconds = time.perf_counter() - started
         self.on_event(WatchEvent(kind, changes=changes, report=report))
         if report.interrupted:

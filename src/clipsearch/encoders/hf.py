@@ -107,7 +107,7 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> HFEncoder:
                 f"--weights {folder} is not a transformers model folder (no config.json); save one with "
                 "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)"
             )
-        label = spec.model if spec.model.startswith("hf:") else f"hf:{folder.resolve().name}"
+        label = spec.recorded_model
     else:
         if not repo:
             raise UsageError("--model hf: needs a repository name, e.g. hf:openai/clip-vit-base-patch32")

@@ -110,15 +110,7 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
     folder = cache_root() / weights_digest(model, base.identity)
     h, w = base.preprocess_spec.size
     meta = folder / META
-    if not (folder / tower_file("image", "fp32")).is_file():
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        _export(
-            _Tower(model, lambda m, x: m.encode_image(x)),
-            torch.zeros(2, 3, h, w),
-            {0: batch},
-            folder / tower_file("image", "fp32"),
-            "image",
-        )
+    _export_image_tower(folder, model, lambda m, x: m.encode_image(x), (h, w))
     if not (folder / tower_file("text", "fp32")).is_file():
         ctx = int(getattr(model, "context_length", 77))
         example = base.tokenizer(["a photo", "an example text"])
@@ -145,29 +137,49 @@ def prepare(base: OpenClipEncoder, precision: str) -> Path:
     if precision == "int8" and not (folder / tower_file("image", "int8")).is_file():
         quantize(folder)
     if not meta.is_file():
-        preprocess = {"mode": "RGB", **base.identity.preprocess}
-        write_atomic(folder / "visual" / "preprocess_cfg.json", json.dumps(preprocess, indent=1), mode=0o644)
         config = _portable_config(base.model_cfg or {})
         config["embed_dim"] = base.dim
         # the tokenizer's length: the text tower's own may be longer (an XLM-RoBERTa's positions)
         ctx = getattr(base.tokenizer, "context_length", None) or getattr(model, "context_length", 77)
         config.setdefault("text_cfg", {})["context_length"] = int(ctx)
-        write_atomic(folder / "config.json", json.dumps(config, indent=1), mode=0o644)
-        clean = _write_tokenizer(base, folder / "textual")
-        model_meta = {
-            "identity": base.identity.as_dict(),
-            "export_version": EXPORT_VERSION,
-            "image_tokens": base.image_tokens,
-            "text": {
-                "trim": base.trim_text_padding,
-                "pool": getattr(model, "text_pool_type", None),
-                "eos_id": getattr(model, "text_eos_id", None),
-                "pad_id": getattr(base.tokenizer, "pad_token_id", None) or 0,
-                "clean": clean,
-            },
+        text = {
+            "trim": base.trim_text_padding,
+            "pool": getattr(model, "text_pool_type", None),
+            "eos_id": getattr(model, "text_eos_id", None),
+            "pad_id": getattr(base.tokenizer, "pad_token_id", None) or 0,
+            "clean": _write_tokenizer(base, folder / "textual"),
         }
-        write_atomic(meta, json.dumps(model_meta, indent=1), mode=0o644)
+        _write_configs(folder, base, config, text)
     return folder
+
+
+def _write_configs(folder: Path, base: Encoder, config: dict[str, Any], text: dict[str, Any]) -> None:
+    """The files beside the towers: the preprocessing, the model config, and ``clipsearch.json``
+    (the identity and how texts are pooled), written last since its presence means ready."""
+    preprocess = {"mode": "RGB", **base.identity.preprocess}
+    write_atomic(folder / "visual" / "preprocess_cfg.json", json.dumps(preprocess, indent=1), mode=0o644)
+    write_atomic(folder / "config.json", json.dumps(config, indent=1), mode=0o644)
+    model_meta = {
+        "identity": base.identity.as_dict(),
+        "export_version": EXPORT_VERSION,
+        "image_tokens": base.image_tokens,
+        "text": text,
+    }
+    write_atomic(folder / META, json.dumps(model_meta, indent=1), mode=0o644)
+
+
+def _export_image_tower(
+    folder: Path, model: Any, features: Callable[[Any, torch.Tensor], torch.Tensor], size: tuple[int, int]
+) -> None:
+    """The fp32 image tower, any batch, unless the folder has it."""
+    if not (folder / tower_file("image", "fp32")).is_file():
+        _export(
+            _Tower(model, features),
+            torch.zeros(2, 3, *size),
+            {0: torch.export.Dim("batch", min=1, max=4096)},
+            folder / tower_file("image", "fp32"),
+            "image",
+        )
 
 
 _CLEANERS = {"_clean_lower": "lower", "_clean_whitespace": "whitespace", "_clean_canonicalize": "canonicalize"}
@@ -228,14 +240,7 @@ def prepare_hf(base: Any, precision: str) -> Path:
     # padded to its full length
     eos = int(getattr(config.text_config, "eos_token_id", 2) or 2)
     pool = None if base.pads_text_to_length else ("argmax" if eos == 2 else "eos")
-    if not (folder / tower_file("image", "fp32")).is_file():
-        _export(
-            _Tower(model, lambda m, x: _features(m.get_image_features(pixel_values=x))),
-            torch.zeros(2, 3, h, w),
-            {0: torch.export.Dim("batch", min=1, max=4096)},
-            folder / tower_file("image", "fp32"),
-            "image",
-        )
+    _export_image_tower(folder, model, lambda m, x: _features(m.get_image_features(pixel_values=x)), (h, w))
     textual = folder / "textual"
     if not (folder / tower_file("text", "fp32")).is_file():
         ids = base.tokenizer(["a photo", "an example text"], return_tensors="pt", **base._text_kwargs)["input_ids"]
@@ -260,28 +265,20 @@ def prepare_hf(base: Any, precision: str) -> Path:
                 "own ids, so its text tower cannot run without torch; run it with --runtime torch",
                 param="model",
             )
-        preprocess = {"mode": "RGB", **base.identity.preprocess}
-        write_atomic(folder / "visual" / "preprocess_cfg.json", json.dumps(preprocess, indent=1), mode=0o644)
         portable = {
             "embed_dim": base.dim,
             "model_type": config.model_type,
             "vision_cfg": {"image_size": h},
             "text_cfg": {"context_length": ctx},
         }
-        write_atomic(folder / "config.json", json.dumps(portable, indent=1), mode=0o644)
-        model_meta = {
-            "identity": base.identity.as_dict(),
-            "export_version": EXPORT_VERSION,
-            "image_tokens": base.image_tokens,
-            "text": {
-                "trim": pool is not None,
-                "pool": pool,
-                "eos_id": eos,
-                "pad_id": int(base.tokenizer.pad_token_id or 0),
-                "clean": clean,
-            },
+        text = {
+            "trim": pool is not None,
+            "pool": pool,
+            "eos_id": eos,
+            "pad_id": int(base.tokenizer.pad_token_id or 0),
+            "clean": clean,
         }
-        write_atomic(folder / META, json.dumps(model_meta, indent=1), mode=0o644)
+        _write_configs(folder, base, portable, text)
     return folder
 
 

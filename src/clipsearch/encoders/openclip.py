@@ -154,7 +154,7 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
         model = _create(open_clip, model_name, device=device, precision=precision)
         tokenizer = open_clip.get_tokenizer(model_name)
         model_cfg = _folder_config(weights)
-        label = spec.model if spec.model.startswith("hf-hub:") else f"local:{weights.resolve().name}"
+        label = spec.recorded_model
         pretrained, digest = "", weights_digest(weights)
     elif spec.model.startswith("hf-hub:"):
         repo = spec.model.removeprefix("hf-hub:")
