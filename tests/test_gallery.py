@@ -224,6 +224,13 @@ def test_the_filter_field_narrows_text_and_image_searches(gallery, browser):
     page.set_input_files("#image-file", str(root / "photos" / "coffee.jpg"))
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('2 results')")
     assert names() == {"astronaut.jpg", "immunohistochemistry.jpg"}
+    page.fill("#filter", "filename~=COFFEE.JPG")  # any case of A-Z
+    page.press("#query", "Enter")
+    try:
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('1 result')", timeout=8000)
+    except Exception:
+        raise AssertionError(page.eval_on_selector("#status", "s => s.textContent")) from None
+    assert names() == {"coffee.jpg"}
     page.fill("#filter", "width")
     page.press("#query", "Enter")
     page.wait_for_function("document.querySelector('#status').textContent.includes('bad filter')")

@@ -169,3 +169,50 @@ def test_ingest_shows_progress_where_someone_watches(tmp_path, tiny_model, capfd
         assert col.ingest(photos, progress=True).embedded == 3
     err = capfd.readouterr().err
     assert "ingest" in err and "3/3" in err, err
+
+
+def test_search_in_a_folder_keeps_it_current_and_prints_paths(tiny_model, tmp_path, monkeypatch):
+    """Point 8, rclip's zero-step flow: ``search --in DIR`` brings the folder's photos up to date
+    in a per-user database (XDG data dir) and searches only them; ``--paths`` prints one path a
+    line. A point of point 7 too: ``KEY~=VALUE`` ignores the case of A-Z, ``=`` stays exact."""
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "CLIPSEARCH_DB": "", "CLIPSEARCH_WEIGHTS": str(tiny_model)}
+    trips, other = tmp_path / "trips", tmp_path / "other"
+    write_photos(trips, SAMPLE_PHOTOS[:3])
+    write_photos(other, SAMPLE_PHOTOS[3:5])
+
+    def search(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(app, ["search", *args], env=env, catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    code, out, err = search("a photo", "--in", str(trips), "--paths", "--limit", "10")
+    assert code == 0, err
+    assert sorted(out.splitlines()) == sorted(str(p) for p in trips.glob("*.jpg"))
+    assert "updated" in err and "embedded 3" in err
+    db = tmp_path / "data" / "clipsearch" / "clipsearch.db"
+    assert db.is_file() and not (tmp_path / "clipsearch.db").exists()
+
+    # another folder in the same database: each search sees only its own folder
+    code, out, err = search("a photo", "--in", str(other), "--paths")
+    assert code == 0 and {line.rsplit("/", 1)[0] for line in out.splitlines()} == {str(other)}, err
+    # a second search reads no file and says nothing; a new and a deleted file are seen
+    code, out, err = search("a photo", "--in", str(trips), "--paths")
+    assert code == 0 and err == "" and len(out.splitlines()) == 3
+    (trips / f"{SAMPLE_PHOTOS[0]}.jpg").unlink()
+    shutil.copy(other / f"{SAMPLE_PHOTOS[3]}.jpg", trips / "new.jpg")
+    code, out, err = search("a photo", "--in", str(trips), "--paths")
+    assert code == 0 and "embedded 1, removed 1" in err, err
+    assert sorted(out.splitlines()) == sorted(str(p) for p in trips.glob("*.jpg")), err
+    with clipsearch.open(db) as col:
+        assert len(col) == 5  # trips' three, less one, plus one; the other folder's two untouched
+    # the case-insensitive filter form beside the exact one
+    code, out, _ = search("a photo", "--in", str(trips), "--paths", "--filter", "filename=NEW.JPG")
+    assert code == 0 and out == ""
+    code, out, _ = search("a photo", "--in", str(trips), "--paths", "--filter", "filename~=NEW.JPG")
+    assert code == 0 and out.splitlines() == [str(trips / "new.jpg")]
+    code, _, err = search("a photo", "--in", str(tmp_path / "nowhere"))
+    assert code == 2 and "nowhere" in err

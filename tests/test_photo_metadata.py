@@ -159,6 +159,33 @@ def test_stores_agree_with_the_rules_for_values(backend, rows, wanted):
     assert_store_agrees(backend, rows, {"v": wanted})
 
 
+# letters that fold (ASCII) and letters that must not (accented, Greek, Turkish dotted I, a
+# ligature), regex and JSON path metacharacters, and CJK
+TEXTS = st.text(alphabet="aAbBzZÉéΣσİiﬁ.*+?^$()[]{}|\\\" -_1한字", max_size=6)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.one_of(TEXTS, st.lists(TEXTS, max_size=3), VALUES, st.none()), min_size=1, max_size=12),
+    wanted=st.one_of(TEXTS, st.lists(TEXTS, min_size=1, max_size=3)),
+)
+def test_stores_agree_on_case_insensitive_equality(backend, rows, wanted):
+    """``iexact`` folds A-Z and nothing else, identically in SQLite, PostgreSQL and Python,
+    whatever characters the texts hold."""
+    assert_store_agrees(backend, rows, {"v": {"iexact": wanted}})
+
+
+def test_case_insensitive_equality_rules():
+    assert matches({"make": "Apple"}, {"make": {"iexact": "APPLE"}})
+    assert matches({"make": ["x", "apple"]}, {"make": {"iexact": ["canon", "aPPle"]}})
+    assert not matches({"make": "Apple Inc"}, {"make": {"iexact": "apple"}})  # equality, not a prefix
+    assert not matches({"make": "É"}, {"make": {"iexact": "é"}})  # only A-Z fold
+    assert not matches({"n": 500}, {"n": {"iexact": "500"}})  # text only
+    assert matches({"make": "apple", "w": 5}, {"make": {"iexact": "Apple"}, "w": {"gte": 1}})
+    with pytest.raises(UsageError, match="iexact compares text"):
+        matches({}, {"make": {"iexact": 5}})
+
+
 # -- end to end -----------------------------------------------------------------------------
 @pytest.fixture
 def trips(tmp_path):
@@ -202,8 +229,11 @@ def test_cli_stores_facts_and_filters_by_range(cli, trips):
     assert search("width>=1000") == {"home.png", "scan.jpg"}
     assert search("camera_make=Canon", "width<1000") == {"paris.jpg"}
     assert search("gps_lat<0") == {"sydney.jpg"}
+    assert search("camera_make=canon") == set()  # exact by default
+    assert search("camera_make~=canon") == {"paris.jpg", "home.png"}
+    assert search("camera_make~=CANON", "camera_make~=apple", "width<1000") == {"paris.jpg", "sydney.jpg"}
     code, _, err = cli("search", "a photo", "--filter", "width")
-    assert code == 2 and "bad --filter 'width': use KEY=VALUE or KEY>=VALUE" in err
+    assert code == 2 and "bad --filter 'width': use KEY=VALUE, KEY~=VALUE (any case) or KEY>=VALUE" in err
     code, _, err = cli("search", "a photo", "--filter", "width>=1", "--filter", "width=2")
     assert code == 2 and "either values (width=...) or a range (width>=...)" in err
     # keyword search finds the camera, not the dates
@@ -219,6 +249,9 @@ def test_http_and_gallery_filter_by_range(cli, trips, tiny_openclip):
         body = {"text": "a photo", "limit": 10, "filter": {"taken_at": {"gte": "2024-06-01"}, "width": {"lt": 500}}}
         got = c.post("/api/v1/search", json=body).json()["results"]
         assert {r["metadata"]["path"].rsplit("/", 1)[-1] for r in got} == {"sydney.jpg"}
+        any_case = {**body, "filter": {"camera_make": {"iexact": "CANON"}}}
+        got = c.post("/api/v1/search", json=any_case).json()["results"]
+        assert {r["metadata"]["path"].rsplit("/", 1)[-1] for r in got} == {"paris.jpg", "home.png"}
         bad = c.post("/api/v1/search", json={**body, "filter": {"width": {"ge": 5}}})
         assert bad.status_code == 422
         with open(trips / "paris.jpg", "rb") as f:

@@ -12,14 +12,19 @@ catalog's ``ingest --filter``). The rules:
 - a date or the start of one (``2024``, ``2024-06``, ``2024-06-30``) names its whole span: as
   ``lte`` or ``gt`` bound it reaches past every time inside it;
 - an equality with a day (``taken_at=2024-06-15``) means that day, as a range does: any time on
-  it (``2024-06-15T18:02:11+02:00``) matches, not only the bare date.
+  it (``2024-06-15T18:02:11+02:00``) matches, not only the bare date;
+- ``{"camera_make": {"iexact": "apple"}}`` (a value or a list) is equality of text with the
+  letters A-Z folded to a-z (``fold``), the folding SQLite's NOCASE does. Only ASCII letters fold,
+  so that SQLite, PostgreSQL (whatever its locale) and Python agree on every value.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
@@ -34,6 +39,16 @@ RANGE_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 _DATE_PREFIX_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}([T ]\d{2}(:\d{2}(:\d{2})?)?)?)?)?$")
 DATE_SPAN_END = "~"
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+# A-Z to a-z and nothing else: the one folding all three engines can do identically
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+FOLDED = "iexact"
+
+
+def fold(text: str) -> str:
+    """Text as case-insensitive equality compares it: ASCII letters lowered, the rest as it is."""
+    return text.translate(_ASCII_LOWER)
 
 
 def _day(value: Any) -> str | None:
@@ -92,10 +107,14 @@ def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
             continue
         _check_key(key)
         if not value:
-            raise UsageError(f"filter {key!r} has no condition; use gt, gte, lt or lte", param="filter")
+            raise UsageError(f"filter {key!r} has no condition; use gt, gte, lt, lte or iexact", param="filter")
         for op, bound in value.items():
+            if op == FOLDED:
+                continue  # filter_folded's
             if op not in RANGE_OPERATORS:
-                raise UsageError(f"unknown filter operator {op!r} on {key!r}; use gt, gte, lt or lte", param="filter")
+                raise UsageError(
+                    f"unknown filter operator {op!r} on {key!r}; use gt, gte, lt, lte or iexact", param="filter"
+                )
             if isinstance(bound, bool) or not isinstance(bound, int | float | str) or bound == "":
                 raise UsageError(
                     f"filter {key} {RANGE_OPERATORS[op]} needs a number, a date or a word, not {bound!r}",
@@ -110,6 +129,31 @@ def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
                 text += DATE_SPAN_END
             out.append(Range(key, op, None if number is None else float(number), text))
     return out
+
+
+def filter_folded(filters: dict[str, Any] | None) -> list[tuple[str, list[str]]]:
+    """(metadata key, folded texts) per case-insensitive equality, ``{key: {"iexact": TEXT}}``
+    (or a list of texts: any of them); a value passes when it is text whose ``fold`` is one of them."""
+    out = []
+    for key, value in (filters or {}).items():
+        if not isinstance(value, dict) or FOLDED not in value:
+            continue
+        _check_key(key)
+        wanted = value[FOLDED]
+        texts = list(wanted) if isinstance(wanted, list | tuple) else [wanted]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise UsageError(f"filter {key} iexact compares text: give a string or a list of strings", param="filter")
+        out.append((key, list(dict.fromkeys(fold(t) for t in texts))))
+    return out
+
+
+def under(folder: str | Path, key: str = "path") -> dict[str, Any]:
+    """The filter for items whose ``path`` lies below ``folder`` (a code-point range over the
+    absolute paths, which every store applies inside its index search)."""
+    prefix = os.path.join(os.path.abspath(os.path.expanduser(folder)), "")
+    # every path that starts with the prefix sorts at or after it and before the prefix whose
+    # separator is followed by the next code point
+    return {key: {"gte": prefix, "lt": prefix[:-1] + chr(ord(prefix[-1]) + 1)}}
 
 
 def as_number(value: Any) -> float | None:
@@ -152,11 +196,14 @@ def matches(metadata: dict[str, Any], filters: dict[str, Any] | None) -> bool:
 
 def matcher(filters: dict[str, Any] | None) -> Callable[[dict[str, Any]], bool]:
     """``matches`` with the filters read once (a bad one raises here), for many items."""
-    values, ranges = filter_values(filters), filter_ranges(filters)
+    values, ranges, folded = filter_values(filters), filter_ranges(filters), filter_folded(filters)
 
     def test(metadata: dict[str, Any]) -> bool:
         for key, wanted in values:
             if not any(_equal(v, w) for v in _listed(metadata.get(key)) for w in wanted):
+                return False
+        for key, texts in folded:
+            if not any(isinstance(v, str) and fold(v) in texts for v in _listed(metadata.get(key))):
                 return False
         return all(any(_in_range(v, r) for v in _listed(metadata.get(r.key))) for r in ranges)
 

@@ -74,6 +74,12 @@ class Settings:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return Path(base) / "clipsearch"
 
+    @staticmethod
+    def user_db() -> Path:
+        """The per-user database of ``search --in``: ``$XDG_DATA_HOME/clipsearch/clipsearch.db``."""
+        base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+        return Path(base) / "clipsearch" / "clipsearch.db"
+
     def download_cache(self, db: str) -> Path:
         """Downloads live beside a SQLite database; a server database gets a per-user cache."""
         if _is_server(db):

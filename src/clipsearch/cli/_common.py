@@ -248,13 +248,14 @@ def quiet_libraries() -> None:
 
 
 # -- shared helpers --------------------------------------------------------------------------------
-_FILTER_RE = re.compile(r"^\s*([^=<>!\s]+)\s*(>=|<=|=|>|<)\s*(.*?)\s*$", re.S)
+_FILTER_RE = re.compile(r"^\s*([^=<>!~\s]+)\s*(~=|>=|<=|=|>|<)\s*(.*?)\s*$", re.S)
 _OPERATOR_NAMES = {">=": "gte", "<=": "lte", ">": "gt", "<": "lt"}
 
 
 def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
-    """``--filter`` values as the library's filters: ``KEY=VALUE`` (repeated: any of them) and
-    ``KEY>=VALUE``, ``KEY<=``, ``KEY>``, ``KEY<`` (combined: all of them)."""
+    """``--filter`` values as the library's filters: ``KEY=VALUE`` (repeated: any of them),
+    ``KEY~=VALUE`` (the same, ignoring the case of A-Z: ``iexact``) and ``KEY>=VALUE``,
+    ``KEY<=``, ``KEY>``, ``KEY<`` (combined: all of them)."""
     if not values:
         return None
     filters: dict[str, Any] = {}
@@ -262,7 +263,7 @@ def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
         m = _FILTER_RE.match(v)
         if not m or not m.group(3):
             raise UsageError(
-                f"bad --filter {v!r}: use KEY=VALUE or KEY>=VALUE (also <=, >, <), "
+                f"bad --filter {v!r}: use KEY=VALUE, KEY~=VALUE (any case) or KEY>=VALUE (also <=, >, <), "
                 "e.g. --filter label=cat --filter 'taken_at>=2024-06-01'"
             )
         key, op, value = m.groups()
@@ -273,7 +274,10 @@ def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
         else:
             if isinstance(filters.get(key), list):
                 raise UsageError(f"--filter {key}: give either values ({key}=...) or a range ({key}>=...), not both")
-            filters.setdefault(key, {})[_OPERATOR_NAMES[op]] = value
+            if op == "~=":
+                filters.setdefault(key, {}).setdefault("iexact", []).append(value)
+            else:
+                filters.setdefault(key, {})[_OPERATOR_NAMES[op]] = value
     return filters
 
 

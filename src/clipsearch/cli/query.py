@@ -22,7 +22,27 @@ if TYPE_CHECKING:
 def search(
     query: Annotated[str | None, typer.Argument(help="Text to search for.", show_default=False)] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Search by this image instead.")] = None,
-    db: DbOpt = "clipsearch.db",
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            envvar="CLIPSEARCH_DB",
+            help="SQLite database file, or a postgresql://user:pass@host/db URL (pgvector). "
+            "[default: clipsearch.db; with --in, the per-user clipsearch.db in $XDG_DATA_HOME/clipsearch]",
+            show_default=False,
+        ),
+    ] = None,
+    in_: Annotated[
+        Path | None,
+        typer.Option(
+            "--in",
+            help="Search the photos under this folder, after bringing them up to date in the database "
+            "(new and changed files embedded, deleted ones forgotten).",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    paths: Annotated[bool, typer.Option("--paths", help="Print only the paths, one a line (for pipes).")] = False,
     namespace: NamespaceOpt = "default",
     limit: LimitOpt = 10,
     filter_: Annotated[
@@ -56,15 +76,58 @@ def search(
     mode = mode.strip().lower()
     if image is not None and mode != "vector":
         raise UsageError(f"--mode {mode} searches by text; search by --image in vector mode")
+    if as_json and paths:
+        raise UsageError("give --json or --paths, not both")
     filters = parse_filters(filter_)
-    with lib.open(db, namespace, create=False, **_model_kwargs(choice)) as collection:
+    if db is None:
+        from ..settings import Settings
+
+        if in_ is not None:
+            Settings.user_db().parent.mkdir(parents=True, exist_ok=True)  # ours to make, unlike a --db folder
+            db = str(Settings.user_db())
+        else:
+            db = Settings.db
+    if in_ is not None:
+        if filters and "path" in filters:
+            raise UsageError("--in FOLDER is a filter on path: give it or --filter path..., not both")
+        from ..filters import under
+
+        filters = {**(filters or {}), **under(in_)}
+    with lib.open(db, namespace, create=in_ is not None, **_model_kwargs(choice)) as collection:
         collection.notice = lambda message: err.print(message, highlight=False)
         collection.loading = loading
         collection.few_calls = True
+        if in_ is not None:
+            _bring_up_to_date(collection, in_)
         hits = collection.search(
             query, image=image, limit=limit, filter=filters, mode=mode, add=add or (), subtract=subtract or ()
         )
+    if paths:
+        for h in hits:
+            sys.stdout.write(f"{h.metadata.get('path') or h.metadata.get('url') or h.id}\n")
+        return
     print_hits(hits, as_json)
+
+
+def _bring_up_to_date(collection: Collection, folder: Path) -> None:
+    """``search --in``: the folder's files as they are now (an incremental, pruning ingest, which
+    reads no file and loads no model when nothing changed), said on stderr only when it did."""
+    if not folder.is_dir():
+        raise UsageError(f"--in {folder}: no such folder", param="in")
+    report = collection.ingest([folder], prune=True, progress=True)
+    changes = [
+        f"{label} {n}"
+        for label, n in (("embedded", report.embedded), ("removed", report.removed), ("moved", report.moved))
+        if n
+    ]
+    if changes:
+        err.print(f"updated {folder}: {', '.join(changes)}", highlight=False, markup=False)
+    if report.failed:
+        err.print(
+            f"{report.failed} file(s) under {folder} could not be read; `clipsearch failures` lists them",
+            highlight=False,
+            markup=False,
+        )
 
 
 def similar(

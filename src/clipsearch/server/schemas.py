@@ -7,14 +7,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Scalar = str | int | float | bool
-RangeBounds = dict[Literal["gt", "gte", "lt", "lte"], str | int | float]
-# one value, any of a list, or a range: {"width": {"gte": 1000}}, {"taken_at": {"lt": "2024-07-01"}}
+RangeBounds = dict[Literal["gt", "gte", "lt", "lte", "iexact"], str | int | float | list[str]]
+# one value, any of a list, or conditions: a range {"width": {"gte": 1000}}, {"taken_at": {"lt":
+# "2024-07-01"}}, or text in any case of A-Z {"camera_make": {"iexact": "apple"}}
 FilterValue = Scalar | list[Scalar] | RangeBounds
 _FILTER_DOC = (
     "Metadata conditions, all of which must hold: a value ({'label': 'cat'}), any of a list "
     "({'label': ['cat', 'dog']}), or a range ({'width': {'gte': 1000}}, {'taken_at': {'gte': '2024-06-01', "
     "'lt': '2024-07-01'}}). Numbers compare as numbers (text that spells one included), other text in "
-    "code-point order, so ISO 8601 dates compare by time; a bare date as 'lte' or 'gt' bound covers its whole day."
+    "code-point order, so ISO 8601 dates compare by time; a bare date as 'lte' or 'gt' bound covers its whole day. "
+    "{'camera_make': {'iexact': 'apple'}} (or a list of texts) is equality of text ignoring the case of A-Z."
 )
 
 

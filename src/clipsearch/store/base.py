@@ -18,10 +18,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import DimensionError, ModelMismatchError, UsageError
-from ..filters import Range, as_number, filter_ranges, filter_values, typed_variants
+from ..filters import Range, as_number, filter_folded, filter_ranges, filter_values, fold, typed_variants
 from ..identity import ModelIdentity
 
-__all__ = ["Range", "as_number", "filter_ranges", "filter_values", "typed_variants"]
+__all__ = ["Range", "as_number", "filter_folded", "filter_ranges", "filter_values", "fold", "typed_variants"]
 
 DEFAULT_NAMESPACE = "default"
 # what a photo's EXIF says (imaging.photo_facts); stored when present

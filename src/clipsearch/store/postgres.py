@@ -44,6 +44,7 @@ from .base import (
     checked_batch,
     checked_queries,
     dead_owners,
+    filter_folded,
     filter_ranges,
     filter_values,
     keep_derived,
@@ -157,6 +158,23 @@ def redact(url: str) -> str:
 
 # a text that spells a number, as base.as_number reads one (jsonpath's like_regex is POSIX)
 _NUMBER_PATTERN = r"^ *[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][+-]?[0-9]+)? *$"
+
+
+def _folded_pattern(text: str) -> str:
+    """A like_regex pattern, as the content of a JSON path string, that matches exactly the
+    texts whose ``fold`` is ``text`` (already folded): each ASCII letter as ``[aA]``, so that
+    neither the database's locale nor a regex flag decides what folds. Other characters are
+    literal: a non-alphanumeric one escaped (a backslash before it means itself)."""
+    parts = []
+    for ch in text:
+        if "a" <= ch <= "z":
+            parts.append(f"[{ch}{ch.upper()}]")
+        elif ch.isalnum():
+            parts.append(ch)
+        else:
+            parts.append("\\" + ch)
+    pattern = "^" + "".join(parts) + "$"
+    return pattern.replace("\\", "\\\\").replace('"', '\\"')
 
 
 class PostgresStore(ClosingStore):
@@ -587,6 +605,10 @@ class PostgresStore(ClosingStore):
                 )
             clauses.append("jsonb_path_exists(metadata, %s::jsonpath, %s::jsonb, true)")
             params += [f'$."{r.key}" ? ({test})', json.dumps({"n": r.number, "t": r.text})]
+        for key, texts in filter_folded(filters):
+            test = " || ".join(f'@ like_regex "{_folded_pattern(t)}"' for t in texts)
+            clauses.append("jsonb_path_exists(metadata, %s::jsonpath, %s::jsonb, true)")
+            params += [f'$."{key}" ? (@.type() == "string" && ({test}))', "{}"]
         return "".join(f" AND {c}" for c in clauses), params
 
     def search(

@@ -41,8 +41,10 @@ from .base import (
     checked_batch,
     checked_queries,
     dead_owners,
+    filter_folded,
     filter_ranges,
     filter_values,
+    fold,
     keep_derived,
     keyword_text,
     query_words,
@@ -51,6 +53,10 @@ from .base import (
 )
 
 SCHEMA_VERSION = 4
+
+
+def _fold_text(value: Any) -> Any:
+    return fold(value) if isinstance(value, str) else value
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
 
 _SCHEMA = """
@@ -151,6 +157,7 @@ class SQLiteStore(ClosingStore):
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.create_function("cs_number", 1, as_number, deterministic=True)
+            self._conn.create_function("cs_fold", 1, _fold_text, deterministic=True)
             self._migrate()
         except sqlite3.DatabaseError as e:
             raise UsageError(f"{self.path} is not a clipsearch database ({e})") from None
@@ -704,6 +711,9 @@ class SQLiteStore(ClosingStore):
                 f"OR (type = 'text' AND cs_number(value) IS NULL AND value {r.sql} ?)"
             )
             any_element(f'$."{r.key}"', test, [r.number, r.number, r.text])
+        for key, texts in filter_folded(filters):
+            marks = ", ".join("?" * len(texts))
+            any_element(f'$."{key}"', f"type = 'text' AND cs_fold(value) IN ({marks})", texts)
         return "".join(f" AND {c}" for c in clauses), params
 
     def _allowed_seqs(self, namespace: str, filters: dict[str, Any]) -> np.ndarray:

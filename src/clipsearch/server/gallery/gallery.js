@@ -117,18 +117,20 @@ function showQueryImage(file) {
 const RANGE_NAMES = { ">=": "gte", "<=": "lte", ">": "gt", "<": "lt" };
 
 // The filter field as the API's filter object, read as the CLI reads --filter: key=value (repeated:
-// any of them) and key>=value, key<=value, key>value, key<value (all of them), separated by spaces.
+// any of them), key~=value (any case of A-Z) and key>=value, key<=value, key>value, key<value (all
+// of them), separated by spaces.
 function parseFilter(text) {
   const filter = {};
   for (const part of text.trim().split(/\s+/).filter(Boolean)) {
-    const m = part.match(/^([^=<>!]+)(>=|<=|=|>|<)(.+)$/);
-    if (!m) throw new Error(`bad filter “${part}”: use key=value or key>=value (also <=, > and <)`);
+    const m = part.match(/^([^=<>!~]+)(~=|>=|<=|=|>|<)(.+)$/);
+    if (!m) throw new Error(`bad filter “${part}”: use key=value, key~=value (any case) or key>=value (also <=, > and <)`);
     const [, key, op, value] = m;
     const isRange = op !== "=";
     if (key in filter && Array.isArray(filter[key]) === isRange) {
       throw new Error(`filter ${key}: give either values (${key}=…) or a range (${key}>=…), not both`);
     }
-    if (isRange) (filter[key] ||= {})[RANGE_NAMES[op]] = value;
+    if (op === "~=") ((filter[key] ||= {}).iexact ||= []).push(value);
+    else if (isRange) (filter[key] ||= {})[RANGE_NAMES[op]] = value;
     else (filter[key] ||= []).push(value);
   }
   return Object.keys(filter).length ? filter : undefined;
