@@ -161,7 +161,7 @@ def test_stores_agree_with_the_rules_for_values(backend, rows, wanted):
 
 # letters that fold (ASCII) and letters that must not (accented, Greek, Turkish dotted I, a
 # ligature), regex and JSON path metacharacters, and CJK
-TEXTS = st.text(alphabet="aAbBzZÉéΣσİiﬁ.*+?^$()[]{}|\\\" -_1한字", max_size=6)
+TEXTS = st.text(alphabet='aAbBzZÉéΣσİiﬁ.*+?^$()[]{}|\\" -_1한字', max_size=6)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

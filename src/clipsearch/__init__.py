@@ -23,6 +23,8 @@ _EXPORTS = {
     "describe": "collection",
     "open": "collection",
     "ModelChoice": "choice",
+    "CatalogOptions": "catalog",
+    "RayOptions": "distributed",
     "ModelIdentity": "identity",
     "ModelSpec": "identity",
     "Hit": "store",
@@ -64,8 +66,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .catalog import CatalogOptions
     from .choice import ModelChoice
     from .collection import Collection, CollectionInfo, describe, open
+    from .distributed import RayOptions
     from .errors import (
         ClipsearchError,
         DeviceUnavailableError,
@@ -85,6 +89,7 @@ if TYPE_CHECKING:
     from .store import Hit, Item
 
 __all__ = [
+    "CatalogOptions",
     "ClipsearchError",
     "Collection",
     "CollectionInfo",
@@ -103,6 +108,7 @@ __all__ = [
     "NamespaceNotFoundError",
     "NoDatabaseError",
     "NotFoundError",
+    "RayOptions",
     "TooLargeError",
     "UsageError",
     "__version__",

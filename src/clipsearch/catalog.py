@@ -29,7 +29,7 @@ IMAGE_COLUMN_GUESSES = ("image_url", "image", "url", "image_path", "path")
 
 @dataclass
 class CatalogOptions:
-    id_column: str = "id"
+    id_column: str | None = "id"  # None: a row's id is its number in the table (eval's captions)
     image_column: str | None = None  # None: the first of IMAGE_COLUMN_GUESSES the table has
     text_columns: list[str] = field(default_factory=list)
     embed_text: bool = False  # part of the fingerprint: turning it on or off revisits every row
@@ -77,7 +77,7 @@ class CatalogSource:
                 f"catalog {path} has no image column ({', '.join(IMAGE_COLUMN_GUESSES)}); "
                 f"name it with --image-column (columns: {self._list()})"
             )
-        self.require([options.id_column, self.image_column, *options.text_columns])
+        self.require([c for c in (options.id_column, self.image_column, *options.text_columns) if c])
 
     def _list(self) -> str:
         return ", ".join(self.columns[:30]) + (" ..." if len(self.columns) > 30 else "")
@@ -148,7 +148,7 @@ class CatalogSource:
             raise UsageError(f"cannot read catalog {self.path}: {e}") from None
 
     def _item(self, row: dict[str, Any], number: int, base: Path, options: CatalogOptions) -> SourceItem:
-        raw_id = _text(row.get(options.id_column))
+        raw_id = _text(row.get(options.id_column)) if options.id_column else f"{self.path.name}#{number}"
         ref = _text(row.get(self.image_column))
         text = " ".join(t for t in (_text(row.get(c)) for c in options.text_columns) if t) or None
         metadata: dict[str, Any] = dict(row)

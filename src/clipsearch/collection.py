@@ -330,7 +330,7 @@ class Collection:
         prune: bool = False,
         **options: Any,
     ) -> IngestReport:
-        """Embed images into the collection; resumable and incremental (see the README).
+        """Embed images into the collection; resumable and incremental (docs/ingest.md).
 
         ``sources``: folders, ``images:DIR``, ``image-list:FILE``, ``catalog:FILE``, image files,
         or ``Source`` objects. ``catalog``: the catalog columns (``CatalogOptions``). ``ray``: run

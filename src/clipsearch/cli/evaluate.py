@@ -166,7 +166,9 @@ def retrieval(
     ],
     text_column: Annotated[str, typer.Option("--text-column", help="The caption column.")] = "caption",
     image_column: Annotated[str | None, typer.Option("--image-column", help="The image column.")] = None,
-    id_column: Annotated[str, typer.Option("--id-column", help="The row id column.")] = "id",
+    id_column: Annotated[
+        str | None, typer.Option("--id-column", help="The row id column; without it, rows are numbered.")
+    ] = None,
     compare: CompareOpt = None,
     db: EvalDbOpt = None,
     namespace: Annotated[str, typer.Option("--namespace", "-n")] = "eval",

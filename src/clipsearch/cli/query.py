@@ -27,8 +27,8 @@ def search(
         typer.Option(
             "--db",
             envvar="CLIPSEARCH_DB",
-            help="SQLite database file, or a postgresql://user:pass@host/db URL (pgvector). "
-            "[default: clipsearch.db; with --in, the per-user clipsearch.db in $XDG_DATA_HOME/clipsearch]",
+            help="SQLite database file, or a postgresql://user:pass@host/db URL (pgvector). Default: "
+            "clipsearch.db; with --in, the per-user database $XDG_DATA_HOME/clipsearch/clipsearch.db.",
             show_default=False,
         ),
     ] = None,
@@ -46,7 +46,12 @@ def search(
     namespace: NamespaceOpt = "default",
     limit: LimitOpt = 10,
     filter_: Annotated[
-        list[str] | None, typer.Option("--filter", help="Only items whose metadata KEY=VALUE (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="Only items whose metadata KEY=VALUE (repeatable); KEY~=VALUE ignores the case of A-Z; "
+            "KEY>=VALUE, <=, >, < for ranges.",
+        ),
     ] = None,
     mode: Annotated[
         str,

@@ -57,6 +57,8 @@ SCHEMA_VERSION = 4
 
 def _fold_text(value: Any) -> Any:
     return fold(value) if isinstance(value, str) else value
+
+
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
 
 _SCHEMA = """
