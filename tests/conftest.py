@@ -36,7 +36,7 @@ TINY_OPENCLIP_CFG = {
 }
 
 
-def make_tiny_openclip(folder: Path, seed: int = 0) -> Path:
+def make_tiny_openclip(folder: Path, seed: int = 0, embed_dim: int | None = None) -> Path:
     """An open_clip model folder in the hub layout (open_clip_config.json + safetensors).
 
     Random init makes every image look alike to a ViT (the class token dominates); no ln_pre and
@@ -52,14 +52,15 @@ def make_tiny_openclip(folder: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = CLIP(**TINY_OPENCLIP_CFG)
+    cfg = TINY_OPENCLIP_CFG if embed_dim is None else {**TINY_OPENCLIP_CFG, "embed_dim": embed_dim}
+    model = CLIP(**cfg)
     with torch.no_grad():
         model.visual.conv1.weight.normal_(0, 0.05)
         model.visual.positional_embedding.mul_(0.1)
         model.visual.class_embedding.mul_(0.1)
         model.token_embedding.weight.normal_(0, 1.0)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPENCLIP_CFG}))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
     return folder
 

@@ -14,8 +14,8 @@ but it must exit 0. The sandbox holds what the pages assume a reader has (``SCEN
   exported to towers, so that the pages' model runs offline and torch-free.
 
 Three things a sandbox cannot have are mapped, and only these (``SUBSTITUTIONS``): the pages'
-PostgreSQL URL becomes the test server's, ``shop.example`` the local image server, and port
-8080 a free port. Processes a block leaves in the background (``clipsearch serve &``) are
+PostgreSQL URL becomes the test server's, ``shop.example`` the local image server, and ports
+8080 and 8081 free ports. Processes a block leaves in the background (``clipsearch serve &``) are
 stopped when the page ends.
 """
 
@@ -125,11 +125,12 @@ def build_scene(home: Path, shop: str) -> None:
             writer.writerow([f"SKU-{123 + i}", f"{shop}/img/{photo}.jpg", title, "gift,new", "BigClient", 19.99 + i])
 
 
-def substitutions(pg: str, shop: str, port: int) -> dict[str, str]:
+def substitutions(pg: str, shop: str) -> dict[str, str]:
     return {
         "postgresql://app:secret@db.internal/catalog": pg,
         "https://shop.example": shop,
-        "8080": str(port),
+        "8080": str(free_port()),
+        "8081": str(free_port()),
     }
 
 
@@ -202,7 +203,7 @@ def test_page_examples_run(page, hub, pg_url, image_server, tmp_path):
         "CLIPSEARCH_ONNX_CACHE": str(home / ".cache" / "onnx"),
         "LANG": "C.UTF-8",
     }
-    sandbox = Sandbox(home, env, substitutions(pg_url, shop, free_port()))
+    sandbox = Sandbox(home, env, substitutions(pg_url, shop))
     try:
         for block in runnable:
             sandbox.run(block)

@@ -18,6 +18,16 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 
 
+# OpenAI's CLIP weights by open_clip's architecture name: the Hugging Face repository (what
+# transformers users send), OpenAI's own name, and the short form other embedding services use
+OPENAI_CLIP_NAMES: dict[str, tuple[str, ...]] = {
+    "ViT-B-32": ("openai/clip-vit-base-patch32", "ViT-B/32", "clip-vit-b/32"),
+    "ViT-B-16": ("openai/clip-vit-base-patch16", "ViT-B/16", "clip-vit-b/16"),
+    "ViT-L-14": ("openai/clip-vit-large-patch14", "ViT-L/14", "clip-vit-l/14"),
+    "ViT-L-14-336": ("openai/clip-vit-large-patch14-336", "ViT-L/14@336px", "clip-vit-l/14-336"),
+}
+
+
 def is_repo_name(model: str) -> bool:
     """``OWNER/NAME`` without a scheme: a published ONNX repository. open_clip's names have no
     slash (``ViT-B-32``) and its hub form has a scheme (``hf-hub:OWNER/NAME``)."""
@@ -167,6 +177,19 @@ class ModelIdentity:
     def model_id(self) -> str:
         """Short stable name, e.g. ``ViT-B-32/openai`` or ``hf:openai/clip-vit-base-patch32``."""
         return f"{self.model}/{self.pretrained}" if self.pretrained else self.model
+
+    def public_names(self) -> tuple[str, ...]:
+        """The names other services and their clients use for this model, where the identity
+        proves it is that model: OpenAI's weights as open_clip runs them (its ``openai`` tag) or
+        as transformers loads them from OpenAI's own repository. Never for other weights, even
+        of the same architecture."""
+        if self.backend == "open_clip" and self.pretrained == "openai":
+            return OPENAI_CLIP_NAMES.get(self.model, ())
+        if self.backend == "hf":
+            for names in OPENAI_CLIP_NAMES.values():
+                if self.model.removeprefix("hf:") == names[0]:
+                    return names
+        return ()
 
     def describe(self) -> str:
         extra = "" if self.quantization == "none" else f", {self.quantization}"

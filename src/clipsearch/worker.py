@@ -14,6 +14,7 @@ added the trigger. A stop request (SIGTERM, Ctrl-C) lets the batch in hand finis
 from __future__ import annotations
 
 import re
+import string
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .decoding import DecodeSettings, decode_crop, failure_reason
 from .downloads import DownloadCache, Downloaded, DownloadSettings, download_all
 from .errors import ClipsearchError, UsageError
 from .fetch import is_url
+from .filters import filter_folded, filter_ranges, filter_values
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .store.postgres import load_psycopg, redact
 
@@ -53,6 +55,20 @@ class WorkerOptions:
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     cache_dir: Path | None = None
     download: DownloadSettings = field(default_factory=DownloadSettings)
+    limit: int | None = None  # rows this run (embedded or failed)
+    # only rows whose columns pass these (clipsearch.filters' grammar, on the table's own columns)
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+# PostgreSQL's number types, as format_type names them: a range filter compares these numerically
+_NUMERIC_TYPE = re.compile(r"^(smallint|integer|bigint|real|double precision|numeric(\(.*\))?)$")
+
+
+def _as_sql_text(value: Any) -> str:
+    """A filter value as PostgreSQL writes the column's value as text (``true``, ``500``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 @dataclass
@@ -178,12 +194,51 @@ class Worker:
                 )
             )
         condition = sql.SQL("({})").format(sql.SQL(" OR ").join(conditions))
+        if o.filters:
+            condition = sql.SQL("{} AND {}").format(condition, self._row_filter(params))
         # a row that failed in this process is not tried again by it (--retry-failed and rows
         # without a status column would otherwise come straight back)
         condition = sql.SQL("{} AND NOT ({}::text = ANY(%(failed_here)s))").format(
             condition, sql.Identifier(o.id_column)
         )
         return condition, params
+
+    def _row_filter(self, params: dict[str, Any]) -> Any:
+        """``--filter`` as SQL on the table's own columns, its values as parameters: equality
+        compares the column's text (``500`` matches an integer 500, ``true`` a boolean), ranges
+        compare numbers on numeric columns and text in code-point order on the others, ``~=``
+        folds A-Z as everywhere else (``clipsearch.filters``)."""
+        sql = self.sql
+        parts = []
+        keys = [k for k, _ in filter_values(self.options.filters)]
+        keys += [r.key for r in filter_ranges(self.options.filters)]
+        keys += [k for k, _ in filter_folded(self.options.filters)]
+        for key in keys:
+            if key not in self.columns:
+                raise UsageError(
+                    f"--filter {key}: table {self.options.table!r} has no such column; its columns: "
+                    f"{', '.join(self.columns)}",
+                    param="filter",
+                )
+        for i, (key, wanted) in enumerate(filter_values(self.options.filters)):
+            params[f"fv{i}"] = sorted({_as_sql_text(v) for v in wanted})
+            parts.append(sql.SQL("{c}::text = ANY(%(fv{i})s)").format(c=sql.Identifier(key), i=sql.SQL(str(i))))
+        for i, r in enumerate(filter_ranges(self.options.filters)):
+            numeric = _NUMERIC_TYPE.match(self.columns[r.key]) is not None
+            if numeric and r.number is None:
+                raise UsageError(f"--filter {r.key} {r.sql} needs a number: {r.key} is {self.columns[r.key]}")
+            params[f"fr{i}"] = r.number if numeric else r.text
+            column = sql.Identifier(r.key) if numeric else sql.SQL("{}::text").format(sql.Identifier(r.key))
+            parts.append(sql.SQL("{c} " + r.sql + " %(fr{i})s").format(c=column, i=sql.SQL(str(i))))
+        for i, (key, texts) in enumerate(filter_folded(self.options.filters)):
+            params[f"ff{i}"] = texts
+            parts.append(
+                sql.SQL("translate({c}::text, %(upper)s, %(lower)s) = ANY(%(ff{i})s)").format(
+                    c=sql.Identifier(key), i=sql.SQL(str(i))
+                )
+            )
+            params["upper"], params["lower"] = string.ascii_uppercase, string.ascii_lowercase
+        return sql.SQL("({})").format(sql.SQL(" AND ").join(parts))
 
     def pending_count(self) -> int:
         condition, params = self._pending()
@@ -198,7 +253,7 @@ class Worker:
         started = time.perf_counter()
         listener = self._listen() if self.options.watch else None
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self._limit_reached(report):
                 done = self._one_batch(report)
                 if done and on_batch:
                     on_batch(report)
@@ -214,6 +269,9 @@ class Worker:
                 self._cache.close()
         report.seconds = time.perf_counter() - started
         return report
+
+    def _limit_reached(self, report: WorkerReport) -> bool:
+        return self.options.limit is not None and report.embedded + report.failed >= self.options.limit
 
     def _listen(self) -> Any:
         conn = self.psycopg.connect(self.url, autocommit=True)
@@ -239,7 +297,8 @@ class Worker:
             id=sql.Identifier(o.id_column), src=sql.Identifier(source), t=self._table_ident(), c=condition
         )
         with self.conn.transaction():
-            rows = self.conn.execute(query, {**params, "n": o.batch_size}).fetchall()
+            room = o.batch_size if o.limit is None else min(o.batch_size, o.limit - report.embedded - report.failed)
+            rows = self.conn.execute(query, {**params, "n": room}).fetchall()
             if not rows:
                 return 0
             if o.image_column:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -90,8 +90,50 @@ def _ray_alone_means_local(argv: list[str]) -> list[str]:
     return out_argv
 
 
+# ``--recursive=false``: the spelling other tools (and our users' specs) use for a boolean flag
+_BOOLEAN_VALUE = re.compile(r"^(--[a-z][a-z0-9-]*)=(true|false|yes|no|on|off|1|0)$", re.I)
+
+
+def _boolean_flags() -> dict[str, tuple[str | None, str | None]]:
+    """Every boolean flag of every command: its name -> (the flag that turns it on, off)."""
+    flags: dict[str, tuple[str | None, str | None]] = {}
+
+    def walk(command: Any) -> None:
+        for param in command.params:  # Typer's own click: its options are known by their fields
+            if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+                on, off = param.opts[0], param.secondary_opts[0] if param.secondary_opts else None
+                for name in (*param.opts, *param.secondary_opts):
+                    flags.setdefault(name, (on, off))
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    return flags
+
+
+def _boolean_values(argv: list[str]) -> list[str]:
+    """``--flag=true`` as ``--flag`` and ``--flag=false`` as ``--no-flag`` (or nothing, for a
+    flag without an opposite), for the boolean flags only; anything else is left to Typer."""
+    if not any(_BOOLEAN_VALUE.match(a) for a in argv):
+        return argv  # the common case costs nothing
+    flags, out_argv = _boolean_flags(), []
+    for i, arg in enumerate(argv):
+        m = _BOOLEAN_VALUE.match(arg)
+        if m is None or m.group(1) not in flags or "--" in argv[:i]:
+            out_argv.append(arg)
+            continue
+        on, off = flags[m.group(1)]
+        wanted = m.group(2).lower() in ("true", "yes", "on", "1")
+        if m.group(1) == off:  # --no-recursive=true
+            wanted = not wanted
+        chosen = on if wanted else off
+        if chosen is not None:
+            out_argv.append(chosen)
+    return out_argv
+
+
 def main() -> None:
-    app(args=_ray_alone_means_local(sys.argv[1:]), prog_name="clipsearch")
+    app(args=_boolean_values(_ray_alone_means_local(sys.argv[1:])), prog_name="clipsearch")
 
 
 __all__ = ["app", "main"]

@@ -113,6 +113,15 @@ def serve(
             "changed images are embedded, deleted ones removed, so the gallery stays current.",
         ),
     ] = None,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--served-model-name",
+            envvar="CLIPSEARCH_SERVED_MODEL_NAME",
+            help="A name clients may send as `model` (repeatable, or comma-separated); the first is the name "
+            "/health, /v1/models and the answers report.",
+        ),
+    ] = None,
     *,
     choice: ModelChoice,
 ) -> None:
@@ -147,6 +156,7 @@ def serve(
         allowed_hosts=_hosts(allowed_hosts, host),
         allowed_origins=tuple(_split(allowed_origins)),
         watch=tuple(watch or ()),
+        served_model_names=tuple(dict.fromkeys(n for value in served_model_name or () for n in _split(value))),
     )
     runnable = runnable_spec(spec, choice.runtime is not None)
     web = create_app(settings, lambda: (load_encoder(runnable, serving=True), spec), store=store)

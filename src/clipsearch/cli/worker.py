@@ -9,7 +9,7 @@ import typer
 
 from ..choice import ModelChoice
 from ..errors import ClipsearchError, UsageError
-from ._common import JsonOpt, err, loading, out
+from ._common import JsonOpt, err, loading, out, parse_filters
 
 TABLE_PANEL = "Table"
 worker_app = typer.Typer(
@@ -79,6 +79,15 @@ def worker(
     concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, envvar="CLIPSEARCH_CONCURRENCY", help="Downloads at once.")
     ] = 16,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Embed at most N rows this run.")] = None,
+    filter_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="Only rows whose COLUMN=VALUE (repeatable: all must hold; a column repeated: any of its "
+            "values); COLUMN~=VALUE ignores the case of A-Z; COLUMN>=VALUE, <=, >, < for ranges.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     *,
     choice: ModelChoice,
@@ -119,6 +128,8 @@ def worker(
         retry_failed=retry_failed,
         cache_dir=cache_dir,
         download=DownloadSettings(concurrency=concurrency),
+        limit=limit,
+        filters=parse_filters(filter_) or {},
     )
     if (image_column is None) == (text_column is None):
         raise UsageError("give --image-column (embed images) or --text-column (embed texts), exactly one")

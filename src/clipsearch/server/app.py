@@ -507,32 +507,29 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         payload["error"] = {"message": message, "type": "service_unavailable"}
         return JSONResponse(payload, status_code=503, headers={"Retry-After": "5"})
 
-    def served_names() -> set[str]:
-        encoder = service.ready_encoder()
-        return {encoder.model_id, encoder.identity.model}
-
     @api.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def list_models():
         encoder = service.ready_encoder()
-        card = {"id": encoder.model_id, "created": service.started_at, "dimensions": encoder.dim}
+        card = {"id": service.model_id, "created": service.started_at, "dimensions": encoder.dim}
         return {"object": "list", "data": [card]}
 
     @api.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
     async def retrieve_model(model_id: str):
         """The served model (the OpenAI client's ``models.retrieve``); 404 for any other id."""
         encoder = service.ready_encoder()
-        if model_id not in served_names():
-            raise ModelNotFoundError(f"this server serves the model {encoder.model_id!r}, not {model_id!r}")
-        return {"id": encoder.model_id, "created": service.started_at, "dimensions": encoder.dim}
+        if model_id not in service.accepted_models():
+            raise ModelNotFoundError(f"this server serves the model {service.model_id!r}, not {model_id!r}")
+        return {"id": service.model_id, "created": service.started_at, "dimensions": encoder.dim}
 
     # -- embeddings --------------------------------------------------------------------
     @api.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["openai"])
     async def create_embeddings(req: EmbeddingRequest):
         """OpenAI-compatible embeddings of texts and images in one vector space."""
         encoder = service.ready_encoder()
-        if req.model and req.model not in served_names():
+        if req.model and req.model not in service.accepted_models():
             raise ModelNotFoundError(
-                f"this server serves the model {encoder.model_id!r}, not {req.model!r}; use model={encoder.model_id!r}"
+                f"this server serves the model {service.model_id!r}, not {req.model!r}; use model={service.model_id!r} "
+                "(or start it with --served-model-name)"
             )
         if req.dimensions is not None and req.dimensions != encoder.dim:
             raise UsageError(
@@ -592,7 +589,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         body = {
             "object": "list",
             "data": data,
-            "model": encoder.model_id,
+            "model": service.model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
@@ -639,7 +636,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         encoder = service.ready_encoder()
         _, data, _ = await _form_with_file(request, max_fields=5)
         vector = (await service.embed_images([data]))[0]
-        return {"embedding": vector.tolist(), "dimensions": encoder.dim, "model": encoder.model_id}
+        return {"embedding": vector.tolist(), "dimensions": encoder.dim, "model": service.model_id}
 
     # -- search ------------------------------------------------------------------------
     @api.post("/api/v1/search", response_model=SearchResponse, tags=["search"])

@@ -93,6 +93,9 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()
     # folders kept in step with the default namespace while the server runs (watch.Watcher)
     watch: tuple[Path, ...] = ()
+    # names the served model answers to in `model` (the first is the one reported), for clients
+    # that send the name of the service clipsearch replaces (vLLM's and infinity's option)
+    served_model_names: tuple[str, ...] = ()
 
     @property
     def media_root(self) -> Path:
@@ -262,7 +265,17 @@ class Service:
 
     @property
     def model_id(self) -> str | None:
-        return self.encoder.model_id if self.encoder else None
+        """The name the served model is reported under: the first --served-model-name, else its id."""
+        if self.encoder is None:
+            return None
+        return self.settings.served_model_names[0] if self.settings.served_model_names else self.encoder.model_id
+
+    def accepted_models(self) -> set[str]:
+        """Every name a request may give in ``model``: the configured ones, the model's id and
+        name, and the public names its identity proves (``ModelIdentity.public_names``)."""
+        encoder = self.ready_encoder()
+        identity = encoder.identity
+        return {*self.settings.served_model_names, encoder.model_id, identity.model, *identity.public_names()}
 
     @property
     def device(self) -> str | None:
