@@ -49,8 +49,7 @@ def library(tmp_path_factory, tiny_openclip):
 
 
 def make_server(library, tmp_path=None, **overrides) -> RunningServer:
-    db = str(library["db"])
-    settings = ServerSettings(db=db, **overrides)
+    settings = ServerSettings(**{"db": str(library["db"]), **overrides})
     spec = library["spec"]
     return RunningServer(create_app(settings, lambda: (load_encoder(spec), spec)))
 
@@ -513,3 +512,28 @@ def test_similar_within_the_same_metadata_value(client, library):
     assert (
         error["param"] == "same_filter" and error["message"].endswith("(same_filter)") and "--" not in error["message"]
     )
+
+
+def test_the_server_and_the_library_refuse_a_mismatch_alike(library, tmp_path):
+    """One rule for every face: the server searches through the namespace's Collection, so a
+    namespace of another model is refused with the library's own error, word for word, for text
+    and image search alike; a raw vector is only checked for length."""
+    import clipsearch
+    from clipsearch.errors import ModelMismatchError
+
+    from .conftest import make_tiny_openclip
+
+    other = make_tiny_openclip(tmp_path / "other-model", seed=1)
+    db = tmp_path / "other.db"
+    photos = write_photos(tmp_path / "photos", ["rocket", "coffee"])
+    with clipsearch.open(db, weights=other) as col:
+        col.ingest([tmp_path / "photos"])
+    with clipsearch.open(db, weights=library["spec"].weights) as col, pytest.raises(ModelMismatchError) as refused:
+        col.search("a rocket")
+    with make_server(library, db=str(db)) as srv, httpx.Client(base_url=srv.wait_ready().url, timeout=30) as c:
+        by_text = assert_error(c.post("/api/v1/search", json={"text": "a rocket"}), 400)
+        assert by_text["message"] == refused.value.message
+        by_image = c.post("/api/v1/images/search", files={"file": photos[0].read_bytes()})
+        assert assert_error(by_image, 400)["message"] == refused.value.message
+        vector = c.post("/api/v1/vectors/search", json={"embedding": [0.1] * 32})
+        assert vector.status_code == 200 and len(vector.json()["results"]) == 2

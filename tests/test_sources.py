@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from clipsearch.errors import UsageError
-from clipsearch.sources import FolderSource, ImageListSource, file_id, parse_source
+from clipsearch.source_spec import parse_source
+from clipsearch.sources import FolderSource, ImageListSource, file_id
 
 
 def _touch_image(path):

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .choice import ModelChoice
-from .errors import ImageError, ModelMismatchError, NamespaceNotFoundError, NoDatabaseError, UsageError
+from .errors import (
+    ImageError,
+    ItemNotFoundError,
+    ModelMismatchError,
+    NamespaceNotFoundError,
+    NoDatabaseError,
+    UsageError,
+)
 from .identity import ModelIdentity, ModelSpec, known_differences
 from .settings import settings
 from .store import (
@@ -455,7 +462,7 @@ class Collection:
         """Sources as ``ingest`` reads them, checked (paths exist, filter columns are in each
         catalog) without loading anything."""
         from .catalog import CatalogSource
-        from .sources import parse_source
+        from .source_spec import parse_source
 
         if isinstance(sources, str | Path):
             sources = [sources]
@@ -521,6 +528,14 @@ class Collection:
         """The stored items among ``ids``."""
         return self.store.get_items(self.namespace, list(ids))
 
+    def item(self, item_id: str) -> Item:
+        """The stored item ``item_id``; ItemNotFoundError if there is none."""
+        self.identity()
+        found = self.get([item_id])
+        if not found:
+            raise ItemNotFoundError(item_id, self.namespace)
+        return found[0]
+
     def __len__(self) -> int:
         return self.store.count(self.namespace) if self.exists else 0
 
@@ -563,6 +578,30 @@ class Collection:
         ``subtract``: texts whose vectors are added to or subtracted from the query's (vector
         mode; ``"2:sunset"`` weighs a term 2). Each ``Hit`` has ``id``, ``score``, ``path`` and
         ``metadata``."""
+        plan = self.plan_search(
+            text, image=image, vector=vector, limit=limit, filter=filter, mode=mode, add=add, subtract=subtract
+        )
+        texts = self.embed_texts(plan.texts) if plan.texts else None
+        image_vector = self.embed_images([plan.image])[0] if plan.image is not None else None
+        return self.finish_search(plan, texts, image_vector)
+
+    def plan_search(
+        self,
+        text: str | None = None,
+        *,
+        image: Any = None,
+        vector: Sequence[float] | np.ndarray | None = None,
+        limit: int = 10,
+        filter: dict[str, Any] | None = None,
+        mode: str = "vector",
+        add: Sequence[str] = (),
+        subtract: Sequence[str] = (),
+    ) -> SearchPlan:
+        """``search``'s rules applied, before anything is embedded: the arguments checked, the
+        namespace found and, when the search needs the model, the model checked against the
+        namespace's (ModelMismatchError). The plan says what to embed (``texts``, ``image``);
+        ``finish_search`` takes the vectors. ``search`` embeds them here; the server embeds
+        them in its batches, across requests."""
         from . import search as ops
 
         if sum(x is not None for x in (text, image, vector)) != 1:
@@ -574,27 +613,43 @@ class Collection:
             raise UsageError(f"mode {mode} searches by text; search by image or vector in vector mode", param="mode")
         if limit < 1:
             raise UsageError("limit must be at least 1", param="limit")
-        terms = ops.query_terms(add, subtract, mode)
+        terms = tuple(ops.query_terms(add, subtract, mode))
         self.identity()  # the namespace must exist, before any model loads
-        if terms:
-            texts = [t for _, t in terms]
-            if text is not None:
-                embedded = self.embed_texts([text, *texts])
-                base, term_vectors = embedded[0], embedded[1:]
-            else:
-                base = np.asarray(vector, np.float32) if vector is not None else self.embed_images([image])[0]
-                base = base / max(float(np.linalg.norm(base)), 1e-12)
-                term_vectors = self.embed_texts(texts)
-            combined = ops.combine(base, terms, term_vectors)
-            return ops.search_vector(self.store, self.namespace, combined, limit, filter)
-        if vector is not None:
-            return ops.search_vector(self.store, self.namespace, np.asarray(vector, np.float32), limit, filter)
-        if image is not None:
-            query = self.embed_images([image])[0]
-            return ops.search_vector(self.store, self.namespace, query, limit, filter)
-        assert text is not None
-        query = None if mode == "keyword" else self.embed_texts([text])[0]
-        return ops.search_text(self.store, None, self.namespace, text, limit, filter, mode, query)
+        plan = SearchPlan(
+            text=text,
+            image=image,
+            vector=None if vector is None else np.asarray(vector, np.float32),
+            mode=mode,
+            terms=terms,
+            limit=limit,
+            filter=filter,
+        )
+        if plan.texts or image is not None:
+            self.query_encoder()  # the model that made the vectors, or ModelMismatchError now
+        return plan
+
+    def finish_search(
+        self, plan: SearchPlan, texts: np.ndarray | None = None, image: np.ndarray | None = None
+    ) -> list[Hit]:
+        """The hits of a planned search, given the vectors of ``plan.texts`` (in order) and of
+        ``plan.image``: the query's vector, plus or minus the terms', searched in the store."""
+        from . import search as ops
+
+        if plan.texts and (texts is None or len(texts) != len(plan.texts)):
+            raise UsageError(f"the plan needs {len(plan.texts)} text vectors")
+        if plan.image is not None and image is None:
+            raise UsageError("the plan needs the image's vector")
+        embeds_query = plan.text is not None and plan.mode != "keyword"
+        query = texts[0] if embeds_query and texts is not None else image if plan.image is not None else plan.vector
+        if plan.terms:
+            assert texts is not None and query is not None
+            base = query / max(float(np.linalg.norm(query)), 1e-12)
+            combined = ops.combine(base, list(plan.terms), texts[1 if embeds_query else 0 :])
+            return ops.search_vector(self.store, self.namespace, combined, plan.limit, plan.filter)
+        if plan.text is None:
+            assert query is not None
+            return ops.search_vector(self.store, self.namespace, query, plan.limit, plan.filter)
+        return ops.search_text(self.store, None, self.namespace, plan.text, plan.limit, plan.filter, plan.mode, query)
 
     def similar(self, item_id: str, *, limit: int = 10, same_filter: Sequence[str] | None = None) -> list[Hit]:
         """Items nearest to item ``item_id`` by image vector, without the item itself.
@@ -676,6 +731,26 @@ class Collection:
         if self.exists:
             return self.query_encoder()
         return self.encoder
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A search with its rules applied, before any model runs (``Collection.plan_search``)."""
+
+    text: str | None
+    image: Any
+    vector: np.ndarray | None
+    mode: str
+    terms: tuple[tuple[float, str], ...]
+    limit: int
+    filter: dict[str, Any] | None
+
+    @property
+    def texts(self) -> list[str]:
+        """The texts to embed, in order: the query's (unless the search is by keyword alone),
+        then each ``add``/``subtract`` term's."""
+        query = [self.text] if self.text is not None and self.mode != "keyword" else []
+        return query + [t for _, t in self.terms]
 
 
 def _crop(image: Any, encoder: Encoder, decode_settings: Any, decode_crop: Callable) -> np.ndarray:

@@ -17,6 +17,17 @@ from pathlib import Path
 from .errors import UsageError
 
 PREFIX = "CLIPSEARCH_"
+DEFAULT_DB = "clipsearch.db"  # the database commands use when --db and CLIPSEARCH_DB say none
+
+
+def is_postgres_url(location: str) -> bool:
+    """Whether a ``--db`` names a PostgreSQL server (else a SQLite file): decided here only."""
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def is_server(location: str) -> bool:
+    """A database behind a URL (nothing on this machine's disk to look for)."""
+    return "://" in str(location)
 
 
 def _flag(value: str) -> bool:
@@ -25,7 +36,7 @@ def _flag(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    db: str = "clipsearch.db"  # CLIPSEARCH_DB: a SQLite file or a postgresql:// URL
+    db: str = DEFAULT_DB  # CLIPSEARCH_DB: a SQLite file or a postgresql:// URL
     namespace: str = "default"  # CLIPSEARCH_NAMESPACE
     onnx_cache: Path = Path("~/.cache/clipsearch/onnx")  # CLIPSEARCH_ONNX_CACHE: exported towers
     onednn: bool = True  # CLIPSEARCH_ONEDNN=0: keep PyTorch's own CPU matrix products
@@ -78,18 +89,18 @@ class Settings:
     def user_db() -> Path:
         """The per-user database of ``search --in``: ``$XDG_DATA_HOME/clipsearch/clipsearch.db``."""
         base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-        return Path(base) / "clipsearch" / "clipsearch.db"
+        return Path(base) / "clipsearch" / DEFAULT_DB
 
     def download_cache(self, db: str) -> Path:
         """Downloads live beside a SQLite database; a server database gets a per-user cache."""
-        if _is_server(db):
+        if is_server(db):
             return self.user_cache() / "downloads"
         # absolute: the paths of downloaded images are stored, and read from any folder later
         return Path(os.path.abspath(db + "-cache"))
 
     def media_root(self, db: str) -> Path:
         """The server's uploads and thumbnails: beside a SQLite database, else per user."""
-        if _is_server(db):
+        if is_server(db):
             return self.user_cache() / "media"
         return Path(os.path.abspath(db + "-media"))
 
@@ -97,9 +108,3 @@ class Settings:
 def settings() -> Settings:
     """The settings as the environment says now."""
     return Settings.from_env()
-
-
-def _is_server(db: str) -> bool:
-    from .store import is_server  # the store package loads numpy: only when a path is asked for
-
-    return is_server(db)

@@ -78,6 +78,70 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (
 LimitOpt = Annotated[int, typer.Option("--limit", "-k", min=1, help="Number of results.")]
 HitsJsonOpt = Annotated[bool, typer.Option("--json", help="JSON lines: id, score, path, metadata.")]
 
+# Downloads of image URLs, declared once for every command that fetches them (ingest, worker)
+DOWNLOAD_PANEL = "Downloads"
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        envvar="CLIPSEARCH_CACHE_DIR",
+        help="Download cache (default: DB-cache beside a SQLite database, ~/.cache/clipsearch/downloads for "
+        "PostgreSQL).",
+        rich_help_panel=DOWNLOAD_PANEL,
+    ),
+]
+ConcurrencyOpt = Annotated[
+    int,
+    typer.Option(
+        "--concurrency",
+        min=1,
+        envvar="CLIPSEARCH_CONCURRENCY",
+        help="Downloads at once.",
+        rich_help_panel=DOWNLOAD_PANEL,
+    ),
+]
+DownloadTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--download-timeout",
+        min=0.1,
+        envvar="CLIPSEARCH_DOWNLOAD_TIMEOUT",
+        help="Seconds per download attempt.",
+        rich_help_panel=DOWNLOAD_PANEL,
+    ),
+]
+RetriesOpt = Annotated[
+    int,
+    typer.Option(
+        "--retries",
+        min=0,
+        envvar="CLIPSEARCH_RETRIES",
+        help="Retries of a download after a timeout, a broken connection, 5xx or 429 (with backoff).",
+        rich_help_panel=DOWNLOAD_PANEL,
+    ),
+]
+MaxDownloadMbOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-download-mb",
+        min=0.001,
+        envvar="CLIPSEARCH_MAX_DOWNLOAD_MB",
+        help="Refuse larger downloads.",
+        rich_help_panel=DOWNLOAD_PANEL,
+    ),
+]
+
+
+def download_settings(concurrency: int, timeout: float, retries: int, max_mb: float) -> Any:
+    """The download options as the library's ``DownloadSettings``."""
+    import dataclasses
+
+    from ..downloads import CATALOG_POLICY, DownloadSettings
+
+    policy = dataclasses.replace(CATALOG_POLICY, timeout=timeout, max_bytes=int(max_mb * 1024 * 1024))
+    return DownloadSettings(concurrency=concurrency, retries=retries, policy=policy)
+
+
 # The model options, declared once; ``model_options`` adds them to a command.
 _MODEL_PANEL = "Model"
 _MODEL_PARAMS: list[tuple[str, Any, Any]] = [

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..choice import ModelChoice
 from ..errors import UsageError
+from ..settings import DEFAULT_DB
 from ._common import (
     CATALOG_PANEL,
+    CacheDirOpt,
+    ConcurrencyOpt,
     DbOpt,
+    DownloadTimeoutOpt,
     JsonOpt,
+    MaxDownloadMbOpt,
     NamespaceOpt,
+    RetriesOpt,
+    download_settings,
     err,
     loading,
     out,
@@ -57,7 +62,7 @@ def ingest(
         list[str],
         typer.Argument(help="DIR, images:DIR, image-list:FILE, or an image file.", show_default=False),
     ],
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: NamespaceOpt = "default",
     batch_size: Annotated[
         int,
@@ -147,55 +152,11 @@ def ingest(
             rich_help_panel=CATALOG_PANEL,
         ),
     ] = True,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--cache-dir",
-            envvar="CLIPSEARCH_CACHE_DIR",
-            help="Download cache (default: DB-cache beside the database).",
-            rich_help_panel=CATALOG_PANEL,
-        ),
-    ] = None,
-    concurrency: Annotated[
-        int,
-        typer.Option(
-            "--concurrency",
-            min=1,
-            envvar="CLIPSEARCH_CONCURRENCY",
-            help="Downloads at once.",
-            rich_help_panel=CATALOG_PANEL,
-        ),
-    ] = 16,
-    download_timeout: Annotated[
-        float,
-        typer.Option(
-            "--download-timeout",
-            min=0.1,
-            envvar="CLIPSEARCH_DOWNLOAD_TIMEOUT",
-            help="Seconds per download attempt.",
-            rich_help_panel=CATALOG_PANEL,
-        ),
-    ] = 30.0,
-    retries: Annotated[
-        int,
-        typer.Option(
-            "--retries",
-            min=0,
-            envvar="CLIPSEARCH_RETRIES",
-            help="Retries of a download after a timeout, a broken connection, 5xx or 429 (with backoff).",
-            rich_help_panel=CATALOG_PANEL,
-        ),
-    ] = 3,
-    max_download_mb: Annotated[
-        float,
-        typer.Option(
-            "--max-download-mb",
-            min=0.001,
-            envvar="CLIPSEARCH_MAX_DOWNLOAD_MB",
-            help="Refuse larger downloads.",
-            rich_help_panel=CATALOG_PANEL,
-        ),
-    ] = 50.0,
+    cache_dir: CacheDirOpt = None,
+    concurrency: ConcurrencyOpt = 16,
+    download_timeout: DownloadTimeoutOpt = 30.0,
+    retries: RetriesOpt = 3,
+    max_download_mb: MaxDownloadMbOpt = 50.0,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -225,7 +186,6 @@ def ingest(
     """Embed images from folders, image lists and catalogs into the store (resumable, incremental)."""
     from ..catalog import CatalogOptions
     from ..collection import Collection
-    from ..downloads import CATALOG_POLICY, DownloadSettings
     from ..pipeline import resolve_worker_type
     from ..store import open_store, validate_namespace
 
@@ -258,13 +218,7 @@ def ingest(
         "seed": seed,
         "embed_text": embed_text,
         "offline": not download_missing,
-        "download": DownloadSettings(
-            concurrency=concurrency,
-            retries=retries,
-            policy=dataclasses.replace(
-                CATALOG_POLICY, timeout=download_timeout, max_bytes=int(max_download_mb * 1024 * 1024)
-            ),
-        ),
+        "download": download_settings(concurrency, download_timeout, retries, max_download_mb),
     }
     if cache_dir is not None:
         options["cache_dir"] = cache_dir

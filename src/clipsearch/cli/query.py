@@ -13,6 +13,7 @@ from rich.text import Text
 
 from ..choice import ModelChoice
 from ..errors import UsageError
+from ..settings import DEFAULT_DB, Settings
 from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, err, loading, out, parse_filters, print_hits
 
 if TYPE_CHECKING:
@@ -85,13 +86,11 @@ def search(
         raise UsageError("give --json or --paths, not both")
     filters = parse_filters(filter_)
     if db is None:
-        from ..settings import Settings
-
         if in_ is not None:
             Settings.user_db().parent.mkdir(parents=True, exist_ok=True)  # ours to make, unlike a --db folder
             db = str(Settings.user_db())
         else:
-            db = Settings.db
+            db = DEFAULT_DB
     if in_ is not None:
         if filters and "path" in filters:
             raise UsageError("--in FOLDER is a filter on path: give it or --filter path..., not both")
@@ -137,7 +136,7 @@ def _bring_up_to_date(collection: Collection, folder: Path) -> None:
 
 def similar(
     item_id: Annotated[str, typer.Argument(metavar="ID", help="The item (e.g. a catalog id).", show_default=False)],
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: NamespaceOpt = "default",
     limit: LimitOpt = 10,
     same_filter: Annotated[
@@ -156,7 +155,7 @@ def similar(
 def embed(
     text: Annotated[str | None, typer.Option("--text", help="Text to embed.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Image file to embed.")] = None,
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: NamespaceOpt = "default",
     *,
     choice: ModelChoice,
@@ -192,7 +191,7 @@ def _embed(collection: Collection, text: str | None, image: Path | None):
 
 
 def duplicates(
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: NamespaceOpt = "default",
     threshold: Annotated[
         float,

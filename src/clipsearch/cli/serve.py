@@ -12,11 +12,12 @@ import typer
 
 from ..choice import ModelChoice
 from ..errors import ClipsearchError, UsageError
+from ..settings import DEFAULT_DB
 from ._common import DbOpt, err
 
 
 def serve(
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: Annotated[
         str,
         typer.Option(

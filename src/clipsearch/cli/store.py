@@ -12,10 +12,11 @@ import typer
 from rich.table import Table
 
 from ..errors import NoDatabaseError, UsageError
+from ..settings import DEFAULT_DB
 from ._common import DbOpt, JsonOpt, NamespaceOpt, out, print_table
 
 
-def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
+def info(db: DbOpt = DEFAULT_DB, as_json: JsonOpt = False) -> None:
     """Per namespace: model, dimensions, items, failures, index kind and freshness."""
     from .. import collection as lib
 
@@ -39,7 +40,7 @@ def info(db: DbOpt = "clipsearch.db", as_json: JsonOpt = False) -> None:
 
 
 def failures(
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: Annotated[
         str | None,
         typer.Option("--namespace", "-n", envvar="CLIPSEARCH_NAMESPACE", help="Only this namespace."),
@@ -89,7 +90,7 @@ def export(
         ),
     ] = "npy",
     out_dir: Annotated[Path | None, typer.Option("--out", help="seed-compatible format: output folder.")] = None,
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: NamespaceOpt = "default",
 ) -> None:
     """Export a namespace's vectors and metadata."""
@@ -117,7 +118,7 @@ def export(
             raise
 
 
-def db_migrate(db: DbOpt = "clipsearch.db") -> None:
+def db_migrate(db: DbOpt = DEFAULT_DB) -> None:
     """Create the schema, or bring it up to this version of clipsearch (every command also does
     this when it opens the store)."""
     from ..store import open_store
@@ -132,7 +133,7 @@ def db_migrate(db: DbOpt = "clipsearch.db") -> None:
 
 
 def index_build(
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: NamespaceOpt = "default",
     kind: Annotated[
         str,

@@ -11,12 +11,13 @@ import typer
 
 from ..choice import ModelChoice
 from ..errors import UsageError
+from ..settings import DEFAULT_DB
 from ._common import DbOpt, JsonOpt, NamespaceOpt, err, loading, out
 
 
 def watch(
     folders: Annotated[list[Path], typer.Argument(help="Folders to keep in step.", show_default=False)],
-    db: DbOpt = "clipsearch.db",
+    db: DbOpt = DEFAULT_DB,
     namespace: NamespaceOpt = "default",
     prune: Annotated[
         bool,

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..choice import ModelChoice
 from ..errors import ClipsearchError, UsageError
-from ._common import JsonOpt, err, loading, out, parse_filters
+from ._common import (
+    CacheDirOpt,
+    ConcurrencyOpt,
+    DownloadTimeoutOpt,
+    JsonOpt,
+    MaxDownloadMbOpt,
+    RetriesOpt,
+    download_settings,
+    err,
+    loading,
+    out,
+    parse_filters,
+)
 
 TABLE_PANEL = "Table"
 worker_app = typer.Typer(
@@ -73,12 +84,11 @@ def worker(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, envvar="CLIPSEARCH_BATCH_SIZE", help="Rows per transaction.")
     ] = 32,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", envvar="CLIPSEARCH_CACHE_DIR", help="Download cache.")
-    ] = None,
-    concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, envvar="CLIPSEARCH_CONCURRENCY", help="Downloads at once.")
-    ] = 16,
+    cache_dir: CacheDirOpt = None,
+    concurrency: ConcurrencyOpt = 16,
+    download_timeout: DownloadTimeoutOpt = 30.0,
+    retries: RetriesOpt = 3,
+    max_download_mb: MaxDownloadMbOpt = 50.0,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Embed at most N rows this run.")] = None,
     filter_: Annotated[
         list[str] | None,
@@ -102,7 +112,6 @@ def worker(
     import signal
     import threading
 
-    from ..downloads import DownloadSettings
     from ..encoders import load_encoder
     from ..worker import Worker, WorkerOptions
 
@@ -127,7 +136,7 @@ def worker(
         requeue_model_mismatch=requeue_model_mismatch,
         retry_failed=retry_failed,
         cache_dir=cache_dir,
-        download=DownloadSettings(concurrency=concurrency),
+        download=download_settings(concurrency, download_timeout, retries, max_download_mb),
         limit=limit,
         filters=parse_filters(filter_) or {},
     )

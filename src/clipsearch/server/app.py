@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import secrets
@@ -44,7 +45,6 @@ from ..errors import (
     TooLargeError,
     UsageError,
 )
-from ..search import combine, query_terms
 from ..store import Hit, Item, Store, open_store
 from .metrics import Metrics
 from .schemas import (
@@ -643,22 +643,32 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def search_text(req: SearchRequest):
         """Text → image search: by CLIP vector, by keyword, or both fused (``mode``)."""
         namespace = service.namespace_name(req.namespace)
-        terms = query_terms(req.add, req.subtract, req.mode)
-        vector = None
         if req.mode != "keyword":
-            await service.run(service.check_searchable, namespace)
-            embedded = (await service.embed_texts([req.text, *(t for _, t in terms)]))[0]
-            vector = combine(embedded[0], terms, embedded[1:]) if terms else embedded[0]
-        if terms:
-            return _results(namespace, await service.run(service.search, namespace, vector, req.limit, req.filter))
-        hits = await service.run(service.search_text, namespace, req.text, vector, req.limit, req.filter, req.mode)
-        return _results(namespace, hits)
+            service.ready_encoder()  # 503 while the model loads
+        collection = service.collection(namespace)
+        plan = await service.run(
+            functools.partial(
+                collection.plan_search,
+                req.text,
+                limit=req.limit,
+                filter=req.filter,
+                mode=req.mode,
+                add=req.add,
+                subtract=req.subtract,
+            )
+        )
+        texts = (await service.embed_texts(plan.texts))[0] if plan.texts else None
+        return _results(namespace, await service.run(collection.finish_search, plan, texts))
 
     @api.post("/api/v1/vectors/search", response_model=SearchResponse, tags=["search"])
     async def search_by_vector(req: VectorSearchRequest):
         """Nearest items to a raw vector (it is L2-normalised first)."""
         namespace = service.namespace_name(req.namespace)
-        return _results(namespace, await service.run(service.search, namespace, req.embedding, req.limit, req.filter))
+        collection = service.collection(namespace)
+        plan = await service.run(
+            functools.partial(collection.plan_search, vector=req.embedding, limit=req.limit, filter=req.filter)
+        )
+        return _results(namespace, await service.run(collection.finish_search, plan))
 
     @api.post(
         "/api/v1/images/search",
@@ -696,9 +706,13 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         if not ctype.startswith("multipart/form-data"):
             data = await service.image_bytes(req.image)
         namespace = service.namespace_name(req.namespace)
-        await service.run(service.check_searchable, namespace)
+        service.ready_encoder()
+        collection = service.collection(namespace)
+        plan = await service.run(
+            functools.partial(collection.plan_search, image=data, limit=req.limit, filter=req.filter)
+        )
         vector = (await service.embed_images([data]))[0]
-        return _results(namespace, await service.run(service.search, namespace, vector, req.limit, req.filter))
+        return _results(namespace, await service.run(collection.finish_search, plan, None, vector))
 
     # -- items -------------------------------------------------------------------------
     @api.post(
@@ -767,7 +781,9 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         if not _literal_suffix(request, "similar"):  # the item "…/similar" itself
             return JSONResponse(jsonable_encoder(await get_item(f"{item_id}/similar", namespace)))
         ns = service.namespace_name(namespace)
-        return _results(ns, await service.run(service.similar, ns, item_id, limit, same_filter))
+        collection = service.collection(ns)
+        hits = await service.run(functools.partial(collection.similar, item_id, limit=limit, same_filter=same_filter))
+        return _results(ns, hits)
 
     @api.get("/api/v1/items/{item_id:path}", response_model=ItemResponse, tags=["items"])
     async def get_item(item_id: str, namespace: str | None = NamespaceQuery):
@@ -786,7 +802,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def duplicates(threshold: float = Query(0.95, ge=0.0, le=1.0), namespace: str | None = NamespaceQuery):
         """Groups of near-identical images: identical bytes first, then close vectors."""
         ns = service.namespace_name(namespace)
-        groups = await service.run(service.duplicates, ns, threshold)
+        groups = await service.run(service.collection(ns).duplicates, threshold)
         return {
             "namespace": ns,
             "threshold": threshold,

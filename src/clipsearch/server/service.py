@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 import numpy as np
 
+from ..collection import Collection
 from ..decoding import DecodeSettings, decode_crop
-from ..errors import ClipsearchError, ImageError, ItemNotFoundError, NamespaceNotFoundError, TooLargeError, UsageError
+from ..errors import ClipsearchError, ImageError, TooLargeError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
-from ..identity import ModelIdentity, ModelSpec
+from ..identity import ModelSpec
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
-from ..search import DuplicateGroup, find_duplicates, search_text, search_vector, similar_items
-from ..settings import settings
-from ..store import Hit, Item, NewItem, Store, check_same_model, validate_namespace
+from ..settings import DEFAULT_DB, settings
+from ..store import Item, NewItem, Store, validate_namespace
 from ..store.base import with_derived
 from .batching import MicroBatcher
 from .media import Media
@@ -67,7 +67,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the names of this machine 
 
 @dataclass
 class ServerSettings:
-    db: str = "clipsearch.db"
+    db: str = DEFAULT_DB
     namespace: str = "default"  # used when a request names none
     api_key: str | None = None
     allow_private_urls: bool = False
@@ -150,6 +150,8 @@ class Service:
         self._loader = loader
         self.encoder: Encoder | None = None
         self.spec: ModelSpec | None = None
+        self._collections: dict[str, Collection] = {}
+        self._collections_lock = threading.Lock()
         self.status = "starting"
         self.error: str | None = None
         self.on_load_failure: Callable[[str], None] | None = None
@@ -342,48 +344,26 @@ class Service:
     def namespace_name(self, namespace: str | None) -> str:
         return validate_namespace(namespace or self.settings.namespace)
 
-    def _identity(self, namespace: str) -> ModelIdentity:
-        """The namespace's model, or NotFoundError. Asked on every request: it counts nothing."""
-        identity = self.store.identity(namespace)
-        if identity is None:
-            raise NamespaceNotFoundError(namespace, self.store.location)
-        return identity
-
-    def check_searchable(self, namespace: str) -> None:
-        """The served model must have made this namespace's vectors to query it by text or image.
-        Checked before the query is embedded, so a bad namespace costs no model time."""
-        encoder = self.ready_encoder()
-        check_same_model(namespace, self._identity(namespace), encoder.identity)
-
-    def search(
-        self, namespace: str, vector: np.ndarray | list[float], limit: int, filters: dict[str, Any] | None
-    ) -> list[Hit]:
-        """Nearest items to ``vector``; the store checks its length against the namespace."""
-        self._identity(namespace)
-        return search_vector(self.store, namespace, np.asarray(vector, np.float32), limit, filters)
-
-    def search_text(
-        self,
-        namespace: str,
-        text: str,
-        vector: np.ndarray | None,
-        limit: int,
-        filters: dict[str, Any] | None,
-        mode: str,
-    ) -> list[Hit]:
-        self._identity(namespace)
-        return search_text(self.store, None, namespace, text, limit, filters, mode, vector)
-
-    def similar(self, namespace: str, item_id: str, limit: int, same: list[str] | None = None) -> list[Hit]:
-        self._identity(namespace)
-        return similar_items(self.store, namespace, item_id, limit, same)
+    def collection(self, namespace: str) -> Collection:
+        """The namespace as a ``Collection`` over the server's store and its loaded model: every
+        search, its rules and the model check are the Collection's, as for the command line and
+        the library. Kept per namespace once the model is loaded; before that (a vector search
+        while the model loads) a collection without a model, which nothing asks to embed (the
+        routes that embed wait for ``ready_encoder`` first)."""
+        validate_namespace(namespace)
+        if self.encoder is None:
+            return Collection(self.store, namespace, owns_store=False, db=self.settings.db)
+        with self._collections_lock:
+            found = self._collections.get(namespace)
+            if found is None:
+                found = Collection(
+                    self.store, namespace, owns_store=False, db=self.settings.db, encoder=self.encoder, spec=self.spec
+                )
+                self._collections[namespace] = found
+            return found
 
     def get_item(self, namespace: str, item_id: str) -> Item:
-        self._identity(namespace)
-        found = self.store.get_items(namespace, [item_id])
-        if not found:
-            raise ItemNotFoundError(item_id, namespace)
-        return found[0]
+        return self.collection(namespace).item(item_id)
 
     async def add_item(
         self,
@@ -436,10 +416,6 @@ class Service:
 
     def thumbnail(self, namespace: str, item_id: str, size: int) -> bytes:
         return self.media.thumbnail(self.get_item(namespace, item_id), size)
-
-    def duplicates(self, namespace: str, threshold: float) -> list[DuplicateGroup]:
-        self._identity(namespace)
-        return find_duplicates(self.store, namespace, threshold)
 
     def total_items(self) -> int:
         return sum(ns.items for ns in self.store.namespaces())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..index import IndexSettings
+from ..settings import DEFAULT_DB, is_postgres_url, is_server
 from .base import (
     DEFAULT_NAMESPACE,
     Failure,
@@ -23,8 +24,6 @@ from .base import (
 )
 from .sqlite import SQLiteStore
 
-DEFAULT_DB = "clipsearch.db"
-
 
 def open_store(location: str | Path, index_settings: IndexSettings | None = None) -> Store:
     """Open the store at ``location``: a ``postgresql://`` URL (PostgreSQL with pgvector), or a
@@ -37,16 +36,6 @@ def open_store(location: str | Path, index_settings: IndexSettings | None = None
     if "://" in loc:
         raise UsageError(f"--db {loc!r}: use a SQLite file path or a postgresql://user:pass@host/db URL")
     return SQLiteStore(loc, index_settings)
-
-
-def is_postgres_url(location: str) -> bool:
-    """Whether a ``--db`` names a PostgreSQL server (else a SQLite file): decided here only."""
-    return str(location).startswith(("postgresql://", "postgres://"))
-
-
-def is_server(location: str) -> bool:
-    """A database behind a URL (nothing on this machine's disk to look for)."""
-    return "://" in str(location)
 
 
 def database_exists(location: str | Path) -> bool:
