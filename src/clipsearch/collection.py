@@ -105,6 +105,9 @@ def open(
     precision: str | None = None,
     decode: str | None = None,
     create: bool = True,
+    notice: Callable[[str], None] | None = None,
+    loading: Callable[[str], contextlib.AbstractContextManager] | None = None,
+    few_calls: bool = False,
 ) -> Collection:
     """Open the collection ``namespace`` of the store ``db`` (a SQLite file, created if absent,
     or a ``postgresql://`` URL); defaults come from ``CLIPSEARCH_DB`` / ``CLIPSEARCH_NAMESPACE``,
@@ -113,8 +116,9 @@ def open(
     The model arguments are optional: without them the collection uses the model recorded for
     the namespace, else ViT-B-32 / openai. ``decode``: ``fast`` (JPEGs decoded at reduced scale,
     the default) or ``exact`` (full decode, the reference's pixels), recorded with the namespace
-    like the runtime. ``create=False`` refuses a SQLite file that does not
-    exist instead of creating it. Use it as a context manager, or call ``close()``::
+    like the runtime. ``create=False`` refuses a SQLite file that does not exist instead of
+    creating it. ``notice``, ``loading`` and ``few_calls``: see ``Collection``. Use it as a
+    context manager, or call ``close()``::
 
         with clipsearch.open("photos.db") as photos:
             photos.ingest(["~/Pictures"])
@@ -127,7 +131,9 @@ def open(
     if not create and not database_exists(location):
         raise NoDatabaseError(location)
     choice = ModelChoice(model, pretrained, weights, device, runtime, precision, decode)
-    return Collection(open_store(location), name, choice, db=location)
+    return Collection(
+        open_store(location), name, choice, db=location, notice=notice, loading=loading, few_calls=few_calls
+    )
 
 
 def describe(db: str | Path | None = None) -> tuple[str, list[CollectionInfo]]:
@@ -166,10 +172,17 @@ class Collection:
         db: str | None = None,
         encoder: Encoder | None = None,
         spec: ModelSpec | None = None,
+        notice: Callable[[str], None] | None = None,
+        loading: Callable[[str], contextlib.AbstractContextManager] | None = None,
+        few_calls: bool = False,
     ):
         """Usually made by ``clipsearch.open``. ``store``: an open store (``owns_store``: close it
         with the collection); ``choice``: the model asked for; ``encoder``: a model already
-        loaded for this collection (the server's, say), and ``spec`` the spec it was loaded from."""
+        loaded for this collection (the server's, say), and ``spec`` the spec it was loaded from.
+        ``notice(message)`` hears of slow one-time work (the first query of a model exports its
+        towers); ``loading(model name)`` wraps a model load in a context manager (a face shows a
+        spinner); ``few_calls``: a command that answers one query and exits, so the towers skip
+        the weight repacking that pays off only over many calls."""
         self.store = store
         self.namespace = validate_namespace(namespace)
         self.choice = choice or ModelChoice()
@@ -179,13 +192,9 @@ class Collection:
         self._towers: Encoder | None = None  # the torch-free query encoder, loaded on demand
         self._spec: ModelSpec | None = spec
         self._lock = threading.Lock()
-        # told about slow one-time work (the first query of a model exports its towers)
-        self.notice: Callable[[str], None] | None = None
-        # wraps a model load (a face shows a spinner): loading(model name) -> context manager
-        self.loading: Callable[[str], contextlib.AbstractContextManager] | None = None
-        # a command that answers one query and exits: the towers skip the weight repacking that
-        # pays off only over many calls (a notebook or a server keeps the default)
-        self.few_calls = False
+        self.notice = notice
+        self.loading = loading
+        self.few_calls = few_calls
 
     # -- life cycle --------------------------------------------------------------------------
     def close(self) -> None:

@@ -345,6 +345,12 @@ def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
     return filters
 
 
+def hooks(few_calls: bool = False) -> dict[str, Any]:
+    """A Collection's hooks for a terminal: notices on stderr, a spinner while a model loads;
+    ``few_calls`` for a command that answers one query and exits."""
+    return {"notice": lambda message: err.print(message, highlight=False), "loading": loading, "few_calls": few_calls}
+
+
 def loading(what: str):
     """A spinner on a terminal while a model loads; nothing elsewhere."""
     import contextlib

@@ -16,7 +16,7 @@ import typer
 
 from ..choice import ModelChoice
 from ..errors import UsageError
-from ._common import JsonOpt, err, loading, out, print_table
+from ._common import JsonOpt, err, hooks, out, print_table
 from .ingest import progress_bar
 
 if TYPE_CHECKING:
@@ -76,9 +76,9 @@ def _collections(db: str | None, namespace: str, choices: list[ModelChoice]) -> 
         collections = []
         for i, choice in enumerate(choices):
             name = namespace if len(choices) == 1 else f"{namespace}.{i + 1}"
-            collection = stack.enter_context(Collection(open_store(db), validate_namespace(name), choice, db=db))
-            collection.loading = loading
-            collection.notice = lambda message: err.print(message, highlight=False)
+            collection = stack.enter_context(
+                Collection(open_store(db), validate_namespace(name), choice, db=db, **hooks())
+            )
             collections.append(collection)
         yield collections
 

@@ -21,7 +21,7 @@ from ._common import (
     RetriesOpt,
     download_settings,
     err,
-    loading,
+    hooks,
     out,
     parse_filters,
     rate_column,
@@ -223,11 +223,10 @@ def ingest(
     if cache_dir is not None:
         options["cache_dir"] = cache_dir
     catalog = CatalogOptions(id_column, image_column, columns, embed_text)
-    with Collection(open_store(db), namespace, choice, db=db) as collection:
+    # the model loads only if there is something to embed
+    with Collection(open_store(db), namespace, choice, db=db, **hooks()) as collection:
         # sources are checked before the model loads: a typo costs nothing
         parsed = collection.parse_sources(sources, recursive=recursive, catalog=catalog, filters=filters)
-        collection.loading = loading  # the model loads only if there is something to embed
-        collection.notice = lambda message: err.print(message, highlight=False)
         if err.is_terminal and not as_json:
             with progress_bar() as bar:
                 task = bar.add_task("ingest", total=None)

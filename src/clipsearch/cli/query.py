@@ -14,7 +14,7 @@ from rich.text import Text
 from ..choice import ModelChoice
 from ..errors import UsageError
 from ..settings import DEFAULT_DB, Settings
-from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, err, loading, out, parse_filters, print_hits
+from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, err, hooks, out, parse_filters, print_hits
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -97,10 +97,9 @@ def search(
         from ..filters import under
 
         filters = {**(filters or {}), **under(in_)}
-    with lib.open(db, namespace, create=in_ is not None, **_model_kwargs(choice)) as collection:
-        collection.notice = lambda message: err.print(message, highlight=False)
-        collection.loading = loading
-        collection.few_calls = True
+    with lib.open(
+        db, namespace, create=in_ is not None, **_model_kwargs(choice), **hooks(few_calls=True)
+    ) as collection:
         if in_ is not None:
             _bring_up_to_date(collection, in_)
         hits = collection.search(
@@ -170,21 +169,18 @@ def embed(
     if (text is None) == (image is None):
         raise UsageError("give --text TEXT or --image PATH (exactly one)")
     if database_exists(db):
-        with lib.open(db, namespace, **_model_kwargs(choice)) as collection:
+        with lib.open(db, namespace, **_model_kwargs(choice), **hooks(few_calls=True)) as collection:
             vector = _embed(collection, text, image)
     else:  # no store: the model alone
         from ..store import SQLiteStore
 
         store = SQLiteStore(":memory:")
-        with lib.Collection(store, namespace, choice) as collection:
+        with lib.Collection(store, namespace, choice, **hooks(few_calls=True)) as collection:
             vector = _embed(collection, text, image)
     sys.stdout.write(json.dumps([round(float(x), 8) for x in vector]) + "\n")
 
 
 def _embed(collection: Collection, text: str | None, image: Path | None):
-    collection.notice = lambda message: err.print(message, highlight=False)
-    collection.loading = loading
-    collection.few_calls = True
     if image is not None:
         return collection.embed_images([image])[0]
     return collection.embed_texts([text or ""])[0]

@@ -12,7 +12,7 @@ import typer
 from ..choice import ModelChoice
 from ..errors import UsageError
 from ..settings import DEFAULT_DB
-from ._common import DbOpt, JsonOpt, NamespaceOpt, err, loading, out
+from ._common import DbOpt, JsonOpt, NamespaceOpt, err, hooks, out
 
 
 def watch(
@@ -70,9 +70,7 @@ def watch(
         else:
             out.print(describe(event), highlight=False)
 
-    with Collection(open_store(db), namespace, choice, db=db) as collection:
-        collection.loading = loading
-        collection.notice = lambda message: err.print(message, highlight=False)
+    with Collection(open_store(db), namespace, choice, db=db, **hooks()) as collection:
         watcher = Watcher(
             collection,
             folders,
