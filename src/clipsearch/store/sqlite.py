@@ -551,6 +551,15 @@ class SQLiteStore(ClosingStore):
             table, cols = "text_vectors", "seq, vector"
         else:
             table, cols = "items", (self._ITEM_COLS + ", vector" if with_items else "seq, vector")
+        for rows in self._pages(table, cols, namespace, after_seq, batch_size):
+            seqs = np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r["vector"] for r in rows), dtype="<f4").reshape(len(rows), -1)
+            items = [self._item(r) for r in rows] if with_items and field == "image" else []
+            yield seqs, items, vectors.astype(np.float32)
+
+    def _pages(self, table: str, cols: str, namespace: str, after_seq: int, batch_size: int) -> Iterator[list]:
+        """A namespace's rows of ``table`` in the order they were stored, ``batch_size`` at a time
+        (keyset pagination on ``seq``: each page is one indexed range read, however deep)."""
         last = after_seq
         while True:
             rows = self._query(
@@ -560,22 +569,11 @@ class SQLiteStore(ClosingStore):
             if not rows:
                 return
             last = rows[-1]["seq"]
-            seqs = np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r["vector"] for r in rows), dtype="<f4").reshape(len(rows), -1)
-            items = [self._item(r) for r in rows] if with_items and field == "image" else []
-            yield seqs, items, vectors.astype(np.float32)
+            yield rows
 
     def iter_items(self, namespace: str, batch_size: int = 10_000) -> Iterator[list[Item]]:
         self._require(namespace)
-        last = 0
-        while True:
-            rows = self._query(
-                f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (namespace, last, batch_size),
-            )
-            if not rows:
-                return
-            last = rows[-1]["seq"]
+        for rows in self._pages("items", self._ITEM_COLS, namespace, 0, batch_size):
             yield [self._item(r) for r in rows]
 
     def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
