@@ -38,6 +38,18 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+def timed_pair(ours: list[str], theirs: list[str], repeat: int, ours_kw: dict, theirs_kw: dict) -> tuple[float, float]:
+    """Median wall seconds of two commands run alternately, ``repeat`` times each: whatever else
+    the machine does meanwhile falls on both alike."""
+    a, b = [], []
+    for _ in range(repeat):
+        for cmd, kw, times in ((ours, ours_kw, a), (theirs, theirs_kw, b)):
+            start = time.perf_counter()
+            sh(cmd, **kw)
+            times.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
 def timed(cmd: list[str], repeat: int, **kw) -> float:
     """Median wall seconds of ``cmd`` run ``repeat`` times."""
     times = []
@@ -128,8 +140,9 @@ def beside_rclip(args: argparse.Namespace, work: Path, towers: Path, folder: Pat
     rows.append(["install (pip's defaults)", f"{t_ours:.0f} s", f"{t_theirs:.0f} s"])
     rows.append(["venv size", f"{size_mb(ours)} MB", f"{size_mb(theirs)} MB"])
     # -- --help
-    h_ours = timed([str(ours / "bin" / "clipsearch"), "--help"], args.repeat)
-    h_theirs = timed([str(theirs / "bin" / "rclip"), "--help"], args.repeat)
+    h_ours, h_theirs = timed_pair(
+        [str(ours / "bin" / "clipsearch"), "--help"], [str(theirs / "bin" / "rclip"), "--help"], args.repeat, {}, {}
+    )
     rows.append(["--help", f"{h_ours:.2f} s", f"{h_theirs:.2f} s"])
 
     # -- ingest N photos, whole process, fresh store
@@ -149,16 +162,12 @@ def beside_rclip(args: argparse.Namespace, work: Path, towers: Path, folder: Pat
     rows.append([f"ingest {args.n} photos (+ rclip's query)", f"{i_ours:.1f} s", f"{i_theirs:.1f} s"])
 
     # -- a cold text query in a new process
-    q_ours = timed(
+    q_ours, q_theirs = timed_pair(
         [str(ours / "bin" / "clipsearch"), "search", "a dog", "--db", str(db), "--limit", "1"],
-        args.repeat,
-        env=env_ours,
-    )
-    q_theirs = timed(
         [str(theirs / "bin" / "rclip"), "--no-indexing", "-t", "1", "a dog"],
         args.repeat,
-        env=env_theirs,
-        cwd=folder,
+        {"env": env_ours},
+        {"env": env_theirs, "cwd": folder},
     )
     rows.append(["cold text query", f"{q_ours:.2f} s", f"{q_theirs:.2f} s"])
 
@@ -166,8 +175,13 @@ def beside_rclip(args: argparse.Namespace, work: Path, towers: Path, folder: Pat
     env_in = {**env_ours, "XDG_DATA_HOME": str(work / "xdg"), "CLIPSEARCH_WEIGHTS": str(towers)}
     search_in = [str(ours / "bin" / "clipsearch"), "search", "a dog", "--in", str(folder), "--limit", "1"]
     sh(search_in, env=env_in)  # the per-user database's first run: the ingest
-    z_ours = timed(search_in, args.repeat, env=env_in)
-    z_theirs = timed([str(theirs / "bin" / "rclip"), "-t", "1", "a dog"], args.repeat, env=env_theirs, cwd=folder)
+    z_ours, z_theirs = timed_pair(
+        search_in,
+        [str(theirs / "bin" / "rclip"), "-t", "1", "a dog"],
+        args.repeat,
+        {"env": env_in},
+        {"env": env_theirs, "cwd": folder},
+    )
     rows.append(
         ["cold query that first updates the folder (search --in; rclip)", f"{z_ours:.2f} s", f"{z_theirs:.2f} s"]
     )
