@@ -316,6 +316,17 @@ def seed_hub_cache(hub_cache: Path, repo: str, folder: Path, revision: str = "0"
     return snapshot
 
 
+def hub_with_towers(weights: Path, repo: str, work: Path) -> Path:
+    """An HF_HOME under ``work`` whose hub cache holds ``weights`` exported to towers as the
+    snapshot of ``repo``, so that ``--model OWNER/NAME`` runs them offline and torch-free."""
+    import clipsearch
+    from clipsearch import models
+
+    models.export(clipsearch.ModelSpec(weights=weights), work / "towers", int8=False)
+    seed_hub_cache(work / "hf" / "hub", repo, work / "towers")
+    return work / "hf"
+
+
 # -- servers on 127.0.0.1 -------------------------------------------------------------------
 def free_port() -> int:
     import socket
@@ -323,6 +334,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout: float) -> None:
+    """Until the server process at ``base`` says it is healthy, or ``timeout`` seconds pass (the
+    caller's next request then shows why): it refuses connections until it listens."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health").json().get("status") == "healthy":
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
 
 
 class RunningServer:

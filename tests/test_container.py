@@ -22,10 +22,7 @@ import pytest
 import yaml
 from pgvector.psycopg import register_vector
 
-import clipsearch
-from clipsearch import models
-
-from .conftest import free_port, noise_png, seed_hub_cache
+from .conftest import free_port, hub_with_towers, noise_png
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "container.sh"
@@ -40,10 +37,7 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def hub(tiny_openclip, tmp_path_factory) -> Path:
     """HF_HOME holding REPO: the tiny model exported to towers."""
-    work = tmp_path_factory.mktemp("container")
-    models.export(clipsearch.ModelSpec(weights=tiny_openclip), work / "towers", int8=False)
-    seed_hub_cache(work / "hf" / "hub", REPO, work / "towers")
-    return work / "hf"
+    return hub_with_towers(tiny_openclip, REPO, tmp_path_factory.mktemp("container"))
 
 
 def service_env(compose: dict, name: str, pg_url: str, hub: Path, blocker: Path, tmp: Path) -> dict[str, str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, sample_photo, seed_hub_cache
+from .conftest import free_port, hub_with_towers, sample_photo
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -90,13 +90,7 @@ def test_pages_have_examples_and_every_skip_says_why():
 @pytest.fixture(scope="module")
 def hub(trained_clip, tmp_path_factory) -> Path:
     """HF_HOME with the pages' model: the trained tiny CLIP as Immich-layout towers."""
-    import clipsearch
-    from clipsearch import models
-
-    work = tmp_path_factory.mktemp("docs-model")
-    models.export(clipsearch.ModelSpec(weights=trained_clip), work / "towers", int8=False)
-    seed_hub_cache(work / "hf" / "hub", MODEL, work / "towers")
-    return work / "hf"
+    return hub_with_towers(trained_clip, MODEL, tmp_path_factory.mktemp("docs-model"))
 
 
 def build_scene(home: Path, shop: str) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ from pgvector.psycopg import register_vector
 
 from clipsearch.identity import ModelIdentity
 
-from .conftest import SAMPLE_PHOTOS, free_port, make_tiny_openclip, noise_png, write_photos
+from .conftest import SAMPLE_PHOTOS, free_port, make_tiny_openclip, noise_png, wait_healthy, write_photos
 
 CLI = [sys.executable, "-m", "clipsearch"]
 
@@ -53,14 +52,7 @@ def test_openai_service_spec_with_its_model_name(vit_l_sized, tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health").json().get("status") == "healthy":
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(base, 90)
         health = httpx.get(f"{base}/health").json()
         assert health["model"] == "clip-vit-l/14" and health["dimensions"] == 768, (tmp_path / "log").read_text()
         # the spec's curl, byte for byte: curl -X POST :3021/v1/embeddings -d '{...}'

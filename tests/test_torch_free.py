@@ -275,7 +275,7 @@ def test_serve_without_torch(exported, blocker, tmp_path):
     import httpx
     from openai import OpenAI
 
-    from .conftest import free_port, noise_png
+    from .conftest import free_port, noise_png, wait_healthy
 
     log = tmp_path / "blocked.log"
     photos = tmp_path / "photos"
@@ -305,14 +305,7 @@ def test_serve_without_torch(exported, blocker, tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health").json().get("status") == "healthy":
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(base, 60)
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
         served = client.models.list().data[0].id
         texts = client.embeddings.create(model=served, input=["a photo of a cat", "赤い丸の写真"])

@@ -209,35 +209,35 @@ class Worker:
         compare numbers on numeric columns and text in code-point order on the others, ``~=``
         folds A-Z as everywhere else (``clipsearch.filters``)."""
         sql = self.sql
-        parts = []
-        keys = [k for k, _ in filter_values(self.options.filters)]
-        keys += [r.key for r in filter_ranges(self.options.filters)]
-        keys += [k for k, _ in filter_folded(self.options.filters)]
-        for key in keys:
+        filters = self.options.filters
+        values, ranges, folded = filter_values(filters), filter_ranges(filters), filter_folded(filters)
+        for key in [k for k, _ in values] + [r.key for r in ranges] + [k for k, _ in folded]:
             if key not in self.columns:
                 raise UsageError(
                     f"--filter {key}: table {self.options.table!r} has no such column; its columns: "
                     f"{', '.join(self.columns)}",
                     param="filter",
                 )
-        for i, (key, wanted) in enumerate(filter_values(self.options.filters)):
+        parts = []
+        for i, (key, wanted) in enumerate(values):
             params[f"fv{i}"] = sorted({_as_sql_text(v) for v in wanted})
             parts.append(sql.SQL("{c}::text = ANY(%(fv{i})s)").format(c=sql.Identifier(key), i=sql.SQL(str(i))))
-        for i, r in enumerate(filter_ranges(self.options.filters)):
+        for i, r in enumerate(ranges):
             numeric = _NUMERIC_TYPE.match(self.columns[r.key]) is not None
             if numeric and r.number is None:
                 raise UsageError(f"--filter {r.key} {r.sql} needs a number: {r.key} is {self.columns[r.key]}")
             params[f"fr{i}"] = r.number if numeric else r.text
             column = sql.Identifier(r.key) if numeric else sql.SQL("{}::text").format(sql.Identifier(r.key))
             parts.append(sql.SQL("{c} " + r.sql + " %(fr{i})s").format(c=column, i=sql.SQL(str(i))))
-        for i, (key, texts) in enumerate(filter_folded(self.options.filters)):
+        if folded:
+            params["upper"], params["lower"] = string.ascii_uppercase, string.ascii_lowercase
+        for i, (key, texts) in enumerate(folded):
             params[f"ff{i}"] = texts
             parts.append(
                 sql.SQL("translate({c}::text, %(upper)s, %(lower)s) = ANY(%(ff{i})s)").format(
                     c=sql.Identifier(key), i=sql.SQL(str(i))
                 )
             )
-            params["upper"], params["lower"] = string.ascii_uppercase, string.ascii_lowercase
         return sql.SQL("({})").format(sql.SQL(" AND ").join(parts))
 
     def pending_count(self) -> int:
