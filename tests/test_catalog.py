@@ -101,9 +101,9 @@ def test_every_table_format_gives_the_same_items(tmp_path):
 
 def test_missing_columns_and_formats_fail_with_one_line(tmp_path, cli):
     path = write_csv(tmp_path / "c.csv", [{"sku": "A", "image_url": "http://x/a.jpg"}])
-    with pytest.raises(UsageError, match=r"no column 'product_id'.*--id-column.*sku, image_url"):
+    with pytest.raises(UsageError, match=r"no column 'product_id'.*id_column.*sku, image_url"):
         CatalogSource(path, CatalogOptions(id_column="product_id"))
-    with pytest.raises(UsageError, match=r"no column 'title'.*--text-columns"):
+    with pytest.raises(UsageError, match=r"no column 'title'.*text_columns"):
         CatalogSource(path, CatalogOptions(id_column="sku", text_columns=["title"]))
     (tmp_path / "c.xlsx").write_text("x")
     with pytest.raises(UsageError, match=r"unknown table format '\.xlsx'"):

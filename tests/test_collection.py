@@ -14,6 +14,7 @@ from PIL import Image
 
 import clipsearch
 from clipsearch.encoders.towers import TowerEncoder
+from clipsearch.pipeline import IngestOptions
 
 from .conftest import make_tiny_openclip, sample_photo, write_photos
 
@@ -32,7 +33,7 @@ def library(tmp_path, tiny_openclip, db):
     write_photos(folder)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     with clipsearch.open(db, "photos", weights=tiny_openclip) as collection:
-        report = collection.ingest([folder], batch_size=4)
+        report = collection.ingest([folder], IngestOptions(batch_size=4))
     assert (report.embedded, report.failed) == (6, 1)
     return db, folder
 

@@ -132,13 +132,13 @@ def test_missing_openclip_weights_say_where_and_how(monkeypatch, tmp_path):
     assert "ViT-B-32" in msg and "'openai'" in msg
     assert "empty-cache" in msg  # where it looked
     assert "127.0.0.1 is unreachable" in msg  # why it could not download
-    assert "--weights PATH" in msg and "network access" in msg
+    assert "with weights PATH" in msg and "network access" in msg
     assert "\n" not in msg
 
 
 def test_missing_hf_weights(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(MissingWeightsError, match=r"openai/clip-vit-base-patch32.*--weights PATH"):
+    with pytest.raises(MissingWeightsError, match=r"openai/clip-vit-base-patch32.*weights PATH"):
         load_encoder(ModelSpec(model="hf:openai/clip-vit-base-patch32", device="cpu"))
 
 
@@ -174,7 +174,7 @@ def test_device_selection_never_falls_back():
     if not torch.backends.mps.is_available():
         with pytest.raises(DeviceUnavailableError, match="MPS"):
             resolve_device("mps")
-    with pytest.raises(UsageError, match="unknown --device"):
+    with pytest.raises(UsageError, match="unknown device"):
         resolve_device("tpu")
 
 

@@ -46,7 +46,7 @@ def gallery(tmp_path_factory, tiny_openclip):
     write_photos(root / "photos")
     spec = ModelSpec(weights=tiny_openclip, device="cpu")
     store = SQLiteStore(root / "g.db")
-    Ingestor(store, load_encoder(spec), spec, IngestOptions()).run([FolderSource(root / "photos")])
+    Ingestor(store, load_encoder(spec), spec, "default", IngestOptions()).run([FolderSource(root / "photos")])
     store.close()
     app = create_app(ServerSettings(db=str(root / "g.db"), api_key="gallery-key"), lambda: (load_encoder(spec), spec))
     with RunningServer(app) as srv:

@@ -33,7 +33,7 @@ def library(tmp_path_factory, tiny_openclip):
     spec = ModelSpec(weights=tiny_openclip, device="cpu")
     encoder = load_encoder(spec)
     with SQLiteStore(root / "lib.db") as store:
-        Ingestor(store, encoder, spec, IngestOptions()).run([FolderSource(root / "photos")])
+        Ingestor(store, encoder, spec, "default", IngestOptions()).run([FolderSource(root / "photos")])
     return {"root": root, "db": root / "lib.db", "paths": {p.stem: p for p in paths}, "spec": spec}
 
 
@@ -225,7 +225,7 @@ def test_deleting_an_ingested_item_says_its_file_stays(library, tmp_path):
     photos = write_photos(tmp_path / "photos", ["rocket"])
     spec = library["spec"]
     with SQLiteStore(tmp_path / "x.db") as store:
-        Ingestor(store, load_encoder(spec), spec, IngestOptions()).run([FolderSource(tmp_path / "photos")])
+        Ingestor(store, load_encoder(spec), spec, "default", IngestOptions()).run([FolderSource(tmp_path / "photos")])
         item_id = next(it.id for items, _ in store.iter_vectors("default") for it in items)
     app = create_app(ServerSettings(db=str(tmp_path / "x.db")), lambda: (load_encoder(spec), spec))
     with RunningServer(app) as srv, httpx.Client(base_url=srv.wait_ready().url, timeout=30) as c:

@@ -104,9 +104,9 @@ def test_namespaces_accept_fp32_onnx_and_refuse_int8(encoders, tmp_path):
 @pytest.mark.parametrize(
     ("spec", "text"),
     [
-        ({"precision": "int8"}, "needs --runtime onnx"),
-        ({"runtime": "tensorrt"}, "unknown --runtime"),
-        ({"runtime": "onnx", "precision": "fp8"}, "unknown --precision"),
+        ({"precision": "int8"}, "needs runtime onnx"),
+        ({"runtime": "tensorrt"}, "unknown runtime"),
+        ({"runtime": "onnx", "precision": "fp8"}, "unknown precision"),
         ({"runtime": "onnx", "device": "cuda"}, "runs on the CPU"),
     ],
 )

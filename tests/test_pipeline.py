@@ -41,7 +41,7 @@ class CrashingSource:
 
 def _ingest(tmp_path, name, encoder, sources, **options):
     store = open_store(tmp_path / f"{name}.db")
-    report = Ingestor(store, encoder, ModelSpec(), IngestOptions(**options)).run(sources)
+    report = Ingestor(store, encoder, ModelSpec(), "default", IngestOptions(**options)).run(sources)
     vectors = {}
     for items, matrix in store.iter_vectors("default"):
         vectors.update((it.id, row) for it, row in zip(items, matrix, strict=True))
@@ -106,7 +106,7 @@ def test_worker_type_defaults():
     assert resolve_worker_type("auto", "cpu") == "thread"
     assert resolve_worker_type("auto", "cuda") == "process"
     assert resolve_worker_type("process", "cpu") == "process"
-    with pytest.raises(UsageError, match="--worker-type"):
+    with pytest.raises(UsageError, match="unknown worker type"):
         resolve_worker_type("fibers", "cpu")
     assert 1 <= default_workers("thread") <= 4
     assert default_workers("process") == max(1, (os.cpu_count() or 1) - 1)

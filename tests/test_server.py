@@ -43,7 +43,7 @@ def library(tmp_path_factory, tiny_openclip):
     spec = ModelSpec(weights=tiny_openclip, device="cpu")
     encoder = load_encoder(spec)
     store = SQLiteStore(root / "lib.db")
-    Ingestor(store, encoder, spec, IngestOptions()).run([ImageListSource(listing)])
+    Ingestor(store, encoder, spec, "default", IngestOptions()).run([ImageListSource(listing)])
     store.close()
     return {"db": root / "lib.db", "paths": {p.stem: p for p in paths}, "spec": spec, "encoder": encoder}
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "ModelChoice": "choice",
     "CatalogOptions": "catalog",
     "RayOptions": "distributed",
+    "IngestOptions": "pipeline",
+    "IngestReport": "pipeline",
     "ModelIdentity": "identity",
     "ModelSpec": "identity",
     "Hit": "store",
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
         UsageError,
     )
     from .identity import ModelIdentity, ModelSpec
+    from .pipeline import IngestOptions, IngestReport
     from .store import Hit, Item
 
 __all__ = [
@@ -98,6 +101,8 @@ __all__ = [
     "FetchError",
     "Hit",
     "ImageError",
+    "IngestOptions",
+    "IngestReport",
     "Item",
     "ItemNotFoundError",
     "MissingWeightsError",

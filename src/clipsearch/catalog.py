@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtraError, UsageError
+from .errors import MissingExtraError, UsageError, option
 from .fetch import is_url
 from .sources import SourceItem, fingerprint
 
@@ -75,7 +75,7 @@ class CatalogSource:
         if not self.image_column:
             raise UsageError(
                 f"catalog {path} has no image column ({', '.join(IMAGE_COLUMN_GUESSES)}); "
-                f"name it with --image-column (columns: {self._list()})"
+                f"name it with {option('image_column')} (columns: {self._list()})"
             )
         self.require([c for c in (options.id_column, self.image_column, *options.text_columns) if c])
 
@@ -84,12 +84,13 @@ class CatalogSource:
 
     def require(self, columns: list[str]) -> None:
         """Refuse (before any work) columns the table does not have."""
-        flag = {self.options.id_column: "--id-column", self.image_column: "--image-column"}
+        named = {self.options.id_column: "id_column", self.image_column: "image_column"}
         for col in columns:
             if col not in self.columns:
-                hint = flag.get(col, "--text-columns" if col in self.options.text_columns else "--filter")
+                param = named.get(col, "text_columns" if col in self.options.text_columns else "filters")
                 raise UsageError(
-                    f"catalog {self.path} has no column {col!r} (check {hint}); its columns: {self._list()}"
+                    f"catalog {self.path} has no column {col!r} (check {option(param)}); its columns: {self._list()}",
+                    param=param,
                 )
 
     # -- reading -----------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .errors import (
     NamespaceNotFoundError,
     NoDatabaseError,
     UsageError,
+    option,
 )
 from .identity import ModelIdentity, ModelSpec, known_differences
 from .settings import settings
@@ -58,9 +59,9 @@ if TYPE_CHECKING:
     from .distributed import RayOptions
     from .encoders import Encoder
     from .evaluate import RetrievalReport, ZeroShotReport
-    from .pipeline import IngestOptions, IngestReport
+    from .pipeline import IngestOptions, IngestPlan, IngestReport
     from .search import DuplicateGroup
-    from .sources import Source, SourceItem
+    from .sources import Source
 
 SEARCH_MODES = ("vector", "keyword", "hybrid")
 
@@ -308,6 +309,7 @@ class Collection:
             or settings().query_runtime == "torch"
         ):
             return self.encoder
+        from .encoders import decoded_as
         from .encoders.towers import TowerEncoder, find_export
 
         folder = find_export(spec, spec.precision)
@@ -317,7 +319,7 @@ class Collection:
                 self._encoder = loaded  # a tokenizer of its own: queries keep needing torch
                 return loaded
             folder = loaded.folder
-        self._towers = TowerEncoder(folder, spec.precision, few_calls=self.few_calls, decode=spec.decode)
+        self._towers = decoded_as(TowerEncoder(folder, spec.precision, few_calls=self.few_calls), spec.decode)
         return self._towers
 
     def prepare_query_towers(self) -> Encoder:
@@ -338,80 +340,74 @@ class Collection:
     def ingest(
         self,
         sources: Iterable[str | Path | Source],
+        options: IngestOptions | None = None,
         *,
         progress: Callable[[int, int], None] | bool | None = None,
         recursive: bool = True,
         catalog: CatalogOptions | None = None,
         ray: RayOptions | None = None,
         prune: bool = False,
-        **options: Any,
     ) -> IngestReport:
         """Embed images into the collection; resumable and incremental (docs/ingest.md).
 
         ``sources``: folders, ``images:DIR``, ``image-list:FILE``, ``catalog:FILE``, image files,
-        or ``Source`` objects. ``catalog``: the catalog columns (``CatalogOptions``). ``ray``: run
-        on a Ray cluster (``RayOptions``). ``progress(done, total)`` hears about every item;
-        ``progress=True`` shows a progress bar on stderr where a person watches (a terminal or a
-        notebook), and nothing where output goes to a file or a pipe.
-        ``options``: any field of ``pipeline.IngestOptions`` (``batch_size``, ``limit``,
-        ``workers``, ``worker_type``, ``retry_failed``, ``max_megapixels``, ``filters``,
-        ``sample``, ``seed``, ``embed_text``, ``offline``, ``cache_dir``, ``download``).
+        or ``Source`` objects. ``options``: how to run (``IngestOptions``: ``batch_size``,
+        ``limit``, ``workers``, ``filters``, ``sample``, ``embed_text``, ``offline``, ...).
+        ``catalog``: the catalog columns (``CatalogOptions``). ``ray``: run on a Ray cluster
+        (``RayOptions``). ``progress(done, total)`` hears about every item; ``progress=True``
+        shows a progress bar on stderr where a person watches (a terminal or a notebook), and
+        nothing where output goes to a file or a pipe.
         ``prune``: first remove the items of the given folders, image lists and catalogs whose
         file or row is gone, keeping the vector of a file that was renamed or moved (``sync``);
         not with ``limit``, ``filters`` or ``sample``, which list only part of the sources.
         Raises ModelMismatchError if the namespace holds another model's vectors.
         """
-        from .pipeline import IngestOptions, IngestReport, select
+        from .pipeline import IngestOptions, IngestPlan
 
         if isinstance(progress, bool):
             with _progress_bar(progress) as callback:
                 return self.ingest(
-                    sources, progress=callback, recursive=recursive, catalog=catalog, ray=ray, prune=prune, **options
+                    sources, options, progress=callback, recursive=recursive, catalog=catalog, ray=ray, prune=prune
                 )
-        known = {f.name for f in dataclasses.fields(IngestOptions)} - {"namespace"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UsageError(f"unknown ingest option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
-        parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.get("filters"))
-        ingest_options = IngestOptions(namespace=self.namespace, **options)
+        options = options or IngestOptions()
+        parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.filters)
         if prune:
-            from .sync import PRUNABLE
-
-            given = {
-                "--limit": ingest_options.limit,
-                "--filter": ingest_options.filters,
-                "--sample": ingest_options.sample,
-            }
-            partial = [flag for flag, value in given.items() if value not in (None, {})]
-            if partial:
-                raise UsageError(
-                    f"--prune with {' and '.join(partial)} would remove items merely left out of this run; "
-                    "run --prune over the whole sources",
-                    param="prune",
-                )
-            single = [s.description for s in parsed if not isinstance(s, PRUNABLE)]
-            if single:
-                raise UsageError(
-                    f"--prune keeps folders, image lists and catalogs in step; {single[0]} is a single file, "
-                    "which owns no other items",
-                    param="prune",
-                )
+            self._check_prunable(parsed, options)
         # what there is to do is decided before any model loads or any cluster starts
         started = time.perf_counter()
-        listed = IngestReport()
-        items = select(parsed, ingest_options, listed)
+        plan = IngestPlan.of(parsed, options)
         pruned = None
         if prune:
             from .sync import prune as prune_folders
 
             # first: a moved file then finds its vector stored under its new id, and is skipped
-            pruned = prune_folders(self.store, self.namespace, parsed, items)
-        report = self._ingest_selected(parsed, items, listed, ingest_options, started, progress, ray)
+            pruned = prune_folders(self.store, self.namespace, parsed, plan.items)
+        report = self._ingest_planned(plan, options, started, progress, ray)
         if pruned is not None:
             report.removed, report.moved = pruned.removed, pruned.moved
         if not report.interrupted:  # Ctrl-C asked to stop, not to start a minute-long export
             self._prepare_after_ingest()
         return report
+
+    @staticmethod
+    def _check_prunable(parsed: list[Source], options: IngestOptions) -> None:
+        from .sync import PRUNABLE
+
+        given = {"limit": options.limit, "filters": options.filters, "sample": options.sample}
+        partial = [name for name, value in given.items() if value not in (None, {})]
+        if partial:
+            raise UsageError(
+                f"{option('prune')} with {' and '.join(map(option, partial))} would remove items merely left "
+                f"out of this run; {option('prune')} over the whole sources",
+                param="prune",
+            )
+        single = [s.description for s in parsed if not isinstance(s, PRUNABLE)]
+        if single:
+            raise UsageError(
+                f"{option('prune')} keeps folders, image lists and catalogs in step; {single[0]} is a single file, "
+                "which owns no other items",
+                param="prune",
+            )
 
     def _prepare_after_ingest(self) -> None:
         """After an ingest on the PyTorch model, export the query towers now rather than on the
@@ -430,35 +426,31 @@ class Collection:
             return
         self.prepare_query_towers()
 
-    def _ingest_selected(
+    def _ingest_planned(
         self,
-        parsed: list[Source],
-        items: list[SourceItem],
-        listed: IngestReport,
-        ingest_options: IngestOptions,
+        plan: IngestPlan,
+        options: IngestOptions,
         started: float,
         progress: Callable[[int, int], None] | None,
         ray: RayOptions | None,
     ) -> IngestReport:
-        from .pipeline import Ingestor, nothing_to_do
+        from .pipeline import Ingestor, LocalExecutor, nothing_to_do
 
         recorded = self.store.namespace(self.namespace)
         # the model that made the namespace (named again, or not named): no need to load it
         if recorded is not None and self.spec.to_dict() == recorded.model_spec:
-            done = nothing_to_do(self.store, self.namespace, items, ingest_options)
+            done = nothing_to_do(self.store, self.namespace, plan, options)
             if done is not None:  # everything is stored (or failed before) and unchanged
-                done.repeated_ids = listed.repeated_ids
                 done.seconds = time.perf_counter() - started
                 if progress:
-                    progress(len(items), len(items))
+                    progress(len(plan.items), len(plan.items))
                 return done
-        encoder = self.encoder
-        selected = (items, listed.repeated_ids)
-        if ray is not None:
-            from .distributed import ray_ingest
+        ingestor = Ingestor(self.store, self.encoder, self.spec, self.namespace, options)
+        if ray is None:
+            return ingestor.run(plan, LocalExecutor(), progress)
+        from .distributed import RayExecutor
 
-            return ray_ingest(self.store, self.db, self.spec, encoder, parsed, ingest_options, ray, progress, selected)
-        return Ingestor(self.store, encoder, self.spec, ingest_options).run(parsed, progress, selected)
+        return ingestor.run(plan, RayExecutor(ray, self.db), progress)
 
     @staticmethod
     def parse_sources(
@@ -495,7 +487,7 @@ class Collection:
         *,
         templates: Sequence[str] | None = None,
         progress: Callable[[int, int], None] | None = None,
-        **ingest_options: Any,
+        options: IngestOptions | None = None,
     ) -> ZeroShotReport:
         """Zero-shot classification accuracy on ``dataset`` (a folder of class subfolders, or
         ``image-list:FILE`` whose label column is the class): top-1, top-5, per class. The images
@@ -504,7 +496,7 @@ class Collection:
         averaged). See ``clipsearch.evaluate``."""
         from .evaluate import zero_shot
 
-        return zero_shot(self, dataset, templates=templates, progress=progress, **ingest_options)
+        return zero_shot(self, dataset, templates=templates, progress=progress, options=options)
 
     def retrieval(
         self,
@@ -512,13 +504,13 @@ class Collection:
         *,
         catalog: CatalogOptions,
         progress: Callable[[int, int], None] | None = None,
-        **ingest_options: Any,
+        options: IngestOptions | None = None,
     ) -> RetrievalReport:
         """Text→image and image→text Recall@1/5/10 on a catalog of images and captions
         (``catalog.text_columns``: the caption column). See ``clipsearch.evaluate``."""
         from .evaluate import retrieval
 
-        return retrieval(self, dataset, catalog=catalog, progress=progress, **ingest_options)
+        return retrieval(self, dataset, catalog=catalog, progress=progress, options=options)
 
     # -- reading ---------------------------------------------------------------------------------
     def info(self) -> CollectionInfo:

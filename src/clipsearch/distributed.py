@@ -1,8 +1,7 @@
-"""Ingest on a Ray cluster: the same sources, selection, skip checks, decode and encoder code as
-the local pipeline, spread over Ray Data.
-
-The driver lists the items and drops those the store already has (exactly as local ingest
-does), then runs a streaming Ray Data pipeline:
+"""Ingest on a Ray cluster: ``RayExecutor``, the executor that ``pipeline.Ingestor.run`` hands
+the claimed items to instead of running them in this process. Selection, skip checks, claims,
+the index and the report are the frame's, shared with local ingest; decoding and the encoder
+are the same code, spread over Ray Data:
 
     rows -> fetch + read + decode + crop (tasks, CPU nodes)
          -> embed (an actor pool, the model loaded once per actor; GPU nodes with --gpus-per-actor)
@@ -17,8 +16,6 @@ yet committed, and the next run skips everything that was.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,10 +27,10 @@ from .decoding import DecodeSettings, Unchanged, decode_item, failure_reason
 from .downloads import DownloadCache, DownloadSettings, download_all
 from .errors import MissingExtraError, UsageError
 from .identity import ModelSpec
-from .pipeline import IngestOptions, Ingestor, IngestReport, failure_record, item_row, progress_counter
+from .pipeline import Advance, Candidates, Ingestor, IngestReport, failure_record, item_row
 from .settings import Settings
-from .sources import Source, SourceItem
-from .store import FailureRecord, NewItem, Store, is_postgres_url
+from .sources import SourceItem
+from .store import FailureRecord, NewItem, is_postgres_url
 
 if TYPE_CHECKING:
     from .encoders import Encoder
@@ -241,82 +238,71 @@ def _counts(items: list, failures: list[FailureRecord], touched: list) -> dict[s
     }
 
 
-# -- the driver --------------------------------------------------------------------------
-def ray_ingest(
-    store: Store,
-    db: str,
-    encoder_spec: ModelSpec,
-    encoder: Encoder,
-    sources: Iterable[Source],
-    options: IngestOptions,
-    ray_options: RayOptions,
-    progress: Callable[[int, int], None] | None = None,
-    selected: tuple[list[SourceItem], int] | None = None,
-) -> IngestReport:
-    """Ingest ``sources`` through Ray; the report is the local ingest's."""
-    ray = connect(ray_options.address, ray_options.verbose)
-    started = time.perf_counter()  # like local ingest: from the work, not from starting a cluster
-    planner = Ingestor(store, encoder, encoder_spec, options)  # binds the namespace, checks the model
-    report = IngestReport()
-    if selected is None:
-        items = planner.select(sources, report)
-    else:
-        items, report.repeated_ids = selected
-    advance = progress_counter(len(items), progress)
-    todo = [(item, known) for item, known in planner.candidates(items, report, advance)]
-    if options.limit is not None:
-        todo = todo[: options.limit]
-    try:
-        if todo:
-            _run(ray, store, db, encoder_spec, encoder, planner, todo, options, ray_options, report, advance)
-    finally:
-        store.release(options.namespace, planner.owner)
-    if report.embedded:
-        store.build_index(options.namespace)
-    report.seconds = time.perf_counter() - started
-    return report
+# -- the executor -------------------------------------------------------------------------
+class RayExecutor:
+    """Decode, embed and write on a Ray cluster; ``pipeline.Ingestor.run`` does the rest, as for
+    a local ingest. ``db``: where the workers write (PostgreSQL), or the driver does (SQLite)."""
 
+    def __init__(self, options: RayOptions, db: str):
+        self.options = options
+        self.db = db
+        self.ray: Any = None
 
-def _run(ray, store, db, spec, encoder, planner, todo, options, ray_options, report, advance) -> None:
-    settings = DecodeSettings.for_encoder(encoder, options.max_megapixels)
-    rows = [_row(item, known.sha256 if known else None) for item, known in todo]
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(1, options.batch_size), 200)))
-    decoded = dataset.map_batches(
-        _Decode,
-        fn_constructor_kwargs={"settings": settings, "download": options.download, "offline": options.offline},
-        batch_size=options.batch_size,
-        batch_format="numpy",
-        num_cpus=ray_options.decode_cpus,
-        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
-    )
-    device = "cuda" if ray_options.gpus_per_actor > 0 else "cpu"
-    embedded = decoded.map_batches(
-        _Embed,
-        fn_constructor_kwargs={"spec": spec.to_dict(), "device": device, "embed_text": options.embed_text},
-        batch_size=options.batch_size,
-        batch_format="numpy",
-        concurrency=ray_options.actors,
-        num_cpus=ray_options.cpus_per_actor,
-        num_gpus=ray_options.gpus_per_actor or None,
-    )
-    if is_postgres_url(db):
-        written = embedded.map_batches(
-            _PostgresWriter,
-            fn_constructor_kwargs={"url": db, "namespace": options.namespace},
+    def start(self, ingestor: Ingestor) -> None:
+        # before the frame's clock: the report times the work, not starting a cluster
+        self.ray = connect(self.options.address, self.options.verbose)
+
+    def execute(self, ingestor: Ingestor, candidates: Candidates, report: IngestReport, advance: Advance) -> None:
+        options = ingestor.options
+        # claimed up front: the driver hands the whole list to Ray Data
+        todo = list(candidates)
+        if options.limit is not None:
+            todo = todo[: options.limit]
+        if not todo:
+            return
+        ray, namespace = self.ray, ingestor.namespace
+        rows = [_row(item, known.sha256 if known else None) for item, known in todo]
+        blocks = max(1, min(len(rows) // max(1, options.batch_size), 200))
+        decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+            _Decode,
+            fn_constructor_kwargs={
+                "settings": ingestor.settings, "download": options.download, "offline": options.offline
+            },
             batch_size=options.batch_size,
             batch_format="numpy",
-            concurrency=max(1, ray_options.actors),
-        )
-        for counts in written.iter_batches(batch_size=1, batch_format="numpy"):
-            _tally(report, counts, advance)
-        return
-    for batch in embedded.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
-        items, vectors, failures, touched = _records(batch, options.namespace)
-        store.write_batch(options.namespace, items, vectors, failures, touched)
-        _tally(report, _counts(items, failures, touched), advance)
+            num_cpus=self.options.decode_cpus,
+            concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        )  # fmt: skip
+        device = "cuda" if self.options.gpus_per_actor > 0 else "cpu"
+        embedded = decoded.map_batches(
+            _Embed,
+            fn_constructor_kwargs={
+                "spec": ingestor.model_spec.to_dict(), "device": device, "embed_text": options.embed_text
+            },
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            concurrency=self.options.actors,
+            num_cpus=self.options.cpus_per_actor,
+            num_gpus=self.options.gpus_per_actor or None,
+        )  # fmt: skip
+        if is_postgres_url(self.db):
+            written = embedded.map_batches(
+                _PostgresWriter,
+                fn_constructor_kwargs={"url": self.db, "namespace": namespace},
+                batch_size=options.batch_size,
+                batch_format="numpy",
+                concurrency=max(1, self.options.actors),
+            )
+            for counts in written.iter_batches(batch_size=1, batch_format="numpy"):
+                _tally(report, counts, advance)
+            return
+        for batch in embedded.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
+            items, vectors, failures, touched = _records(batch, namespace)
+            ingestor.store.write_batch(namespace, items, vectors, failures, touched)
+            _tally(report, _counts(items, failures, touched), advance)
 
 
-def _tally(report: IngestReport, counts: dict[str, Any], advance: Callable[[int], None]) -> None:
+def _tally(report: IngestReport, counts: dict[str, Any], advance: Advance) -> None:
     for embedded, failed, unchanged, failures in zip(
         counts["embedded"], counts["failed"], counts["unchanged"], counts["failures"], strict=True
     ):

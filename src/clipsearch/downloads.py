@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from .errors import ClipsearchError, FetchError, UsageError
+from .errors import ClipsearchError, FetchError, UsageError, option
 from .fetch import FetchPolicy, fetch_url
 from .store.base import utcnow
 
@@ -65,7 +65,9 @@ class DownloadCache:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_INDEX_SCHEMA)
         except (OSError, sqlite3.DatabaseError) as e:
-            raise UsageError(f"cannot use {self.root} as the download cache ({e}); pass another --cache-dir") from None
+            raise UsageError(
+                f"cannot use {self.root} as the download cache ({e}); pass another {option('cache_dir')}"
+            ) from None
         self._lock = threading.Lock()
 
     def object_path(self, sha256: str) -> Path:

@@ -8,29 +8,50 @@ field (``same_filter``). Anything else that escapes is a bug and keeps its trace
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .identity import ModelIdentity
 
 
+_MARK = "\x1f"  # brackets an argument's name in a message (ASCII unit separator: never in user text)
+
+
+def option(name: str) -> str:
+    """An argument named in a message, as the Python API names it (``same_filter``). Each face
+    words it for its users: the CLI as a flag (``--same-filter``), HTTP as the request field,
+    ``str(error)`` as the Python name. The library never writes a CLI flag itself."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+def _render(template: str, name: Callable[[str], str]) -> str:
+    parts = template.split(_MARK)
+    return "".join(name(part) if i % 2 else part for i, part in enumerate(parts))
+
+
 class ClipsearchError(Exception):
     """An error the user can fix; ``str(err)`` is the one-line explanation.
 
     ``param``: the argument the error is about, as the Python API names it (``same_filter``), so
-    that each face can name it as its users know it.
+    that each face can name it as its users know it. Messages name arguments with ``option()``.
     """
 
     exit_code = 2
 
     def __init__(self, message: str, *, param: str | None = None):
-        super().__init__(message)
-        self.message = message
+        self.template = message
+        self.message = _render(message, str)
+        super().__init__(self.message)
         self.param = param
 
-    def worded(self, param: str | None) -> str:
-        """The message with ``param`` (the face's own name of the argument) appended, if any."""
-        return f"{self.message} ({param})" if param else self.message
+    def worded(self, name: Callable[[str], str] = str) -> str:
+        """The message with every argument named by ``name`` (a face's own naming: a flag, a
+        field); ``param`` is appended where the message does not name it already."""
+        text = _render(self.template, name)
+        if self.param and _MARK + self.param + _MARK not in self.template:
+            return f"{text} ({name(self.param)})"
+        return text
 
 
 class MissingWeightsError(ClipsearchError):

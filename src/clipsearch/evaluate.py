@@ -31,6 +31,7 @@ from .errors import UsageError
 if TYPE_CHECKING:
     from .catalog import CatalogOptions
     from .collection import Collection
+    from .pipeline import IngestOptions, IngestReport
     from .sources import Source, SourceItem
 
 TEXT_BATCH = 256
@@ -126,8 +127,10 @@ def _text_vectors(collection: Collection, texts: Sequence[str]) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
 
 
-def _embed(collection: Collection, source: Source, progress: Callable[[int, int], None] | None, options: dict):
-    report = collection.ingest([source], progress=progress, **options)
+def _embed(
+    collection: Collection, source: Source, progress: Callable[[int, int], None] | None, options: IngestOptions | None
+) -> tuple[IngestReport, float]:
+    report = collection.ingest([source], options, progress=progress)
     return report, report.embedded / report.seconds if report.seconds > 0 and report.embedded else 0.0
 
 
@@ -137,7 +140,7 @@ def zero_shot(
     *,
     templates: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    **ingest_options: Any,
+    options: IngestOptions | None = None,
 ) -> ZeroShotReport:
     started = time.perf_counter()
     (source,) = collection.parse_sources([dataset])
@@ -151,7 +154,7 @@ def zero_shot(
     labels = sorted({label for _, label in labelled})
     if len(labels) < 2:
         raise UsageError(f"{source.description} has one class ({labels[0]}); zero-shot needs two or more")
-    ingest, rate = _embed(collection, source, progress, ingest_options)
+    ingest, rate = _embed(collection, source, progress, options)
     stored = collection.store.get_vectors(collection.namespace, [item.id for item, _ in labelled])
     scored = [(stored[item.id], labels.index(label)) for item, label in labelled if item.id in stored]
     names = [class_name(label) for label in labels]
@@ -192,20 +195,20 @@ def retrieval(
     *,
     catalog: CatalogOptions,
     progress: Callable[[int, int], None] | None = None,
-    **ingest_options: Any,
+    options: IngestOptions | None = None,
 ) -> RetrievalReport:
     from .catalog import CatalogSource
 
     started = time.perf_counter()
     if not catalog.text_columns:
-        raise UsageError("retrieval needs the caption column: --text-column", param="text_column")
+        raise UsageError("retrieval needs the caption column", param="text_columns")
     (source,) = collection.parse_sources([dataset], catalog=catalog)
     if not isinstance(source, CatalogSource):
         raise UsageError(f"{source.description}: retrieval reads a catalog:FILE of images and captions")
     rows = [item for item in source if item.error is None and item.text]
     if not rows:
         raise UsageError(f"{source.description} has no row with both an image and a caption")
-    ingest, rate = _embed(collection, source, progress, ingest_options)
+    ingest, rate = _embed(collection, source, progress, options)
     stored = collection.store.get_vectors(collection.namespace, [item.id for item in rows])
     image_of: dict[str, int] = {}  # the image a row names -> its index
     image_vectors, captions, caption_image = [], [], []

@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from .errors import UsageError
 from .identity import ModelSpec
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .sources import Source, SourceItem, filter_items, sample_items
-from .store import DEFAULT_NAMESPACE, FailureRecord, FileState, NewItem, Store, claim_owner
+from .store import FailureRecord, FileState, NewItem, Store, claim_owner
 from .store.base import with_derived
 
 if TYPE_CHECKING:
@@ -58,14 +58,17 @@ _MAX_PENDING_FAILURES = 256  # written without waiting for a batch of images
 
 @dataclass
 class IngestOptions:
-    namespace: str = DEFAULT_NAMESPACE
+    """How an ingest runs (``Collection.ingest(sources, IngestOptions(...))``). The namespace and
+    the model are the collection's; the sources, catalog columns, Ray and pruning are arguments
+    of ``Collection.ingest``."""
+
     batch_size: int = 32
-    limit: int | None = None
+    limit: int | None = None  # embed at most this many new items (failures do not count)
     workers: int | None = None  # decode workers; default: see default_workers()
     worker_type: str = "auto"  # auto | thread | process
     retry_failed: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    filters: dict[str, list[str]] | None = None  # only items whose metadata matches
+    filters: dict[str, Any] | None = None  # only items whose metadata matches (``filters``)
     sample: int | None = None  # a reproducible random subset of this many items
     seed: int = 0
     embed_text: bool = False  # also store the text tower's vector of each item's text
@@ -73,35 +76,180 @@ class IngestOptions:
     cache_dir: Path | None = None  # download cache; default: beside the database
     download: DownloadSettings = field(default_factory=DownloadSettings)
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError("batch_size must be at least 1", param="batch_size")
+        resolve_worker_type(self.worker_type, "cpu")  # a typo fails before any model loads
+
 
 @dataclass
 class IngestReport:
     embedded: int = 0
     skipped: int = 0
     failed: int = 0
-    previously_failed: int = 0  # skipped because they failed before and --retry-failed was not given
+    previously_failed: int = 0  # skipped: they failed before, and retry_failed was not asked
     claimed_elsewhere: int = 0  # left to another ingest process working on the same namespace
     repeated_ids: int = 0  # items whose id an earlier item (e.g. catalog row) already had: not ingested
-    removed: int = 0  # --prune: items whose file is gone, deleted
-    moved: int = 0  # --prune: items whose file was renamed or moved, kept with their vector
+    removed: int = 0  # prune: items whose file is gone, deleted
+    moved: int = 0  # prune: items whose file was renamed or moved, kept with their vector
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[FailureRecord] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "embedded": self.embedded,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "previously_failed": self.previously_failed,
-            "claimed_elsewhere": self.claimed_elsewhere,
-            "repeated_ids": self.repeated_ids,
-            "removed": self.removed,
-            "moved": self.moved,
-            "seconds": round(self.seconds, 3),
-            "interrupted": self.interrupted,
-            "failures": [{"id": f.id, "source": f.source, "reason": f.reason} for f in self.failures],
-        }
+        """The report as JSON data (``ingest --json``, the server's watch log)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "failures"}
+        data["seconds"] = round(self.seconds, 3)
+        data["failures"] = [{"id": f.id, "source": f.source, "reason": f.reason} for f in self.failures]
+        return data
+
+
+@dataclass
+class IngestPlan:
+    """What an ingest considers, listed before any model loads or any cluster starts: the
+    selected items (each id once, then ``filters`` and ``sample``) and how many repeated an id."""
+
+    items: list[SourceItem]
+    repeated_ids: int = 0
+
+    @classmethod
+    def of(cls, sources: Iterable[Source], options: IngestOptions) -> IngestPlan:
+        report = IngestReport()
+        items = select(sources, options, report)
+        return cls(items, report.repeated_ids)
+
+
+ProgressCallback = Callable[[int, int], None]  # (items done, items total)
+Candidates = Iterator[tuple[SourceItem, FileState | None]]
+Advance = Callable[..., None]  # advance(n=1): n more items are done
+
+
+class IngestExecutor(Protocol):
+    """Where decoding, embedding and writing happen: this process (``LocalExecutor``) or a Ray
+    cluster (``distributed.RayExecutor``). ``Ingestor.run`` owns the rest of the frame."""
+
+    def start(self, ingestor: Ingestor) -> None:
+        """Get ready (start a cluster, check options); not counted in the report's seconds."""
+
+    def execute(self, ingestor: Ingestor, candidates: Candidates, report: IngestReport, advance: Advance) -> None:
+        """Decode, embed and write ``candidates`` (claimed items with what the store knows of
+        each), counting into ``report`` and ``advance``; on Ctrl-C set ``report.interrupted``."""
+
+
+def default_workers(worker_type: str = "thread") -> int:
+    """Threads: one per core, at most 4 (the model uses the cores too). Processes (GPU): every
+    core but one, which feeds the GPU."""
+    cores = os.cpu_count() or 1
+    if worker_type == "process":
+        return max(1, cores - 1)
+    return max(1, min(4, cores))
+
+
+def resolve_worker_type(requested: str, device: str) -> str:
+    if requested not in ("auto", "thread", "process"):
+        raise UsageError(f"unknown worker type {requested!r}; use auto, thread or process", param="worker_type")
+    if requested != "auto":
+        return requested
+    return "thread" if device == "cpu" else "process"
+
+
+class Ingestor:
+    """One ingest into one namespace: the frame every executor shares. It binds the namespace
+    to the model, claims the items that need work a batch at a time, hands them to the
+    executor, releases what is left, builds the index and times the run."""
+
+    def __init__(self, store: Store, encoder: Encoder, model_spec: ModelSpec, namespace: str, options: IngestOptions):
+        self.store = store
+        self.encoder = encoder
+        self.model_spec = model_spec
+        self.namespace = namespace
+        self.options = options
+        self.settings = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, model_spec.decode)
+        self.owner = claim_owner()
+        store.bind_namespace(namespace, encoder.identity, model_spec.to_dict())
+
+    def run(
+        self,
+        plan: IngestPlan | Iterable[Source],
+        executor: IngestExecutor | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> IngestReport:
+        """Ingest the plan's items (or the sources') on ``executor`` (this process by default)."""
+        if not isinstance(plan, IngestPlan):
+            plan = IngestPlan.of(plan, self.options)
+        executor = executor or LocalExecutor()
+        executor.start(self)
+        started = time.perf_counter()
+        report = IngestReport(repeated_ids=plan.repeated_ids)
+        total = len(plan.items)
+        advance = progress_counter(total, progress)
+        try:
+            executor.execute(self, self.candidates(plan.items, report, advance), report, advance)
+        finally:
+            self.store.release(self.namespace, self.owner)
+        if report.embedded and not report.interrupted:
+            self.store.build_index(self.namespace)
+        report.seconds = time.perf_counter() - started
+        if progress and not report.interrupted:
+            progress(total, total)
+        return report
+
+    def candidates(self, items: list[SourceItem], report: IngestReport, advance: Advance) -> Candidates:
+        """The items that need work, looked up in the store a chunk at a time, and claimed a
+        batch at a time just before they are needed: another ingest process working on the
+        same items takes the batches this one has not reached yet."""
+        step = self.options.batch_size
+        for start in range(0, len(items), _LOOKUP_CHUNK):
+            todo = filter_known(
+                self.store, self.namespace, items[start : start + _LOOKUP_CHUNK], report, advance, self.options
+            )
+            for first in range(0, len(todo), step):
+                part = todo[first : first + step]
+                claimed = self.store.claim(self.namespace, [item.id for item, _ in part], self.owner)
+                if len(claimed) < len(part):
+                    report.claimed_elsewhere += len(part) - len(claimed)
+                    advance(len(part) - len(claimed))
+                # looked up again: another process may have stored (and released) some meanwhile
+                again = [item for item, _ in part if item.id in claimed]
+                yield from filter_known(self.store, self.namespace, again, report, advance, self.options)
+
+    def embed_texts(self, items: list[NewItem]) -> None:
+        """With ``embed_text``: each item's text vector, beside its image vector."""
+        with_text = [it for it in items if it.text]
+        if with_text:
+            vectors = self.encoder.embed_texts([it.text or "" for it in with_text])
+            for it, vector in zip(with_text, vectors, strict=True):
+                it.text_vector = vector
+
+    def cache_dir(self) -> Path:
+        if self.options.cache_dir is not None:
+            return Path(self.options.cache_dir).expanduser().absolute()  # stored paths are read from anywhere
+        return default_cache_dir(self.store.location)
+
+
+class LocalExecutor:
+    """Decode in worker threads or processes of this process, embed on its model, write a
+    batch at a time. Downloads, decoding and the model overlap (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.worker_type = "thread"
+        self.workers = 1
+
+    def start(self, ingestor: Ingestor) -> None:
+        device = str(getattr(ingestor.encoder, "device", "cpu")).split(":")[0]
+        self.worker_type = resolve_worker_type(ingestor.options.worker_type, device)
+        self.workers = ingestor.options.workers or default_workers(self.worker_type)
+
+    def execute(self, ingestor: Ingestor, candidates: Candidates, report: IngestReport, advance: Advance) -> None:
+        _LocalRun(self, ingestor, report, advance).run(candidates)
+
+    def pool(self) -> Executor:
+        if self.worker_type == "process":
+            # spawn: a fresh interpreter that imports only the decode stage, never a fork of a
+            # process holding a model and thread pools
+            context = multiprocessing.get_context("spawn")
+            return ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="clipsearch-decode")
 
 
 @dataclass
@@ -126,221 +274,128 @@ class _InFlight:
     future: Future
 
 
-ProgressCallback = Callable[[int, int], None]  # (items done, items total)
+class _LocalRun:
+    """The state of one local execution: the decode window, the batch being filled, the
+    failures and unchanged items waiting for the next write."""
 
+    def __init__(self, executor: LocalExecutor, ingestor: Ingestor, report: IngestReport, advance: Advance):
+        self.executor = executor
+        self.ingestor = ingestor
+        self.options = ingestor.options
+        self.report = report
+        self.advance = advance
+        self.batch: list[_Prepared] = []
+        self.pending_failures: list[FailureRecord] = []
+        self.pending_touched: list[NewItem] = []
+        self.queued = 0  # items in flight or embedded: they count against the limit
+        self.in_flight: deque[_InFlight] = deque()
+        self.pool = executor.pool()
 
-def default_workers(worker_type: str = "thread") -> int:
-    """Threads: one per core, at most 4 (the model uses the cores too). Processes (GPU): every
-    core but one, which feeds the GPU."""
-    cores = os.cpu_count() or 1
-    if worker_type == "process":
-        return max(1, cores - 1)
-    return max(1, min(4, cores))
-
-
-def resolve_worker_type(requested: str, device: str) -> str:
-    if requested not in ("auto", "thread", "process"):
-        raise UsageError(f"unknown --worker-type {requested!r}; use auto, thread or process")
-    if requested != "auto":
-        return requested
-    return "thread" if device == "cpu" else "process"
-
-
-class Ingestor:
-    def __init__(self, store: Store, encoder: Encoder, model_spec: ModelSpec, options: IngestOptions):
-        self.store = store
-        self.encoder = encoder
-        self.options = options
-        self.namespace = options.namespace
-        device = str(getattr(encoder, "device", "cpu")).split(":")[0]
-        self.worker_type = resolve_worker_type(options.worker_type, device)
-        self.workers = options.workers or default_workers(self.worker_type)
-        self.settings = DecodeSettings.for_encoder(encoder, options.max_megapixels)
-        self.owner = claim_owner()
-        store.bind_namespace(self.namespace, encoder.identity, model_spec.to_dict())
-
-    def _executor(self) -> Executor:
-        if self.worker_type == "process":
-            # spawn: a fresh interpreter that imports only the decode stage, never a fork of a
-            # process holding a model and thread pools
-            context = multiprocessing.get_context("spawn")
-            return ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
-        return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="clipsearch-decode")
-
-    def run(
-        self,
-        sources: Iterable[Source],
-        progress: ProgressCallback | None = None,
-        selected: tuple[list[SourceItem], int] | None = None,
-    ) -> IngestReport:
-        """Ingest ``sources``; ``selected``: their items and repeated ids, as ``select`` found
-        them (the caller listed them already)."""
-        started = time.perf_counter()
-        report = IngestReport()
-        options = self.options
-        if selected is None:
-            items = self.select(sources, report)
-        else:
-            items, report.repeated_ids = selected
-        total = len(items)
-        advance = progress_counter(total, progress)
-        pending_failures: list[FailureRecord] = []
-        pending_touched: list[NewItem] = []
-        batch: list[_Prepared] = []
-        limit = options.limit
-        queued = 0  # items in flight or embedded: they count against --limit
-
-        def flush() -> None:
-            if not batch and not pending_failures and not pending_touched:
-                return
-            if batch:
-                vectors = self.encoder.embed_crops(np.stack([p.crop for p in batch]))
-            else:
-                vectors = np.zeros((0, self.encoder.dim), np.float32)
-            new_items = [p.item for p in batch]
-            if options.embed_text:
-                self._embed_texts([*new_items, *pending_touched])
-            self.store.write_batch(self.namespace, new_items, vectors, pending_failures, pending_touched)
-            report.embedded += len(batch)
-            report.failed += len(pending_failures)
-            report.failures.extend(pending_failures)
-            advance(len(batch) + len(pending_failures) + len(pending_touched))
-            batch.clear()
-            pending_failures.clear()
-            pending_touched.clear()
-
-        def fail(item: SourceItem, reason: str) -> None:
-            nonlocal queued
-            pending_failures.append(failure_record(item, reason))
-            queued -= 1  # failed: it does not use up the limit
-            if len(pending_failures) >= _MAX_PENDING_FAILURES:
-                flush()
-
-        window = max(2 * options.batch_size, 4 * self.workers)
-        executor = self._executor()
-        in_flight: deque[_InFlight] = deque()
-
-        def submit(entry: _InFlight) -> None:
-            known_sha = entry.known.sha256 if entry.known else None
-            entry.future = executor.submit(decode_item, entry.item, known_sha, self.settings)
-
-        def file_result(entry: _InFlight) -> None:
-            """Put one finished item where it belongs: the batch, the failures or the touched."""
-            nonlocal queued
-            item = entry.item
-            try:
-                result = entry.future.result()
-            except Exception as e:  # one bad file must never stop the run
-                fail(item, failure_reason(e))
-                return
-            if isinstance(result, Unchanged):
-                # same bytes as stored: keep the vector, refresh what the source says
-                pending_touched.append(item_row(item, result.sha256, result.size))
-                report.skipped += 1
-                queued -= 1  # unchanged: it does not use up the limit
-                return
-            row = item_row(item, result.sha256, result.size, namespace=self.namespace, size_wh=result)
-            batch.append(_Prepared(row, result.crop))
-            if len(batch) >= options.batch_size:
-                flush()
-
-        def collect() -> None:
-            nonlocal executor
-            entry = in_flight.popleft()
-            # exception() waits for the item; Ctrl-C while waiting goes through
-            if not isinstance(entry.future.exception(), BrokenProcessPool):
-                file_result(entry)
-                return
-            # A decoder process died (a crash in a native decoder on some file), and every item
-            # in flight with it. Decode those again one at a time in fresh processes, so that the
-            # file that kills a process again is the one recorded as failed.
-            suspects = [entry, *in_flight]
-            in_flight.clear()
-            executor.shutdown(wait=False, cancel_futures=True)
-            executor = self._executor()
-            for suspect in suspects:
-                submit(suspect)
-                if isinstance(suspect.future.exception(), BrokenProcessPool):
-                    executor.shutdown(wait=False, cancel_futures=True)
-                    executor = self._executor()
-                file_result(suspect)
-
-        ready = self._ready(self.candidates(items, report, advance))
+    def run(self, candidates: Candidates) -> None:
+        limit = self.options.limit
+        window = max(2 * self.options.batch_size, 4 * self.executor.workers)
+        ready = self.ready(candidates)
         try:
             for entry in ready:
                 if entry is None:  # the network keeps us waiting: embed and commit what is here
-                    while in_flight:
-                        collect()
-                    flush()
+                    while self.in_flight:
+                        self.collect()
+                    self.flush()
                     continue
-                if limit is not None and queued >= limit:
+                if limit is not None and self.queued >= limit:
                     break
-                queued += 1
+                self.queued += 1
                 if entry.error is not None:
-                    fail(entry.item, entry.error)
+                    self.fail(entry.item, entry.error)
                     continue
                 flight = _InFlight(entry.item, entry.known, Future())
-                submit(flight)
-                in_flight.append(flight)
-                while len(in_flight) >= window or (limit is not None and queued >= limit and in_flight):
-                    collect()
-                if limit is not None and queued >= limit:
+                self.submit(flight)
+                self.in_flight.append(flight)
+                while len(self.in_flight) >= window or (limit is not None and self.queued >= limit and self.in_flight):
+                    self.collect()
+                if limit is not None and self.queued >= limit:
                     break
-            while in_flight:
-                collect()
-            flush()
+            while self.in_flight:
+                self.collect()
+            self.flush()
         except KeyboardInterrupt:
-            report.interrupted = True
-            for flight in in_flight:
+            self.report.interrupted = True
+            for flight in self.in_flight:
                 flight.future.cancel()
         finally:
             ready.close()  # stops the downloads still running
-            executor.shutdown(wait=not report.interrupted, cancel_futures=True)
-            self.store.release(self.namespace, self.owner)
-        if report.embedded and not report.interrupted:
-            self.store.build_index(self.namespace)
-        report.seconds = time.perf_counter() - started
-        if progress and not report.interrupted:
-            progress(total, total)
-        return report
+            self.pool.shutdown(wait=not self.report.interrupted, cancel_futures=True)
 
-    # -- stages ------------------------------------------------------------------------
-    def select(self, sources: Iterable[Source], report: IngestReport) -> list[SourceItem]:
-        """The items to consider: each id once, then --filter and --sample."""
-        options = self.options
-        return select(sources, options, report)
+    def flush(self) -> None:
+        """Embed the batch and write it with the failures and unchanged items, in one transaction."""
+        batch, failures, touched = self.batch, self.pending_failures, self.pending_touched
+        if not batch and not failures and not touched:
+            return
+        ingestor = self.ingestor
+        if batch:
+            vectors = ingestor.encoder.embed_crops(np.stack([p.crop for p in batch]))
+        else:
+            vectors = np.zeros((0, ingestor.encoder.dim), np.float32)
+        new_items = [p.item for p in batch]
+        if self.options.embed_text:
+            ingestor.embed_texts([*new_items, *touched])
+        ingestor.store.write_batch(ingestor.namespace, new_items, vectors, failures, touched)
+        self.report.embedded += len(batch)
+        self.report.failed += len(failures)
+        self.report.failures.extend(failures)
+        self.advance(len(batch) + len(failures) + len(touched))
+        self.batch, self.pending_failures, self.pending_touched = [], [], []
 
-    def _embed_texts(self, items: list[NewItem]) -> None:
-        with_text = [it for it in items if it.text]
-        if with_text:
-            vectors = self.encoder.embed_texts([it.text or "" for it in with_text])
-            for it, vector in zip(with_text, vectors, strict=True):
-                it.text_vector = vector
+    def fail(self, item: SourceItem, reason: str) -> None:
+        self.pending_failures.append(failure_record(item, reason))
+        self.queued -= 1  # failed: it does not use up the limit
+        if len(self.pending_failures) >= _MAX_PENDING_FAILURES:
+            self.flush()
 
-    def candidates(
-        self, items: list[SourceItem], report: IngestReport, advance: Callable[[int], None]
-    ) -> Iterator[tuple[SourceItem, FileState | None]]:
-        """The items that need work, looked up in the store a chunk at a time, and claimed a
-        batch at a time just before they are needed: another ingest process working on the
-        same items takes the batches this one has not reached yet."""
-        step = self.options.batch_size
-        for start in range(0, len(items), _LOOKUP_CHUNK):
-            todo = self._filter_known(items[start : start + _LOOKUP_CHUNK], report, advance)
-            for first in range(0, len(todo), step):
-                part = todo[first : first + step]
-                claimed = self.store.claim(self.namespace, [item.id for item, _ in part], self.owner)
-                if len(claimed) < len(part):
-                    report.claimed_elsewhere += len(part) - len(claimed)
-                    advance(len(part) - len(claimed))
-                # looked up again: another process may have stored (and released) some meanwhile
-                yield from self._filter_known([item for item, _ in part if item.id in claimed], report, advance)
+    def submit(self, entry: _InFlight) -> None:
+        known_sha = entry.known.sha256 if entry.known else None
+        entry.future = self.pool.submit(decode_item, entry.item, known_sha, self.ingestor.settings)
 
-    def _filter_known(
-        self, chunk: list[SourceItem], report: IngestReport, advance: Callable[[int], None]
-    ) -> list[tuple[SourceItem, FileState | None]]:
-        return filter_known(self.store, self.namespace, chunk, report, advance, self.options)
+    def file_result(self, entry: _InFlight) -> None:
+        """Put one finished item where it belongs: the batch, the failures or the touched."""
+        item = entry.item
+        try:
+            result = entry.future.result()
+        except Exception as e:  # one bad file must never stop the run
+            self.fail(item, failure_reason(e))
+            return
+        if isinstance(result, Unchanged):
+            # same bytes as stored: keep the vector, refresh what the source says
+            self.pending_touched.append(item_row(item, result.sha256, result.size))
+            self.report.skipped += 1
+            self.queued -= 1  # unchanged: it does not use up the limit
+            return
+        row = item_row(item, result.sha256, result.size, namespace=self.ingestor.namespace, size_wh=result)
+        self.batch.append(_Prepared(row, result.crop))
+        if len(self.batch) >= self.options.batch_size:
+            self.flush()
 
-    def _ready(self, candidates: Iterator[tuple[SourceItem, FileState | None]]) -> Iterator[_Ready | None]:
+    def collect(self) -> None:
+        entry = self.in_flight.popleft()
+        # exception() waits for the item; Ctrl-C while waiting goes through
+        if not isinstance(entry.future.exception(), BrokenProcessPool):
+            self.file_result(entry)
+            return
+        # A decoder process died (a crash in a native decoder on some file), and every item
+        # in flight with it. Decode those again one at a time in fresh processes, so that the
+        # file that kills a process again is the one recorded as failed.
+        suspects = [entry, *self.in_flight]
+        self.in_flight.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self.executor.pool()
+        for suspect in suspects:
+            self.submit(suspect)
+            if isinstance(suspect.future.exception(), BrokenProcessPool):
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = self.executor.pool()
+            self.file_result(suspect)
+
+    def ready(self, candidates: Candidates) -> Iterator[_Ready | None]:
         """Items with their bytes at hand. Files and cached URLs pass straight through; other
         URLs are downloaded (many at once) and come out as they finish. ``None`` says that no
         download has finished for ``IDLE_FLUSH_SECONDS``: a slow URL must not hold back the
@@ -353,7 +408,7 @@ class Ingestor:
         # finished download counts until it is consumed: a deep window keeps the network busy.
         # A finished one is only a path on disk, so depth is cheap.
         window = 16 * max(1, settings.concurrency)
-        if self.options.limit is not None:  # with --limit N, never download far ahead of N
+        if self.options.limit is not None:  # with a limit of N, never download far ahead of N
             window = max(1, min(window, self.options.limit))
 
         def finished(block: bool) -> Iterator[_Ready | None]:
@@ -381,7 +436,7 @@ class Ingestor:
                     yield _Ready(item, known)
                     continue
                 if cache is None:
-                    cache = DownloadCache(self._cache_dir())
+                    cache = DownloadCache(self.ingestor.cache_dir())
                 cached = cache.lookup(item.url)
                 if cached is not None:
                     item.downloaded_to(cached)
@@ -403,11 +458,6 @@ class Ingestor:
                 downloader.close()
             if cache is not None:
                 cache.close()
-
-    def _cache_dir(self) -> Path:
-        if self.options.cache_dir is not None:
-            return Path(self.options.cache_dir).expanduser().absolute()  # stored paths are read from anywhere
-        return default_cache_dir(self.store.location)
 
 
 def filter_known(
@@ -446,11 +496,12 @@ def select(sources: Iterable[Source], options: IngestOptions, report: IngestRepo
     return sample_items(unique_items([listed], report), options.sample, options.seed)
 
 
-def nothing_to_do(store: Store, namespace: str, items: list[SourceItem], options: IngestOptions) -> IngestReport | None:
-    """The report of a run in which every item is stored or failed before, unchanged; None if
-    any item needs work. Needs no model: a re-run with nothing new loads none (and starts no
-    Ray cluster)."""
-    report = IngestReport()
+def nothing_to_do(store: Store, namespace: str, plan: IngestPlan, options: IngestOptions) -> IngestReport | None:
+    """The report of a run in which every planned item is stored or failed before, unchanged;
+    None if any item needs work. Needs no model: a re-run with nothing new loads none (and starts
+    no Ray cluster)."""
+    report = IngestReport(repeated_ids=plan.repeated_ids)
+    items = plan.items
     for start in range(0, len(items), _LOOKUP_CHUNK):
         if filter_known(store, namespace, items[start : start + _LOOKUP_CHUNK], report, lambda n=1: None, options):
             return None

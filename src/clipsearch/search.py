@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from .errors import DimensionError, ItemNotFoundError, NamespaceNotFoundError, UsageError
+from .errors import DimensionError, ItemNotFoundError, NamespaceNotFoundError, UsageError, option
 from .store import Hit, Item, Store
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def query_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), mode: str
         raise UsageError(f"adding or subtracting texts works in vector mode, not {mode}", param="add")
     for weight, text in terms:
         if not text:
-            raise UsageError("an --add or --subtract term is empty", param="add")
+            raise UsageError(f"an {option('add')} or {option('subtract')} term is empty", param="add")
         if weight == 0:
             raise UsageError(f"the weight of {text!r} is 0; leave the term out instead", param="add")
     return terms

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .collection import Collection
-    from .pipeline import IngestReport
+    from .pipeline import IngestOptions, IngestReport
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Watcher:
         quiet_ms: int = 500,
         max_wait_ms: int = 5000,
         on_event: Callable[[WatchEvent], None] | None = None,
-        **ingest_options: Any,
+        options: IngestOptions | None = None,
     ):
         self.collection = collection
         self.folders = [Path(f).expanduser().absolute() for f in folders]
@@ -62,7 +62,7 @@ class Watcher:
         self.quiet_ms = quiet_ms
         self.max_wait_ms = max_wait_ms
         self.on_event = on_event or (lambda event: None)
-        self.ingest_options = ingest_options
+        self.options = options
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -119,7 +119,7 @@ class Watcher:
     def _ingest(self, kind: str, changes: int) -> None:
         """One incremental pass over the folders (every pass reconciles: see the module)."""
         started = time.perf_counter()
-        report = self.collection.ingest(self.folders, prune=self.prune, recursive=self.recursive, **self.ingest_options)
+        report = self.collection.ingest(self.folders, self.options, prune=self.prune, recursive=self.recursive)
         report.seconds = time.perf_counter() - started
         self.on_event(WatchEvent(kind, changes=changes, report=report))
         if report.interrupted:

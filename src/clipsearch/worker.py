@@ -25,7 +25,7 @@ import numpy as np
 
 from .decoding import DecodeSettings, decode_crop, failure_reason
 from .downloads import DownloadCache, Downloaded, DownloadSettings, download_all
-from .errors import ClipsearchError, UsageError
+from .errors import ClipsearchError, UsageError, option
 from .fetch import is_url
 from .filters import filter_folded, filter_ranges, filter_values
 from .imaging import DEFAULT_MAX_MEGAPIXELS
@@ -108,7 +108,9 @@ class Worker:
         self.options = options
         self.location = redact(url)
         if (options.image_column is None) == (options.text_column is None):
-            raise UsageError("give --image-column (embed images) or --text-column (embed texts), exactly one")
+            raise UsageError(
+                f"give {option('image_column')} (embed images) or {option('text_column')} (embed texts), exactly one"
+            )
         self.version = options.model_version or model_version(encoder)
         self.url = url
         try:
@@ -144,18 +146,18 @@ class Worker:
         self.conn.commit()
         columns = {name: kind for name, kind in rows}
         named = {
-            "--id-column": o.id_column,
-            "--vector-column": o.vector_column,
-            "--image-column": o.image_column,
-            "--text-column": o.text_column,
-            "--status-column": o.status_column,
-            "--error-column": o.error_column,
-            "--model-column": o.model_column,
+            "id_column": o.id_column,
+            "vector_column": o.vector_column,
+            "image_column": o.image_column,
+            "text_column": o.text_column,
+            "status_column": o.status_column,
+            "error_column": o.error_column,
+            "model_column": o.model_column,
         }
-        for flag, column in named.items():
+        for param, column in named.items():
             if column is not None and column not in columns:
                 raise UsageError(
-                    f"table {o.table!r} has no column {column!r} ({flag}); its columns: {', '.join(columns)}"
+                    f"table {o.table!r} has no column {column!r}; its columns: {', '.join(columns)}", param=param
                 )
         kind = columns[o.vector_column]
         match = re.fullmatch(r"vector(?:\((\d+)\))?", kind)
@@ -187,7 +189,7 @@ class Worker:
             conditions.append(sql.SQL("vector_norm({v}) = 0").format(v=vector))
         if o.requeue_model_mismatch:
             if not o.model_column:
-                raise UsageError("--requeue-model-mismatch needs --model-column")
+                raise UsageError(f"{option('requeue_model_mismatch')} needs {option('model_column')}")
             conditions.append(
                 sql.SQL("({v} IS NOT NULL AND {m} IS DISTINCT FROM %(version)s)").format(
                     v=vector, m=sql.Identifier(o.model_column)
@@ -214,9 +216,9 @@ class Worker:
         for key in [k for k, _ in values] + [r.key for r in ranges] + [k for k, _ in folded]:
             if key not in self.columns:
                 raise UsageError(
-                    f"--filter {key}: table {self.options.table!r} has no such column; its columns: "
+                    f"{option('filters')} {key}: table {self.options.table!r} has no such column; its columns: "
                     f"{', '.join(self.columns)}",
-                    param="filter",
+                    param="filters",
                 )
         parts = []
         for i, (key, wanted) in enumerate(values):
@@ -225,7 +227,9 @@ class Worker:
         for i, r in enumerate(ranges):
             numeric = _NUMERIC_TYPE.match(self.columns[r.key]) is not None
             if numeric and r.number is None:
-                raise UsageError(f"--filter {r.key} {r.sql} needs a number: {r.key} is {self.columns[r.key]}")
+                raise UsageError(
+                    f"{option('filters')} {r.key} {r.sql} needs a number: {r.key} is {self.columns[r.key]}"
+                )
             params[f"fr{i}"] = r.number if numeric else r.text
             column = sql.Identifier(r.key) if numeric else sql.SQL("{}::text").format(sql.Identifier(r.key))
             parts.append(sql.SQL("{c} " + r.sql + " %(fr{i})s").format(c=column, i=sql.SQL(str(i))))

@@ -282,7 +282,7 @@ def word(e: ClipsearchError) -> str:
         return f"no database at {e.location}; run `clipsearch ingest` first or pass --db"
     if isinstance(e, NamespaceNotFoundError):
         return f"{e.message}; run `clipsearch ingest` first or pass --namespace"
-    return e.worded(flag(e.param) if e.param else None)
+    return e.worded(flag)
 
 
 def handle_errors(fn: F) -> F:

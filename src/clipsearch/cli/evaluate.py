@@ -21,10 +21,18 @@ from .ingest import progress_bar
 
 if TYPE_CHECKING:
     from ..collection import Collection
+    from ..pipeline import IngestOptions
 
 eval_app = typer.Typer(
     help="Measure a model on your own images: zero-shot accuracy, retrieval recall.", no_args_is_help=True
 )
+
+
+def _options(batch_size: int) -> IngestOptions:
+    from ..pipeline import IngestOptions
+
+    return IngestOptions(batch_size=batch_size)
+
 
 EvalDbOpt = Annotated[
     str | None,
@@ -138,7 +146,7 @@ def zero_shot(
         namespace,
         _choices(choice, compare),
         as_json,
-        lambda c, progress: c.zero_shot(dataset, templates=template, progress=progress, batch_size=batch_size),
+        lambda c, progress: c.zero_shot(dataset, templates=template, progress=progress, options=_options(batch_size)),
     )
     if as_json:
         return
@@ -187,7 +195,7 @@ def retrieval(
         namespace,
         _choices(choice, compare),
         as_json,
-        lambda c, progress: c.retrieval(dataset, catalog=catalog, progress=progress, batch_size=batch_size),
+        lambda c, progress: c.retrieval(dataset, catalog=catalog, progress=progress, options=_options(batch_size)),
     )
     if as_json:
         return

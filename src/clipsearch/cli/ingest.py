@@ -186,11 +186,10 @@ def ingest(
     """Embed images from folders, image lists and catalogs into the store (resumable, incremental)."""
     from ..catalog import CatalogOptions
     from ..collection import Collection
-    from ..pipeline import resolve_worker_type
+    from ..pipeline import IngestOptions
     from ..store import open_store, validate_namespace
 
     validate_namespace(namespace)
-    resolve_worker_type(worker_type, "cpu")  # a typo fails before the model loads
     filters = parse_filters(filter_)
     columns = [c.strip() for c in (text_columns or "").split(",") if c.strip()]
     if embed_text and not columns:
@@ -206,22 +205,21 @@ def ingest(
             cpus_per_actor=cpus_per_actor,
             verbose=verbose,
         )
-    options = {
-        "batch_size": batch_size,
-        "limit": limit,
-        "workers": workers,
-        "worker_type": worker_type,
-        "retry_failed": retry_failed,
-        "max_megapixels": max_megapixels,
-        "filters": filters,
-        "sample": sample,
-        "seed": seed,
-        "embed_text": embed_text,
-        "offline": not download_missing,
-        "download": download_settings(concurrency, download_timeout, retries, max_download_mb),
-    }
-    if cache_dir is not None:
-        options["cache_dir"] = cache_dir
+    options = IngestOptions(
+        batch_size=batch_size,
+        limit=limit,
+        workers=workers,
+        worker_type=worker_type,
+        retry_failed=retry_failed,
+        max_megapixels=max_megapixels,
+        filters=filters,
+        sample=sample,
+        seed=seed,
+        embed_text=embed_text,
+        offline=not download_missing,
+        cache_dir=cache_dir,
+        download=download_settings(concurrency, download_timeout, retries, max_download_mb),
+    )
     catalog = CatalogOptions(id_column, image_column, columns, embed_text)
     # the model loads only if there is something to embed
     with Collection(open_store(db), namespace, choice, db=db, **hooks()) as collection:
@@ -232,13 +230,13 @@ def ingest(
                 task = bar.add_task("ingest", total=None)
                 report = collection.ingest(
                     parsed,
+                    options,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                     ray=ray,
                     prune=prune,
-                    **options,
                 )
         else:
-            report = collection.ingest(parsed, ray=ray, prune=prune, **options)
+            report = collection.ingest(parsed, options, ray=ray, prune=prune)
     print_report(report, as_json)
     if report.interrupted:
         raise typer.Exit(130)

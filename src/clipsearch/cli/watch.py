@@ -53,6 +53,7 @@ def watch(
     in batches, deleted ones removed, moved ones keep their vector; a line per batch. Stops on
     Ctrl-C or SIGTERM once the batch in flight is stored (a second one stops at once)."""
     from ..collection import Collection
+    from ..pipeline import IngestOptions
     from ..store import open_store, validate_namespace
     from ..watch import Watcher, WatchEvent, describe
 
@@ -78,9 +79,7 @@ def watch(
             recursive=recursive,
             quiet_ms=quiet_ms,
             on_event=tell,
-            batch_size=batch_size,
-            workers=workers,
-            max_megapixels=max_megapixels,
+            options=IngestOptions(batch_size=batch_size, workers=workers, max_megapixels=max_megapixels),
         )
 
         def request_stop(signum: int, frame: object) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from ..errors import MissingExtraError, UsageError
+from ..errors import MissingExtraError, UsageError, option
 from ..identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, ModelSpec
 from .interface import Encoder
 
@@ -63,17 +63,24 @@ def runnable_spec(spec: ModelSpec, runtime_asked: bool) -> ModelSpec:
 def check_runtime(spec: ModelSpec) -> None:
     """Refuse a runtime, precision and device that do not go together, before anything loads."""
     if spec.runtime not in ("torch", "onnx"):
-        raise UsageError(f"unknown --runtime {spec.runtime!r}; use torch or onnx")
+        raise UsageError(f"unknown {option('runtime')} {spec.runtime!r}; use torch or onnx")
     if spec.precision not in ("fp32", "int8"):
-        raise UsageError(f"unknown --precision {spec.precision!r}; use fp32 or int8")
+        raise UsageError(f"unknown {option('precision')} {spec.precision!r}; use fp32 or int8")
     if spec.precision == "int8" and spec.runtime != "onnx":
-        raise UsageError("--precision int8 needs --runtime onnx (dynamic int8 quantisation in ONNX Runtime)")
+        raise UsageError(
+            f"{option('precision')} int8 needs {option('runtime')} onnx (dynamic int8 quantisation in ONNX Runtime)"
+        )
     if spec.decode not in ("fast", "exact"):
-        raise UsageError(f"unknown --decode {spec.decode!r}; use fast or exact")
+        raise UsageError(f"unknown {option('decode')} {spec.decode!r}; use fast or exact")
     if spec.backend == "onnx" and spec.runtime != "onnx":
-        raise UsageError(f"{spec.label} is an ONNX model: it runs on ONNX Runtime only; leave out --runtime torch")
+        raise UsageError(
+            f"{spec.label} is an ONNX model: it runs on ONNX Runtime only; leave out {option('runtime')} torch"
+        )
     if spec.runtime == "onnx" and spec.device not in ("auto", "cpu"):
-        raise UsageError(f"--runtime onnx runs on the CPU; use --runtime torch for --device {spec.device}")
+        raise UsageError(
+            f"{option('runtime')} onnx runs on the CPU; "
+            f"use {option('runtime')} torch for {option('device')} {spec.device}"
+        )
 
 
 def load_encoder(spec: ModelSpec, *, serving: bool = False, few_calls: bool = False) -> Encoder:
@@ -84,17 +91,27 @@ def load_encoder(spec: ModelSpec, *, serving: bool = False, few_calls: bool = Fa
     A tower folder runs without torch. So does an open_clip model on the onnx runtime once its
     towers are exported (``towers.find_export``); exporting them, the torch runtime and the
     transformers backend need the ``torch`` extra."""
+    check_runtime(spec)
+    return decoded_as(_load(spec, serving, few_calls), spec.decode)
+
+
+def decoded_as(encoder: Encoder, decode: str) -> Encoder:
+    """``encoder`` with its images decoded ``decode`` (``fast`` or ``exact``). How images are
+    decoded is the pipeline's choice, not the model's, but it shapes the vectors, so the
+    identity records it: here, once, for every backend."""
+    encoder.identity = dataclasses.replace(encoder.identity, decode=decode)
+    return encoder
+
+
+def _load(spec: ModelSpec, serving: bool, few_calls: bool) -> Encoder:
     from . import towers
 
-    check_runtime(spec)
     if spec.backend == "onnx":
         return towers.load(spec, spin=not serving, few_calls=few_calls)
     if spec.runtime == "onnx" and spec.backend == "open_clip":
         folder = towers.find_export(spec, spec.precision)
         if folder is not None:
-            return towers.TowerEncoder(
-                folder, spec.precision, spin=not serving, few_calls=few_calls, decode=spec.decode
-            )
+            return towers.TowerEncoder(folder, spec.precision, spin=not serving, few_calls=few_calls)
     require_torch(f"{'exporting ' if spec.runtime == 'onnx' else 'running '}{spec.label}", hint=TOWER_HINT)
     if spec.backend == "hf":
         from . import hf
@@ -119,8 +136,8 @@ def load_encoder(spec: ModelSpec, *, serving: bool = False, few_calls: bool = Fa
 
 # what a user without the torch extra can do instead
 TOWER_HINT = (
-    "; or use a model exported to ONNX (--model immich-app/ViT-B-32__openai, "
-    "or --weights DIR from `clipsearch models export`)"
+    f"; or use a model exported to ONNX ({option('model')} immich-app/ViT-B-32__openai, "
+    f"or {option('weights')} DIR from `clipsearch models export`)"
 )
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import DeviceUnavailableError, UsageError
+from ..errors import DeviceUnavailableError, UsageError, option
 from ..identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, ModelSpec  # noqa: F401 - re-exported
 from ..imaging import Preprocessor
 from ..settings import Settings, settings
@@ -30,22 +30,25 @@ def resolve_device(requested: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(
-                f"--device {requested} was asked for, but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
-                "use --device cpu (or auto)"
+                f"{option('device')} {requested} was asked for, but this PyTorch ({torch.__version__}) sees no CUDA "
+                "GPU; "
+                f"use {option('device')} cpu (or auto)"
             )
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceUnavailableError(
-                f"--device {requested} was asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"{option('device')} {requested} was asked for, but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist"
             )
         return dev
     if name == "mps":
         if not torch.backends.mps.is_available():
             raise DeviceUnavailableError(
-                "--device mps was asked for, but Apple's MPS backend is not available here; use --device cpu"
+                f"{option('device')} mps was asked for, but Apple's MPS backend is not available here; "
+                f"use {option('device')} cpu"
             )
         return torch.device("mps")
-    raise UsageError(f"unknown --device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+    raise UsageError(f"unknown {option('device')} {requested!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
 class TorchEncoder(Encoder):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .._compat import ensure_torchvision_importable
-from ..errors import MissingExtraError, MissingWeightsError, UsageError
+from ..errors import MissingExtraError, MissingWeightsError, UsageError, option
 from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
 from . import hub
@@ -104,13 +104,13 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> HFEncoder:
         folder = spec.weights
         if not (folder / "config.json").is_file():
             raise MissingWeightsError(
-                f"--weights {folder} is not a transformers model folder (no config.json); save one with "
+                f"{option('weights')} {folder} is not a transformers model folder (no config.json); save one with "
                 "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)"
             )
         label = spec.recorded_model
     else:
         if not repo:
-            raise UsageError("--model hf: needs a repository name, e.g. hf:openai/clip-vit-base-patch32")
+            raise UsageError(f"{option('model')} hf: needs a repository name, e.g. hf:openai/clip-vit-base-patch32")
         folder = hub.snapshot_or_fetch(repo, _WEIGHT_PATTERNS, "config.json", f"transformers model {repo}")
         label = spec.model
 
@@ -148,7 +148,6 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> HFEncoder:
         preprocess=preprocess.to_dict(),
         precision="fp16" if dtype == torch.float16 else "fp32",
         weights=weights_digest(folder),
-        decode=spec.decode,
     )
     encoder = HFEncoder(model, tokenizer, identity, device)
     if fast_cpu:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..errors import MissingWeightsError
+from ..errors import MissingWeightsError, option
 
 CONNECT_TIMEOUT_S = 3.0
 
@@ -84,7 +84,7 @@ def fetch_or_explain(
             reason = f"the download failed: {str(e).splitlines()[0][:200]}"
     raise MissingWeightsError(
         f"weights for {what} are not in {looked_in} and cannot be downloaded ({reason}). "
-        "Provide them with --weights PATH (a checkpoint file or a saved model folder), "
+        f"Provide them with {option('weights')} PATH (a checkpoint file or a saved model folder), "
         "or run once with network access to fill the cache."
     )
 

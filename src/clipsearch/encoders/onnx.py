@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, option
 from ..files import write_atomic
 from ..identity import ModelIdentity, ModelSpec
 from ..imaging import PreprocessSpec
@@ -262,7 +262,7 @@ def prepare_hf(base: Any, precision: str) -> Path:
         if clean is None:
             raise UsageError(
                 f"{base.identity.model_id}: its tokenizer does not save as a tokenizer.json that gives the model's "
-                "own ids, so its text tower cannot run without torch; run it with --runtime torch",
+                f"own ids, so its text tower cannot run without torch; run it with {option('runtime')} torch",
                 param="model",
             )
         portable = {
@@ -324,7 +324,7 @@ def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> TowerEncoder:
     import_ort()
     if not isinstance(base, OpenClipEncoder):  # a transformers checkpoint (hf.HFEncoder)
         folder = prepare_hf(base, spec.precision)
-        towers = TowerEncoder(folder, spec.precision, spin=spin, decode=spec.decode)
+        towers = TowerEncoder(folder, spec.precision, spin=spin)
         towers.notes = base.notes
         return towers
     folder = prepare(base, spec.precision)
@@ -333,6 +333,6 @@ def load(spec: ModelSpec, base: Encoder, spin: bool = True) -> TowerEncoder:
     if not (folder / "textual" / "tokenizer.json").is_file():  # another tokenizer: the model's own, through torch
         tokenizer = base.tokenizer
         tokenize = lambda texts: tokenizer(texts).numpy()  # noqa: E731
-    towers = TowerEncoder(folder, spec.precision, spin=spin, tokenize=tokenize, decode=spec.decode)
+    towers = TowerEncoder(folder, spec.precision, spin=spin, tokenize=tokenize)
     towers.notes = base.notes
     return towers

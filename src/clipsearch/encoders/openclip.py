@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._compat import import_open_clip
-from ..errors import MissingWeightsError, UsageError
+from ..errors import MissingWeightsError, UsageError, option
 from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
 from . import hub
@@ -144,7 +144,7 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
 
     if weights is not None and not weights.exists():
         raise MissingWeightsError(
-            f"--weights {weights} does not exist; give a checkpoint file or a folder in open_clip's hub "
+            f"{option('weights')} {weights} does not exist; give a checkpoint file or a folder in open_clip's hub "
             "layout (open_clip_config.json + weights)"
         )
 
@@ -183,7 +183,7 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
             known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
             raise UsageError(
                 f"open_clip has no pretrained weights {tag!r} for {name} (known: {known}); "
-                "or give your own checkpoint with --weights PATH"
+                f"or give your own checkpoint with {option('weights')} PATH"
             )
         else:
             checkpoint = _tag_checkpoint(open_clip, name, tag, tag_cfg)
@@ -217,7 +217,6 @@ def load(spec: ModelSpec, *, fast_cpu: bool = True) -> OpenClipEncoder:
         preprocess=PreprocessSpec.from_dict(preprocess_cfg).to_dict(),
         precision=precision,
         weights=digest,
-        decode=spec.decode,
     )
     encoder = OpenClipEncoder(model, tokenizer, identity, device)
     encoder.notes = tuple(notes)

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingExtraError, UsageError
+from ..errors import MissingExtraError, UsageError, option
 from ..files import write_atomic
 from ..identity import ModelIdentity, ModelSpec, folder_digest
 from ..imaging import Preprocessor, PreprocessSpec
@@ -299,8 +299,8 @@ class TowerEncoder(Encoder):
     name). ``tokenize``: the model's own tokenizer as a function returning numpy ids, for an
     export whose tokenizer could not be written as ``tokenizer.json``. ``few_calls``: the encoder
     answers a query or two and exits (a command), so the weights are not repacked for faster
-    matrix products: repacking takes longer than the few calls it would speed up. ``decode``:
-    how images are decoded for it (``fast`` or ``exact``, see ``decoding``).
+    matrix products: repacking takes longer than the few calls it would speed up. Images are
+    decoded ``fast`` unless ``encoders.decoded_as`` says otherwise (``load_encoder`` does).
     """
 
     def __init__(
@@ -313,7 +313,6 @@ class TowerEncoder(Encoder):
         threads: int | None = None,
         tokenize: Tokenize | None = None,
         few_calls: bool = False,
-        decode: str = "fast",
     ):
         self.folder = folder
         config = _read(folder / "config.json")
@@ -322,12 +321,12 @@ class TowerEncoder(Encoder):
         if precision == "int8" and not (folder / tower_file("image", "int8")).is_file():
             raise UsageError(
                 f"{folder} has no int8 image tower ({tower_file('image', 'int8')}); run "
-                "`clipsearch models export` with the torch extra, or use --precision fp32",
+                f"`clipsearch models export` with the torch extra, or use {option('precision')} fp32",
                 param="precision",
             )
         quantization = "int8-dynamic" if precision == "int8" else "none"
         self.identity = dataclasses.replace(
-            base, runtime="onnx", precision=precision, quantization=quantization, decode=decode
+            base, runtime="onnx", precision=precision, quantization=quantization, decode="fast"
         )
         self.preprocess = Preprocessor(PreprocessSpec.from_dict(base.preprocess))
         text = meta.get("text", {})
@@ -489,4 +488,4 @@ def load(spec: ModelSpec, *, spin: bool = True, few_calls: bool = False) -> Towe
     """The encoder of a ``backend == "onnx"`` spec (a tower folder or published repository)."""
     folder = spec_folder(spec)
     name = spec.model if spec.weights is None else Path(spec.weights).name
-    return TowerEncoder(folder, spec.precision, name=name, spin=spin, few_calls=few_calls, decode=spec.decode)
+    return TowerEncoder(folder, spec.precision, name=name, spin=spin, few_calls=few_calls)

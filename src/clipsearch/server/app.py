@@ -311,7 +311,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     async def _clipsearch_error(request: Request, e: ClipsearchError):
         status, type_, code = _status(e)
         # the library names an argument as Python does (same_filter): so does the request
-        message = e.worded(e.param)
+        message = e.worded()
         if isinstance(e, NamespaceNotFoundError):  # where the store lives is the server's business
             message = f"namespace {e.namespace!r} does not exist"
         return error_response(status, message, type_, code, param=e.param)

@@ -205,6 +205,7 @@ class Service:
         """``serve --watch``: a thread that keeps the default namespace in step with the folders,
         through its own store connection and the server's model."""
         from ..collection import Collection
+        from ..pipeline import IngestOptions
         from ..store import open_store
         from ..watch import Watcher, describe
 
@@ -215,7 +216,7 @@ class Service:
             collection,
             self.settings.watch,
             on_event=lambda event: log.info("watch: %s", describe(event)),
-            max_megapixels=self.settings.max_megapixels,
+            options=IngestOptions(max_megapixels=self.settings.max_megapixels),
         )
 
         def run() -> None:

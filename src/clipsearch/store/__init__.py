@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, option
 from ..index import IndexSettings
 from ..settings import DEFAULT_DB, is_postgres_url, is_server
 from .base import (
@@ -34,7 +34,7 @@ def open_store(location: str | Path, index_settings: IndexSettings | None = None
 
         return PostgresStore(loc, index_settings)
     if "://" in loc:
-        raise UsageError(f"--db {loc!r}: use a SQLite file path or a postgresql://user:pass@host/db URL")
+        raise UsageError(f"{option('db')} {loc!r}: use a SQLite file path or a postgresql://user:pass@host/db URL")
     return SQLiteStore(loc, index_settings)
 
 
