@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import clipsearch
+from clipsearch import IngestOptions
 from clipsearch.catalog import CatalogOptions
 
 from .conftest import make_tiny_openclip, noise_images, write_photos
@@ -114,8 +115,8 @@ def test_ready_items_are_committed_while_a_slow_url_downloads(image_server, tmp_
         collection.encoder  # noqa: B018 - loaded before the clock matters
         report = collection.ingest(
             [f"catalog:{catalog}"],
+            IngestOptions(batch_size=32),
             catalog=CatalogOptions("product_id"),
-            batch_size=32,
             progress=lambda done, total: committed.append((time.monotonic() - started, done)),
         )
     finished = time.monotonic() - started

@@ -40,7 +40,7 @@ from .errors import (
     option,
 )
 from .identity import ModelIdentity, ModelSpec, known_differences
-from .settings import settings
+from .settings import Settings, settings
 from .store import (
     DEFAULT_DB,
     Failure,
@@ -126,14 +126,15 @@ def open(
             for hit in photos.search("a dog on a beach", limit=5):
                 print(f"{hit.score:.3f} {hit.path}")
     """
-    config = settings()
+    config = settings()  # the one read of the environment; the collection passes it down
     location = str(db) if db is not None else config.db
     name = validate_namespace(namespace or config.namespace)
     if not create and not database_exists(location):
         raise NoDatabaseError(location)
     choice = ModelChoice(model, pretrained, weights, device, runtime, precision, decode)
+    store = open_store(location, settings=config)
     return Collection(
-        open_store(location), name, choice, db=location, notice=notice, loading=loading, few_calls=few_calls
+        store, name, choice, db=location, notice=notice, loading=loading, few_calls=few_calls, settings=config
     )
 
 
@@ -176,6 +177,7 @@ class Collection:
         notice: Callable[[str], None] | None = None,
         loading: Callable[[str], contextlib.AbstractContextManager] | None = None,
         few_calls: bool = False,
+        settings: Settings | None = None,
     ):
         """Usually made by ``clipsearch.open``. ``store``: an open store (``owns_store``: close it
         with the collection); ``choice``: the model asked for; ``encoder``: a model already
@@ -183,19 +185,23 @@ class Collection:
         ``notice(message)`` hears of slow one-time work (the first query of a model exports its
         towers); ``loading(model name)`` wraps a model load in a context manager (a face shows a
         spinner); ``few_calls``: a command that answers one query and exits, so the towers skip
-        the weight repacking that pays off only over many calls."""
+        the weight repacking that pays off only over many calls. ``settings``: the ``CLIPSEARCH_*``
+        settings (default: the environment's, read now); everything the collection runs gets them
+        from here."""
         self.store = store
         self.namespace = validate_namespace(namespace)
         self.choice = choice or ModelChoice()
         self.db = db or store.location
         self._owns_store = owns_store
         self._encoder = encoder  # the full model (PyTorch, or ONNX through it), loaded on demand
+        self._given_encoder = encoder is not None
         self._towers: Encoder | None = None  # the torch-free query encoder, loaded on demand
         self._spec: ModelSpec | None = spec
         self._lock = threading.Lock()
         self.notice = notice
         self.loading = loading
         self.few_calls = few_calls
+        self.settings = settings or Settings.from_env()
 
     # -- life cycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -306,7 +312,7 @@ class Collection:
             torch_asked
             or spec.backend != "open_clip"  # the towers are open_clip's export
             or spec.device not in ("auto", "cpu")
-            or settings().query_runtime == "torch"
+            or self.settings.query_runtime == "torch"
         ):
             return self.encoder
         from .encoders import decoded_as
@@ -418,8 +424,9 @@ class Collection:
         spec = self.spec
         if (
             self._encoder is None  # nothing was loaded: a no-op run, or the towers ingested
+            or self._given_encoder  # the caller's model (the server's): queries use it too
             or spec.backend != "open_clip"
-            or settings().query_runtime == "torch"
+            or self.settings.query_runtime == "torch"
             or not torch_installed()
             or find_export(spec, spec.precision) is not None
         ):
@@ -445,6 +452,8 @@ class Collection:
                 if progress:
                     progress(len(plan.items), len(plan.items))
                 return done
+        if options.cache_dir is None:  # downloads beside a SQLite file, else in the user's cache
+            options = dataclasses.replace(options, cache_dir=self.settings.download_cache(self.db))
         ingestor = Ingestor(self.store, self.encoder, self.spec, self.namespace, options)
         if ray is None:
             return ingestor.run(plan, LocalExecutor(), progress)

@@ -266,7 +266,7 @@ class RayExecutor:
         decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             _Decode,
             fn_constructor_kwargs={
-                "settings": ingestor.settings, "download": options.download, "offline": options.offline
+                "settings": ingestor.decode, "download": options.download, "offline": options.offline
             },
             batch_size=options.batch_size,
             batch_format="numpy",

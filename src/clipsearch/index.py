@@ -15,9 +15,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 DEFAULT_HNSW_THRESHOLD = 50_000
 DEFAULT_HNSW_M = 32
@@ -55,10 +58,8 @@ class IndexSettings:
     ef_search: int = DEFAULT_EF_SEARCH
 
     @classmethod
-    def from_env(cls) -> IndexSettings:
-        from .settings import settings
-
-        s = settings()
+    def of(cls, s: Settings) -> IndexSettings:
+        """The index part of the settings (``CLIPSEARCH_INDEX``, ``CLIPSEARCH_HNSW_*``, ...)."""
         return cls(s.index, s.hnsw_threshold, s.hnsw_m, s.ef_construction, s.ef_search)
 
     def kind_for(self, count: int) -> str:

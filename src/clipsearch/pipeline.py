@@ -164,7 +164,7 @@ class Ingestor:
         self.model_spec = model_spec
         self.namespace = namespace
         self.options = options
-        self.settings = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, model_spec.decode)
+        self.decode = DecodeSettings(encoder.preprocess_spec, options.max_megapixels, model_spec.decode)
         self.owner = claim_owner()
         store.bind_namespace(namespace, encoder.identity, model_spec.to_dict())
 
@@ -354,7 +354,7 @@ class _LocalRun:
 
     def submit(self, entry: _InFlight) -> None:
         known_sha = entry.known.sha256 if entry.known else None
-        entry.future = self.pool.submit(decode_item, entry.item, known_sha, self.ingestor.settings)
+        entry.future = self.pool.submit(decode_item, entry.item, known_sha, self.ingestor.decode)
 
     def file_result(self, entry: _InFlight) -> None:
         """Put one finished item where it belongs: the batch, the failures or the touched."""

@@ -3,8 +3,12 @@ default paths derived from them.
 
 The command line reads the variables of its own options through Typer (``--db`` and
 ``CLIPSEARCH_DB`` are one setting, shown in ``--help``); everything below the command line
-reads them here. ``settings()`` reads the environment each time it is called, so a variable set
-by a test or a notebook is seen at once.
+reads them here. The environment is read once where a caller enters the library
+(``clipsearch.open``, ``open_store``, the server's start) and the ``Settings`` passed down from
+there: the collection gives the store its index and pool settings and ingest its download cache.
+Two process-wide switches are read where they act, as ``HF_HUB_CACHE`` is by the hub: the ONNX
+export cache (``CLIPSEARCH_ONNX_CACHE``, shared by every model loader and ``models export``) and
+``CLIPSEARCH_ONEDNN``.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ class Watcher:
         max_wait_ms: int = 5000,
         on_event: Callable[[WatchEvent], None] | None = None,
         options: IngestOptions | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ):
         self.collection = collection
         self.folders = [Path(f).expanduser().absolute() for f in folders]
@@ -63,6 +64,7 @@ class Watcher:
         self.max_wait_ms = max_wait_ms
         self.on_event = on_event or (lambda event: None)
         self.options = options
+        self.progress = progress  # each pass's progress, as ``Collection.ingest`` reports it
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -119,7 +121,9 @@ class Watcher:
     def _ingest(self, kind: str, changes: int) -> None:
         """One incremental pass over the folders (every pass reconciles: see the module)."""
         started = time.perf_counter()
-        report = self.collection.ingest(self.folders, self.options, prune=self.prune, recursive=self.recursive)
+        report = self.collection.ingest(
+            self.folders, self.options, progress=self.progress, prune=self.prune, recursive=self.recursive
+        )
         report.seconds = time.perf_counter() - started
         self.on_event(WatchEvent(kind, changes=changes, report=report))
         if report.interrupted:

@@ -17,7 +17,7 @@ import re
 import string
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,13 +80,11 @@ class WorkerReport:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (row id, reason)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "embedded": self.embedded,
-            "failed": self.failed,
-            "batches": self.batches,
-            "seconds": round(self.seconds, 3),
-            "failures": [{"id": i, "reason": r} for i, r in self.failures],
-        }
+        """The report as JSON data (``worker --json``)."""
+        data = asdict(self)
+        data["seconds"] = round(self.seconds, 3)
+        data["failures"] = [{"id": i, "reason": r} for i, r in self.failures]
+        return data
 
 
 def model_version(encoder: Encoder) -> str:

@@ -115,8 +115,19 @@ def _score_each(
     return reports
 
 
-def _label(config: dict[str, Any], model: str) -> str:
-    return f"{model} {config['runtime']}/{config['precision']}/{config['decode']}"
+def _print_scores(title: str, columns: list[str], reports: list[Any], cells: Callable[[Any], list[str]]) -> None:
+    """One row per configuration: its label, ``cells(report)`` under ``columns``, its speed."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("configuration")
+    for col in [*columns, "images/s"]:
+        table.add_column(col, justify="right")
+    for r in reports:
+        label = f"{r.model} {r.config['runtime']}/{r.config['precision']}/{r.config['decode']}"
+        rate = f"{r.images_per_second:.1f}" if r.embedded else "(stored)"  # nothing was embedded this run
+        table.add_row(label, *cells(r), rate)
+    print_table(table)
 
 
 def zero_shot(
@@ -152,13 +163,12 @@ def zero_shot(
         return
     from rich.table import Table
 
-    table = Table(title=f"zero-shot on {dataset}: {reports[0].n} images, {len(reports[0].classes)} classes")
-    for col in ("configuration", "top-1", "top-5", "images/s", "failed"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
-    for r in reports:
-        rate = f"{r.images_per_second:.1f}" if r.embedded else "(stored)"
-        table.add_row(_label(r.config, r.model), f"{r.top1:.2%}", f"{r.top5:.2%}", rate, str(r.failed))
-    print_table(table)
+    _print_scores(
+        f"zero-shot on {dataset}: {reports[0].n} images, {len(reports[0].classes)} classes",
+        ["top-1", "top-5", "failed"],
+        reports,
+        lambda r: [f"{r.top1:.2%}", f"{r.top5:.2%}", str(r.failed)],
+    )
     per_class = Table(title="top-1 per class")
     per_class.add_column("class")
     for i, _ in enumerate(reports):
@@ -199,15 +209,10 @@ def retrieval(
     )
     if as_json:
         return
-    from rich.table import Table
-
     first = reports[0]
-    table = Table(title=f"retrieval on {dataset}: {first.images} images, {first.captions} captions")
-    table.add_column("configuration")
-    for col in ("text→image R@1", "R@5", "R@10", "image→text R@1", "R@5", "R@10", "images/s"):
-        table.add_column(col, justify="right")
-    for r in reports:
-        rate = f"{r.images_per_second:.1f}" if r.embedded else "(stored)"
-        cells = [f"{r.text_to_image[k]:.2%}" for k in (1, 5, 10)] + [f"{r.image_to_text[k]:.2%}" for k in (1, 5, 10)]
-        table.add_row(_label(r.config, r.model), *cells, rate)
-    print_table(table)
+    _print_scores(
+        f"retrieval on {dataset}: {first.images} images, {first.captions} captions",
+        ["text→image R@1", "R@5", "R@10", "image→text R@1", "R@5", "R@10"],
+        reports,
+        lambda r: [f"{r.text_to_image[k]:.2%}" for k in (1, 5, 10)] + [f"{r.image_to_text[k]:.2%}" for k in (1, 5, 10)],
+    )

@@ -28,7 +28,6 @@ import numpy as np
 from ..errors import ClipsearchError, MissingExtraError, NotFoundError, UsageError
 from ..identity import ModelIdentity
 from ..index import IndexSettings
-from ..settings import settings
 from .base import (
     ClosingStore,
     Failure,
@@ -178,11 +177,11 @@ def _folded_pattern(text: str) -> str:
 
 
 class PostgresStore(ClosingStore):
-    def __init__(self, url: str, index_settings: IndexSettings | None = None):
+    def __init__(self, url: str, index_settings: IndexSettings | None = None, *, pool_size: int = 8):
         psycopg, psycopg_pool, register_vector = load_psycopg()
         self.url = url
         self.location = redact(url)
-        self.index_settings = index_settings or IndexSettings.from_env()
+        self.index_settings = index_settings or IndexSettings()
         self._psycopg = psycopg
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
@@ -195,9 +194,7 @@ class PostgresStore(ClosingStore):
             register_vector(conn)
             conn.commit()  # the type lookup opened a transaction; the pool wants the connection idle
 
-        self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=settings().pg_pool, configure=configure, open=True
-        )
+        self._pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=pool_size, configure=configure, open=True)
         self._tables: dict[str, tuple[str, int]] = {}
 
     # -- schema ------------------------------------------------------------------------

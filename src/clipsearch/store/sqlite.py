@@ -145,7 +145,7 @@ class SQLiteStore(ClosingStore):
     def __init__(self, path: str | Path, index_settings: IndexSettings | None = None):
         self.path = Path(path)
         self.location = str(self.path)
-        self.index_settings = index_settings or IndexSettings.from_env()
+        self.index_settings = index_settings or IndexSettings()
         if self.path.parent and not self.path.parent.exists():
             raise UsageError(f"cannot create the database {self.path}: folder {self.path.parent} does not exist")
         self._lock = threading.RLock()
