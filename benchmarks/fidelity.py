@@ -104,7 +104,7 @@ def main() -> None:
     from PIL import Image
 
     from clipsearch._compat import import_open_clip
-    from clipsearch.decoding import DecodeSettings, decode_crop
+    from clipsearch.decode_stage import DecodeSettings, decode_crop
     from clipsearch.encoders import ModelSpec, load_encoder
     from clipsearch.encoders.onnx import _quantize
     from clipsearch.imaging import decode_image, resize_and_crop, to_rgb

@@ -80,6 +80,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import clipsearch
+    from clipsearch import evaluate
     from clipsearch.errors import MissingWeightsError
     from clipsearch.evaluate import openai_imagenet_templates
 
@@ -110,7 +111,7 @@ def main() -> None:
                     decode=args.decode,
                 ) as col:
                     templates = openai_imagenet_templates()[: args.templates]
-                    return col.zero_shot(f"image-list:{listing}", templates=templates)
+                    return evaluate.zero_shot(col, f"image-list:{listing}", templates=templates)
 
             try:
                 report = run(weights, pretrained, f"{name}.db")

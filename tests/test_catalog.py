@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from clipsearch.catalog import CatalogOptions, CatalogSource
-from clipsearch.downloads import DownloadCache, DownloadSettings, download_all
+from clipsearch.download_cache import DownloadCache, DownloadSettings, download_all
 from clipsearch.errors import UsageError
 from clipsearch.fetch import FetchPolicy
 from clipsearch.search import fuse_rankings
@@ -136,7 +136,7 @@ def test_downloads_retry_what_may_recover_and_cache_what_arrived(image_server, t
 
 
 def test_a_slow_download_holds_up_nothing_but_itself(image_server, tmp_path):
-    from clipsearch.downloads import Downloader
+    from clipsearch.download_cache import Downloader
 
     cache = DownloadCache(tmp_path / "cache")
     settings = DownloadSettings(concurrency=4, retries=0, policy=FetchPolicy(True, 5.0))

@@ -18,7 +18,7 @@ from PIL import Image
 
 import clipsearch
 from clipsearch._compat import ensure_torchvision_importable, import_open_clip
-from clipsearch.decoding import DecodeSettings, decode_crop
+from clipsearch.decode_stage import DecodeSettings, decode_crop
 from clipsearch.encoders import ModelSpec, load_encoder
 from clipsearch.errors import MissingWeightsError, ModelMismatchError
 from clipsearch.identity import ModelIdentity, weights_digest

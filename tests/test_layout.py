@@ -118,3 +118,49 @@ def test_the_store_index_and_settings_never_import_torch():
         if name.startswith(("clipsearch.store", "clipsearch.index", "clipsearch.settings", "clipsearch.filters")):
             torch = {t for t in imports(name, path, known) if t.split(".")[0] in TORCH}
             assert torch == set(), name
+
+
+# The floors the data flows down through. A module imports its own floor or lower ones; an
+# arrow up needs a line in UPWARD saying why.
+FLOORS = [
+    ("primitives", ("clipsearch", "clipsearch._compat", "clipsearch.errors", "clipsearch.settings",
+                    "clipsearch.identity", "clipsearch.imaging", "clipsearch.filters", "clipsearch.files",
+                    "clipsearch.choice", "clipsearch.tokenizer")),
+    ("encoders and store", ("clipsearch.encoders", "clipsearch.store", "clipsearch.index", "clipsearch.fetch",
+                            "clipsearch.download_cache", "clipsearch.decode_stage", "clipsearch.sources",
+                            "clipsearch.catalog", "clipsearch.source_spec")),
+    ("pipeline and search", ("clipsearch.pipeline", "clipsearch.distributed", "clipsearch.sync",
+                             "clipsearch.search", "clipsearch.export", "clipsearch.table_worker", "clipsearch.models")),
+    ("collection", ("clipsearch.collection",)),
+    ("faces", ("clipsearch.cli", "clipsearch.server", "clipsearch.watch", "clipsearch.evaluate",
+               "clipsearch.__main__")),
+]  # fmt: skip
+# (importer, imported): why the arrow goes up. The package root is a primitive: it imports
+# nothing when run (its names load lazily), and the faces read ``__version__`` from it.
+UPWARD: dict[tuple[str, str], str] = {}
+
+
+def floor(module: str) -> int:
+    # the longest prefix decides: ``clipsearch`` (the root) is a primitive, its subpackages are not
+    best = max(
+        ((len(p), i) for i, (_, prefixes) in enumerate(FLOORS) for p in prefixes
+         if module == p or module.startswith(p + ".")),
+        default=None,
+    )  # fmt: skip
+    assert best is not None, f"{module} is on no floor: add it to FLOORS"
+    return best[1]
+
+
+def test_imports_go_down_the_floors():
+    up = [
+        (a, t) for a, targets in sorted(graph().items()) for t in sorted(targets)
+        if floor(t) > floor(a) and (a, t) not in UPWARD
+    ]  # fmt: skip
+    assert up == [], "imports that go up a floor: " + ", ".join(f"{a} -> {t}" for a, t in up)
+    assert len(UPWARD) <= 2
+
+
+def test_every_module_is_on_a_floor():
+    for name in modules():
+        floor(name)
+    assert floor("clipsearch") == 0 and floor("clipsearch.cli.ingest") == 4

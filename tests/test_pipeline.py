@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from clipsearch.decoding import Decoded, DecodeSettings, Unchanged, decode_item
+from clipsearch.decode_stage import Decoded, DecodeSettings, Unchanged, decode_item
 from clipsearch.encoders import ModelSpec
 from clipsearch.errors import UsageError
 from clipsearch.pipeline import IngestOptions, Ingestor, default_workers, resolve_worker_type

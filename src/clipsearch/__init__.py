@@ -2,7 +2,7 @@
 
 The library is ``clipsearch.open(db, namespace, ...) -> Collection``; the command line, the HTTP
 server, the table worker and Ray ingest are callers of it. Data flows one way: sources ->
-decoding -> encoders -> store / index -> collection -> CLI / server / worker / Ray.
+decode_stage -> encoders -> store / index -> collection -> CLI / server / table worker / Ray.
 
     import clipsearch
 

@@ -58,7 +58,6 @@ if TYPE_CHECKING:
     from .catalog import CatalogOptions
     from .distributed import RayOptions
     from .encoders import Encoder
-    from .evaluate import RetrievalReport, ZeroShotReport
     from .pipeline import IngestOptions, IngestPlan, IngestReport
     from .search import DuplicateGroup
     from .sources import Source
@@ -156,7 +155,6 @@ class Collection:
     - ``search(text=..., image=..., vector=..., limit=, filter=, mode=)``: ranked ``Hit`` objects;
     - ``similar(id)``, ``duplicates(threshold)``, ``export(path)``, ``info()``, ``failures()``;
     - ``embed_texts(texts)``, ``embed_images(images)``: vectors in the collection's space;
-    - ``zero_shot(dataset)``, ``retrieval(catalog)``: how well the model does on your images;
     - ``get(ids)``, ``delete(ids)``, ``close()``.
 
     Searching or writing with a model other than the one that made the namespace's vectors raises
@@ -489,38 +487,6 @@ class Collection:
         """Remove items (their vectors and metadata); returns how many there were."""
         return self.store.delete_items(self.namespace, list(ids))
 
-    # -- evaluating ------------------------------------------------------------------------------
-    def zero_shot(
-        self,
-        dataset: str | Path | Source,
-        *,
-        templates: Sequence[str] | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        options: IngestOptions | None = None,
-    ) -> ZeroShotReport:
-        """Zero-shot classification accuracy on ``dataset`` (a folder of class subfolders, or
-        ``image-list:FILE`` whose label column is the class): top-1, top-5, per class. The images
-        are ingested into this collection first (so a second run embeds nothing); ``templates``
-        are prompts with ``{}`` for the class name (default: OpenAI's 80 ImageNet templates,
-        averaged). See ``clipsearch.evaluate``."""
-        from .evaluate import zero_shot
-
-        return zero_shot(self, dataset, templates=templates, progress=progress, options=options)
-
-    def retrieval(
-        self,
-        dataset: str | Path | Source,
-        *,
-        catalog: CatalogOptions,
-        progress: Callable[[int, int], None] | None = None,
-        options: IngestOptions | None = None,
-    ) -> RetrievalReport:
-        """Text→image and image→text Recall@1/5/10 on a catalog of images and captions
-        (``catalog.text_columns``: the caption column). See ``clipsearch.evaluate``."""
-        from .evaluate import retrieval
-
-        return retrieval(self, dataset, catalog=catalog, progress=progress, options=options)
-
     # -- reading ---------------------------------------------------------------------------------
     def info(self) -> CollectionInfo:
         """Model, dimensions, item and failure counts, and the vector index's state."""
@@ -684,7 +650,7 @@ class Collection:
         file (float32, N x D) and ``meta`` the JSON of ids and metadata in the same order
         (default: ``out`` with ``.json``). ``seed-compatible``: ``out`` is a folder with
         ``embeddings.npy``, ``metadata.json``, ``index.faiss``, ``index_ids.json``, ``manifest.json``."""
-        from .search import export_seed_compatible, export_vectors
+        from .export import export_seed_compatible, export_vectors
 
         if format not in ("npy", "seed-compatible"):
             raise UsageError(f"unknown export format {format!r}; use npy or seed-compatible", param="format")
@@ -719,7 +685,7 @@ class Collection:
         """L2-normalised vectors of images given as paths, bytes or PIL images, decoded exactly
         as ingest decodes stored files (a stored image embedded again scores 1.0 against itself).
         ImageError names the image that could not be read."""
-        from .decoding import DecodeSettings, decode_crop
+        from .decode_stage import DecodeSettings, decode_crop
         from .imaging import DEFAULT_MAX_MEGAPIXELS
 
         encoder = self._embedder()
@@ -771,7 +737,7 @@ def _crop(image: Any, encoder: Encoder, decode_settings: Any, decode_crop: Calla
 
         return encoder.preprocess.crop(to_rgb(image))
     if isinstance(image, str | Path):
-        from .decoding import read_bytes
+        from .decode_stage import read_bytes
 
         data = read_bytes(Path(image).expanduser().read_bytes)
     elif isinstance(image, bytes | bytearray | memoryview):

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .decoding import DecodeSettings, Unchanged, decode_item, failure_reason
-from .downloads import DownloadCache, DownloadSettings, download_all
+from .decode_stage import DecodeSettings, Unchanged, decode_item, failure_reason
+from .download_cache import DownloadCache, DownloadSettings, download_all
 from .errors import MissingExtraError, UsageError
 from .identity import ModelSpec
 from .pipeline import Advance, Candidates, Ingestor, IngestReport, failure_record, item_row

@@ -1,5 +1,5 @@
 """The ingest pipeline: source items -> selection (filters, sample) -> skip check -> download
-(URLs, ``downloads``) -> read + hash + decode + crop (worker threads or processes, ``decoding``)
+(URLs, ``download_cache``) -> read + hash + decode + crop (worker threads or processes, ``decode_stage``)
 -> batched normalise + encode -> one store transaction per batch.
 
 Every stage overlaps the next. Downloads run on their own thread, many at once, and come back
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .decoding import DecodeSettings, Unchanged, decode_item, failure_reason
-from .downloads import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
+from .decode_stage import DecodeSettings, Unchanged, decode_item, failure_reason
+from .download_cache import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
 from .errors import UsageError
 from .identity import ModelSpec
 from .imaging import DEFAULT_MAX_MEGAPIXELS

@@ -1,22 +1,19 @@
 """Search over a store: by text (vector, keyword or hybrid), by image, by raw vector; similar
-items; duplicate groups; export.
+items; duplicate groups (a search of every vector for its near neighbours).
 
 Everything here goes through the Store interface, so it works the same on every backend.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from .errors import DimensionError, ItemNotFoundError, NamespaceNotFoundError, UsageError, option
+from .errors import DimensionError, ItemNotFoundError, UsageError, option
 from .store import Hit, Item, Store
 
 if TYPE_CHECKING:
@@ -234,73 +231,3 @@ def find_duplicates(store: Store, namespace: str, threshold: float = 0.95) -> li
         groups.append(DuplicateGroup("exact" if exact else "near", edge_score.get(root, 1.0), items))
     groups.sort(key=lambda g: (g.kind != "exact", -len(g.items), -g.score))
     return groups
-
-
-def export_vectors(store: Store, namespace: str, npy_path: Path, meta_path: Path) -> int:
-    """Write all vectors as a float32 (N, D) .npy and the ids + metadata, in the same order, as JSON."""
-    ids_meta: list[dict[str, Any]] = []
-    chunks: list[np.ndarray] = []
-    for items, vectors in store.iter_vectors(namespace):
-        chunks.append(vectors)
-        ids_meta.extend({"id": it.id, "metadata": it.metadata} for it in items)
-    info = store.namespace(namespace)
-    dim = info.identity.dim if info else 0
-    matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
-    with open(npy_path, "wb") as f:  # the name given, not one with ".npy" appended
-        np.save(f, matrix.astype(np.float32, copy=False))
-    meta_path.write_text(
-        json.dumps(
-            {
-                "namespace": namespace,
-                "model": info.identity.as_dict() if info else None,
-                "count": len(ids_meta),
-                "items": ids_meta,
-            },
-            ensure_ascii=False,
-            indent=1,
-        )
-    )
-    return len(ids_meta)
-
-
-def export_seed_compatible(store: Store, namespace: str, out_dir: Path, hnsw_m: int = 32) -> int:
-    """The layout catalog scripts load: ``embeddings.npy`` (float32, N x D), ``metadata.json``
-    (one object per row, in the same order, each with its ``id``), ``index.faiss`` (HNSW, inner
-    product; FAISS ids are row numbers) with ``index_ids.json`` (row number -> id), and
-    ``manifest.json`` (model, dimensions, count, metric)."""
-    import faiss
-
-    info = store.namespace(namespace)
-    if info is None:
-        raise NamespaceNotFoundError(namespace, store.location)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    chunks: list[np.ndarray] = []
-    index = faiss.IndexHNSWFlat(info.identity.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    for items, vectors in store.iter_vectors(namespace):
-        chunks.append(vectors)
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        rows.extend({**it.metadata, "id": it.id} for it in items)
-    matrix = np.concatenate(chunks) if chunks else np.zeros((0, info.identity.dim), dtype=np.float32)
-    ids = [r["id"] for r in rows]
-
-    def write(name: str, text: str) -> None:
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
-
-    np.save(out_dir / "embeddings.npy", matrix.astype(np.float32, copy=False))
-    write("metadata.json", json.dumps(rows, ensure_ascii=False, indent=1))
-    faiss.write_index(index, str(out_dir / "index.faiss"))
-    write("index_ids.json", json.dumps(ids, ensure_ascii=False))
-    manifest = {
-        "format": "seed-compatible",
-        "namespace": namespace,
-        "model": info.identity.as_dict(),
-        "dimensions": info.identity.dim,
-        "count": len(ids),
-        "metric": "inner_product (vectors are L2-normalised: cosine similarity)",
-        "files": ["embeddings.npy", "metadata.json", "index.faiss", "index_ids.json"],
-    }
-    write("manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1))
-    return len(ids)

@@ -98,7 +98,7 @@ class InlineExecutor:
         pass
 
     def execute(self, ingestor, candidates, report, advance):
-        from clipsearch.decoding import decode_item
+        from clipsearch.decode_stage import decode_item
         from clipsearch.pipeline import item_row
 
         for item, _known in candidates:

@@ -136,7 +136,7 @@ def download_settings(concurrency: int, timeout: float, retries: int, max_mb: fl
     """The download options as the library's ``DownloadSettings``."""
     import dataclasses
 
-    from ..downloads import CATALOG_POLICY, DownloadSettings
+    from ..download_cache import CATALOG_POLICY, DownloadSettings
 
     policy = dataclasses.replace(CATALOG_POLICY, timeout=timeout, max_bytes=int(max_mb * 1024 * 1024))
     return DownloadSettings(concurrency=concurrency, retries=retries, policy=policy)

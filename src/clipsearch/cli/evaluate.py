@@ -152,12 +152,16 @@ def zero_shot(
 ) -> None:
     """Zero-shot classification: top-1, top-5 and per-class accuracy of the model on DATASET, the
     class names taken from the folder names or labels ('_' read as a space)."""
+    from .. import evaluate
+
     reports = _score_each(
         db,
         namespace,
         _choices(choice, compare),
         as_json,
-        lambda c, progress: c.zero_shot(dataset, templates=template, progress=progress, options=_options(batch_size)),
+        lambda c, progress: evaluate.zero_shot(
+            c, dataset, templates=template, progress=progress, options=_options(batch_size)
+        ),
     )
     if as_json:
         return
@@ -197,6 +201,7 @@ def retrieval(
 ) -> None:
     """Captioned-image retrieval: text→image and image→text Recall@1/5/10 (rows naming the same
     image give it several captions)."""
+    from .. import evaluate
     from ..catalog import CatalogOptions
 
     catalog = CatalogOptions(id_column=id_column, image_column=image_column, text_columns=[text_column])
@@ -205,7 +210,9 @@ def retrieval(
         namespace,
         _choices(choice, compare),
         as_json,
-        lambda c, progress: c.retrieval(dataset, catalog=catalog, progress=progress, options=_options(batch_size)),
+        lambda c, progress: evaluate.retrieval(
+            c, dataset, catalog=catalog, progress=progress, options=_options(batch_size)
+        ),
     )
     if as_json:
         return

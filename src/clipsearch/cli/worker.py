@@ -113,7 +113,7 @@ def worker(
     import threading
 
     from ..encoders import load_encoder
-    from ..worker import Worker, WorkerOptions
+    from ..table_worker import Worker, WorkerOptions
 
     if not db or not is_postgres_url(db):
         raise UsageError("the worker needs --db postgresql://user:pass@host/db (or CLIPSEARCH_DB)")
@@ -197,7 +197,7 @@ def worker_install_trigger(
     """Add triggers to TABLE: NOTIFY waiting workers when rows arrive or their source changes,
     and clear the vector (status 'pending') of a row whose image or text changed."""
     from ..store import is_postgres_url
-    from ..worker import install_trigger
+    from ..table_worker import install_trigger
 
     if (image_column is None) == (text_column is None):
         raise UsageError("give --image-column or --text-column (the source column), exactly one")

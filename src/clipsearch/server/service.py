@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 from ..collection import Collection
-from ..decoding import DecodeSettings, decode_crop
+from ..decode_stage import DecodeSettings, decode_crop
 from ..errors import ClipsearchError, ImageError, TooLargeError, UsageError
 from ..fetch import FetchPolicy, load_image_ref
 from ..identity import ModelSpec

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .decoding import DecodeSettings, decode_crop, failure_reason
-from .downloads import DownloadCache, Downloaded, DownloadSettings, download_all
+from .decode_stage import DecodeSettings, decode_crop, failure_reason
+from .download_cache import DownloadCache, Downloaded, DownloadSettings, download_all
 from .errors import ClipsearchError, UsageError, option
 from .fetch import is_url
 from .filters import filter_folded, filter_ranges, filter_values
