@@ -14,7 +14,7 @@ PHOTOS ?=
 DEMO_PHOTOS := $(if $(PHOTOS),$(PHOTOS),$(DEMO_DIR)/photos)
 DEMO_QUERY ?= a cat
 
-.PHONY: demo test lint venv clean install-check test-core-py313
+.PHONY: demo test test-fast lint venv clean install-check test-core-py313
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# the unit tier alone: the fake model, SQLite, pure functions; under a minute
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests/unit -m "not postgres"
+
 # the wheel as a user installs it (pip's defaults): the core without torch, and the torch extra
 install-check: $(VENV)/.installed-dev
 	scripts/install_check.sh all
@@ -49,8 +53,8 @@ install-check: $(VENV)/.installed-dev
 # has one. The model is tests/towers.py's, written with onnx, not torch
 # pyenv (our CI machines) picks 3.13 by PYENV_VERSION; elsewhere python3.13 on PATH
 PY313 ?= PYENV_VERSION=3.13.0 python3.13
-CORE_TESTS := tests/test_store.py tests/test_sources.py tests/test_fetch.py tests/test_sync.py \
-	tests/test_batching.py tests/test_index_deletes.py tests/test_raw.py
+CORE_TESTS := tests/unit/test_store.py tests/unit/test_sources.py tests/unit/test_fetch.py tests/e2e/test_sync.py \
+	tests/unit/test_batching.py tests/unit/test_index_deletes.py tests/unit/test_raw.py
 test-core-py313:
 	rm -rf .venv-py313
 	$(PY313) -m venv .venv-py313

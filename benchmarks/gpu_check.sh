@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run of at most about 8 minutes, for the device tool
-# (or any CUDA machine): the CUDA tests (tests/test_gpu.py: fp16 vs fp32, pinned batches, decode
+# (or any CUDA machine): the CUDA tests (tests/e2e/test_gpu.py: fp16 vs fp32, pinned batches, decode
 # processes beside a GPU model, Ray actors with --gpus-per-actor), then the ingest and server
 # benchmarks on the GPU. Writes $OUT/gpu_check.md (a table) and $OUT/gpu_check.log.
 #
@@ -44,7 +44,7 @@ step() {  # step NAME TIMEOUT COMMAND...: one row of the table
     echo "| $name | $result | $(( $(date +%s) - started )) |" >>"$OUT/gpu_check.md"
 }
 
-step "CUDA tests (tests/test_gpu.py)" 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -rs
+step "CUDA tests (tests/e2e/test_gpu.py)" 240 "$PY" -m pytest -q -p no:cacheprovider tests/e2e/test_gpu.py -rs
 step "ingest benchmark, ViT-B-32 on cuda" 150 "$PY" benchmarks/ingest.py --count 300 --plain 60 --runtimes torch \
     --ingest-args "--device cuda"
 step "server benchmark, ViT-B-32 on cuda" 120 env CLIPSEARCH_DEVICE=cuda "$PY" benchmarks/server.py --seconds 5 \

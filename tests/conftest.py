@@ -559,3 +559,30 @@ def interrupt_mid_run(cmd: list[str], db: Path, sig: int, at: int = 12) -> int:
     returncode = proc.wait(timeout=60)
     assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), proc.stderr.read()
     return stored_items(db)
+
+
+# -- tiers and markers -------------------------------------------------------------------------
+# tests/unit: the fake model, SQLite, pure functions (``make test-fast``, under a minute);
+# tests/e2e: real models, servers, PostgreSQL, Ray, Chromium. Markers say what a test needs, so
+# that ``-m "not postgres"`` and the like select by it; they are set here, from the fixtures a
+# test asks for, so that no test can forget its own.
+_NEEDS = {
+    "pg_url": "postgres",
+    "pg_server": "postgres",
+    "ray_cluster": "ray",
+    "browser": "browser",
+    "tiny_openclip": "model",
+    "tiny_hf": "model",
+    "tiny_model": "model",
+    "trained_clip": "model",
+    "encoder": "model",
+    "cli": "model",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = "unit" if "tests/unit/" in item.nodeid or item.nodeid.startswith("unit/") else "e2e"
+        item.add_marker(getattr(pytest.mark, tier))
+        for fixture in set(getattr(item, "fixturenames", ())) & _NEEDS.keys():
+            item.add_marker(getattr(pytest.mark, _NEEDS[fixture]))

@@ -49,7 +49,7 @@ def clean_text(text: str, mode: str) -> str:
 
 def _fix_text(text: str) -> str:
     """ftfy's repair, without importing ftfy (130 ms of a cold query) for printable ASCII
-    without entities, which it leaves as it is (tests/test_tokenizer.py holds it to that)."""
+    without entities, which it leaves as it is (tests/unit/test_tokenizer.py holds it to that)."""
     if text.isascii() and text.isprintable() and "&" not in text:
         return text
     import ftfy

@@ -1,0 +1,327 @@
+"""PostgreSQL + pgvector end to end, on a real server (pgserver) started by the tests: the CLI and
+the HTTP API on a postgresql:// store, migrations, the HNSW index, two ingest processes sharing
+one source, and the worker on an application table (repairs, two workers, SIGTERM, NOTIFY)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from clipsearch.encoders import ModelSpec, load_encoder
+from clipsearch.imaging import decode_image
+from clipsearch.server import ServerSettings, create_app
+from clipsearch.store import open_store
+
+from ..conftest import RunningServer, noise_images, noise_png
+
+
+def lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_migrate_an_empty_database_then_nothing_to_do(cli, pg_url):
+    code, out, _ = cli("db", "migrate", "--db", pg_url)
+    assert code == 0 and "schema (none) -> 1" in out and ":***@" not in out
+    code, out, _ = cli("db", "migrate", "--db", pg_url)
+    assert code == 0 and "schema 1, up to date" in out
+    with psycopg.connect(pg_url) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'clipsearch_%'")}
+        assert {"clipsearch_schema", "clipsearch_namespaces", "clipsearch_failures", "clipsearch_claims"} <= tables
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0] >= "0.6"
+
+
+def test_every_command_works_on_postgres(cli, pg_url, photos, tmp_path):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    code, out, _ = cli("ingest", photos, "--db", pg_url, "--json")
+    report = json.loads(out)
+    assert code == 1 and (report["embedded"], report["failed"]) == (6, 1)
+    code, out, _ = cli("ingest", photos, "--db", pg_url, "--json")
+    assert (json.loads(out)["skipped"], json.loads(out)["previously_failed"]) == (6, 1)
+
+    code, out, _ = cli("search", "--image", photos / "coffee.jpg", "--db", pg_url, "--json", "--limit", "3")
+    hits = lines(out)
+    assert hits[0]["metadata"]["filename"] == "coffee.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    code, out, _ = cli("search", "rocket", "--mode", "keyword", "--db", pg_url, "--json")
+    assert [h["metadata"]["filename"] for h in lines(out)] == ["rocket.jpg"]
+    code, out, _ = cli("search", "a rocket", "--mode", "hybrid", "--db", pg_url, "--json")
+    assert code == 0 and lines(out)[0]["metadata"]["filename"] == "rocket.jpg"
+    code, out, _ = cli("search", "anything", "--filter", "filename=chelsea.jpg", "--db", pg_url, "--json")
+    assert [h["metadata"]["filename"] for h in lines(out)] == ["chelsea.jpg"]
+    coffee = hits[0]["id"]
+    code, out, _ = cli("similar", coffee, "--db", pg_url, "--json")
+    assert code == 0 and len(lines(out)) == 5 and coffee not in {h["id"] for h in lines(out)}
+
+    code, out, _ = cli("failures", "--db", pg_url, "--json")
+    assert [f["source"].endswith("broken.jpg") for f in lines(out)] == [True]
+    code, out, _ = cli("info", "--db", pg_url, "--json")
+    (ns,) = json.loads(out)["namespaces"]
+    assert (ns["items"], ns["failures"], ns["dim"], ns["index"]) == (6, 1, 32, "none")
+    code, out, _ = cli("index", "build", "--db", pg_url)
+    assert code == 0 and "hnsw index over 6 vectors" in out
+    code, out, _ = cli("search", "--image", photos / "rocket.jpg", "--db", pg_url, "--json", "--limit", "1")
+    assert lines(out)[0]["metadata"]["filename"] == "rocket.jpg"  # through the HNSW index now
+
+    code, _, _ = cli("export", "--npy", tmp_path / "v.npy", "--meta", tmp_path / "m.json", "--db", pg_url)
+    assert code == 0 and np.load(tmp_path / "v.npy").shape == (6, 32)
+    code, _, _ = cli("export", "--format", "seed-compatible", "--out", tmp_path / "seed", "--db", pg_url)
+    assert code == 0 and len(json.loads((tmp_path / "seed" / "index_ids.json").read_text())) == 6
+    (photos / "coffee-copy.jpg").write_bytes((photos / "coffee.jpg").read_bytes())
+    cli("ingest", photos, "--db", pg_url)
+    code, out, _ = cli("duplicates", "--db", pg_url, "--json")
+    groups = lines(out)
+    assert groups[0]["kind"] == "exact" and len(groups[0]["items"]) == 2
+    code, _, err = cli("ingest", photos, "--db", pg_url, "--weights", tmp_path / "nope")
+    assert code == 2 and "error:" in err
+
+
+def test_the_http_api_on_postgres(pg_url, tiny_openclip, tmp_path):
+    spec = ModelSpec(weights=tiny_openclip, device="cpu")
+    store = open_store(pg_url)
+    app = create_app(ServerSettings(db=pg_url, media_dir=tmp_path / "media"), lambda: (load_encoder(spec), spec), store)
+    with RunningServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready()
+        for i in range(4):
+            files = {"file": (f"n{i}.png", noise_png(500 + i), "image/png")}
+            data = {"id": f"sku-{i}", "title": f"product {i}", "client": "A" if i < 2 else "B"}
+            assert client.post("/api/v1/items", files=files, data=data).status_code == 201
+        found = client.post("/api/v1/images/search", files={"file": ("q.png", noise_png(502), "image/png")}).json()
+        assert found["results"][0]["id"] == "sku-2" and found["results"][0]["score"] > 0.9999
+        keyword = client.post("/api/v1/search", json={"text": "product", "mode": "keyword", "filter": {"client": "B"}})
+        assert {r["id"] for r in keyword.json()["results"]} == {"sku-2", "sku-3"}
+        same = client.get("/api/v1/items/sku-0/similar", params={"same_filter": "client"}).json()["results"]
+        assert [r["id"] for r in same] == ["sku-1"]
+        assert client.get("/api/v1/items/sku-0/thumbnail").status_code == 200
+        assert client.delete("/api/v1/items/sku-3").status_code == 200
+        assert client.get("/health").json()["items"] == 3
+
+
+def test_two_ingest_processes_share_one_source(tmp_path, tiny_openclip, pg_url):
+    folder = tmp_path / "many"
+    # enough work that the second process, starting a moment later, still finds some left
+    noise_images(folder, 160, size=(640, 480))
+    cmd = [sys.executable, "-m", "clipsearch.cli", "ingest", str(folder), "--db", pg_url]
+    cmd += ["--weights", str(tiny_openclip), "--batch-size", "4", "--json"]
+    # the schema and namespace first, so both processes start on the work itself
+    assert subprocess.run([*cmd, "--limit", "0"], capture_output=True, timeout=120).returncode == 0
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out))
+    assert sum(r["embedded"] for r in reports) == 160
+    assert all(r["embedded"] > 0 for r in reports), reports  # the work was shared
+    with psycopg.connect(pg_url) as conn:
+        table = conn.execute("SELECT items_table FROM clipsearch_namespaces").fetchone()[0]
+        assert conn.execute(f"SELECT count(*), count(DISTINCT id) FROM {table}").fetchone() == (160, 160)
+        assert conn.execute("SELECT count(*) FROM clipsearch_claims").fetchone()[0] == 0
+
+
+# -- the worker on an application table ----------------------------------------------------
+TABLE = """
+CREATE TABLE product_embeddings (
+    asset_id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    image_url text,
+    description text,
+    embedding vector({dim}),
+    model_version text,
+    embedding_status text,
+    error text,
+    writes integer NOT NULL DEFAULT 0,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz
+);
+CREATE FUNCTION count_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.writes := OLD.writes + 1; RETURN NEW; END $$;
+CREATE TRIGGER count_writes BEFORE UPDATE OF embedding ON product_embeddings
+    FOR EACH ROW EXECUTE FUNCTION count_writes();
+"""
+
+
+def make_table(url: str, rows: list[dict], dim: int = 32) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        register_vector(conn)
+        conn.execute(TABLE.format(dim=dim))
+        for row in rows:
+            cols = ", ".join(row)
+            conn.execute(
+                f"INSERT INTO product_embeddings ({cols}) VALUES ({', '.join(['%s'] * len(row))})", list(row.values())
+            )
+
+
+def table_rows(url: str) -> dict[str, dict]:
+    with psycopg.connect(url) as conn:
+        register_vector(conn)
+        cur = conn.execute("SELECT * FROM product_embeddings")
+        names = [d.name for d in cur.description]
+        return {str(r[0]): dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+
+WORKER = ["worker", "--table", "product_embeddings", "--id-column", "asset_id", "--vector-column", "embedding"]
+STATUS = ["--status-column", "embedding_status", "--model-column", "model_version"]
+
+
+def test_worker_fills_repairs_and_records(cli, pg_url, image_server, tiny_openclip, encoder):
+    base = image_server.url
+    zero, other, done_ok = (str(uuid.uuid4()) for _ in range(3))
+    rows = [{"image_url": f"{base}/noise/{600 + i}.png"} for i in range(5)]
+    rows += [
+        {"image_url": f"{base}/status/404"},
+        {
+            "asset_id": zero,
+            "image_url": f"{base}/noise/610.png",
+            "embedding": np.zeros(32, np.float32),
+            "embedding_status": "done",
+            "model_version": "ViT-B-32/openai",
+        },
+        {
+            "asset_id": other,
+            "image_url": f"{base}/noise/611.png",
+            "embedding": np.ones(32, np.float32) / 32**0.5,
+            "embedding_status": "done",
+            "model_version": "old-model",
+        },
+    ]
+    make_table(pg_url, rows)
+    version = "tiny-v1"
+    args = [*WORKER, "--image-column", "image_url", *STATUS, "--error-column", "error", "--model-version", version]
+    code, out, _ = cli(*args, "--db", pg_url, "--weights", tiny_openclip, "--json")
+    report = json.loads(out)
+    assert code == 1 and (report["embedded"], report["failed"]) == (5, 1)  # not the repairs: not asked
+    code, out, _ = cli(
+        *args, "--requeue-zero", "--requeue-model-mismatch", "--db", pg_url, "--weights", tiny_openclip, "--json"
+    )
+    assert (json.loads(out)["embedded"], json.loads(out)["failed"]) == (2, 0)  # the failed row stays failed
+
+    stored = table_rows(pg_url)
+    failed = [r for r in stored.values() if r["embedding_status"] == "failed"]
+    assert len(failed) == 1 and "HTTP 404" in failed[0]["error"] and failed[0]["embedding"] is None
+    for row in stored.values():
+        if row["embedding_status"] != "done":
+            continue
+        assert row["model_version"] == version and row["updated_at"] is not None and row["writes"] == 1
+        expected = encoder.embed_crops(
+            encoder.preprocess.crop(
+                decode_image(
+                    noise_png(int(row["image_url"].rsplit("/", 1)[1].split(".")[0])),
+                    draft_size=encoder.preprocess_spec.draft_size,
+                ).image
+            )[None]
+        )[0]
+        assert float(np.dot(row["embedding"].to_numpy(), expected)) > 0.9999
+    # nothing left: a third run takes nothing
+    code, out, _ = cli(
+        *args, "--requeue-zero", "--requeue-model-mismatch", "--db", pg_url, "--weights", tiny_openclip, "--json"
+    )
+    assert json.loads(out)["embedded"] == 0
+    code, out, _ = cli(*args, "--retry-failed", "--db", pg_url, "--weights", tiny_openclip, "--json")
+    assert json.loads(out)["failed"] == 1
+
+
+def test_worker_embeds_a_text_column(cli, pg_url, tiny_openclip, encoder):
+    make_table(pg_url, [{"description": "a red dress"}, {"description": "green boots"}, {"description": ""}])
+    code, out, _ = cli(*WORKER, "--text-column", "description", "--db", pg_url, "--weights", tiny_openclip, "--json")
+    assert (json.loads(out)["embedded"], json.loads(out)["failed"]) == (2, 1)
+    by_text = {r["description"]: r for r in table_rows(pg_url).values()}
+    assert np.allclose(
+        by_text["a red dress"]["embedding"].to_numpy(), encoder.embed_texts(["a red dress"])[0], atol=1e-5
+    )
+
+
+def test_worker_refuses_a_column_of_another_dimension(cli, pg_url, tiny_openclip):
+    make_table(pg_url, [{"image_url": "http://127.0.0.1:9/x.png"}], dim=512)
+    code, _, err = cli(*WORKER, "--image-column", "image_url", "--db", pg_url, "--weights", tiny_openclip)
+    assert code == 2 and "vector(512)" in err and "32-d" in err
+    assert all(r["embedding"] is None and r["updated_at"] is None for r in table_rows(pg_url).values())
+    code, _, err = cli(*WORKER, "--image-column", "picture", "--db", pg_url, "--weights", tiny_openclip)
+    assert code == 2 and "no column 'picture'" in err
+
+
+def worker_process(pg_url, tiny_openclip, *extra):
+    cmd = [sys.executable, "-m", "clipsearch.cli", *WORKER, "--image-column", "image_url", *STATUS]
+    cmd += ["--db", pg_url, "--weights", str(tiny_openclip), "--json", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_share_a_table_and_write_each_row_once(pg_url, image_server, tiny_openclip):
+    make_table(pg_url, [{"image_url": f"{image_server.url}/noise/{700 + i}.png"} for i in range(60)])
+    procs = [worker_process(pg_url, tiny_openclip, "--batch-size", "4") for _ in range(2)]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out))
+    assert sum(r["embedded"] for r in reports) == 60 and all(r["embedded"] > 0 for r in reports)
+    rows = table_rows(pg_url).values()
+    assert all(r["embedding_status"] == "done" and r["writes"] == 1 for r in rows)
+
+
+def test_sigterm_finishes_the_batch_in_hand(pg_url, image_server, tiny_openclip):
+    make_table(pg_url, [{"image_url": f"{image_server.url}/slow?s=1.{i}"} for i in range(8)])
+    before = image_server.hits["/slow"]
+    proc = worker_process(pg_url, tiny_openclip, "--batch-size", "4", "--watch", "--concurrency", "4")
+    deadline = time.time() + 60
+    while image_server.hits["/slow"] < before + 4 and time.time() < deadline:
+        time.sleep(0.02)  # the first batch is downloading
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["embedded"] == 4  # that batch, and no other
+    statuses = sorted(str(r["embedding_status"]) for r in table_rows(pg_url).values())
+    assert statuses == ["None"] * 4 + ["done"] * 4
+
+
+def test_watch_wakes_on_notify_from_the_installed_trigger(cli, pg_url, image_server, tiny_openclip):
+    make_table(pg_url, [])
+    code, out, _ = cli(
+        "worker",
+        "install-trigger",
+        "--db",
+        pg_url,
+        "--table",
+        "product_embeddings",
+        "--image-column",
+        "image_url",
+        "--status-column",
+        "embedding_status",
+    )
+    assert code == 0 and "clipsearch_product_embeddings" in out
+    proc = worker_process(pg_url, tiny_openclip, "--watch", "--poll-interval", "600")
+    try:
+        time.sleep(1.5)  # listening by now (a late start only means the first poll finds the row)
+        with psycopg.connect(pg_url) as conn:
+            conn.execute(
+                "INSERT INTO product_embeddings (image_url) VALUES (%s)", (f"{image_server.url}/noise/800.png",)
+            )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if [r["embedding_status"] for r in table_rows(pg_url).values()] == ["done"]:
+                break
+            time.sleep(0.1)
+        (first,) = table_rows(pg_url).values()
+        assert first["embedding_status"] == "done", "the worker did not wake up"
+        # a new image for the row clears its vector (the trigger) and queues it again
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("UPDATE product_embeddings SET image_url = %s", (f"{image_server.url}/noise/801.png",))
+        deadline = time.time() + 60
+        while time.time() < deadline and next(iter(table_rows(pg_url).values()))["writes"] < 2:
+            time.sleep(0.1)
+        (row,) = table_rows(pg_url).values()
+        assert row["embedding_status"] == "done" and row["writes"] == 2
+        assert not np.allclose(row["embedding"].to_numpy(), first["embedding"].to_numpy())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["embedded"] == 2

@@ -1,0 +1,331 @@
+"""The stores: one shared suite for SQLite (+ FAISS) and PostgreSQL (+ pgvector): identity
+checks, writes, search, filters, keywords, text vectors, claims; then what is particular to each
+(the FAISS index files and their freshness, SQLite migrations, PostgreSQL's schema and HNSW)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from clipsearch.encoders import ModelIdentity
+from clipsearch.errors import DimensionError, ModelMismatchError, NotFoundError, UsageError
+from clipsearch.index import IndexSettings
+from clipsearch.store import FailureRecord, NewItem, SQLiteStore, open_store
+from clipsearch.store.postgres import PostgresStore
+
+IDENT = ModelIdentity("open_clip", "tiny", "", 8, {"size": [224, 224]})
+
+
+def _vectors(n, dim=8, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _store(tmp_path, **settings) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "s.db", IndexSettings(**settings))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def make_store(request, tmp_path):
+    """A factory of stores of one backend on one fresh location (a SQLite file; a new
+    PostgreSQL database); every store it made is closed at the end."""
+    made = []
+
+    def make(**settings):
+        if request.param == "sqlite":
+            store = SQLiteStore(tmp_path / "s.db", IndexSettings(**settings))
+        else:
+            store = PostgresStore(request.getfixturevalue("pg_url"), IndexSettings(**settings))
+        made.append(store)
+        return store
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    for store in made:
+        store.close()
+
+
+def _fill(store, n, ns="default", seed=0, labels=None):
+    store.bind_namespace(ns, IDENT, {"model": "tiny"})
+    vecs = _vectors(n, seed=seed)
+    items = [
+        NewItem(f"id{i}", {"path": f"/p/{i}.jpg", "label": (labels[i] if labels else "x")}, sha256=f"h{i}")
+        for i in range(n)
+    ]
+    store.write_batch(ns, items, vecs)
+    return vecs
+
+
+def test_namespace_binding_refuses_another_model(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    store.bind_namespace("default", IDENT, {"model": "tiny", "weights": "/moved"})  # same model: fine
+    assert store.namespace("default").model_spec["weights"] == "/moved"
+    other = ModelIdentity("open_clip", "ViT-B-32", "openai", 512, {"size": [224, 224]})
+    with pytest.raises(ModelMismatchError, match=r"namespace 'default' holds vectors of open_clip tiny \(8-d\)"):
+        store.bind_namespace("default", other, {})
+    store.bind_namespace("big", other, {})
+    assert [n.name for n in store.namespaces()] == ["big", "default"]
+    assert store.identity("big") == other and store.identity("default") == IDENT and store.identity("nope") is None
+    with pytest.raises(UsageError, match="bad namespace"):
+        store.bind_namespace("../evil", IDENT, {})
+
+
+def test_search_finds_each_vector_first(make_store):
+    store = make_store()
+    vecs = _fill(store, 50)
+    results = store.search("default", vecs[:5], k=3)
+    for i, hits in enumerate(results):
+        assert hits[0].item.id == f"id{i}"
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
+    with pytest.raises(DimensionError, match="has 4 dimensions"):
+        store.search("default", np.ones((1, 4), np.float32), 3)
+    with pytest.raises(NotFoundError):
+        store.search("nope", vecs[:1], 3)
+
+
+def test_index_is_persisted_extended_and_rebuilt(tmp_path):
+    store = _store(tmp_path)
+    vecs = _fill(store, 20)
+    store.search("default", vecs[:1], 1)
+    assert store.index_status("default").fresh
+    assert (tmp_path / "s.db-index" / "default.faiss").is_file()
+
+    # appending makes it stale; the next search extends it and finds the new item
+    new = _vectors(1, seed=99)
+    store.write_batch("default", [NewItem("new", {"path": "/p/new.jpg"})], new)
+    assert not store.index_status("default").fresh
+    assert store.search("default", new, 1)[0][0].item.id == "new"
+    assert store.index_status("default").fresh and store.index_status("default").vectors == 21
+
+    # re-embedding an item (same id, new vector) and deleting force a rebuild
+    store.write_batch("default", [NewItem("id0", {"path": "/p/0.jpg"})], new)
+    top = store.search("default", new, 2)[0]
+    assert {h.item.id for h in top} == {"id0", "new"}
+    assert store.delete_items("default", ["new"]) == 1
+    assert [h.item.id for h in store.search("default", new, 1)[0]] == ["id0"]
+    assert store.index_status("default").vectors == 20
+
+    # a second process (a fresh store object) reads the saved index and finds it fresh
+    store.close()
+    again = _store(tmp_path)
+    assert again.index_status("default").fresh
+    assert again.count("default") == 20
+
+
+def test_missing_or_corrupt_index_is_rebuilt(tmp_path):
+    store = _store(tmp_path)
+    vecs = _fill(store, 10)
+    store.build_index("default")
+    store.close()
+    (tmp_path / "s.db-index" / "default.faiss").write_bytes(b"garbage")
+    store = _store(tmp_path)
+    assert store.index_status("default").kind == "none"
+    assert store.search("default", vecs[3:4], 1)[0][0].item.id == "id3"
+
+
+def test_hnsw_above_threshold_agrees_with_exact(tmp_path):
+    hnsw = SQLiteStore(tmp_path / "h.db", IndexSettings(hnsw_threshold=100))
+    flat = SQLiteStore(tmp_path / "f.db", IndexSettings(kind="flat"))
+    for s in (hnsw, flat):
+        _fill(s, 400, seed=3)
+    q = _vectors(20, seed=4)
+    assert hnsw.build_index("default").kind == "hnsw"
+    assert flat.build_index("default").kind == "flat"
+    recall = np.mean(
+        [
+            len({h.item.id for h in a} & {h.item.id for h in b}) / 10
+            for a, b in zip(hnsw.search("default", q, 10), flat.search("default", q, 10), strict=True)
+        ]
+    )
+    assert recall >= 0.95
+
+
+def test_metadata_filters_are_exact(make_store):
+    store = make_store()
+    labels = ["cat" if i % 3 == 0 else "dog" for i in range(30)]
+    vecs = _fill(store, 30, labels=labels)
+    hits = store.search("default", vecs[1:2], 5, {"label": "cat"})[0]
+    assert len(hits) == 5 and all(h.item.metadata["label"] == "cat" for h in hits)
+    assert store.search("default", vecs[1:2], 5, {"label": ["cat", "dog"]})[0][0].item.id == "id1"
+    assert store.search("default", vecs[1:2], 5, {"label": "bird"})[0] == []
+    with pytest.raises(UsageError):
+        store.search("default", vecs[1:2], 5, {"label') OR 1=1 --": "x"})
+
+
+def test_a_day_filter_means_that_day(make_store):
+    """The newcomer issue, point 7: ``taken_at=2024-06-15`` matched only the bare date, not the
+    photos taken that day (stored with their time and offset), while a range already meant the
+    whole day. Both stores."""
+    store = make_store()
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    times = ["2024-06-15T09:30:00+02:00", "2024-06-15", "2024-06-15T23:59:59", "2024-06-16T00:00:00", "2024-06-14"]
+    items = [NewItem(f"t{i}", {"taken_at": t}, sha256=f"t{i}") for i, t in enumerate(times)]
+    vecs = _vectors(len(items))
+    store.write_batch("default", items, vecs)
+    hits = store.search("default", vecs[:1], 10, {"taken_at": "2024-06-15"})[0]
+    assert sorted(h.item.id for h in hits) == ["t0", "t1", "t2"]
+    # the same as the range a person would write for that day
+    ranged = store.search("default", vecs[:1], 10, {"taken_at": {"gte": "2024-06-15", "lte": "2024-06-15"}})[0]
+    assert sorted(h.item.id for h in ranged) == ["t0", "t1", "t2"]
+
+
+def test_failures_and_file_states(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    f = FailureRecord("bad", "/p/bad.jpg", "not an image", size=5, mtime_ns=7)
+    store.write_batch("default", [], np.zeros((0, 8), np.float32), [f])
+    store.write_batch("default", [], np.zeros((0, 8), np.float32), [f])
+    (fail,) = store.failures()
+    assert (fail.source, fail.reason, fail.attempts) == ("/p/bad.jpg", "not an image", 2)
+    assert store.failure_states("default", ["bad", "x"])["bad"].size == 5
+    # a success clears the failure
+    store.write_batch("default", [NewItem("bad", {}, "h", 5, 8)], _vectors(1))
+    assert store.failures() == []
+    assert store.file_states("default", ["bad"])["bad"].mtime_ns == 8
+    with pytest.raises(DimensionError):
+        store.write_batch("default", [NewItem("z", {})], np.ones((1, 3), np.float32))
+
+
+def test_hash_groups(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    items = [NewItem("a", {}, "same"), NewItem("b", {}, "same"), NewItem("c", {}, "other")]
+    store.write_batch("default", items, _vectors(3))
+    groups = store.hash_groups("default")
+    assert [[i.id for i in g] for g in groups] == [["a", "b"]]
+
+
+def test_open_store_rejects_what_it_cannot_open(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_text("not sqlite at all" * 100)
+    with pytest.raises(UsageError, match="not a clipsearch database"):
+        open_store(bad)
+    with pytest.raises(UsageError, match="use a SQLite file path or a postgresql://"):
+        open_store("mysql://u@localhost/db")
+    with pytest.raises(UsageError, match=r"cannot connect to postgresql://u:\*\*\*@127.0.0.1:9/db"):
+        open_store("postgresql://u:secret@127.0.0.1:9/db")
+
+
+# The schema of clipsearch 0.1 files (schema 1), as that version created it.
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE namespaces (name TEXT PRIMARY KEY, identity TEXT NOT NULL, model_spec TEXT NOT NULL,
+    dim INTEGER NOT NULL, generation INTEGER NOT NULL DEFAULT 0,
+    rebuild_generation INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE TABLE items (seq INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL REFERENCES namespaces(name),
+    id TEXT NOT NULL, sha256 TEXT, size INTEGER, mtime_ns INTEGER, metadata TEXT NOT NULL, vector BLOB NOT NULL,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, UNIQUE (namespace, id));
+CREATE INDEX items_sha256 ON items (namespace, sha256);
+CREATE TABLE failures (namespace TEXT NOT NULL, id TEXT NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL,
+    sha256 TEXT, size INTEGER, mtime_ns INTEGER, metadata TEXT NOT NULL DEFAULT '{}',
+    attempts INTEGER NOT NULL DEFAULT 1, first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, id));
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
+    import json
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    vec = _vectors(2)
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_1)
+        conn.execute(
+            "INSERT INTO namespaces (name, identity, model_spec, dim, created_at) VALUES (?, ?, ?, ?, ?)",
+            ("default", json.dumps(IDENT.as_dict()), "{}", 8, "2026-01-01"),
+        )
+        for i, label in enumerate(["tabby cat", "red rocket"]):
+            conn.execute(
+                "INSERT INTO items (namespace, id, sha256, size, mtime_ns, metadata, vector, created_at, updated_at) "
+                "VALUES ('default', ?, ?, 1, 1, ?, ?, 'x', 'x')",
+                (f"id{i}", f"h{i}", json.dumps({"label": label, "sha256": f"h{i}"}), vec[i].tobytes()),
+            )
+    store = SQLiteStore(path)
+    try:
+        assert [h.item.id for h in store.keyword_search("default", "rocket", 5)] == ["id1"]
+        assert store.search("default", vec[:1], 1)[0][0].item.id == "id0"
+        assert store.file_states("default", ["id0"])["id0"].fingerprint is None
+        store.write_batch("default", [NewItem("id2", {"label": "new"}, fingerprint="f", text="a new text")], vec[:1])
+        assert [h.item.id for h in store.keyword_search("default", "text", 5)] == ["id2"]
+    finally:
+        store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    SQLiteStore(path).close()  # opening a migrated file again changes nothing
+
+
+def test_text_vectors_have_their_own_index_and_follow_their_items(make_store):
+    store = make_store()
+    image = _fill(store, 6)
+    text = _vectors(6, seed=7)
+    touched = [NewItem(f"id{i}", {"path": f"/p/{i}.jpg"}, f"h{i}", text=f"t{i}", text_vector=text[i]) for i in range(6)]
+    store.write_batch("default", [], np.zeros((0, 8), np.float32), touched=touched)
+    assert store.has_text_vectors("default")
+    for i in range(6):
+        assert store.search("default", text[i : i + 1], 1, field="text")[0][0].item.id == f"id{i}"
+        assert store.search("default", image[i : i + 1], 1)[0][0].item.id == f"id{i}"
+    assert store.get_items("default", ["id0"])[0].metadata == {"path": "/p/0.jpg"}  # the source's, replaced
+    store.delete_items("default", ["id0"])
+    hits = store.search("default", text[:1], 6, field="text")[0]
+    assert "id0" not in {h.item.id for h in hits} and len(hits) == 5
+    with pytest.raises(DimensionError):
+        store.write_batch("default", [], np.zeros((0, 8)), touched=[NewItem("id1", {}, text_vector=np.ones(3))])
+
+
+def test_keyword_search_ranks_and_filters(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    rows = [
+        ("a", "Red summer dress", {"client": "Big", "tags": ["red", "cotton"]}),
+        ("b", "Blue evening dress", {"client": "Big"}),
+        ("c", "Red leather boots", {"client": "Small"}),
+        ("d", None, {"label": "dress rehearsal photo", "path": "/x/red.jpg", "url": "https://red.example/dress"}),
+    ]
+    items = [NewItem(i, meta, f"h{i}", text=text) for i, text, meta in rows]
+    store.write_batch("default", items, _vectors(4))
+    ids = [h.item.id for h in store.keyword_search("default", "red dress", 10)]
+    assert ids[0] == "a" and set(ids) == {"a", "b", "c", "d"}
+    assert [h.item.id for h in store.keyword_search("default", "COTTON", 10)] == ["a"]  # list values, any case
+    assert [h.item.id for h in store.keyword_search("default", "example", 10)] == []  # URLs are not words
+    assert {h.item.id for h in store.keyword_search("default", "dress", 10, {"client": "Big"})} == {"a", "b"}
+    hits = store.keyword_search("default", "dress", 10)
+    assert all(h.score > 0 for h in hits) and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    store.delete_items("default", ["a"])
+    assert "a" not in {h.item.id for h in store.keyword_search("default", "red", 10)}
+    with pytest.raises(UsageError, match="no words"):
+        store.keyword_search("default", "?!", 10)
+
+
+def test_claims_share_items_between_owners(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    ids = [f"i{n}" for n in range(10)]
+    first = store.claim("default", ids[:6], "host-a:1")
+    second = store.claim("default", ids, "host-b:2")
+    assert first == set(ids[:6]) and second == set(ids[6:])
+    assert store.claim("default", ids[:2], "host-a:1") == set(ids[:2])  # a holder keeps its claims
+    store.release("default", "host-a:1")
+    assert store.claim("default", ids, "host-b:2") == set(ids)
+    # an expired lease is taken over; so is the claim of a process of this host that is gone
+    assert store.claim("default", ["x"], "host-c:3", lease_seconds=-1) == {"x"}
+    assert store.claim("default", ["x"], "host-d:4") == {"x"}
+    import socket
+
+    no_such_pid = 2**22 + 7  # above Linux's largest pid_max: no process has it
+    assert store.claim("default", ["y"], f"{socket.gethostname()}:{no_such_pid}") == {"y"}
+    assert store.claim("default", ["y"], "host-e:5") == {"y"}
+    assert store.claim("default", ["y"], f"{socket.gethostname()}:{os.getpid()}") == set()  # a live holder
+
+
+def test_iter_items_lists_what_iter_vectors_lists(make_store):
+    store = make_store()
+    _fill(store, 25)
+    with_vectors = [it.id for items, _ in store.iter_vectors("default", batch_size=7) for it in items]
+    assert [it.id for items in store.iter_items("default", batch_size=7) for it in items] == with_vectors
+    assert len(with_vectors) == 25
