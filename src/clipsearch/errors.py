@@ -30,6 +30,21 @@ def _render(template: str, name: Callable[[str], str]) -> str:
     return "".join(name(part) if i % 2 else part for i, part in enumerate(parts))
 
 
+class Wording(str):
+    """A message that is not an error (a notice) naming arguments with ``option()``: as a string
+    it reads with the Python names; ``worded(name)`` reads as a face names them."""
+
+    template: str
+
+    def __new__(cls, template: str) -> Wording:
+        text = super().__new__(cls, _render(template, str))
+        text.template = template
+        return text
+
+    def worded(self, name: Callable[[str], str] = str) -> str:
+        return _render(self.template, name)
+
+
 class ClipsearchError(Exception):
     """An error the user can fix; ``str(err)`` is the one-line explanation.
 

@@ -21,7 +21,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from .errors import FetchError, ForbiddenURLError, ImageError, TooLargeError
+from .errors import FetchError, ForbiddenURLError, ImageError, TooLargeError, option
 
 _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
@@ -150,7 +150,7 @@ async def _checked_target(url: str, policy: FetchPolicy) -> tuple[str, str, str]
         if reason:
             raise ForbiddenURLError(
                 f"refusing to fetch {url[:200]}: {host} resolves to {addr}, {reason} "
-                "(start the server with --allow-private-urls to allow such URLs)"
+                f"(start the server with {option('allow_private_urls')} to allow such URLs)"
             )
     pinned = addresses[0]
     netloc = f"[{pinned}]" if ":" in pinned else pinned

@@ -20,6 +20,7 @@ catalog's ``ingest --filter``). The rules:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -73,6 +74,72 @@ class Range:
         return RANGE_OPERATORS[self.op]
 
 
+# Bounds on one filter: far above what a person or a catalog job writes, far below what makes a
+# query plan (SQLite's expression depth, a JSON path per key) fail or take seconds.
+MAX_FILTER_KEYS = 64
+MAX_FILTER_VALUES = 1024  # values in all lists together
+MAX_VALUE_CHARS = 4096
+
+
+def check_filters(filters: Any) -> None:
+    """Refuse, with what is wrong and the key it is wrong in, any filter that is not an object of
+    keys whose values are a value, a non-empty list of values or an object of operators (a value
+    is text, a finite number or a boolean), or that passes the bounds above."""
+    if filters is None:
+        return
+    if not isinstance(filters, dict):
+        raise UsageError(
+            f"a filter is an object of metadata keys and values, not {type(filters).__name__}", param="filter"
+        )
+    if len(filters) > MAX_FILTER_KEYS:
+        raise UsageError(f"a filter may name at most {MAX_FILTER_KEYS} keys, not {len(filters)}", param="filter")
+    count = 0
+    for key, value in filters.items():
+        if not isinstance(key, str):
+            raise UsageError(f"bad filter key {key!r}", param="filter")
+        _check_key(key)
+        if isinstance(value, dict):
+            if not value:
+                raise UsageError(f"filter {key!r} has no condition; use gt, gte, lt, lte or iexact", param="filter")
+            for op, bound in value.items():
+                if op not in RANGE_OPERATORS and op != FOLDED:
+                    raise UsageError(
+                        f"unknown filter operator {op!r} on {key!r}; use gt, gte, lt, lte or iexact", param="filter"
+                    )
+                count += _check_values(key, bound, allow_list=op == FOLDED)
+        else:
+            count += _check_values(key, value, allow_list=True)
+        if count > MAX_FILTER_VALUES:
+            raise UsageError(f"a filter may list at most {MAX_FILTER_VALUES} values in all", param="filter")
+
+
+def _check_values(key: str, value: Any, allow_list: bool) -> int:
+    """How many values ``value`` holds, after refusing what no filter means."""
+    if isinstance(value, list | tuple) and allow_list:
+        if not value:
+            raise UsageError(f"filter {key!r} has no values: give one, or a list of one or more", param="filter")
+        for v in value:
+            if isinstance(v, list | tuple | dict):
+                raise UsageError(f"filter {key!r} takes a value or a list of values, not nested lists", param="filter")
+            _check_value(key, v)
+        return len(value)
+    _check_value(key, value)
+    return 1
+
+
+def _check_value(key: str, value: Any) -> None:
+    if value is None:
+        raise UsageError(f"filter {key!r} has no value", param="filter")
+    if isinstance(value, list | tuple | dict):
+        raise UsageError(f"filter {key!r}: a bound is one value, not {type(value).__name__}", param="filter")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"filter {key!r} needs a finite number, not {value}", param="filter")
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        raise UsageError(f"filter {key!r}: a value may be at most {MAX_VALUE_CHARS} characters", param="filter")
+    if not isinstance(value, str | int | float | bool):
+        raise UsageError(f"filter {key!r}: {type(value).__name__} is not a value", param="filter")
+
+
 def _check_key(key: str) -> str:
     if not _FILTER_KEY_RE.match(key):
         raise UsageError(f"bad filter key {key!r}", param="filter")
@@ -84,6 +151,7 @@ def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]
     are checked, since backends put them into JSON paths. Each value also matches the number or
     boolean it spells, and a number its text (``typed_variants``). Range filters (a value that
     is a dict of operators) are ``filter_ranges``'."""
+    check_filters(filters)
     out = []
     for key, value in (filters or {}).items():
         _check_key(key)
@@ -96,6 +164,7 @@ def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]
 
 def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
     """The range conditions among ``filters``: ``{key: {"gte": 1000, "lt": "2024-07-01"}}``."""
+    check_filters(filters)
     out = []
     for key, value in (filters or {}).items():
         day = _day(value)
@@ -134,6 +203,7 @@ def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
 def filter_folded(filters: dict[str, Any] | None) -> list[tuple[str, list[str]]]:
     """(metadata key, folded texts) per case-insensitive equality, ``{key: {"iexact": TEXT}}``
     (or a list of texts: any of them); a value passes when it is text whose ``fold`` is one of them."""
+    check_filters(filters)
     out = []
     for key, value in (filters or {}).items():
         if not isinstance(value, dict) or FOLDED not in value:

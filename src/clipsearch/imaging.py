@@ -24,7 +24,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, TooLargeError
+from .errors import ImageError, TooLargeError, option
 
 # Our own --max-megapixels check runs on the header before any pixel is decoded; Pillow's
 # global limit would otherwise refuse (or warn about) images the user explicitly allowed.
@@ -154,7 +154,7 @@ def check_megapixels(width: int, height: int, max_megapixels: float) -> None:
     if max_megapixels > 0 and megapixels > max_megapixels:
         raise TooLargeError(
             f"image too large: {width}x{height} is {megapixels:.0f} MP, over the {max_megapixels:g} MP "
-            "limit (raise --max-megapixels to allow it)"
+            f"limit (raise {option('max_megapixels')} to allow it)"
         )
 
 

@@ -372,3 +372,69 @@ def test_concurrent_requests_still_get_their_own_vectors(server):
         t.join()
     for t in texts:
         assert np.allclose(results[t], expected[t], atol=1e-5)
+
+
+# -- filters, ids and types a client gets wrong ------------------------------------------------
+@pytest.mark.parametrize(
+    "bad",
+    [{"a": []}, {f"k{i}": 1 for i in range(2000)}, {"width": {"gte": []}}, {"a": [["x"]]}],
+)
+def test_a_bad_filter_is_a_400_on_every_search_route_and_the_connection_lives_on(client, bad):
+    routes = [
+        ("/api/v1/search", {"text": "dog", "filter": bad}),
+        ("/api/v1/search", {"text": "dog", "filter": bad, "mode": "keyword"}),
+        ("/api/v1/vectors/search", {"embedding": [0.1] * 32, "filter": bad}),
+    ]
+    for path, body in routes:
+        answer = client.post(path, json=body)
+        assert answer.status_code in (400, 422), answer.text  # the schema's own check, or ours
+        error = answer.json()["error"]
+        assert error.get("param") == "filter" or "filter" in error["message"], error
+    files = {"file": ("x.jpg", jpeg(), "image/jpeg")}
+    form = client.post("/api/v1/images/search", files=files, data={"filter": json.dumps(bad)})
+    assert form.status_code in (400, 422) and "filter" in form.text, form.text
+    assert client.get("/health").status_code == 200  # the same keep-alive connection
+
+
+def test_an_unexpected_error_is_one_json_500_and_the_connection_stays(library):
+    app = create_app(ServerSettings(db=str(library["db"])), lambda: (load_encoder(library["spec"]), library["spec"]))
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    with RunningServer(app) as srv, httpx.Client(base_url=srv.wait_ready().url, timeout=30) as c:
+        first = c.get("/boom")
+        assert error_of(first, 500)["message"] == "internal error: RuntimeError"
+        assert c.get("/health").status_code == 200  # no ECONNRESET on the same connection
+
+
+@pytest.mark.parametrize("item_id", [".", "..", "a/./b", "a/../b", "../x", "x/.."])
+def test_ids_a_url_cannot_reach_are_refused(client, item_id):
+    files = {"file": ("x.jpg", jpeg(), "image/jpeg")}
+    error = error_of(client.post("/api/v1/items", files=files, data={"id": item_id}), 400)
+    assert error["param"] == "id" and "." in error["message"]
+
+
+def test_two_origin_headers_are_refused(server):
+    # httpx would merge them; a raw request sends both, as a confused proxy might
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            b"POST /api/v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example\r\n"
+            b"Origin: http://evil.example\r\nContent-Type: application/json\r\nContent-Length: 15\r\n"
+            b'Connection: close\r\n\r\n{"text": "dog"}'
+        )
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"more than one Origin" in answer
+
+
+@pytest.mark.parametrize("limit", ["10", True, 2.5])
+def test_json_numbers_are_numbers(client, limit):
+    """JSON bodies are typed strictly on every route: "10" and true are not a limit. Query
+    strings are text by nature, and ?limit=10 is read as the number it spells."""
+    error = error_of(client.post("/api/v1/search", json={"text": "dog", "limit": limit}), 422)
+    assert "limit" in error["message"]
+    assert client.post("/api/v1/search", json={"text": "dog", "limit": 3}).status_code == 200
+    assert client.get("/api/v1/items/nothing/similar", params={"limit": "true"}).status_code == 422

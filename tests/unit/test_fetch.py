@@ -40,7 +40,7 @@ def fetch(url: str, policy: FetchPolicy) -> bytes:
 def test_private_addresses_are_refused_by_default(url, why):
     with pytest.raises(ForbiddenURLError) as e:
         fetch(url, GUARDED)
-    assert why in e.value.message and "--allow-private-urls" in e.value.message
+    assert why in e.value.message and "allow_private_urls" in e.value.message
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x.jpg", "gopher://x/"])

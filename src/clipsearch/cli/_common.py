@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..choice import ModelChoice
-from ..errors import ClipsearchError, NamespaceNotFoundError, NoDatabaseError, UsageError
+from ..errors import ClipsearchError, NamespaceNotFoundError, NoDatabaseError, UsageError, Wording
 
 # No markup: what we print holds paths, ids and install lines (``clipsearch[postgres]``,
 # ``holiday[red].jpg``) that Rich would read as style tags; styles are given as ``Text`` spans.
@@ -348,7 +348,12 @@ def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
 def hooks(few_calls: bool = False) -> dict[str, Any]:
     """A Collection's hooks for a terminal: notices on stderr, a spinner while a model loads;
     ``few_calls`` for a command that answers one query and exits."""
-    return {"notice": lambda message: err.print(message, highlight=False), "loading": loading, "few_calls": few_calls}
+    return {"notice": notice, "loading": loading, "few_calls": few_calls}
+
+
+def notice(message: str) -> None:
+    """A library notice on stderr, its arguments named as flags."""
+    err.print(message.worded(flag) if isinstance(message, Wording) else message, highlight=False, markup=False)
 
 
 def loading(what: str):

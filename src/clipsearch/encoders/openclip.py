@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._compat import import_open_clip
-from ..errors import MissingWeightsError, UsageError, option
+from ..errors import MissingWeightsError, UsageError, Wording, option
 from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
 from . import hub
@@ -254,17 +254,18 @@ def _recognise(open_clip: Any, name: str, weights: Path, digest: str) -> str:
     return ""
 
 
-def _activation_note(open_clip: Any, name: str, weights: Path, tag: str) -> str:
-    """Which activation a checkpoint file given without --pretrained runs with, and why."""
+def _activation_note(open_clip: Any, name: str, weights: Path, tag: str) -> Wording:
+    """Which activation a checkpoint file given without a pretrained tag runs with, and why."""
+    given, tagged = option("weights"), option("pretrained")
     if tag:
         cfg = open_clip.get_pretrained_cfg(name, tag)
         act = "QuickGELU" if cfg.get("quick_gelu") else "GELU"
-        return f"--weights {weights.name} is {name} '{tag}' (recognised by its checksum): {act} activation"
+        return Wording(f"{given} {weights.name} is {name} '{tag}' (recognised by its checksum): {act} activation")
     quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu"))
     act, other = ("QuickGELU", "GELU") if quick else ("GELU", "QuickGELU")
-    return (
-        f"--weights {weights.name}: no --pretrained tag, so {name}'s own config applies ({act} activation); "
-        f"for weights trained with {other} (OpenAI's are QuickGELU) name their tag, e.g. --pretrained openai"
+    return Wording(
+        f"{given} {weights.name}: no {tagged} tag, so {name}'s own config applies ({act} activation); "
+        f"for weights trained with {other} (OpenAI's are QuickGELU) name their tag, e.g. {tagged} openai"
     )
 
 

@@ -10,6 +10,7 @@ translates HTTP to ``Service`` and ``Collection`` calls and back. Every error le
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -204,6 +205,34 @@ def _host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+class InternalErrorMiddleware:
+    """A bug is answered with one JSON 500 and logged with its traceback, and goes no further: an
+    exception that reached uvicorn after the answer began would make it close the connection,
+    and the client's next request on it would fail with a reset."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # half an answer is out: the connection cannot carry another
+                raise
+            await error_response(500, f"internal error: {type(e).__name__}", "server_error")(scope, receive, send)
+
+
 class HostOriginMiddleware:
     """Serve only the allowed Host names, and refuse state-changing requests a browser sends
     from another origin unless that origin is allowed.
@@ -224,7 +253,13 @@ class HostOriginMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
+        for name in (b"host", b"origin"):
+            if sum(1 for k, _ in raw if k == name) > 1:  # which one would a check believe?
+                message = f"more than one {name.decode().title()} header; send one"
+                await error_response(400, message, "invalid_request_error", "duplicate_header")(scope, receive, send)
+                return
         host = headers.get("host", "")
         if not self.any_host and _host_name(host) not in self.hosts:
             message = (
@@ -262,6 +297,15 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "The model is still loading"),
     )
 }
+
+
+_OPERATOR_SETTINGS = {f.name for f in dataclasses.fields(ServerSettings)} - {"namespace"}
+
+
+def http_name(param: str) -> str:
+    """An argument as an HTTP client reads it: a request field by its name; a server setting as
+    the ``serve`` flag that sets it."""
+    return "--" + param.replace("_", "-") if param in _OPERATOR_SETTINGS else param
 
 
 def create_app(settings: ServerSettings, loader: Loader, store: Store | None = None) -> FastAPI:
@@ -305,13 +349,15 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     app.add_middleware(
         HostOriginMiddleware, allowed_hosts=settings.allowed_hosts, allowed_origins=settings.allowed_origins
     )
+    app.add_middleware(InternalErrorMiddleware)  # outermost: it answers for every layer inside
 
     # -- errors ------------------------------------------------------------------------
     @app.exception_handler(ClipsearchError)
     async def _clipsearch_error(request: Request, e: ClipsearchError):
         status, type_, code = _status(e)
-        # the library names an argument as Python does (same_filter): so does the request
-        message = e.worded()
+        # the library names an argument as Python does (same_filter): so does the request; one of
+        # the server's own settings, which only its operator changes, as the `serve` flag
+        message = e.worded(http_name)
         if isinstance(e, NamespaceNotFoundError):  # where the store lives is the server's business
             message = f"namespace {e.namespace!r} does not exist"
         return error_response(status, message, type_, code, param=e.param)
@@ -336,11 +382,6 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         if e.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs"
         return error_response(e.status_code, message, type_)
-
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception):
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
 
     # -- auth --------------------------------------------------------------------------
     async def require_key(request: Request) -> None:

@@ -20,6 +20,11 @@ _FILTER_DOC = (
 )
 
 
+# Request bodies are typed strictly, on every route: "10" and true are not a limit, 1 is not a
+# text. (Query strings are text by nature; ?limit=10 is read as the number it spells.)
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -33,16 +38,17 @@ class ErrorResponse(BaseModel):
 
 # -- OpenAI-compatible embeddings ----------------------------------------------------------
 class TextInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     text: str
 
 
 class ImageInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     image: str = Field(description="An http(s) URL, a data: URI, or base64-encoded image bytes.")
 
 
 class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # unknown fields pass: OpenAI clients send their own
     input: str | list[str | TextInput | ImageInput] = Field(
         description="A string, a list of strings, or a list of {'text': ...} / {'image': URL|data-URI|base64} items."
     )
@@ -103,7 +109,7 @@ class Health(BaseModel):
 
 # -- search --------------------------------------------------------------------------------
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     text: str = Field(min_length=1, description="What to look for.")
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
@@ -123,7 +129,7 @@ class SearchRequest(BaseModel):
 
 
 class VectorSearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     embedding: list[float] = Field(min_length=1)
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
@@ -131,7 +137,7 @@ class VectorSearchRequest(BaseModel):
 
 
 class ImageSearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     image: str = Field(description="An http(s) URL, a data: URI, or base64-encoded image bytes.")
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)

@@ -378,7 +378,11 @@ class Service:
         encoder = self.ready_encoder()
         assert self.spec is not None
         if item_id is not None and (not 0 < len(item_id) <= 200 or item_id.strip() != item_id):
-            raise UsageError("id must be 1-200 characters without leading or trailing spaces")
+            raise UsageError("id must be 1-200 characters without leading or trailing spaces", param="id")
+        if item_id is not None and {".", ".."} & set(item_id.split("/")):
+            # a client removes "." and ".." segments from a URL (RFC 3986), so /api/v1/items/../x
+            # would never reach this item
+            raise UsageError(f"id {item_id!r} has a '.' or '..' part, which no URL can reach", param="id")
         item_id = item_id or uuid.uuid4().hex
         known = await self.run(self.store.identity, namespace) is not None
         existing = await self.run(self.store.get_items, namespace, [item_id]) if known else []
