@@ -471,6 +471,15 @@ class ImageHandlerServer:
                     self._send(200, b"\xff\xd8\xff" + b"\0" * (5 * 1024 * 1024))
                 elif path == "/redirect-loop":
                     self._send(302, b"", "text/plain", {"Location": "/redirect-loop"})
+                elif parts[0] == "gzip-bomb":  # /gzip-bomb/LAYERS/MIB: MIB MiB of zeros, gzipped LAYERS times
+                    layers, mib = int(parts[1]), int(parts[2])
+                    encoding = ", ".join(["gzip"] * layers)
+                    self._send(200, gzip_bomb(layers, mib), "image/jpeg", {"Content-Encoding": encoding})
+                elif parts[0] == "gzipped" and len(parts) == 2:  # a real image, sent gzip-encoded
+                    import gzip
+
+                    body = gzip.compress(images[parts[1].removesuffix(".jpg")])
+                    self._send(200, body, "image/jpeg", {"Content-Encoding": "gzip"})
                 elif parts[0] == "redirect-to":
                     self._send(302, b"", "text/plain", {"Location": "/" + "/".join(parts[1:])})
                 else:
@@ -485,6 +494,24 @@ class ImageHandlerServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@functools.cache
+def gzip_bomb(layers: int, mib: int) -> bytes:
+    """``mib`` MiB of zeros gzipped ``layers`` times, compressed a MiB at a time (a few KB)."""
+    import gzip
+    import io
+    import zlib
+
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb") as z:
+        zero = bytes(1 << 20)
+        for _ in range(mib):
+            z.write(zero)
+    data = out.getvalue()
+    for _ in range(layers - 1):
+        data = gzip.compress(data, compresslevel=zlib.Z_BEST_COMPRESSION)
+    return data
 
 
 @pytest.fixture(scope="session")

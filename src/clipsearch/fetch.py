@@ -16,6 +16,7 @@ import binascii
 import ipaddress
 import re
 import socket
+import zlib
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -175,7 +176,14 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
         request = client.build_request(
             "GET",
             target,
-            headers={"Host": host_header, "User-Agent": policy.user_agent, "Accept": "image/*"},
+            # images are compressed already: a server has no reason to encode them again, and a
+            # body it does encode is decoded here under the size cap (see _read_body)
+            headers={
+                "Host": host_header,
+                "User-Agent": policy.user_agent,
+                "Accept": "image/*",
+                "Accept-Encoding": "identity",
+            },
             extensions={"sni_hostname": server_name},
         )
         try:
@@ -201,13 +209,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
             length = response.headers.get("content-length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
                 raise TooLargeError(f"{current[:200]} is {int(length)} bytes, over the {_mib(policy.max_bytes)} limit")
-            chunks, total = [], 0
-            async for chunk in response.aiter_bytes():
-                total += len(chunk)
-                if total > policy.max_bytes:
-                    raise TooLargeError(f"{current[:200]} is larger than the {_mib(policy.max_bytes)} limit")
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return await _read_body(response, current, policy.max_bytes)
         except httpx.TimeoutException:
             raise FetchError(f"timed out reading {current[:200]}", retryable=True) from None
         except httpx.HTTPError as e:
@@ -215,6 +217,41 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
         finally:
             await response.aclose()
     raise FetchError(f"{url[:200]} redirected more than {policy.max_redirects} times")
+
+
+async def _read_body(response: httpx.Response, url: str, max_bytes: int) -> bytes:
+    """The body, decoded, refused as soon as it passes ``max_bytes``. httpx's own decoding
+    inflates each chunk whole before anyone can count it (a 2 KB gzip-in-gzip body becomes a
+    GiB), so the raw bytes are read and inflated here a bounded step at a time. One gzip or
+    deflate layer is decoded; a body encoded twice, or otherwise, is refused."""
+    encodings = [e.strip().lower() for e in response.headers.get("content-encoding", "").split(",") if e.strip()]
+    encodings = [e for e in encodings if e != "identity"]
+    too_large = TooLargeError(f"{url[:200]} is larger than the {_mib(max_bytes)} limit")
+    if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "deflate")):
+        raise FetchError(f"{url[:200]} sent its image with Content-Encoding {', '.join(encodings)[:60]}, not plain")
+    inflate = zlib.decompressobj(wbits=47) if encodings else None  # 47: a gzip or a zlib header
+    chunks, total = [], 0
+    async for raw in response.aiter_raw():
+        pieces = [raw]
+        if inflate is not None:
+            pieces, data = [], raw
+            while data:
+                # at most what the cap still allows, plus one byte to know it was passed
+                piece = inflate.decompress(data, max_bytes - total + 1)
+                pieces.append(piece)
+                total += len(piece)
+                if total > max_bytes:
+                    raise too_large
+                data = inflate.unconsumed_tail
+            total -= sum(map(len, pieces))
+        for piece in pieces:
+            total += len(piece)
+            if total > max_bytes:
+                raise too_large
+            chunks.append(piece)
+    if inflate is not None and not inflate.eof:
+        raise FetchError(f"{url[:200]} sent a truncated {encodings[0]} body")
+    return b"".join(chunks)
 
 
 async def load_image_ref(client: httpx.AsyncClient, ref: str, policy: FetchPolicy) -> bytes:

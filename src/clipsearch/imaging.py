@@ -482,6 +482,11 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
 
 
+# a resize to at most this many times the output's pixels is done whole, then cropped: exactly the
+# reference's pixels, for every photo and panorama; beyond it only the crop window is resampled
+_WHOLE_RESIZE_LIMIT = 16
+
+
 def resize_and_crop(
     img: Image.Image,
     spec: PreprocessSpec,
@@ -517,12 +522,21 @@ def resize_and_crop(
         else:
             ratio = min(h / th, w / tw)
             new_w, new_h = round(w / ratio), round(h / ratio)
-        resized = resize((new_w, new_h))
         if spec.crop_rounding == "floor":
             left, top = (new_w - tw) // 2, (new_h - th) // 2
         else:
             left, top = round((new_w - tw) / 2.0), round((new_h - th) / 2.0)
-        return resized.crop((left, top, left + tw, top + th))
+        if new_w * new_h <= _WHOLE_RESIZE_LIMIT * tw * th:
+            return resize((new_w, new_h)).crop((left, top, left + tw, top + th))
+        # A strip far longer than wide: only the crop window is resampled. Pillow weighs each
+        # output pixel from its centre, the scale and the filter's support over the whole
+        # source, whatever the box, so these are the pixels of resizing it all and cropping (but
+        # for a rare 1-step rounding difference), in work and memory bounded by the output. (A
+        # 20000x2 strip resized whole is a 2,240,000x224 image: 1.5 GB.)
+        x0, y0, x1, y1 = box
+        sx, sy = (x1 - x0) / new_w, (y1 - y0) / new_h
+        window = (x0 + left * sx, y0 + top * sy, x0 + (left + tw) * sx, y0 + (top + th) * sy)
+        return img.resize((tw, th), resample, box=window)
     # longest: fit inside the target, pad the rest with fill_color (open_clip ResizeKeepRatio +
     # CenterCropOrPad).
     ratio = max(h / th, w / tw)

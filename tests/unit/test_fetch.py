@@ -99,3 +99,23 @@ def test_data_uri_and_base64():
         decode_base64_image("not base64 at all!", 1000)
     with pytest.raises(TooLargeError):
         decode_base64_image(base64.b64encode(b"x" * 5000).decode(), 1000)
+
+
+@pytest.mark.parametrize(("layers", "says"), [(1, "larger than"), (2, "Content-Encoding gzip, gzip")])
+def test_a_compressed_body_is_bounded_while_it_inflates(image_server, layers, says):
+    """A few KB of gzip (in gzip) that inflate to 256 MiB of zeros: refused without ever holding
+    more than the cap and a step. httpx's own decoding inflated each chunk whole first."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match=says):
+            fetch(f"{image_server.url}/gzip-bomb/{layers}/256", PRIVATE)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_a_gzip_encoded_image_still_arrives(image_server):
+    assert fetch(f"{image_server.url}/gzipped/coffee.jpg", PRIVATE) == image_server.images["coffee"]

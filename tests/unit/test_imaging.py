@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipsearch._compat import import_open_clip
 from clipsearch.errors import ImageError
-from clipsearch.imaging import Preprocessor, PreprocessSpec, decode_file, decode_image
+from clipsearch.imaging import Preprocessor, PreprocessSpec, decode_file, decode_image, resize_and_crop
 
 from ..conftest import sample_photo, write_photos
 
@@ -277,3 +277,39 @@ def test_a_truncated_heic_is_called_truncated(tmp_path, keep):
     with pytest.raises(ImageError) as e:
         decode_image(cut)
     assert str(e.value).startswith("truncated") and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_long_strip_costs_the_output_not_its_resize(tmp_path):
+    """A 20000x2 PNG (207 bytes): scaling its short side to 224 makes a 2,240,000x224 image
+    (1.5 GB) before the centre crop. Only the crop window is resampled: peak memory stays small."""
+    import subprocess
+    import sys
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (20000, 2), (200, 30, 30)).save(strip)
+    code = (
+        "import resource, sys; from clipsearch.imaging import Preprocessor, PreprocessSpec, decode_file;"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "crop = Preprocessor(PreprocessSpec()).crop_decoded(decode_file(sys.argv[1]));"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "print(crop.shape, crop[112, 112].tolist(), (after - before) // 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(strip)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    shape, _, rest = done.stdout.partition(")")
+    pixel, _, grown_mib = rest.rpartition(" ")
+    assert shape == "(224, 224, 3" and pixel.strip() == "[200, 30, 30]"
+    assert int(grown_mib) < 64, f"+{grown_mib} MiB"
+
+
+def test_the_window_gives_the_pixels_of_the_whole_resize():
+    rng = np.random.default_rng(3)
+    strip = Image.fromarray(rng.integers(0, 255, (24, 3000, 3), dtype=np.uint8))  # 28000x224 resized
+    spec = PreprocessSpec()
+    ours = np.asarray(resize_and_crop(strip, spec), dtype=np.int16)
+    scale = 224 / 24
+    whole = strip.resize((int(3000 * scale), 224), Image.BICUBIC)
+    left = round((whole.width - 224) / 2.0)
+    reference = np.asarray(whole.crop((left, 0, left + 224, 224)), dtype=np.int16)
+    difference = np.abs(ours - reference)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.001
