@@ -149,6 +149,22 @@ def test_the_images_of_one_request_have_a_byte_budget(library, image_server):
     assert "total more than 8 MiB" in error["message"] and "--max-request-images-mb" in error["message"]
 
 
+def test_a_request_over_its_budget_stops_fetching(library, image_server):
+    """60 URLs of 5 MB against an 8 MiB budget: the 413 comes at the second image, and the
+    fetches waiting for a slot never start (they all ran before: 300 MB for one request)."""
+    budget = 8 * 1024 * 1024
+    before = image_server.hits["/big"]
+    with (
+        start(library, allow_private_urls=True, max_request_image_bytes=budget) as srv,
+        httpx.Client(base_url=srv.url, timeout=60) as c,
+    ):
+        inputs = [{"image": f"{image_server.url}/big?n={i}"} for i in range(60)]
+        error_of(c.post("/v1/embeddings", json={"input": inputs}), 413)
+        time.sleep(0.5)  # anything still running would show up now
+    fetched = image_server.hits["/big"] - before
+    assert fetched <= 2 + 8, f"{fetched} of 60 fetched"  # at most the per-request slots in flight
+
+
 # -- 3. abandoned work and fairness ---------------------------------------------------------------
 def _send_raw(port: int, path: str, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))

@@ -112,14 +112,31 @@ def labelled(label: str | None, e: ClipsearchError) -> ClipsearchError:
     return e if label is None else type(e)(f"{label}: {e.message}")
 
 
+class OverBudgetError(TooLargeError):
+    """The images of one request passed its budget: nothing more of that request is worth
+    fetching."""
+
+
 async def gather_in_order(awaitables: Iterable[Awaitable[R]]) -> list[R]:
     """Await all concurrently; if any failed, raise the first failure in input order, so a
-    request with several bad inputs always reports the same one."""
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results  # type: ignore[return-value]
+    request with several bad inputs always reports the same one. Once the request is over its
+    image budget (``OverBudgetError``) the rest are cancelled, fetches in flight included."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        pending: set[asyncio.Future[R]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if not task.cancelled() and isinstance(task.exception(), OverBudgetError):
+                    raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for those done
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return [task.result() for task in tasks]
 
 
 class ImageBudget:
@@ -133,10 +150,15 @@ class ImageBudget:
         self.held = 0
         self.slots = asyncio.Semaphore(self.PER_REQUEST_FETCHES)
 
+    def check(self) -> None:
+        """OverBudgetError once the request is over its budget: no more fetches for it."""
+        if self.held > self.max_bytes:
+            self.take(0)
+
     def take(self, n: int) -> None:
         self.held += n
         if self.held > self.max_bytes:
-            raise TooLargeError(
+            raise OverBudgetError(
                 f"the images of this request total more than {self.max_bytes / 1024 / 1024:g} MiB (the server's "
                 "--max-request-images-mb); send fewer or smaller images per request"
             )
@@ -333,6 +355,7 @@ class Service:
         if budget is None:
             budget = ImageBudget(self.settings.max_request_image_bytes)
         async with budget.slots, self._fetches:
+            budget.check()  # the request went over while this one waited for a slot
             data = await load_image_ref(self._http, ref, self.fetch_policy)
         budget.take(len(data))
         return data
