@@ -12,8 +12,10 @@ entities and texts longer than the context). ``clip_tokenizer_json`` writes CLIP
 
 from __future__ import annotations
 
+import functools
 import html
 import json
+import re
 import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +28,29 @@ import numpy as np
 CLEANERS = ("lower", "whitespace", "canonicalize", "none", "siglip")
 # CLIP's pre-tokenising pattern (open_clip's SimpleTokenizer, OpenAI's clip)
 CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+# No token of a text tower spans this many characters that are not white space (the longest
+# vocabulary entries are a few dozen; an HTML entity cleans to one character), so a text's first
+# ``context_length`` tokens lie within its first ``context_length * CHARS_PER_TOKEN`` of them.
+CHARS_PER_TOKEN = 64
+
+
+def bounded_text(text: str, context_length: int) -> str:
+    """The start of ``text`` that holds every token a tower of ``context_length`` reads: the
+    work of cleaning and tokenising a text is bounded by the context, not by the text (a 30 MB
+    string took a minute and held every other text back). Texts that are not longer than the
+    bound come back as they are."""
+    limit = context_length * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    match = _first_non_space(limit).match(text)
+    return text[: match.end()] if match else text
+
+
+@functools.cache
+def _first_non_space(count: int) -> re.Pattern[str]:
+    return re.compile(rf"(?:\s*\S){{{count}}}")
 
 
 def clean_text(text: str, mode: str) -> str:

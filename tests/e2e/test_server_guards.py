@@ -454,3 +454,15 @@ def test_json_numbers_are_numbers(client, limit):
     assert "limit" in error["message"]
     assert client.post("/api/v1/search", json={"text": "dog", "limit": 3}).status_code == 200
     assert client.get("/api/v1/items/nothing/similar", params={"limit": "true"}).status_code == 422
+
+
+def test_a_long_text_costs_its_first_tokens_and_a_huge_one_is_refused(client):
+    """A 90,000-character text embeds as its start does (the tower reads 77 tokens); one of 30
+    million characters is a 413, not a minute on the model thread."""
+    start_of_it = " ".join(f"word{i}" for i in range(200))
+    long_text = start_of_it + " " + "x" * 90_000
+    vectors = client.post("/v1/embeddings", json={"input": [start_of_it, long_text]}).json()["data"]
+    assert np.allclose(vectors[0]["embedding"], vectors[1]["embedding"], atol=1e-6)
+    huge = client.post("/v1/embeddings", json={"input": ["a dog", "y" * 30_000_000]})
+    error = error_of(huge, 413)
+    assert error["message"].startswith("input[1] is 30,000,000 characters")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipsearch._compat import import_open_clip
-from clipsearch.tokenizer import TextTokenizer, clip_tokenizer_json
+from clipsearch.tokenizer import TextTokenizer, bounded_text, clip_tokenizer_json
 
 TEXTS = [
     "a photo of a cat",
@@ -68,3 +68,15 @@ def test_token_ids_equal_open_clip(tmp_path):
     texts = TEXTS + _random_texts(300)
     np.testing.assert_array_equal(ours(texts), reference(texts).numpy())
     assert ours.counts(ours(["a photo"])) == [4]
+    # the bounded start of a long text tokenises as the whole text does: spaces, entities,
+    # one endless word and a long tail of words all cut where no read token lies
+    long_texts = [
+        " ".join(_random_texts(400, seed=1)),
+        "a  dog \n\t" * 3000,
+        "&amp;" * 20_000 + " a cat",
+        "x" * 50_000,
+        "word " * 20_000,
+    ]
+    bounded = [bounded_text(t, 77) for t in long_texts]
+    assert all(len(b) < len(t) / 2 for b, t in zip(bounded, long_texts, strict=True))
+    np.testing.assert_array_equal(ours(bounded), reference(long_texts).numpy())

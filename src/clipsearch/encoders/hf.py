@@ -19,6 +19,7 @@ from .._compat import ensure_torchvision_importable
 from ..errors import MissingExtraError, MissingWeightsError, UsageError, option
 from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
+from ..tokenizer import bounded_text
 from . import hub
 from .base import ModelIdentity, ModelSpec, TorchEncoder, resolve_device
 
@@ -52,6 +53,7 @@ class HFEncoder(TorchEncoder):
         return _features(self.model.get_image_features(pixel_values=pixels))
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
+        texts = [bounded_text(t, self.text_length) for t in texts]
         enc = self.tokenizer(texts, return_tensors="pt", **self._text_kwargs)
         kwargs = {"input_ids": enc["input_ids"].to(self.device)}
         if "attention_mask" in enc and not self.model.config.model_type.startswith("siglip"):
@@ -69,7 +71,7 @@ class HFEncoder(TorchEncoder):
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         kwargs = {k: v for k, v in self._text_kwargs.items() if k != "padding"}
-        enc = self.tokenizer([str(t) for t in texts], **kwargs)
+        enc = self.tokenizer([bounded_text(str(t), self.text_length) for t in texts], **kwargs)
         return [len(ids) for ids in enc["input_ids"]]
 
     @property

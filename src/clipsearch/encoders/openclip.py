@@ -14,6 +14,7 @@ from .._compat import import_open_clip
 from ..errors import MissingWeightsError, UsageError, Wording, option
 from ..identity import weights_digest
 from ..imaging import Preprocessor, PreprocessSpec
+from ..tokenizer import bounded_text
 from . import hub
 from .base import ModelIdentity, ModelSpec, TorchEncoder, normalize, resolve_device
 
@@ -50,13 +51,17 @@ class OpenClipEncoder(TorchEncoder):
         return self.model.encode_text(tokens)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return count_tokens(self.tokenizer, texts)
+        return count_tokens(self.tokenizer, self._bounded(texts))
+
+    def _bounded(self, texts: Sequence[str]) -> list[str]:
+        context = int(getattr(self.tokenizer, "context_length", 77))
+        return [bounded_text(str(t), context) for t in texts]
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.embed_texts_counted(texts)[0]
 
     def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
-        texts = [str(t) for t in texts]
+        texts = self._bounded(texts)
         vectors, counts = [], []
         with torch.inference_mode():
             for i in range(0, len(texts), self.text_batch_size):

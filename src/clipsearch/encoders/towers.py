@@ -414,6 +414,9 @@ class TowerEncoder(Encoder):
 
     # -- text ----------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> np.ndarray:
+        from ..tokenizer import bounded_text
+
+        texts = [bounded_text(t, self._context) for t in texts]
         if self._tokenize is None:
             from ..tokenizer import TextTokenizer
 

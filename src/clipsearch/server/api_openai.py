@@ -82,7 +82,7 @@ async def create_embeddings(service: ServiceDep, req: EmbeddingRequest):
     async def text_vectors() -> tuple[np.ndarray, int]:
         if not texts:
             return np.zeros((0, encoder.dim), np.float32), 0
-        return await service.embed_texts([t for _, t in texts])
+        return await service.embed_texts([t for _, t in texts], [f"input[{i}]" for i, _ in texts])
 
     (text_out, text_tokens), image_out = await asyncio.gather(text_vectors(), image_vectors())
     vectors: list[np.ndarray] = [None] * len(inputs)  # type: ignore[list-item]

@@ -112,6 +112,9 @@ def labelled(label: str | None, e: ClipsearchError) -> ClipsearchError:
     return e if label is None else type(e)(f"{label}: {e.message}")
 
 
+MAX_TEXT_CHARS = 100_000  # per text: thousands of times what a text tower reads
+
+
 class OverBudgetError(TooLargeError):
     """The images of one request passed its budget: nothing more of that request is worth
     fetching."""
@@ -318,8 +321,17 @@ class Service:
         assert self.encoder is not None
         return self.encoder.embed_crops(np.stack(pixels))
 
-    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Vectors for ``texts`` and the tokens they occupied, from one tokenisation."""
+    async def embed_texts(self, texts: list[str], labels: list[str] | None = None) -> tuple[np.ndarray, int]:
+        """Vectors for ``texts`` and the tokens they occupied, from one tokenisation. A text
+        longer than ``MAX_TEXT_CHARS`` is refused (413); a shorter one costs only its first
+        tokens (``tokenizer.bounded_text``), however long it is."""
+        for i, text in enumerate(texts):
+            if len(text) > MAX_TEXT_CHARS:
+                what = labels[i] if labels else "a text"
+                raise TooLargeError(
+                    f"{what} is {len(text):,} characters; a text may be at most {MAX_TEXT_CHARS:,} "
+                    "(the model reads only its first few dozen words)"
+                )
         encoder = self.ready_encoder()
         results = await self.text_batcher.submit(texts)
         if not results:
