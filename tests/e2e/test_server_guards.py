@@ -116,11 +116,10 @@ def test_a_foreign_host_name_is_refused(client, server):
 
 
 def test_allowed_hosts_from_the_command_line():
-    from clipsearch.cli.serve import _hosts
+    from clipsearch.cli.serve import served_hosts
 
-    assert _hosts(None, "127.0.0.1") == ("localhost", "127.0.0.1", "::1", "127.0.0.1")
-    assert _hosts(None, "0.0.0.0") == ("*",)
-    assert _hosts("photos.lan, nas.local", "0.0.0.0") == ("photos.lan", "nas.local")
+    assert served_hosts(None, "127.0.0.1", None) == ("localhost", "127.0.0.1", "::1", "127.0.0.1")
+    assert served_hosts("photos.lan, nas.local", "0.0.0.0", None) == ("photos.lan", "nas.local")
 
 
 # -- 2. URL fan-out --------------------------------------------------------------------------------
@@ -466,3 +465,54 @@ def test_a_long_text_costs_its_first_tokens_and_a_huge_one_is_refused(client):
     huge = client.post("/v1/embeddings", json={"input": ["a dog", "y" * 30_000_000]})
     error = error_of(huge, 413)
     assert error["message"].startswith("input[1] is 30,000,000 characters")
+
+
+def test_a_body_without_the_key_is_never_read(library):
+    """20 connections without a key, each sending the head of a 31 MiB body: each is answered
+    401 from its headers at once, and the server holds none of the bodies."""
+    with start(library, api_key="sekrit") as srv:
+        socks = []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 32505856\r\n\r\n" + b"[" * 1024
+            )
+            socks.append(sock)
+        for sock in socks:
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
+            sock.close()
+        with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": "Bearer sekrit"}) as c:
+            assert c.post("/v1/embeddings", json={"input": "a dog"}).status_code == 200
+
+
+def test_a_body_that_stops_arriving_is_dropped(library, monkeypatch):
+    from clipsearch.server import app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_IDLE_SECONDS", 0.5)
+    with start(library) as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b'POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"in')
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and b"stopped arriving" in answer
+
+
+def test_every_interface_without_a_key_still_checks_the_host(library):
+    """--host 0.0.0.0 turned the Host check off, so DNS rebinding read and wrote a keyless
+    server. Now it serves loopback and this machine's own names; any name needs --api-key."""
+    import socket as sockets
+
+    from clipsearch.cli.serve import served_hosts
+
+    hosts = served_hosts(None, "0.0.0.0", None)
+    assert "*" not in hosts and "localhost" in hosts and sockets.gethostname().lower() in hosts
+    assert served_hosts(None, "0.0.0.0", "sekrit") == ("*",)
+    assert served_hosts("photos.example", "0.0.0.0", None) == ("photos.example",)
+    with start(library, allowed_hosts=hosts) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        evil = c.post(
+            "/api/v1/search",
+            json={"text": "dog"},
+            headers={"Host": "attacker.example", "Origin": "http://attacker.example"},
+        )
+        assert error_of(evil, 400)["code"] == "host_not_allowed"
+        assert c.get("/health", headers={"Host": f"{sockets.gethostname()}:{srv.port}"}).status_code == 200

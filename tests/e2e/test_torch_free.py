@@ -20,6 +20,7 @@ import torch
 
 import clipsearch
 from clipsearch._compat import import_open_clip
+from clipsearch.encoders import decoded_as
 from clipsearch.encoders.towers import META, TowerEncoder, folder_identity
 from clipsearch.tokenizer import clip_tokenizer_json
 
@@ -78,7 +79,7 @@ def test_export_equals_open_clip_without_torch(exported, tiny_openclip, tmp_path
     with torch.no_grad():
         ref_texts = model.encode_text(tokenizer(TEXTS)).numpy()
         ref_images = model.encode_image(torch.stack([preprocess(i) for i in images])).numpy()
-    towers = TowerEncoder(exported, decode="exact")
+    towers = decoded_as(TowerEncoder(exported), "exact")
     assert cos(towers.embed_texts(TEXTS), ref_texts).min() >= 0.99999
     assert cos(towers.embed_images(images), ref_images).min() >= 0.99999
     # the export is the checkpoint's model: the same identity as the PyTorch model's
@@ -182,7 +183,7 @@ def test_a_folder_in_immichs_layout(tiny_openclip, blocker, tmp_path):
     with torch.no_grad():
         ref_texts = model.encode_text(tokenizer(TEXTS)).numpy()
         ref_images = model.encode_image(torch.stack([preprocess(i) for i in images])).numpy()
-    towers = TowerEncoder(folder, decode="exact")
+    towers = decoded_as(TowerEncoder(folder), "exact")
     assert cos(towers.embed_texts(TEXTS), ref_texts).min() >= 0.99999
     assert cos(towers.embed_images(images), ref_images).min() >= 0.99999  # three runs of one
     # the same files elsewhere, under another name, are the same model; other files are not
@@ -224,8 +225,9 @@ def test_multilingual_family_without_torch(tmp_path):
 EMBED_WITHOUT_TORCH = """
 import sys, numpy as np
 from PIL import Image
+from clipsearch.encoders import decoded_as
 from clipsearch.encoders.towers import TowerEncoder
-towers = TowerEncoder(__import__("pathlib").Path(sys.argv[1]), decode="exact")
+towers = decoded_as(TowerEncoder(__import__("pathlib").Path(sys.argv[1])), "exact")
 texts = [line for line in open(sys.argv[2], encoding="utf-8").read().split("\\n") if line]
 images = [Image.open(p) for p in sys.argv[4:]]
 np.savez(sys.argv[3], texts=towers.embed_texts(texts), images=towers.embed_images(images))

@@ -93,7 +93,8 @@ def serve(
             "--allowed-hosts",
             envvar="CLIPSEARCH_ALLOWED_HOSTS",
             help="Host names the server answers to, comma-separated ('*': any). Default: localhost, 127.0.0.1, "
-            "::1 and --host; any when --host is 0.0.0.0 or ::.",
+            "::1 and --host; with --host 0.0.0.0 or ::, also this machine's names and addresses (any name with "
+            "--api-key).",
         ),
     ] = None,
     allowed_origins: Annotated[
@@ -154,7 +155,7 @@ def serve(
         batch_wait_ms=batch_wait_ms,
         max_request_image_bytes=int(max_request_images_mb * 1024 * 1024),
         max_url_fetches=max_url_fetches,
-        allowed_hosts=_hosts(allowed_hosts, host),
+        allowed_hosts=served_hosts(allowed_hosts, host, api_key),
         allowed_origins=tuple(_split(allowed_origins)),
         watch=tuple(watch or ()),
         served_model_names=tuple(dict.fromkeys(n for value in served_model_name or () for n in _split(value))),
@@ -233,13 +234,30 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def _hosts(given: str | None, bound: str) -> tuple[str, ...]:
-    """The allowed Host names: as given, else the loopback names and the bound address; a server
-    bound to every interface is meant to be reached by names this one cannot know."""
+def served_hosts(given: str | None, bound: str, api_key: str | None) -> tuple[str, ...]:
+    """The Host names served: as given; else the loopback names and the bound address; on every
+    interface, this machine's own names and addresses too. Any name only with an API key: a
+    server answering every name without one lets any web page read and write it through a name
+    of its own that resolves here (DNS rebinding). Other names are a 400 that says to add them."""
     if given is not None:
         return tuple(_split(given)) or ("*",)
-    if bound in ("0.0.0.0", "::", ""):
-        return ("*",)
     from ..server.service import LOOPBACK_HOSTS
 
-    return (*LOOPBACK_HOSTS, bound)
+    if bound not in ("0.0.0.0", "::", ""):
+        return (*LOOPBACK_HOSTS, bound)
+    if api_key:
+        return ("*",)
+    return tuple(dict.fromkeys([*LOOPBACK_HOSTS, *_own_names()]))
+
+
+def _own_names() -> list[str]:
+    """This machine's host name, its fully qualified name and the addresses they resolve to."""
+    import socket
+
+    names = [socket.gethostname(), socket.getfqdn()]
+    for name in list(names):
+        try:
+            names += [info[4][0] for info in socket.getaddrinfo(name, None)]
+        except OSError:  # a name that does not resolve here adds no address
+            continue
+    return [n.lower() for n in names if n]

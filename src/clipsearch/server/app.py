@@ -96,16 +96,40 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+# A body must keep arriving: a client silent this long between two parts of it is dropped with
+# a 408, and the whole body must be in within BODY_TOTAL_SECONDS (a slow client holds memory and
+# a connection; 32 MiB at 2 Mbit/s takes two minutes).
+BODY_IDLE_SECONDS = 20.0
+BODY_TOTAL_SECONDS = 180.0
+
+
+def key_problem(headers: dict[str, str], api_key: str | None) -> str | None:
+    """Why a request's Authorization header does not hold ``api_key``; None if it does (or the
+    server has no key)."""
+    if not api_key:
+        return None
+    header = headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        return "missing API key: send the header 'Authorization: Bearer <key>'"
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode("utf-8"), api_key.encode("utf-8")):
+        return "invalid API key"
+    return None
+
+
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length.
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length;
+    read a body only from a client that holds the API key (when the server has one), checked
+    from the headers first; and drop a body that stops arriving (408).
 
     The body is read (up to the limit) before the app sees it, so no handler or parser can be
-    fed more than the limit.
+    fed more than the limit, and a client without the key cannot make the server hold any.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, api_key: str | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.api_key = api_key
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
@@ -121,13 +145,25 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._too_large(scope, receive, send)
-                return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        problem = key_problem(headers, self.api_key)
+        if problem is not None:
+            await error_response(401, problem, "authentication_error", "invalid_api_key")(scope, receive, send)
+            return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
         body = bytearray()
+        deadline = asyncio.get_running_loop().time() + BODY_TOTAL_SECONDS
         while True:
-            message = await receive()
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, min(BODY_IDLE_SECONDS, left)))
+            except TimeoutError:
+                message = "the request body stopped arriving; send it whole, without long pauses"
+                await error_response(408, message, "invalid_request_error", "body_timeout")(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -336,7 +372,7 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
     app.state.metrics = metrics
     app.middleware("http")(metrics.middleware)
     # added last = outermost: the Host check first, CORS answers preflights, then the rest
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, api_key=settings.api_key)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -385,16 +421,9 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
 
     # -- auth --------------------------------------------------------------------------
     async def require_key(request: Request) -> None:
-        if not settings.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header:
-            raise AuthError("missing API key: send the header 'Authorization: Bearer <key>'")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode("utf-8"), settings.api_key.encode("utf-8")
-        ):
-            raise AuthError("invalid API key")
+        problem = key_problem(dict(request.headers), settings.api_key)
+        if problem is not None:
+            raise AuthError(problem)
 
     api = APIRouter(dependencies=[Depends(require_key)])
 
