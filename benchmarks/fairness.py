@@ -12,7 +12,12 @@ temporary worktree, run on the same virtual environment) and one from this tree,
   client sends one-text requests for 5 s. Reported: how many were answered, the first one's
   latency (right after the hang-ups), their p50 and maximum.
 
-    python benchmarks/fairness.py [--baseline REV] [--model ViT-B-32]
+- **texts beside images** (``--loads mixed``): 8 clients send 8-image requests back to back
+  (the image tower saturated) for ``--seconds``, alone and then with 2 clients sending a
+  one-text query every 100 ms. Reported: images/s in both, and the text queries' p50 and p99.
+  Target: text p50 <= 100 ms and p99 <= 500 ms, images/s within 10% of images alone.
+
+    python benchmarks/fairness.py [--baseline REV] [--model ViT-B-32] [--loads hol,mixed]
 
 ViT-B-32 with random weights on the CPU (speed does not depend on the weights). One model call
 here embeds up to 64 texts (``CLIPSEARCH_MAX_TEXT_BATCH``).
@@ -93,6 +98,60 @@ async def abandoned(url: str, port: int) -> list[float]:
         return await one_text_loop(one, time.monotonic() + 5.0)
 
 
+def image_payload(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` photo-sized JPEGs (500x375, smooth colour fields with noise) as data URIs."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 255, (6, 8, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize((500, 375), Image.BICUBIC)
+        noisy = np.clip(np.asarray(img, np.int16) + rng.integers(-20, 20, (375, 500, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noisy).save(buf, "JPEG", quality=85)
+        out.append({"image": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()})
+    return out
+
+
+async def image_clients(url: str, seconds: float, text_clients: int) -> tuple[float, list[float]]:
+    """8 clients sending 8-image requests back to back for ``seconds``, and ``text_clients``
+    sending a one-text query every 100 ms: (images per second, text latencies)."""
+    deadline = time.monotonic() + seconds
+    images = 0
+    latencies: list[float] = []
+
+    async def image_client(k: int) -> None:
+        nonlocal images
+        payload = image_payload(8, seed=k)
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            while time.monotonic() < deadline:
+                response = await c.post("/v1/embeddings", json={"input": payload})
+                response.raise_for_status()
+                if time.monotonic() <= deadline:
+                    images += len(payload)
+
+    async def text_client(k: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            i = 0
+            await asyncio.sleep(1.0 + k * 0.05)  # the image clients are busy by then
+            while time.monotonic() < deadline - 1.0:
+                started = time.perf_counter()
+                response = await c.post("/v1/embeddings", json={"input": f"a dog number {k}-{i}"})
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+                i += 1
+                await asyncio.sleep(0.1)
+
+    started = time.monotonic()
+    await asyncio.gather(*(image_client(k) for k in range(8)), *(text_client(k) for k in range(text_clients)))
+    return images / (min(time.monotonic(), deadline) - started), latencies
+
+
 def run_server(src: Path, env: dict, db: Path, port: int) -> subprocess.Popen:
     env = {**env, "PYTHONPATH": str(src)}
     cmd = [
@@ -125,7 +184,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="fe6b15b", help="git revision measured as 'before' ('' to skip)")
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--loads", default="hol,mixed", help="hol (head-of-line), mixed (texts beside images)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each mixed-load run")
     args = parser.parse_args()
+    loads = set(args.loads.split(","))
+    mixed_rows = []
     checkpoint = random_checkpoint(args.model)
     env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(checkpoint)}
     env["CLIPSEARCH_QUERY_RUNTIME"] = "torch"
@@ -144,21 +207,36 @@ def main() -> None:
                 url = f"http://127.0.0.1:{port}"
                 try:
                     httpx.post(url + "/v1/embeddings", json={"input": texts(64, "warm")}, timeout=600)
-                    one, big_s = asyncio.run(big_request(url))
-                    rows.append(row(name, "one text during a 2048-text request", one, f"{big_s:.1f}"))
-                    after = asyncio.run(abandoned(url, port))
-                    rows.append(row(name, "one text after 30 abandoned 100-text requests", after, "-"))
+                    if "hol" in loads:
+                        one, big_s = asyncio.run(big_request(url))
+                        rows.append(row(name, "one text during a 2048-text request", one, f"{big_s:.1f}"))
+                        after = asyncio.run(abandoned(url, port))
+                        rows.append(row(name, "one text after 30 abandoned 100-text requests", after, "-"))
+                    if "mixed" in loads:
+                        alone, _ = asyncio.run(image_clients(url, args.seconds, 0))
+                        mixed, lat = asyncio.run(image_clients(url, args.seconds, 2))
+                        mixed_rows.append([name, f"{alone:.1f}", f"{mixed:.1f}", f"{mixed / alone - 1:+.0%}",
+                                           len(lat), ms(lat, 50), ms(lat, 99)])  # fmt: skip
                 finally:
                     server.terminate()
                     server.wait(timeout=30)
         finally:
             if args.baseline:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")])
-    print_table(
-        f"clipsearch serve: head-of-line blocking, {args.model} (random weights), {os.cpu_count()} CPUs",
-        ["server", "load", "one-text requests", "first ms", "p50 ms", "max ms", "big request s"],
-        rows,
-    )
+    if rows:
+        print_table(
+            f"clipsearch serve: head-of-line blocking, {args.model} (random weights), {os.cpu_count()} CPUs",
+            ["server", "load", "one-text requests", "first ms", "p50 ms", "max ms", "big request s"],
+            rows,
+        )
+    if mixed_rows:
+        print_table(
+            f"clipsearch serve: texts beside 8 clients of 8-image requests, {args.model}, {os.cpu_count()} CPUs, "
+            f"{args.seconds:g} s each",
+            ["server", "images/s alone", "images/s with texts", "change", "text queries", "text p50 ms",
+             "text p99 ms"],
+            mixed_rows,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
