@@ -516,3 +516,41 @@ def test_every_interface_without_a_key_still_checks_the_host(library):
         )
         assert error_of(evil, 400)["code"] == "host_not_allowed"
         assert c.get("/health", headers={"Host": f"{sockets.gethostname()}:{srv.port}"}).status_code == 200
+
+
+def test_a_text_query_does_not_wait_for_an_image_batch(library):
+    """Texts have a thread of their own: while a slow image batch runs (slowed here to 3 s), a
+    one-text query is answered at once. With one model thread it waited for the batch."""
+    spec = library["spec"]
+
+    def loader():
+        encoder = load_encoder(spec)
+        embed_crops = encoder.embed_crops
+
+        def slow(crops):
+            if len(crops) > 1:  # not the warm-up's single crop
+                time.sleep(3.0)
+            return embed_crops(crops)
+
+        encoder.embed_crops = slow
+        return encoder, spec
+
+    app = create_app(ServerSettings(db=str(library["db"])), loader)
+    images = [
+        {"image": "data:image/jpeg;base64," + base64.b64encode(jpeg(name)).decode()} for name in ("coffee", "rocket")
+    ]
+    with RunningServer(app) as srv:
+        url = srv.wait_ready().url
+        done: dict[str, float] = {}
+
+        def send_images() -> None:
+            httpx.post(url + "/v1/embeddings", json={"input": images}, timeout=60).raise_for_status()
+            done["images"] = time.monotonic()
+
+        worker = threading.Thread(target=send_images)
+        worker.start()
+        time.sleep(0.5)  # the image batch is running
+        httpx.post(url + "/v1/embeddings", json={"input": "a dog"}, timeout=60).raise_for_status()
+        done["text"] = time.monotonic()
+        worker.join()
+    assert done["text"] < done["images"] - 1.0, done

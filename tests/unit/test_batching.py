@@ -94,3 +94,28 @@ def test_model_errors_reach_every_waiting_request_and_the_loop_survives():
 def test_submit_before_start_is_an_error():
     with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError):
         run(MicroBatcher(lambda x: x, pool).submit([1]))
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_batches_run_side_by_side_up_to_the_concurrency(concurrency):
+    """Two batches meet at a barrier only if they run at once: with concurrency 2 both pass
+    it; with 1 the first waits alone until it times out, and its inputs get that error."""
+    barrier = threading.Barrier(2, timeout=2.0)
+
+    def model(items: list[int]) -> list[int]:
+        barrier.wait()
+        return [x * 2 for x in items]
+
+    async def main():
+        with ThreadPoolExecutor(2) as pool:
+            batcher = MicroBatcher(model, pool, max_batch=1, max_wait=0.0, concurrency=concurrency)
+            batcher.start()
+            results = await asyncio.gather(batcher.submit([1]), batcher.submit([2]), return_exceptions=True)
+            await batcher.stop()
+            return results
+
+    results = run(main())
+    if concurrency == 2:
+        assert results == [[2], [4]]
+    else:
+        assert isinstance(results[0], threading.BrokenBarrierError)

@@ -59,6 +59,7 @@ class TorchEncoder(Encoder):
     onednn = False  # whether the matrix products run on oneDNN (see ``use_onednn``)
 
     def __init__(self, identity: ModelIdentity, preprocess: Preprocessor, device: torch.device):
+        self._threads = torch.get_num_threads()
         self.identity = identity
         self.preprocess = preprocess
         self.device = device
@@ -67,6 +68,15 @@ class TorchEncoder(Encoder):
         # uint8 crops are normalised on the device: x * scale + offset, per channel
         self._scale = torch.from_numpy(preprocess.scale).to(device).view(1, 3, 1, 1)
         self._offset = torch.from_numpy(preprocess.offset).to(device).view(1, 3, 1, 1)
+
+    @property
+    def can_share_cores(self) -> bool:  # type: ignore[override]
+        return self.device.type == "cpu"
+
+    def share_cores(self, shared: bool) -> None:
+        # OpenMP's thread count is the calling thread's own: other threads keep theirs
+        if self.device.type == "cpu":
+            torch.set_num_threads(1 if shared else self._threads)
 
     def use_onednn(self) -> bool:
         """On the CPU, run the model's matrix products with oneDNN instead of MKL (``onednn``

@@ -61,6 +61,14 @@ class Encoder(ABC):
         texts = [str(t) for t in texts]
         return self.embed_texts(texts), self.count_tokens(texts)
 
+    # whether calls from several threads can each be held to one core (``share_cores``)
+    can_share_cores = False
+
+    def share_cores(self, shared: bool) -> None:  # noqa: B027 - most encoders need not act
+        """Calls from the current thread use one core (``shared``) or all of them. The server
+        runs calls side by side this way, a core each: two full thread teams on the same cores
+        stall each other (each team waits for its slowest thread) far more than one core costs."""
+
     @property
     def image_tokens(self) -> int:
         """Tokens one image occupies in a ViT image tower (patches + class token); 0 if unknown."""

@@ -8,12 +8,14 @@ for the cores), a small decode pool, and an HTTP client for image URLs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,14 @@ def labelled(label: str | None, e: ClipsearchError) -> ClipsearchError:
 MAX_TEXT_CHARS = 100_000  # per text: thousands of times what a text tower reads
 
 
+def _yield_to_queries() -> None:
+    """An image thread runs at a lower priority (Linux: a thread's own nice value): when a query's
+    text call, the event loop or a decode needs a core, the scheduler gives it one at once, and
+    image batches take every cycle left (they are throughput, the others are latency)."""
+    with contextlib.suppress(AttributeError, OSError):  # no per-thread priority here: equal shares
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
+
+
 class OverBudgetError(TooLargeError):
     """The images of one request passed its budget: nothing more of that request is worth
     fetching."""
@@ -182,15 +192,28 @@ class Service:
         self.on_load_failure: Callable[[str], None] | None = None
         self.started_at = int(time.time())
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-model")
+        # image batches: one at a time on all cores, or (an encoder that can hold a call to one
+        # core, PyTorch on the CPU) one per core side by side, which keeps every core busy
+        # without two thread teams stalling each other when texts run beside them
+        self._cores = os.cpu_count() or 1
+        self._image_threads = ThreadPoolExecutor(
+            max_workers=self._cores, thread_name_prefix="clipsearch-image", initializer=_yield_to_queries
+        )
+        # Texts get a thread of their own: a one-text query is milliseconds of work and must not
+        # wait for an image batch (a second, on a CPU) to finish. The two towers run side by
+        # side (ONNX Runtime sessions and PyTorch modules take calls from several threads).
+        self._text_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-text")
+        self._calls_lock = threading.Lock()
+        self._running = {"image": 0, "text": 0}  # model calls under way, by kind
         self._decode_pool = ThreadPoolExecutor(
             max_workers=max(1, settings.decode_workers), thread_name_prefix="clipsearch-decode"
         )
         wait = settings.batch_wait_ms / 1000.0
         self.text_batcher: MicroBatcher[str, tuple[np.ndarray, int]] = MicroBatcher(
-            self._embed_text_batch, self._model_thread, settings.max_text_batch, wait
+            self._embed_text_batch, self._text_thread, settings.max_text_batch, wait
         )
         self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
-            self._embed_crop_batch, self._model_thread, settings.max_batch, wait
+            self._embed_crop_batch, self._image_threads, settings.max_batch, wait
         )
         self.fetch_policy = FetchPolicy(
             allow_private=settings.allow_private_urls,
@@ -221,6 +244,8 @@ class Service:
             self._fail(f"loading the model failed: {type(e).__name__}: {e}")
         else:
             self.encoder, self.spec = encoder, spec
+            if encoder.can_share_cores:
+                self.image_batcher.concurrency = self._cores
             self.status = "healthy"
             log.info("model %s ready on %s", encoder.model_id, getattr(encoder, "device", "cpu"))
             if self.settings.watch:
@@ -281,6 +306,8 @@ class Service:
         if self._http is not None:
             await self._http.aclose()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._text_thread.shutdown(wait=False, cancel_futures=True)
+        self._image_threads.shutdown(wait=False, cancel_futures=True)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
@@ -312,14 +339,30 @@ class Service:
         return str(getattr(self.encoder, "device", "cpu"))
 
     # -- embedding -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _model_call(self, kind: str) -> Iterator[Encoder]:
+        """The encoder for one call of ``kind``, on all cores when it is the only call under
+        way, else on one (``Encoder.share_cores``)."""
+        encoder = self.encoder
+        assert encoder is not None
+        with self._calls_lock:
+            others = sum(self._running.values())
+            self._running[kind] += 1
+        try:
+            encoder.share_cores(others > 0)
+            yield encoder
+        finally:
+            with self._calls_lock:
+                self._running[kind] -= 1
+
     def _embed_text_batch(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-        assert self.encoder is not None
-        vectors, counts = self.encoder.embed_texts_counted(texts)
+        with self._model_call("text") as encoder:
+            vectors, counts = encoder.embed_texts_counted(texts)
         return list(zip(vectors, counts, strict=True))
 
     def _embed_crop_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
-        assert self.encoder is not None
-        return self.encoder.embed_crops(np.stack(pixels))
+        with self._model_call("image") as encoder:
+            return encoder.embed_crops(np.stack(pixels))
 
     async def embed_texts(self, texts: list[str], labels: list[str] | None = None) -> tuple[np.ndarray, int]:
         """Vectors for ``texts`` and the tokens they occupied, from one tokenisation. A text
