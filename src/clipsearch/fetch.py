@@ -17,6 +17,7 @@ import ipaddress
 import re
 import socket
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -161,15 +162,21 @@ async def _checked_target(url: str, policy: FetchPolicy) -> tuple[str, str, str]
     return urlunsplit((scheme, netloc, parts.path or "/", parts.query, "")), host_header, host
 
 
-async def fetch_url(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes:
-    """GET ``url`` under ``policy``: checked addresses, a size cap, a total timeout."""
+async def fetch_url(
+    client: httpx.AsyncClient, url: str, policy: FetchPolicy, count: Callable[[int], None] | None = None
+) -> bytes:
+    """GET ``url`` under ``policy``: checked addresses, a size cap, a total timeout. ``count(n)``
+    hears of every n bytes of body as they arrive (and may raise to stop the fetch): a budget
+    shared by several fetches is kept while they run, not after."""
     try:
-        return await asyncio.wait_for(_fetch(client, url, policy), timeout=policy.timeout)
+        return await asyncio.wait_for(_fetch(client, url, policy, count), timeout=policy.timeout)
     except TimeoutError:
         raise FetchError(f"timed out after {policy.timeout:g} s fetching {url[:200]}", retryable=True) from None
 
 
-async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes:
+async def _fetch(
+    client: httpx.AsyncClient, url: str, policy: FetchPolicy, count: Callable[[int], None] | None
+) -> bytes:
     current = url
     for _ in range(policy.max_redirects + 1):
         target, host_header, server_name = await _checked_target(current, policy)
@@ -209,7 +216,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
             length = response.headers.get("content-length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
                 raise TooLargeError(f"{current[:200]} is {int(length)} bytes, over the {_mib(policy.max_bytes)} limit")
-            return await _read_body(response, current, policy.max_bytes)
+            return await _read_body(response, current, policy.max_bytes, count)
         except httpx.TimeoutException:
             raise FetchError(f"timed out reading {current[:200]}", retryable=True) from None
         except httpx.HTTPError as e:
@@ -219,7 +226,9 @@ async def _fetch(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> by
     raise FetchError(f"{url[:200]} redirected more than {policy.max_redirects} times")
 
 
-async def _read_body(response: httpx.Response, url: str, max_bytes: int) -> bytes:
+async def _read_body(
+    response: httpx.Response, url: str, max_bytes: int, count: Callable[[int], None] | None = None
+) -> bytes:
     """The body, decoded, refused as soon as it passes ``max_bytes``. httpx's own decoding
     inflates each chunk whole before anyone can count it (a 2 KB gzip-in-gzip body becomes a
     GiB), so the raw bytes are read and inflated here a bounded step at a time. One gzip or
@@ -230,7 +239,7 @@ async def _read_body(response: httpx.Response, url: str, max_bytes: int) -> byte
     if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "deflate")):
         raise FetchError(f"{url[:200]} sent its image with Content-Encoding {', '.join(encodings)[:60]}, not plain")
     inflate = zlib.decompressobj(wbits=47) if encodings else None  # 47: a gzip or a zlib header
-    chunks, total = [], 0
+    body, total = bytearray(), 0
     async for raw in response.aiter_raw():
         pieces = [raw]
         if inflate is not None:
@@ -248,17 +257,25 @@ async def _read_body(response: httpx.Response, url: str, max_bytes: int) -> byte
             total += len(piece)
             if total > max_bytes:
                 raise too_large
-            chunks.append(piece)
+            if count is not None:
+                count(len(piece))
+            body += piece
     if inflate is not None and not inflate.eof:
         raise FetchError(f"{url[:200]} sent a truncated {encodings[0]} body")
-    return b"".join(chunks)
+    return bytes(body)
 
 
-async def load_image_ref(client: httpx.AsyncClient, ref: str, policy: FetchPolicy) -> bytes:
-    """Bytes of an image given as an http(s) URL, a data URI, or base64."""
+async def load_image_ref(
+    client: httpx.AsyncClient, ref: str, policy: FetchPolicy, count: Callable[[int], None] | None = None
+) -> bytes:
+    """Bytes of an image given as an http(s) URL, a data URI, or base64; ``count`` as for
+    ``fetch_url`` (a data URI's bytes are counted once decoded)."""
     ref = ref.strip()
     if is_url(ref):
-        return await fetch_url(client, ref, policy)
+        return await fetch_url(client, ref, policy, count)
     if "://" in ref[:16]:
         raise ForbiddenURLError(f"refusing to fetch {ref[:100]!r}: only http and https URLs are allowed")
-    return decode_base64_image(ref, policy.max_bytes)
+    data = decode_base64_image(ref, policy.max_bytes)
+    if count is not None:
+        count(len(data))
+    return data

@@ -134,6 +134,8 @@ def _check_value(key: str, value: Any) -> None:
         raise UsageError(f"filter {key!r}: a bound is one value, not {type(value).__name__}", param="filter")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"filter {key!r} needs a finite number, not {value}", param="filter")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise UsageError(f"filter {key!r}: {value} is beyond the 64-bit integers stored values use", param="filter")
     if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
         raise UsageError(f"filter {key!r}: a value may be at most {MAX_VALUE_CHARS} characters", param="filter")
     if not isinstance(value, str | int | float | bool):

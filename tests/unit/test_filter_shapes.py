@@ -59,7 +59,9 @@ def _served_or_refused(call):
         assert e.message
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(shape=filters)
 def test_every_filter_shape_is_served_or_refused(store, shape):
     query = np.full((1, 4), 0.5, np.float32)

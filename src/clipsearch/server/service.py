@@ -26,13 +26,13 @@ import numpy as np
 
 from ..collection import Collection
 from ..decode_stage import DecodeSettings, decode_crop
-from ..errors import ClipsearchError, ImageError, TooLargeError, UsageError
+from ..errors import ClipsearchError, ImageError, TooLargeError
 from ..fetch import FetchPolicy, load_image_ref
 from ..identity import ModelSpec
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
 from ..settings import DEFAULT_DB, settings
 from ..store import Item, NewItem, Store, validate_namespace
-from ..store.base import with_derived
+from ..store.base import check_item_id, with_derived
 from .batching import MicroBatcher
 from .media import Media
 
@@ -411,9 +411,8 @@ class Service:
             budget = ImageBudget(self.settings.max_request_image_bytes)
         async with budget.slots, self._fetches:
             budget.check()  # the request went over while this one waited for a slot
-            data = await load_image_ref(self._http, ref, self.fetch_policy)
-        budget.take(len(data))
-        return data
+            # counted as the bytes arrive: the request's fetches together never hold more
+            return await load_image_ref(self._http, ref, self.fetch_policy, budget.take)
 
     # -- store access (blocking calls run in worker threads) ---------------------------------
     @staticmethod
@@ -455,12 +454,8 @@ class Service:
     ) -> Item:
         encoder = self.ready_encoder()
         assert self.spec is not None
-        if item_id is not None and (not 0 < len(item_id) <= 200 or item_id.strip() != item_id):
-            raise UsageError("id must be 1-200 characters without leading or trailing spaces", param="id")
-        if item_id is not None and {".", ".."} & set(item_id.split("/")):
-            # a client removes "." and ".." segments from a URL (RFC 3986), so /api/v1/items/../x
-            # would never reach this item
-            raise UsageError(f"id {item_id!r} has a '.' or '..' part, which no URL can reach", param="id")
+        if item_id is not None:
+            check_item_id(item_id)
         item_id = item_id or uuid.uuid4().hex
         known = await self.run(self.store.identity, namespace) is not None
         existing = await self.run(self.store.get_items, namespace, [item_id]) if known else []

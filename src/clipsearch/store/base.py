@@ -47,6 +47,19 @@ def validate_namespace(name: str) -> str:
     return name
 
 
+def check_item_id(item_id: str) -> str:
+    """An id a client may give an item: 1-200 characters, no white space at either end, no
+    control characters (PostgreSQL's text cannot hold NUL), and no ``.`` or ``..`` part, which
+    a URL client removes (RFC 3986), so that ``/api/v1/items/{id}`` reaches every stored item."""
+    if not 0 < len(item_id) <= 200 or item_id.strip() != item_id:
+        raise UsageError("id must be 1-200 characters without leading or trailing spaces", param="id")
+    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+        raise UsageError("id must not hold control characters", param="id")
+    if {".", ".."} & set(item_id.split("/")):
+        raise UsageError(f"id {item_id!r} has a '.' or '..' part, which no URL can reach", param="id")
+    return item_id
+
+
 def check_same_model(namespace: str, existing: ModelIdentity, requested: ModelIdentity) -> None:
     """Refuse to mix two models' vectors in one namespace."""
     if not existing.same_space(requested):
