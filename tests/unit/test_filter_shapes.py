@@ -93,3 +93,30 @@ def test_the_limits_leave_room_for_real_filters(store):
     wide = {f"k{i}": "x" for i in range(MAX_FILTER_KEYS)}
     check_filters(wide)
     assert store.search("default", np.ones((1, 4), np.float32), k=3, filters={"label": ["cat", "dog"]})
+
+
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(item_id=st.text(max_size=220))
+def test_every_id_is_refused_or_stored_and_read_back_exactly(store, item_id):
+    from clipsearch.store.base import check_item_id
+
+    try:
+        check_item_id(item_id)
+    except UsageError as e:
+        assert e.param == "id"
+        return
+    vector = np.full((1, 4), 0.5, np.float32)
+    store.write_batch("default", [NewItem(item_id, {"label": "x"}, "", 0, None)], vector)
+    assert [it.id for it in store.get_items("default", [item_id])] == [item_id]
+    assert store.delete_items("default", [item_id]) == 1
+
+
+@pytest.mark.parametrize("item_id", [".", "..", "a/../b", "x\x00y", " padded", "z" * 201])
+def test_ids_no_url_or_database_can_carry_are_refused(item_id):
+    from clipsearch.store.base import check_item_id
+
+    with pytest.raises(UsageError) as e:
+        check_item_id(item_id)
+    assert e.value.param == "id"
