@@ -126,8 +126,9 @@ def test_checkpoint_file_without_a_tag_says_which_activation(tmp_path, tiny_arch
     enc = load_encoder(ModelSpec(model=tiny_arch, pretrained=None, weights=path, device="cpu"))
     assert type(enc.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"
     assert len(enc.notes) == 1
-    assert "no --pretrained tag" in enc.notes[0] and "(GELU activation)" in enc.notes[0]
-    assert "--pretrained openai" in enc.notes[0]
+    # the library names the argument as Python does; the command line below says its flag
+    assert "no pretrained tag" in enc.notes[0] and "(GELU activation)" in enc.notes[0]
+    assert "pretrained openai" in enc.notes[0]
     quick = load_encoder(ModelSpec(model=f"{tiny_arch}-quickgelu", pretrained=None, weights=path, device="cpu"))
     assert type(quick.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     assert "(QuickGELU activation)" in quick.notes[0]

@@ -79,8 +79,10 @@ async def search_by_image(service: ServiceDep, request: Request):
     else:
         payload = await json_body(request)
     try:
-        # one validation for both forms: a bad limit is the same 422 in a form as in JSON
-        req = ImageSearchRequest.model_validate(payload)
+        # one validation for both forms: a bad limit is the same 422 in a form as in JSON. A form's
+        # fields are text by nature ("limit=2"), as a query string's are: read as what they spell.
+        multipart = ctype.startswith("multipart/form-data")
+        req = ImageSearchRequest.model_validate(payload, strict=False if multipart else None)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
     if not ctype.startswith("multipart/form-data"):

@@ -111,7 +111,7 @@ Loader = Callable[[], "tuple[Encoder, ModelSpec]"]
 
 def labelled(label: str | None, e: ClipsearchError) -> ClipsearchError:
     """The same error, its message prefixed with ``label`` (which input of a request it was)."""
-    return e if label is None else type(e)(f"{label}: {e.message}")
+    return e if label is None else type(e)(f"{label}: {e.template}")
 
 
 MAX_TEXT_CHARS = 100_000  # per text: thousands of times what a text tower reads
