@@ -75,14 +75,15 @@ async def search_by_image(service: ServiceDep, request: Request):
         }
         if "filter" in fields:
             fields["filter"] = json_field("filter", fields["filter"])
+        # a form's fields are text by nature, as a query string's: "limit=2" is the number it spells
+        if "limit" in fields and fields["limit"].strip().isdigit():
+            fields["limit"] = int(fields["limit"])
         payload: Any = {"image": "-", **fields}
     else:
         payload = await json_body(request)
     try:
-        # one validation for both forms: a bad limit is the same 422 in a form as in JSON. A form's
-        # fields are text by nature ("limit=2"), as a query string's are: read as what they spell.
-        multipart = ctype.startswith("multipart/form-data")
-        req = ImageSearchRequest.model_validate(payload, strict=False if multipart else None)
+        # one validation for both forms: a bad limit is the same 422 in a form as in JSON
+        req = ImageSearchRequest.model_validate(payload)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
     if not ctype.startswith("multipart/form-data"):
