@@ -1,8 +1,10 @@
 """The embedding worker: keeps the vector column of an application's own PostgreSQL table filled.
 
-A row is pending when its vector is NULL (and it is not marked failed), when its status is
-``pending``, and, if asked, when its vector is all zeros (``--requeue-zero``) or was made by
-another model (``--requeue-model-mismatch``): the repairs teams otherwise do by hand in SQL.
+A row is pending when its vector is NULL, when its status is ``pending``, and, if asked, when
+its vector is all zeros (``--requeue-zero``) or was made by another model
+(``--requeue-model-mismatch``): the repairs teams otherwise do by hand in SQL. A row marked
+failed (its status column says ``failed``; without one, its error column is set) stays out of
+all of them unless ``--retry-failed``.
 
 Each batch is claimed with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside one transaction, embedded,
 written and committed, so any number of workers can run on one table and no row is done twice;
@@ -175,22 +177,30 @@ class Worker:
         vector = sql.Identifier(o.vector_column)
         conditions = []
         params: dict[str, Any] = {"version": self.version, "failed_here": list(self._failed_here)}
+        # a row marked failed (its status, else its error column) stays out of every repair
+        # unless retry_failed: a NULL vector, a zero one or another model's alike
+        if o.retry_failed:
+            not_failed = sql.SQL("TRUE")
+        elif o.status_column:
+            not_failed = sql.SQL("{s} IS DISTINCT FROM 'failed'").format(s=sql.Identifier(o.status_column))
+        elif o.error_column:
+            not_failed = sql.SQL("{e} IS NULL").format(e=sql.Identifier(o.error_column))
+        else:
+            not_failed = sql.SQL("TRUE")  # nothing marks a failure: only this process remembers
         if o.status_column:
             status = sql.Identifier(o.status_column)
             conditions.append(sql.SQL("{s} = 'pending'").format(s=status))
             if o.retry_failed:
                 conditions.append(sql.SQL("{s} = 'failed'").format(s=status))
-            conditions.append(sql.SQL("({v} IS NULL AND {s} IS DISTINCT FROM 'failed')").format(v=vector, s=status))
-        else:
-            conditions.append(sql.SQL("{v} IS NULL").format(v=vector))
+        conditions.append(sql.SQL("({v} IS NULL AND {ok})").format(v=vector, ok=not_failed))
         if o.requeue_zero:
-            conditions.append(sql.SQL("vector_norm({v}) = 0").format(v=vector))
+            conditions.append(sql.SQL("(vector_norm({v}) = 0 AND {ok})").format(v=vector, ok=not_failed))
         if o.requeue_model_mismatch:
             if not o.model_column:
                 raise UsageError(f"{option('requeue_model_mismatch')} needs {option('model_column')}")
             conditions.append(
-                sql.SQL("({v} IS NOT NULL AND {m} IS DISTINCT FROM %(version)s)").format(
-                    v=vector, m=sql.Identifier(o.model_column)
+                sql.SQL("({v} IS NOT NULL AND {m} IS DISTINCT FROM %(version)s AND {ok})").format(
+                    v=vector, m=sql.Identifier(o.model_column), ok=not_failed
                 )
             )
         condition = sql.SQL("({})").format(sql.SQL(" OR ").join(conditions))

@@ -325,3 +325,29 @@ def test_watch_wakes_on_notify_from_the_installed_trigger(cli, pg_url, image_ser
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out)["embedded"] == 2
+
+
+@pytest.mark.parametrize("marked_by", ["status", "error"])
+def test_repairs_leave_failed_rows_alone(cli, pg_url, image_server, tiny_openclip, marked_by):
+    """--requeue-zero took rows already marked failed again: each run fetched their dead URLs
+    once more, wrote them again and exited 1. A failed row waits for --retry-failed, whether its
+    status column or (without one) its error column marks it."""
+    base = image_server.url
+    dead = [f"{base}/status/404?zero={marked_by}{i}" for i in range(3)]
+    rows = [{"image_url": url, "embedding": np.zeros(32, np.float32), "model_version": "m"} for url in dead]
+    rows.append({"image_url": f"{base}/noise/620.png", "embedding": np.zeros(32, np.float32), "model_version": "m"})
+    make_table(pg_url, rows)
+    columns = [*STATUS] if marked_by == "status" else ["--model-column", "model_version"]
+    args = [*WORKER, "--image-column", "image_url", *columns, "--error-column", "error", "--requeue-zero"]
+    args += ["--db", pg_url, "--weights", tiny_openclip, "--json"]
+    hits = image_server.hits["/status/404"]
+    code, out, _ = cli(*args)
+    assert code == 1 and (json.loads(out)["embedded"], json.loads(out)["failed"]) == (1, 3)
+    assert image_server.hits["/status/404"] - hits == 3
+    code, out, _ = cli(*args)  # again: the failed rows are left alone
+    assert code == 0 and (json.loads(out)["embedded"], json.loads(out)["failed"]) == (0, 0), out
+    assert image_server.hits["/status/404"] - hits == 3  # not fetched again
+    writes = {r["image_url"]: r["writes"] for r in table_rows(pg_url).values()}
+    assert all(writes[url] == 0 for url in dead)  # a failure writes no vector
+    code, out, _ = cli(*args, "--retry-failed")
+    assert json.loads(out)["failed"] == 3 and image_server.hits["/status/404"] - hits == 6
