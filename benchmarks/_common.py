@@ -3,8 +3,11 @@ and percentile tables. Speed does not depend on weight values, so random weights
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +114,39 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> No
         if time.monotonic() > deadline or server.poll() is not None:
             raise SystemExit("server did not become healthy")
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def source_trees(baseline: str, work: Path) -> Iterator[dict[str, Path]]:
+    """``{"before": src of revision ``baseline``, "after": this checkout's src}`` (only "after"
+    without a baseline): the baseline is checked out into a temporary git worktree under
+    ``work``, run on the same virtual environment, and removed on exit."""
+    root = HERE.parent
+    trees = {"after": root / "src"}
+    worktree = work / "baseline"
+    if baseline:
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(worktree), baseline])
+        trees = {"before": worktree / "src", **trees}
+    try:
+        yield trees
+    finally:
+        if baseline:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(worktree)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_server(src: Path, env: dict, db: Path, port: int, *extra: str) -> subprocess.Popen:
+    """``clipsearch serve`` from the source tree ``src`` on ``db`` and ``port`` (quiet, plus
+    ``extra`` options), once its model is loaded."""
+    import sys
+
+    cmd = [sys.executable, "-m", "clipsearch.cli", "serve", "--db", str(db), "--port", str(port)]
+    cmd += ["--log-level", "error", *extra]
+    server = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(src)}, stderr=subprocess.DEVNULL)
+    wait_healthy(f"http://127.0.0.1:{port}", server)
+    return server

@@ -24,10 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CACHE, photos, print_table
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from _common import CACHE, photos, print_table, source_trees
 
 # The command runs as ``python -m clipsearch.cli``, and writes its own peak RSS when it exits.
 # VmHWM is the new process image's own high-water mark; getrusage's ru_maxrss would also count
@@ -93,12 +90,6 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="clipsearch-cli-latency-"))
     env = dict(os.environ, CLIPSEARCH_ONNX_CACHE=str(work / "onnx"), PYTHONUNBUFFERED="1")
-    trees = {"after": ROOT / "src"}
-    if args.baseline:
-        worktree = work / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(worktree), args.baseline])
-        trees = {"before": worktree / "src", **trees}
-
     commands = {
         'search "a dog on a beach"': ["search", "a dog on a beach"],
         "search --image PHOTO": ["search", "--image", str(query_image)],
@@ -107,21 +98,20 @@ def main() -> None:
     }
     results: dict[str, dict[str, tuple[float, float]]] = {}
     try:
-        for label, src in trees.items():
-            db = work / f"{label}.db"
-            started = time.perf_counter()
-            wall, _, code, stderr = run(src, ["ingest", str(folder), "--db", str(db), *model], env)
-            if code != 0:
-                raise SystemExit(f"ingest ({label}) failed: {stderr[-500:]}")
-            print(f"{label}: ingested {args.n} photos in {time.perf_counter() - started:.1f} s", flush=True)
-            # the first query of a model exports its ONNX towers once; it is reported, not timed below
-            wall, peak, _, _ = run(src, ["search", "warm up", "--db", str(db)], env)
-            print(f"{label}: first query {wall:.1f} s, {peak:.0f} MB (after: exports the towers once)", flush=True)
-            for name, argv in commands.items():
-                results.setdefault(name, {})[label] = measure(src, [*argv, "--db", str(db)], env, args.repeat)
+        with source_trees(args.baseline, work) as trees:
+            for label, src in trees.items():
+                db = work / f"{label}.db"
+                started = time.perf_counter()
+                wall, _, code, stderr = run(src, ["ingest", str(folder), "--db", str(db), *model], env)
+                if code != 0:
+                    raise SystemExit(f"ingest ({label}) failed: {stderr[-500:]}")
+                print(f"{label}: ingested {args.n} photos in {time.perf_counter() - started:.1f} s", flush=True)
+                # the first query of a model exports its ONNX towers once; it is reported, not timed below
+                wall, peak, _, _ = run(src, ["search", "warm up", "--db", str(db)], env)
+                print(f"{label}: first query {wall:.1f} s, {peak:.0f} MB (after: exports the towers once)", flush=True)
+                for name, argv in commands.items():
+                    results.setdefault(name, {})[label] = measure(src, [*argv, "--db", str(db)], env, args.repeat)
     finally:
-        if args.baseline:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")])
         shutil.rmtree(work, ignore_errors=True)
 
     rows = []

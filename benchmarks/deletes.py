@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, print_table
+from _common import pct, print_table, source_trees
 
-ROOT = Path(__file__).resolve().parent.parent
 CHANGED = 100  # items deleted, and items replaced, per round
 QUERIES = 50
 
@@ -113,35 +112,26 @@ def main() -> None:
         print(json.dumps(child(args.child, args.rounds, args.folder)))
         return
     rows = []
-    with tempfile.TemporaryDirectory() as work:
-        trees = {"after": ROOT / "src"}
-        if args.baseline:
-            worktree = Path(work) / "baseline"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(worktree), args.baseline])
-            trees = {"before": worktree / "src", **trees}
-        try:
-            for size in (int(s) for s in args.sizes.split(",")):
-                for side, src in trees.items():
-                    r = run_side(src, size, args.rounds)
-                    rounds = r["rounds"]
-                    print(f"{side} {size:,}: {json.dumps(r)}", flush=True)
-                    rows.append(
-                        [
-                            f"{size:,}",
-                            side,
-                            r["kind"],
-                            f"{r['build_s']:.1f}",
-                            f"{np.median([x['write_s'] for x in rounds]):.2f}",
-                            f"{np.median([x['first_s'] for x in rounds]):.2f}",
-                            f"{np.median([x['p50_ms'] for x in rounds]):.2f}",
-                            f"{min(x['recall'] for x in rounds):.3f}",
-                            str(r["tombstones"]),
-                            f"{r['compact_s']:.1f}" if "compact_s" in r else "",
-                        ]
-                    )
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(work) / "baseline")])
+    with tempfile.TemporaryDirectory() as work, source_trees(args.baseline, Path(work)) as trees:
+        for size in (int(s) for s in args.sizes.split(",")):
+            for side, src in trees.items():
+                r = run_side(src, size, args.rounds)
+                rounds = r["rounds"]
+                print(f"{side} {size:,}: {json.dumps(r)}", flush=True)
+                rows.append(
+                    [
+                        f"{size:,}",
+                        side,
+                        r["kind"],
+                        f"{r['build_s']:.1f}",
+                        f"{np.median([x['write_s'] for x in rounds]):.2f}",
+                        f"{np.median([x['first_s'] for x in rounds]):.2f}",
+                        f"{np.median([x['p50_ms'] for x in rounds]):.2f}",
+                        f"{min(x['recall'] for x in rounds):.3f}",
+                        str(r["tombstones"]),
+                        f"{r['compact_s']:.1f}" if "compact_s" in r else "",
+                    ]
+                )
     print_table(
         f"delete {CHANGED} + replace {CHANGED} items, then search: median of {args.rounds} rounds, "
         f"{os.cpu_count()} CPUs",

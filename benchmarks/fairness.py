@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +38,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, print_table, random_checkpoint, wait_healthy
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import free_port, pct, print_table, random_checkpoint, run_server, source_trees
 
 
 def texts(n: int, tag: str) -> list[str]:
@@ -152,25 +143,6 @@ async def image_clients(url: str, seconds: float, text_clients: int) -> tuple[fl
     return images / (min(time.monotonic(), deadline) - started), latencies
 
 
-def run_server(src: Path, env: dict, db: Path, port: int) -> subprocess.Popen:
-    env = {**env, "PYTHONPATH": str(src)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "clipsearch.cli",
-        "serve",
-        "--db",
-        str(db),
-        "--port",
-        str(port),
-        "--log-level",
-        "error",
-    ]
-    server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
-    wait_healthy(f"http://127.0.0.1:{port}", server)
-    return server
-
-
 def ms(values: list[float], q: float) -> str:
     return f"{pct(values, q) * 1000:.0f}" if values else "-"
 
@@ -193,36 +165,27 @@ def main() -> None:
     env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(checkpoint)}
     env["CLIPSEARCH_QUERY_RUNTIME"] = "torch"
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, source_trees(args.baseline, Path(tmp)) as trees:
         work = Path(tmp)
-        trees = {"after": ROOT / "src"}
-        if args.baseline:
-            worktree = work / "baseline"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(worktree), args.baseline])
-            trees = {"before": worktree / "src", **trees}
-        try:
-            for name, src in trees.items():
-                port = free_port()
-                server = run_server(src, env, work / f"{name}.db", port)
-                url = f"http://127.0.0.1:{port}"
-                try:
-                    httpx.post(url + "/v1/embeddings", json={"input": texts(64, "warm")}, timeout=600)
-                    if "hol" in loads:
-                        one, big_s = asyncio.run(big_request(url))
-                        rows.append(row(name, "one text during a 2048-text request", one, f"{big_s:.1f}"))
-                        after = asyncio.run(abandoned(url, port))
-                        rows.append(row(name, "one text after 30 abandoned 100-text requests", after, "-"))
-                    if "mixed" in loads:
-                        alone, _ = asyncio.run(image_clients(url, args.seconds, 0))
-                        mixed, lat = asyncio.run(image_clients(url, args.seconds, 1))
-                        mixed_rows.append([name, f"{alone:.1f}", f"{mixed:.1f}", f"{mixed / alone - 1:+.0%}",
-                                           len(lat), ms(lat, 50), ms(lat, 99)])  # fmt: skip
-                finally:
-                    server.terminate()
-                    server.wait(timeout=30)
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")])
+        for name, src in trees.items():
+            port = free_port()
+            server = run_server(src, env, work / f"{name}.db", port)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                httpx.post(url + "/v1/embeddings", json={"input": texts(64, "warm")}, timeout=600)
+                if "hol" in loads:
+                    one, big_s = asyncio.run(big_request(url))
+                    rows.append(row(name, "one text during a 2048-text request", one, f"{big_s:.1f}"))
+                    after = asyncio.run(abandoned(url, port))
+                    rows.append(row(name, "one text after 30 abandoned 100-text requests", after, "-"))
+                if "mixed" in loads:
+                    alone, _ = asyncio.run(image_clients(url, args.seconds, 0))
+                    mixed, lat = asyncio.run(image_clients(url, args.seconds, 1))
+                    mixed_rows.append([name, f"{alone:.1f}", f"{mixed:.1f}", f"{mixed / alone - 1:+.0%}",
+                                       len(lat), ms(lat, 50), ms(lat, 99)])  # fmt: skip
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
     if rows:
         print_table(
             f"clipsearch serve: head-of-line blocking, {args.model} (random weights), {os.cpu_count()} CPUs",

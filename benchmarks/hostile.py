@@ -25,7 +25,6 @@ import gzip
 import io
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,16 +37,9 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, random_checkpoint, wait_healthy
+from _common import free_port, print_table, random_checkpoint, run_server, source_trees
 
-ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hostile_host() -> ThreadingHTTPServer:
@@ -136,14 +128,6 @@ def keyless_bodies(port: int) -> str:
     return f"{refused} of 20 answered 401"
 
 
-def run_server(src: Path, env: dict, db: Path, port: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "clipsearch.cli", "serve", "--db", str(db), "--port", str(port)]
-    cmd += ["--log-level", "error", "--allow-private-urls", *extra]
-    server = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(src)}, stderr=subprocess.DEVNULL)
-    wait_healthy(f"http://127.0.0.1:{port}", server)
-    return server
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="", help="git revision measured as 'before' ('' to skip)")
@@ -153,13 +137,8 @@ def main() -> None:
     host = hostile_host()
     origin = f"http://127.0.0.1:{host.server_address[1]}"
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, source_trees(args.baseline, Path(tmp)) as trees:
         work = Path(tmp)
-        trees = {"after": ROOT / "src"}
-        if args.baseline:
-            worktree = work / "baseline"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(worktree), args.baseline])
-            trees = {"before": worktree / "src", **trees}
         try:
             for name, src in trees.items():
                 attacks = {
@@ -169,7 +148,7 @@ def main() -> None:
                 }
                 for attack, body in attacks.items():
                     port = free_port()
-                    server = run_server(src, env, work / f"{name}.db", port)
+                    server = run_server(src, env, work / f"{name}.db", port, "--allow-private-urls")
                     try:
 
                         def send(body: dict = body, port: int = port) -> str:
@@ -182,7 +161,7 @@ def main() -> None:
                         server.terminate()
                         server.wait(timeout=30)
                 port = free_port()
-                server = run_server(src, env, work / f"{name}.db", port, "--api-key", "sekrit")
+                server = run_server(src, env, work / f"{name}.db", port, "--allow-private-urls", "--api-key", "sekrit")
                 try:
                     rest, grown, outcome = peak_during(server.pid, lambda port=port: keyless_bodies(port))
                     rows.append([name, "20 keyless 31 MiB bodies (--api-key)", f"{rest:.0f}", f"+{grown:.0f}", outcome])
@@ -191,8 +170,6 @@ def main() -> None:
                     server.wait(timeout=30)
         finally:
             host.shutdown()
-            if args.baseline:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")])
     print_table(
         f"clipsearch serve: peak RSS above rest during one hostile request, {args.model}, {os.cpu_count()} CPUs",
         ["server", "attack", "rest MiB", "peak MiB", "answer"],
