@@ -149,14 +149,14 @@ def _check_key(key: str) -> str:
 
 
 def filter_values(filters: dict[str, Any] | None) -> list[tuple[str, list[Any]]]:
-    """(metadata key, accepted values) per equality filter; a value list means any of them. Keys
-    are checked, since backends put them into JSON paths. Each value also matches the number or
-    boolean it spells, and a number its text (``typed_variants``). Range filters (a value that
-    is a dict of operators) are ``filter_ranges``'."""
+    """(metadata key, accepted values) per equality filter; a value list means any of them. The
+    whole filter is checked first (``check_filters``: keys too, since backends put them into JSON
+    paths). Each value also matches the number or boolean it spells, and a number its text
+    (``typed_variants``). Range filters (a value that is a dict of operators) are
+    ``filter_ranges``'."""
     check_filters(filters)
     out = []
     for key, value in (filters or {}).items():
-        _check_key(key)
         if isinstance(value, dict) or _day(value):
             continue  # a range, or a day (which filter_ranges spans)
         values = list(value) if isinstance(value, list | tuple) else [value]
@@ -171,22 +171,14 @@ def filter_ranges(filters: dict[str, Any] | None) -> list[Range]:
     for key, value in (filters or {}).items():
         day = _day(value)
         if day:  # key=2024-06-15: from the start of the day to past its last moment
-            _check_key(key)
             out += [Range(key, "gte", None, day), Range(key, "lte", None, day + DATE_SPAN_END)]
             continue
         if not isinstance(value, dict):
             continue
-        _check_key(key)
-        if not value:
-            raise UsageError(f"filter {key!r} has no condition; use gt, gte, lt, lte or iexact", param="filter")
-        for op, bound in value.items():
+        for op, bound in value.items():  # check_filters refused empty conditions and other operators
             if op == FOLDED:
                 continue  # filter_folded's
-            if op not in RANGE_OPERATORS:
-                raise UsageError(
-                    f"unknown filter operator {op!r} on {key!r}; use gt, gte, lt, lte or iexact", param="filter"
-                )
-            if isinstance(bound, bool) or not isinstance(bound, int | float | str) or bound == "":
+            if isinstance(bound, bool) or bound == "":  # check_filters let only values through
                 raise UsageError(
                     f"filter {key} {RANGE_OPERATORS[op]} needs a number, a date or a word, not {bound!r}",
                     param="filter",
@@ -210,10 +202,9 @@ def filter_folded(filters: dict[str, Any] | None) -> list[tuple[str, list[str]]]
     for key, value in (filters or {}).items():
         if not isinstance(value, dict) or FOLDED not in value:
             continue
-        _check_key(key)
         wanted = value[FOLDED]
-        texts = list(wanted) if isinstance(wanted, list | tuple) else [wanted]
-        if not texts or not all(isinstance(t, str) for t in texts):
+        texts = list(wanted) if isinstance(wanted, list | tuple) else [wanted]  # not empty: check_filters
+        if not all(isinstance(t, str) for t in texts):
             raise UsageError(f"filter {key} iexact compares text: give a string or a list of strings", param="filter")
         out.append((key, list(dict.fromkeys(fold(t) for t in texts))))
     return out
