@@ -204,13 +204,18 @@ class SQLiteStore(ClosingStore):
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            # BEGIN and COMMIT inside the try: a KeyboardInterrupt (a second Ctrl-C or SIGTERM)
+            # landing between BEGIN and the body, or just before COMMIT, must not leave the
+            # connection inside a transaction that the next one cannot begin ("cannot start a
+            # transaction within a transaction")
             try:
+                self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def _query(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
         with self._lock:
