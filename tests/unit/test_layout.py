@@ -125,7 +125,7 @@ def test_the_store_index_and_settings_never_import_torch():
 FLOORS = [
     ("primitives", ("clipsearch", "clipsearch._compat", "clipsearch.errors", "clipsearch.settings",
                     "clipsearch.identity", "clipsearch.imaging", "clipsearch.filters", "clipsearch.files",
-                    "clipsearch.choice", "clipsearch.tokenizer")),
+                    "clipsearch.choice", "clipsearch.tokenizer", "clipsearch.keywords")),
     ("encoders and store", ("clipsearch.encoders", "clipsearch.store", "clipsearch.index", "clipsearch.fetch",
                             "clipsearch.download_cache", "clipsearch.decode_stage", "clipsearch.sources",
                             "clipsearch.catalog", "clipsearch.source_spec")),

@@ -256,7 +256,7 @@ def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("5",)
     SQLiteStore(path).close()  # opening a migrated file again changes nothing
 
 
@@ -300,6 +300,27 @@ def test_keyword_search_ranks_and_filters(make_store):
     assert "a" not in {h.item.id for h in store.keyword_search("default", "red", 10)}
     with pytest.raises(UsageError, match="no words"):
         store.keyword_search("default", "?!", 10)
+
+
+def test_keyword_search_finds_words_inside_japanese_chinese_and_korean_text(make_store):
+    """Titles written without spaces: a query matches wherever it occurs in one, on both
+    stores; the expected ids come from Python's substring test, not from the indexer."""
+    rng = np.random.default_rng(3)
+    parts = ["赤い", "財布", "ワンピース", "革", "長", "新品", "红色", "钱包", "连衣裙", "빨간", "지갑을", "원피스", "レザー"]
+    titles = ["".join(rng.choice(parts, size=rng.integers(1, 5))) + f" item{i}" for i in range(240)]
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    items = [NewItem(f"t{i}", {"title": title}, f"h{i}") for i, title in enumerate(titles)]
+    store.write_batch("default", items, _vectors(len(items)))
+    for query in ["財布", "ワンピース", "赤い", "い財", "赤", "钱包", "连衣", "지갑", "갑", "レザー財布", "item7"]:
+        expected = {f"t{i}" for i, t in enumerate(titles) if (query in t.split() if query.isascii() else query in t)}
+        found = {h.item.id for h in store.keyword_search("default", query, 1000)}
+        assert found == expected and expected, query
+    # pairs rank like words: the title that says it three times comes first
+    store.bind_namespace("ranks", IDENT, {})
+    rows = [NewItem(i, {"title": t}, i) for i, t in [("once", "財布"), ("thrice", "財布財布財布"), ("no", "革")]]
+    store.write_batch("ranks", rows, _vectors(3, seed=9))
+    assert [h.item.id for h in store.keyword_search("ranks", "財布", 5)] == ["thrice", "once"]
 
 
 def test_claims_share_items_between_owners(make_store):

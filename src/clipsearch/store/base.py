@@ -35,7 +35,6 @@ _NOT_KEYWORDS = frozenset(
 )
 FIELDS = ("image", "text")  # which vectors of an item a search runs over
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_WORD_RE = re.compile(r"\w+")
 
 
 # -- rules every store applies the same way ---------------------------------------------------
@@ -94,19 +93,6 @@ def check_field(field: str) -> str:
     if field not in FIELDS:
         raise UsageError(f"unknown vector field {field!r}; use {' or '.join(FIELDS)}")
     return field
-
-
-def words(text: str | None) -> list[str]:
-    """The words keyword search matches: runs of letters, digits and underscores."""
-    return _WORD_RE.findall(text or "")
-
-
-def query_words(query: str) -> list[str]:
-    """The words of a keyword query; they carry no query syntax of any backend."""
-    found = words(query)
-    if not found:
-        raise UsageError(f"the keyword query {query!r} has no words to look for")
-    return found
 
 
 def checked_queries(namespace: str, dim: int, queries: np.ndarray) -> np.ndarray:

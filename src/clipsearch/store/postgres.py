@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import ClipsearchError, MissingExtraError, NotFoundError, UsageError
 from ..identity import ModelIdentity
 from ..index import IndexSettings
+from ..keywords import Term, index_text, query_terms
 from .base import (
     ClosingStore,
     Failure,
@@ -48,12 +49,10 @@ from .base import (
     filter_values,
     keep_derived,
     keyword_text,
-    query_words,
     validate_namespace,
-    words,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LOCK_KEY = 0x636C6970  # pg_advisory_xact_lock key for schema changes ("clip")
 _COLUMNS = {"image": "embedding", "text": "text_embedding"}
 
@@ -95,7 +94,8 @@ CREATE TABLE IF NOT EXISTS clipsearch_claims (
     PRIMARY KEY (namespace, id)
 )
 """
-_MIGRATIONS = {1: _SCHEMA_1}  # version -> statements that bring version - 1 to it
+# version -> the statements (or the function) that bring version - 1 to it
+_MIGRATIONS: dict[int, Any] = {1: _SCHEMA_1, 2: lambda conn: _reindex_keywords(conn)}
 
 _ITEMS_TABLE = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -129,9 +129,28 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _words(text: str | None) -> str:
-    """Text as space-separated words: PostgreSQL's parser would keep ``rocket.jpg`` or a URL as
-    one token, where SQLite's FTS5 (and a person) sees words."""
-    return " ".join(words(text)).lower()
+    """Text as the space-separated tokens of ``keywords.index_text``: PostgreSQL's parser would
+    keep ``rocket.jpg`` or a URL as one token, and a CJK run as one word."""
+    return index_text(text)
+
+
+def _tsquery(term: Term) -> str:
+    phrase = " <-> ".join(f"'{token}'" for token in term.tokens)
+    return f"({phrase})" if len(term.tokens) > 1 else phrase + (":*" if term.prefix else "")
+
+
+def _reindex_keywords(conn: Any) -> None:
+    """Schema 2: every namespace's keyword columns again, now that CJK runs are indexed as
+    character pairs (schema 1 kept a run whole, so a word inside one could not be found)."""
+    from psycopg import sql
+
+    for (table,) in conn.execute("SELECT items_table FROM clipsearch_namespaces").fetchall():
+        rows = conn.execute(sql.SQL("SELECT id, text, metadata FROM {}").format(sql.Identifier(table))).fetchall()
+        with conn.cursor() as cur:
+            cur.executemany(
+                sql.SQL("UPDATE {} SET text_words = %s, keywords = %s WHERE id = %s").format(sql.Identifier(table)),
+                [(_words(text), _words(keyword_text(metadata)), item_id) for item_id, text, metadata in rows],
+            )
 
 
 def load_psycopg():
@@ -218,8 +237,11 @@ class PostgresStore(ClosingStore):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             version = self._schema_version(conn)  # another process may have migrated meanwhile
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[target].split(";\n"):
-                    if statement.strip():
+                step = _MIGRATIONS[target]
+                for statement in [step] if callable(step) else step.split(";\n"):
+                    if callable(statement):
+                        statement(conn)
+                    elif statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT INTO clipsearch_schema (version) VALUES (%s)", (target,))
 
@@ -641,18 +663,19 @@ class PostgresStore(ClosingStore):
         return results
 
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
-        found = query_words(query)
+        terms = query_terms(query)
         where, params = self._filter_sql(filters)
         with self._conn() as conn:
             table, _ = self._table(conn, namespace)
-            # \w+ words cannot carry tsquery operators; OR them like the SQLite store does
+            # word-character tokens cannot carry tsquery operators; a CJK term is the phrase of
+            # its pairs (<->), a one-character one a prefix (:*); OR them like the SQLite store
             rows = conn.execute(
                 self._sql(
                     f"SELECT {_ITEM_COLS}, ts_rank(tsv, q) AS score FROM {{t}}, to_tsquery('simple', %s) q "
                     f"WHERE tsv @@ q{where} ORDER BY score DESC, seq LIMIT %s",
                     table,
                 ),
-                [" | ".join(w.lower() for w in found), *params, k],
+                [" | ".join(_tsquery(t) for t in terms), *params, k],
             ).fetchall()
         return [Hit(self._item(namespace, r), float(r[6])) for r in rows]
 

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import NotFoundError, UsageError
 from ..identity import ModelIdentity
 from ..index import MAX_DEAD_SHARE, IndexSettings, VectorIndex
+from ..keywords import index_text, query_terms
 from .base import (
     ClosingStore,
     Failure,
@@ -47,12 +48,11 @@ from .base import (
     fold,
     keep_derived,
     keyword_text,
-    query_words,
     utcnow,
     validate_namespace,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _fold_text(value: Any) -> Any:
@@ -192,12 +192,12 @@ class SQLiteStore(ClosingStore):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            if version == 1:  # keyword-index what schema 1 stored
-                rows = conn.execute("SELECT seq, metadata, text FROM items").fetchall()
-                conn.executemany(
-                    "INSERT INTO items_fts (rowid, text, meta) VALUES (?, ?, ?)",
-                    [(r["seq"], r["text"] or "", keyword_text(json.loads(r["metadata"]))) for r in rows],
-                )
+            if version is not None and version < 5:
+                # keyword-index what older schemas stored (schema 1 had no index; up to 4 CJK
+                # runs were indexed whole, so a word inside one could not be found)
+                conn.execute("DELETE FROM items_fts")
+                for r in conn.execute("SELECT seq, metadata, text FROM items").fetchall():
+                    self._set_keywords(conn, r["seq"], r["text"], json.loads(r["metadata"]))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
 
@@ -309,7 +309,8 @@ class SQLiteStore(ClosingStore):
     def _set_keywords(conn: sqlite3.Connection, seq: int, text: str | None, metadata: dict[str, Any]) -> None:
         conn.execute("DELETE FROM items_fts WHERE rowid = ?", (seq,))
         conn.execute(
-            "INSERT INTO items_fts (rowid, text, meta) VALUES (?, ?, ?)", (seq, text or "", keyword_text(metadata))
+            "INSERT INTO items_fts (rowid, text, meta) VALUES (?, ?, ?)",
+            (seq, index_text(text), index_text(keyword_text(metadata))),
         )
 
     def write_batch(
@@ -754,9 +755,9 @@ class SQLiteStore(ClosingStore):
 
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         self._require(namespace)
-        words = query_words(query)
-        # each word quoted: the user's text is never parsed as FTS5 syntax (AND, NEAR, col:, *)
-        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+        # each term a quoted phrase of word-character tokens: the user's text is never parsed
+        # as FTS5 syntax (AND, NEAR, col:); a one-character CJK term is a prefix query
+        match = " OR ".join('"' + " ".join(t.tokens) + '"' + ("*" if t.prefix else "") for t in query_terms(query))
         where, params = self._filter_sql(filters, "i.")
         rows = self._query(
             "SELECT f.rowid AS seq, bm25(items_fts, 2.0, 1.0) AS rank FROM items_fts f "
