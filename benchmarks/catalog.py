@@ -12,7 +12,13 @@ catalog, one run each:
 It prints images/s (model loading excluded, as `ingest` reports it) and the ratio to the plain
 loop. PyTorch fp32, ViT-B-32 with random weights (speed does not depend on them).
 
+With ``--hanging PCT`` it measures instead what hanging hosts cost: the same catalog with no
+hanging URL and with PCT% of its URLs (spread at random) answering nothing at all, each ingested
+at default settings by a whole `clipsearch ingest` process, wall time, for this checkout and for
+``--baseline REV`` (a git revision, checked out into a temporary worktree) side by side.
+
     python benchmarks/catalog.py [--count 300] [--plain 60] [--latency-ms 50-250] [--slow-every 50]
+    python benchmarks/catalog.py --hanging 1 --count 1000 --baseline e6afc7a
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import photos, print_table, random_checkpoint
+from _common import photos, print_table, random_checkpoint, source_trees
 
 
 def serve(files: list[Path], latency: tuple[float, float], slow_every: int) -> ThreadingHTTPServer:
+    """/N.jpg: the N-th photo after a latency; /hang/N: accepts the request and never answers."""
     blobs = [f.read_bytes() for f in files]
 
     class Handler(BaseHTTPRequestHandler):
@@ -42,6 +49,9 @@ def serve(files: list[Path], latency: tuple[float, float], slow_every: int) -> T
             pass
 
         def do_GET(self) -> None:
+            if self.path.startswith("/hang/"):
+                time.sleep(3600)
+                return
             n = int(self.path.strip("/").split(".")[0])
             time.sleep(3.0 if slow_every and n % slow_every == slow_every - 1 else random.uniform(*latency))
             body = blobs[n]
@@ -79,13 +89,59 @@ def plain_loop(base: str, count: int, weights: Path) -> float:
     return count / (time.perf_counter() - started)
 
 
-def ingest(catalog: Path, db: Path, cache: Path, weights: Path, *extra: str) -> dict:
+def ingest(
+    catalog: Path, db: Path, cache: Path, weights: Path, *extra: str, env: dict | None = None, ok: tuple = (0,)
+) -> dict:
     cmd = [sys.executable, "-m", "clipsearch.cli", "ingest", f"catalog:{catalog}", "--db", str(db)]
     cmd += ["--id-column", "product_id", "--cache-dir", str(cache), "--weights", str(weights), "--json", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CLIPSEARCH_DEVICE": "cpu"})
-    if done.returncode != 0:
+    env = {**os.environ, "CLIPSEARCH_DEVICE": "cpu", **(env or {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode not in ok:
         raise SystemExit(f"ingest failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout)
+
+
+def write_catalog(path: Path, base: str, count: int, hanging: set[int]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["product_id", "image_url", "title"])
+        for n in range(count):
+            writer.writerow([f"P{n:05d}", f"{base}/hang/{n}" if n in hanging else f"{base}/{n}.jpg", f"product {n}"])
+    return path
+
+
+def hanging_table(args: argparse.Namespace, base: str, weights: Path) -> None:
+    """Whole-process wall of `clipsearch ingest` on a catalog without and with hanging URLs."""
+    rng = random.Random(0)
+    hanging = set(rng.sample(range(args.count), max(1, round(args.count * args.hanging / 100))))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, source_trees(args.baseline, Path(tmp)) as trees:
+        root = Path(tmp)
+        catalogs = {
+            "none": write_catalog(root / "clean.csv", base, args.count, set()),
+            "hanging": write_catalog(root / "hanging.csv", base, args.count, hanging),
+        }
+        walls: dict[tuple[str, str], float] = {}
+        reports: dict[tuple[str, str], dict] = {}
+        for kind, catalog in catalogs.items():  # interleaved: before and after on each catalog in turn
+            for label, src in trees.items():
+                run = root / f"{label}-{kind}"
+                env = {"PYTHONPATH": str(src)}
+                started = time.perf_counter()
+                reports[label, kind] = ingest(catalog, run / "db.db", run / "cache", weights, env=env, ok=(0, 1))
+                walls[label, kind] = time.perf_counter() - started
+        for label in trees:
+            clean, slow = walls[label, "none"], walls[label, "hanging"]
+            report = reports[label, "hanging"]
+            rows.append(
+                [label, f"{clean:.1f}", f"{slow:.1f}", f"+{(slow / clean - 1) * 100:.0f}%",
+                 f"{report['embedded']} / {report['failed']}"]
+            )  # fmt: skip
+    title = (
+        f"Catalog of {args.count} URLs, {len(hanging)} of them hanging ({args.hanging:g}%), `clipsearch ingest` "
+        f"at default settings, whole process, ViT-B-32 torch fp32 on {os.cpu_count()} cores"
+    )
+    print_table(title, ["tree", "no hanging URL (s)", "with hanging URLs (s)", "cost", "embedded / failed"], rows)
 
 
 def main() -> None:
@@ -94,13 +150,19 @@ def main() -> None:
     parser.add_argument("--plain", type=int, default=60, help="rows for the plain loop")
     parser.add_argument("--latency-ms", default="50-250", help="per-request latency range")
     parser.add_argument("--slow-every", type=int, default=50, help="every Nth URL takes 3 s (0: none)")
+    parser.add_argument("--hanging", type=float, default=0, help="percent of URLs that never answer (see above)")
+    parser.add_argument("--baseline", default="", help="with --hanging: a git revision to compare with")
     args = parser.parse_args()
     low, _, high = args.latency_ms.partition("-")
     latency = (float(low) / 1000, float(high or low) / 1000)
     weights = random_checkpoint("ViT-B-32")
     files = photos(args.count)
-    server = serve(files, latency, args.slow_every)
+    server = serve(files, latency, 0 if args.hanging else args.slow_every)
     base = f"http://127.0.0.1:{server.server_address[1]}"
+    if args.hanging:
+        hanging_table(args, base, weights)
+        server.shutdown()
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

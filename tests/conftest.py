@@ -401,7 +401,8 @@ class ImageHandlerServer:
 
     Routes: /img/NAME.jpg (a sample photo), /noise/N.png (the N-th of many distinct small
     images), /status/CODE, /flaky/KEY (500 twice, then the image), /slow?s=SECONDS (default 5),
-    /html, /big (5 MB of JPEG-looking bytes), /redirect-loop, /redirect-to/PATH.
+    /html, /big (5 MB of JPEG-looking bytes), /cut (a body cut short), /redirect-loop,
+    /redirect-to/PATH.
     ``hits`` counts requests per path.
     """
 
@@ -465,6 +466,14 @@ class ImageHandlerServer:
                         with owner.lock:
                             owner.in_flight -= 1
                     self._send(200, images["coffee"])
+                elif path == "/cut":  # promises 1000 bytes, sends 10, closes the connection
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b"\xff\xd8\xff" + b"\0" * 7)
+                    self.wfile.flush()
+                    self.close_connection = True
                 elif path == "/html":
                     self._send(200, b"<html><body>not an image</body></html>", "text/html")
                 elif path == "/big":

@@ -100,7 +100,7 @@ class CatalogSource:
                 return list(_parquet().ParquetFile(self.path).schema_arrow.names)
             if self.format == "jsonl":
                 seen: dict[str, None] = {}
-                for row in self._rows():
+                for _, row in self._rows():
                     seen.update(dict.fromkeys(row))
                 return list(seen)
             with self.path.open(newline="", encoding="utf-8-sig") as f:
@@ -115,11 +115,15 @@ class CatalogSource:
     def _delimiter(self) -> str:
         return "\t" if self.format == "tsv" else ","
 
-    def _rows(self) -> Iterator[dict[str, Any]]:
+    def _rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(where the row is, as a person finds it in the file, row): a text file's line
+        number (the header is line 1), a Parquet file's data row number."""
         if self.format == "parquet":
+            number = 0
             for batch in _parquet().ParquetFile(self.path).iter_batches(batch_size=10_000):
                 for row in batch.to_pylist():
-                    yield {k: _jsonable(v) for k, v in row.items()}
+                    number += 1
+                    yield f"data row {number}", {k: _jsonable(v) for k, v in row.items()}
         elif self.format == "jsonl":
             with self.path.open(encoding="utf-8-sig") as f:
                 for lineno, line in enumerate(f, 1):
@@ -131,24 +135,28 @@ class CatalogSource:
                         raise UsageError(f"catalog {self.path}, line {lineno}: not JSON ({e.msg})") from None
                     if not isinstance(row, dict):
                         raise UsageError(f"catalog {self.path}, line {lineno}: expected a JSON object per line")
-                    yield {str(k): _jsonable(v) for k, v in row.items()}
+                    yield f"line {lineno}", {str(k): _jsonable(v) for k, v in row.items()}
         else:
             with self.path.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f, delimiter=self._delimiter(), skipinitialspace=True)
                 reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+                ended = reader.line_num
                 for row in reader:
-                    yield {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None}
+                    # a quoted field may span lines: a row starts on the line after the last one
+                    start, ended = ended + 1, reader.line_num
+                    row = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None}
+                    yield f"line {start}", row
 
     def __iter__(self) -> Iterator[SourceItem]:
         options = self.options
         base = self.path.resolve().parent
         try:
-            for number, row in enumerate(self._rows(), 1):
-                yield self._item(row, number, base, options)
+            for number, (where, row) in enumerate(self._rows(), 1):
+                yield self._item(row, number, where, base, options)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise UsageError(f"cannot read catalog {self.path}: {e}") from None
 
-    def _item(self, row: dict[str, Any], number: int, base: Path, options: CatalogOptions) -> SourceItem:
+    def _item(self, row: dict[str, Any], number: int, where: str, base: Path, options: CatalogOptions) -> SourceItem:
         raw_id = _text(row.get(options.id_column)) if options.id_column else f"{self.path.name}#{number}"
         ref = _text(row.get(self.image_column))
         text = " ".join(t for t in (_text(row.get(c)) for c in options.text_columns) if t) or None
@@ -161,10 +169,10 @@ class CatalogSource:
         if not raw_id:
             item.id = f"{self.path.name}#row{number}"
             item.source = item.source or item.id
-            item.error = f"row {number} has no {options.id_column}"
+            item.error = f"{where} has no {options.id_column}"
         elif not ref:
             item.source = f"{self.path.name}#{raw_id}"
-            item.error = f"row {number} has no {self.image_column}"
+            item.error = f"{where} has no {self.image_column}"
         elif is_url(ref):
             item.url = ref
             metadata["url"] = ref

@@ -114,10 +114,11 @@ class _Decode:
     """Ray Data stage (a task per batch): fetch URLs (into the node's download cache), read,
     hash, decode and crop, exactly as local ingest's decode workers do."""
 
-    def __init__(self, settings: DecodeSettings, download: DownloadSettings, offline: bool):
+    def __init__(self, settings: DecodeSettings, download: DownloadSettings, offline: bool, retry_failed: bool):
         self.settings = settings
         self.download = download
         self.offline = offline
+        self.retry_failed = retry_failed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         items: list[SourceItem] = list(batch["item"])
@@ -153,7 +154,9 @@ class _Decode:
             return
         cache = DownloadCache(NODE_CACHE)
         try:
-            results = download_all(cache, [items[i].url or "" for i in urls], self.download, self.offline)
+            results = download_all(
+                cache, [items[i].url or "" for i in urls], self.download, self.offline, self.retry_failed
+            )
         finally:
             cache.close()
         for i, result in zip(urls, results, strict=True):
@@ -266,7 +269,8 @@ class RayExecutor:
         decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             _Decode,
             fn_constructor_kwargs={
-                "settings": ingestor.decode, "download": options.download, "offline": options.offline
+                "settings": ingestor.decode, "download": options.download, "offline": options.offline,
+                "retry_failed": options.retry_failed,
             },
             batch_size=options.batch_size,
             batch_format="numpy",

@@ -7,13 +7,16 @@ Cache layout (``--cache-dir``, default beside the database)::
     index.db                        SQLite: url -> sha256, size, fetch time
 
 A URL in the index is never fetched again; two URLs that answer the same bytes share one file.
-Only successful fetches are cached: a failure is the store's to record, with its reason.
+A URL that failed is remembered too (``failed``), for ``FAILURE_MEMORY`` seconds: a catalog
+ingested into a second namespace of the same store, or by a worker, does not wait for the same
+dead or hanging URL again; ``--retry-failed`` fetches it anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import queue
@@ -21,6 +24,7 @@ import random
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -38,8 +42,14 @@ DEFAULT_CONCURRENCY = 16
 # may download retries it without --retry-failed
 NOT_CACHED = "not cached (the run was --offline)"
 DEFAULT_RETRIES = 3
-# the catalog is the user's own file: private hosts are allowed (the server's API is not)
-CATALOG_POLICY = FetchPolicy(allow_private=True, timeout=30.0, max_bytes=50 * 1024 * 1024)
+# The catalog is the user's own file: private hosts are allowed (the server's API is not). The
+# timeout is the deadline of a URL, every attempt, redirect and back-off included: a hanging
+# host costs it once, not once per attempt (a CDN answers an image in well under a second).
+CATALOG_POLICY = FetchPolicy(allow_private=True, timeout=20.0, max_bytes=50 * 1024 * 1024)
+# how long a failed URL is not fetched again (seconds): a failure that no retry can mend (HTTP
+# 404, not an image, too large) for a day; one that gave up on a timeout, a broken connection,
+# 5xx or 429 for an hour
+FAILURE_MEMORY = {True: 24 * 3600.0, False: 3600.0}  # permanent? -> seconds
 
 _INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -47,6 +57,12 @@ CREATE TABLE IF NOT EXISTS urls (
     sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
     fetched_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failed (
+    url TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    permanent INTEGER NOT NULL,
+    failed_at REAL NOT NULL
 );
 """
 
@@ -102,6 +118,23 @@ class DownloadCache:
             )
         return path
 
+    def remember_failure(self, url: str, reason: str, permanent: bool) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO failed (url, reason, permanent, failed_at) VALUES (?, ?, ?, ?)",
+                (url, reason, int(permanent), time.time()),
+            )
+
+    def recent_failure(self, url: str) -> str | None:
+        """Why ``url`` failed, if it did within ``FAILURE_MEMORY``; None otherwise."""
+        with self._lock:
+            row = self._conn.execute("SELECT reason, permanent, failed_at FROM failed WHERE url = ?", (url,)).fetchone()
+        if row is None or time.time() - row[2] > FAILURE_MEMORY[bool(row[1])]:
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row[2]))
+        # a stored reason, so it names no flag: each face words those for its own users
+        return f"{row[0]} (failed at {when}; not fetched again for a while unless failures are retried)"
+
     def __len__(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT count(*) FROM urls").fetchone()[0])
@@ -129,12 +162,17 @@ class Downloaded:
 class Downloader:
     """Fetches URLs concurrently (httpx on an asyncio loop in a background thread) into a
     ``DownloadCache``. ``submit`` never blocks; results come back from ``get`` in the order
-    they finish, so one slow URL holds up nothing but itself."""
+    they finish, so one slow URL holds up nothing but itself. A URL submitted again while it is
+    in flight is fetched once, and its result given to each key. A URL that failed recently
+    (``DownloadCache.recent_failure``) is not fetched again unless ``retry_failed``."""
 
-    def __init__(self, cache: DownloadCache, settings: DownloadSettings | None = None):
+    def __init__(self, cache: DownloadCache, settings: DownloadSettings | None = None, retry_failed: bool = False):
         self.cache = cache
         self.settings = settings or DownloadSettings()
+        self.retry_failed = retry_failed
         self._results: queue.SimpleQueue[Downloaded] = queue.SimpleQueue()
+        self._waiting: dict[str, list[Any]] = {}  # url in flight -> the keys that wait for it
+        self._waiting_lock = threading.Lock()
         self._futures: set[Future] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="clipsearch-download", daemon=True)
@@ -144,10 +182,17 @@ class Downloader:
     async def _open(self) -> httpx.AsyncClient:
         self._slots = asyncio.Semaphore(max(1, self.settings.concurrency))
         limits = httpx.Limits(max_connections=self.settings.concurrency, max_keepalive_connections=None)
-        return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.settings.policy.timeout), trust_env=False)
+        # a connection that stalls for half the deadline fails its attempt, leaving time to retry
+        idle = httpx.Timeout(max(1.0, self.settings.policy.timeout / 2))
+        return httpx.AsyncClient(limits=limits, timeout=idle, trust_env=False)
 
     def submit(self, key: Any, url: str) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._download(key, url), self._loop)
+        with self._waiting_lock:
+            if url in self._waiting:
+                self._waiting[url].append(key)
+                return
+            self._waiting[url] = [key]
+        future = asyncio.run_coroutine_threadsafe(self._download(url), self._loop)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
 
@@ -157,30 +202,63 @@ class Downloader:
     def ready(self) -> bool:
         return not self._results.empty()
 
-    async def _download(self, key: Any, url: str) -> None:
-        settings = self.settings
+    def _finish(self, url: str, path: Path | None, error: str | None) -> None:
+        with self._waiting_lock:
+            keys = self._waiting.pop(url, [])
+        for key in keys:
+            self._results.put(Downloaded(key, path, error))
+
+    async def _download(self, url: str) -> None:
         try:
-            for attempt in range(settings.retries + 1):
-                try:
-                    async with self._slots:
-                        data = await fetch_url(self._client, url, settings.policy)
-                except FetchError as e:
-                    if not e.retryable or attempt == settings.retries:
-                        tries = f" (after {attempt + 1} attempts)" if attempt else ""
-                        self._results.put(Downloaded(key, None, e.message + tries))
-                        return
-                    # back off outside the semaphore, so a struggling host does not idle the slots
-                    await asyncio.sleep(settings.backoff * 2**attempt * (0.5 + random.random()))
-                    continue
-                path = await asyncio.to_thread(self.cache.put, url, data)
-                self._results.put(Downloaded(key, path, None))
+            if not self.retry_failed:
+                remembered = await asyncio.to_thread(self.cache.recent_failure, url)
+                if remembered is not None:
+                    self._finish(url, None, remembered)
+                    return
+            try:
+                data = await self._fetch(url)
+            except ClipsearchError as e:  # a FetchError, or too large, or a forbidden URL
+                permanent = not getattr(e, "retryable", False)
+                await asyncio.to_thread(self.cache.remember_failure, url, e.message, permanent)
+                self._finish(url, None, e.message)
                 return
+            path = await asyncio.to_thread(self.cache.put, url, data)
+            self._finish(url, path, None)
         except asyncio.CancelledError:
             raise
         except ClipsearchError as e:
-            self._results.put(Downloaded(key, None, e.message))
+            self._finish(url, None, e.message)
         except Exception as e:  # one bad URL must never stop the run
-            self._results.put(Downloaded(key, None, f"unexpected {type(e).__name__}: {e}"))
+            self._finish(url, None, f"unexpected {type(e).__name__}: {e}")
+
+    async def _fetch(self, url: str) -> bytes:
+        """The bytes of ``url``, with retries (and back-off between them) while its deadline,
+        ``policy.timeout`` from the start of its first attempt, allows; else the last
+        FetchError. Waiting for a free connection before that start does not count."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        for attempt in range(settings.retries + 1):
+            try:
+                async with self._slots:
+                    if deadline is None:
+                        deadline = loop.time() + settings.policy.timeout
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise FetchError(f"{url[:200]}: timed out before a retry could start", True)
+                    return await fetch_url(self._client, url, dataclasses.replace(settings.policy, timeout=left))
+            except FetchError as e:
+                assert deadline is not None
+                # back off outside the semaphore, so a struggling host does not idle the slots
+                pause = settings.backoff * 2**attempt * (0.5 + random.random())
+                if not e.retryable or attempt == settings.retries or loop.time() + pause >= deadline:
+                    if not attempt:
+                        raise
+                    spent = settings.policy.timeout - max(0.0, deadline - loop.time())
+                    tries = f" (gave up after {attempt + 1} attempts in {spent:.0f} s)"
+                    raise FetchError(e.message + tries, e.retryable) from None
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Cancel what is still downloading and stop the thread."""
@@ -201,10 +279,14 @@ class Downloader:
 
 
 def download_all(
-    cache: DownloadCache, urls: Iterable[str], settings: DownloadSettings | None = None, offline: bool = False
+    cache: DownloadCache,
+    urls: Iterable[str],
+    settings: DownloadSettings | None = None,
+    offline: bool = False,
+    retry_failed: bool = False,
 ) -> list[Downloaded]:
     """Each URL's file, in input order (``key`` is its position): from the cache, else downloaded
-    (concurrently) unless ``offline``, which answers ``NOT_CACHED`` instead."""
+    (concurrently, each URL once) unless ``offline``, which answers ``NOT_CACHED`` instead."""
     urls = list(urls)
     out: list[Downloaded] = []
     missing: list[int] = []
@@ -214,7 +296,7 @@ def download_all(
         if cached is None and not offline:
             missing.append(i)
     if missing:  # the downloader's thread and loop only when something is to be fetched
-        with Downloader(cache, settings) as downloader:
+        with Downloader(cache, settings, retry_failed) as downloader:
             for i in missing:
                 downloader.submit(i, urls[i])
             for _ in missing:

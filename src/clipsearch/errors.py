@@ -8,6 +8,7 @@ field (``same_filter``). Anything else that escapes is a bug and keeps its trace
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -173,3 +174,33 @@ class FetchError(ImageError):
 
 class ForbiddenURLError(FetchError):
     """A URL the server refuses to fetch: not http(s), or pointing at a private address."""
+
+
+# (pattern in a recorded failure reason, the kind it counts as): the reasons are the library's own
+# words (fetch, decode, catalog), so that a run's failures can be counted by what to do about them
+_FAILURE_KINDS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"answered HTTP (\d{3})"), r"HTTP \1"),
+    (re.compile(r"not cached \(the run was"), "not cached (offline run)"),
+    (re.compile(r"timed out"), "timed out"),
+    (re.compile(r"cannot resolve host"), "host not found"),
+    (re.compile(r"cannot connect"), "cannot connect"),
+    (re.compile(r"closed the connection|connection broke|truncated \w+ body"), "connection broken mid-body"),
+    (re.compile(r"redirected"), "bad redirect"),
+    (re.compile(r"refusing to fetch"), "URL refused"),
+    (re.compile(r"larger than|over the .* limit|too large"), "too large"),
+    (re.compile(r"not an image|Content-Encoding"), "not an image"),
+    (re.compile(r"^(?:line|data row) \d+ has no (\S+)"), r"no \1"),
+    (re.compile(r"does not exist|is a directory|cannot read"), "file missing or unreadable"),
+    (re.compile(r"empty file|truncated|corrupt|unreadable|decoder process crashed"), "broken image"),
+    (re.compile(r"out of memory"), "out of memory"),
+]
+
+
+def failure_kind(reason: str) -> str:
+    """What kind of failure a recorded reason is (``HTTP 404``, ``timed out``, ``not an image``,
+    ``broken image``, ...), for counts by kind; ``other`` for a reason of no known kind."""
+    for pattern, kind in _FAILURE_KINDS:
+        found = pattern.search(reason)
+        if found:
+            return found.expand(kind)
+    return "other"

@@ -171,7 +171,7 @@ async def fetch_url(
     try:
         return await asyncio.wait_for(_fetch(client, url, policy, count), timeout=policy.timeout)
     except TimeoutError:
-        raise FetchError(f"timed out after {policy.timeout:g} s fetching {url[:200]}", retryable=True) from None
+        raise FetchError(f"{url[:200]}: timed out after {policy.timeout:g} s", retryable=True) from None
 
 
 async def _fetch(
@@ -196,9 +196,9 @@ async def _fetch(
         try:
             response = await client.send(request, stream=True, follow_redirects=False)
         except httpx.TimeoutException:
-            raise FetchError(f"timed out fetching {current[:200]}", retryable=True) from None
+            raise FetchError(f"{current[:200]}: timed out", retryable=True) from None
         except httpx.HTTPError as e:
-            message = f"cannot fetch {current[:200]}: {type(e).__name__} {e}".rstrip()
+            message = f"{current[:200]}: {_what_happened(e)}"
             raise FetchError(message, retryable=isinstance(e, httpx.TransportError)) from None
         try:
             if response.is_redirect:
@@ -218,12 +218,25 @@ async def _fetch(
                 raise TooLargeError(f"{current[:200]} is {int(length)} bytes, over the {_mib(policy.max_bytes)} limit")
             return await _read_body(response, current, policy.max_bytes, count)
         except httpx.TimeoutException:
-            raise FetchError(f"timed out reading {current[:200]}", retryable=True) from None
+            raise FetchError(f"{current[:200]}: timed out while reading the body", retryable=True) from None
         except httpx.HTTPError as e:
-            raise FetchError(f"cannot read {current[:200]}: {type(e).__name__}", retryable=True) from None
+            raise FetchError(f"{current[:200]}: {_what_happened(e)}", retryable=True) from None
         finally:
             await response.aclose()
     raise FetchError(f"{url[:200]} redirected more than {policy.max_redirects} times")
+
+
+def _what_happened(e: httpx.HTTPError) -> str:
+    """An httpx error in words a person running a catalog can act on."""
+    if isinstance(e, httpx.RemoteProtocolError):
+        return "the server closed the connection before the whole response arrived"
+    if isinstance(e, httpx.ConnectError):
+        return f"cannot connect ({e or 'connection refused'})"
+    if isinstance(e, httpx.ReadError | httpx.WriteError):
+        return f"the connection broke ({e or 'reset by the server'})"
+    if isinstance(e, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return f"not a URL that can be fetched ({e})"
+    return f"{type(e).__name__} {e}".rstrip()
 
 
 async def _read_body(

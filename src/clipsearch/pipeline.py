@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import queue
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -39,7 +39,7 @@ import numpy as np
 
 from .decode_stage import DecodeSettings, Unchanged, decode_item, failure_reason
 from .download_cache import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
-from .errors import UsageError
+from .errors import UsageError, failure_kind
 from .identity import ModelSpec
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .sources import Source, SourceItem, filter_items, sample_items
@@ -100,8 +100,15 @@ class IngestReport:
         """The report as JSON data (``ingest --json``, the server's watch log)."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "failures"}
         data["seconds"] = round(self.seconds, 3)
-        data["failures"] = [{"id": f.id, "source": f.source, "reason": f.reason} for f in self.failures]
+        data["failures_by_kind"] = self.failures_by_kind()
+        data["failures"] = [
+            {"id": f.id, "source": f.source, "reason": f.reason, "kind": failure_kind(f.reason)} for f in self.failures
+        ]
         return data
+
+    def failures_by_kind(self) -> dict[str, int]:
+        """How many of this run's failures are of each kind (``errors.failure_kind``), most first."""
+        return dict(Counter(failure_kind(f.reason) for f in self.failures).most_common())
 
 
 @dataclass
@@ -445,7 +452,7 @@ class _LocalRun:
                     yield _Ready(item, known, NOT_CACHED)
                 else:
                     if downloader is None:
-                        downloader = Downloader(cache, settings)
+                        downloader = Downloader(cache, settings, self.options.retry_failed)
                     downloader.submit((item, known), item.url)
                     outstanding += 1
                 if downloader is not None:

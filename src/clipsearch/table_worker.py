@@ -418,7 +418,7 @@ class Worker:
             from .pipeline import default_cache_dir
 
             self._cache = DownloadCache(self.options.cache_dir or default_cache_dir(self.url))
-        return download_all(self._cache, urls, self.options.download)
+        return download_all(self._cache, urls, self.options.download, retry_failed=self.options.retry_failed)
 
     def close(self) -> None:
         self.conn.close()

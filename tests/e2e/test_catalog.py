@@ -153,6 +153,46 @@ def test_a_slow_download_holds_up_nothing_but_itself(image_server, tmp_path):
     cache.close()
 
 
+def test_a_hanging_url_costs_its_deadline_once_not_once_per_attempt(image_server, tmp_path):
+    """--download-timeout bounds a URL in all: four attempts of a host that never answers used
+    to cost four timeouts (and back-offs) each."""
+    cache = DownloadCache(tmp_path / "cache")
+    settings = DownloadSettings(concurrency=4, retries=3, backoff=0.01, policy=FetchPolicy(True, 1.5))
+    started = time.monotonic()
+    (result,) = download_all(cache, [f"{image_server.url}/slow?s=30&hang"], settings)
+    elapsed = time.monotonic() - started
+    assert result.path is None and "timed out" in result.error
+    assert 1.4 < elapsed < 3.0, elapsed
+    cache.close()
+
+
+def test_a_url_shared_by_rows_in_flight_is_fetched_once(image_server, tmp_path):
+    cache = DownloadCache(tmp_path / "cache")
+    shared, dead = f"{image_server.url}/slow?s=0.5&shared", f"{image_server.url}/status/404?shared"
+    before = dict(image_server.hits)
+    results = download_all(cache, [shared, dead, shared, dead, shared], DownloadSettings(retries=0))
+    assert [r.key for r in results] == [0, 1, 2, 3, 4]
+    assert results[0].path is not None and results[0].path == results[2].path == results[4].path
+    assert results[1].error == results[3].error and "HTTP 404" in results[1].error
+    fetched = {p: n - before.get(p, 0) for p, n in image_server.hits.items() if n != before.get(p, 0)}
+    assert fetched == {"/slow": 1, "/status/404": 1}
+    cache.close()
+
+
+def test_a_failed_url_is_remembered_across_namespaces_until_retry_failed(cli, image_server, tmp_path):
+    dead = f"{image_server.url}/status/410?remembered"
+    catalog = write_csv(tmp_path / "c.csv", [{"id": "A", "image_url": dead}])
+    before = image_server.hits["/status/410"]
+    code, report, _ = ingest_json(cli, f"catalog:{catalog}")
+    assert code == 1 and image_server.hits["/status/410"] == before + 1
+    code, report, _ = ingest_json(cli, f"catalog:{catalog}", "-n", "second")  # same store, same cache
+    assert code == 1 and image_server.hits["/status/410"] == before + 1
+    reason = report["failures"][0]["reason"]
+    assert "HTTP 410" in reason and "not fetched again for a while" in reason
+    code, report, _ = ingest_json(cli, f"catalog:{catalog}", "-n", "third", "--retry-failed")
+    assert code == 1 and image_server.hits["/status/410"] == before + 2
+
+
 # -- catalog ingest ----------------------------------------------------------------------------
 def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image_server, tmp_path):
     base = image_server.url
@@ -162,7 +202,7 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     bad = {
         "404": f"{base}/status/404",
         "flaky": f"{base}/flaky/catalog-test",  # two 500s, then an image: retried, embedded
-        "slow": f"{base}/slow?s=5",
+        "slow": f"{base}/slow?s=10",
         "html": f"{base}/html",
         "big": f"{base}/big",
         "loop": f"{base}/redirect-loop",
@@ -171,8 +211,9 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     }
     rows = good + [{"id": k, "image_url": v, "client": "B"} for k, v in bad.items()]
     catalog = write_csv(tmp_path / "cat.csv", rows)
-    # a timeout far above what a loaded CI machine needs for a small image, far below the slow route
-    args = [f"catalog:{catalog}", "--concurrency", "8", "--download-timeout", "2", "--retries", "2"]
+    # a deadline far above what a loaded CI machine needs for a small image and the flaky route's
+    # two back-offs, far below the slow route
+    args = [f"catalog:{catalog}", "--concurrency", "8", "--download-timeout", "4", "--retries", "2"]
     args += ["--max-download-mb", "1"]
     before = dict(image_server.hits)
     code, report, _ = ingest_json(cli, *args)
@@ -180,13 +221,11 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     assert report["embedded"] == 7 and report["failed"] == 6
     reasons = failures_of(cli)
     assert "HTTP 404" in reasons["404"]
-    assert "timed out" in reasons["slow"] and "after 3 attempts" in reasons["slow"]
+    assert "timed out" in reasons["slow"]
     assert "not an image (content-type text/html)" in reasons["html"]
     assert "over the 1 MiB limit" in reasons["big"]
     assert "redirected more than" in reasons["loop"]
-    assert reasons["empty"] == "row 12 has no image_url"
-    # a timeout is retried (an attempt that times out while connecting never reaches the server)
-    assert image_server.hits["/slow"] - before.get("/slow", 0) >= 2
+    assert reasons["empty"] == "line 13 has no image_url"  # the header is line 1
     stored = items_of(cli.db)
     assert set(stored) == {"G0", "G1", "G2", "G3", "G4", "flaky", "local"}
     assert stored["G0"]["url"] == good[0]["image_url"] and stored["G0"]["client"] == "A"
@@ -209,13 +248,16 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     cache = f"{cli.db}-cache"
     code, report, _ = ingest_json(cli, *args, "--db", tmp_path / "other.db", "--cache-dir", cache, "--offline")
     assert report["embedded"] == 7 and sum(image_server.hits.values()) == hits
+    seen = dict(image_server.hits)
     with sqlite3.connect(tmp_path / "other.db") as conn:
         offline = dict(conn.execute("SELECT id, reason FROM failures"))
     assert offline["404"] == "not cached (the run was --offline)"
-    # ... and a later run that may download tries those again without --retry-failed
+    # ... and a later run that may download tries those again without --retry-failed, except
+    # the URLs the shared cache remembers as failed a moment ago: those it answers at once
     code, report, _ = ingest_json(cli, *args, "--db", tmp_path / "other.db", "--cache-dir", cache)
     assert report["previously_failed"] == 1 and report["failed"] == 5  # the row with no URL stays failed
-    assert sum(image_server.hits.values()) > hits
+    assert {p: n - seen.get(p, 0) for p, n in image_server.hits.items() if n != seen.get(p, 0)} == {}
+    assert all("not fetched again for a while" in f["reason"] for f in report["failures"])
 
 
 def test_a_thousand_rows_with_fifty_bad_urls(cli, image_server, tmp_path):
@@ -455,6 +497,47 @@ def test_repeated_ids_count_only_selected_rows(cli, image_server, tmp_path):
     catalog = write_csv(tmp_path / "c.csv", rows)
     code, report, _ = ingest_json(cli, f"catalog:{catalog}", "--id-column", "product_id", "--filter", "client=keep")
     assert code == 0 and report["embedded"] == 1 and report["repeated_ids"] == 0
+
+
+def test_failures_are_counted_by_kind_and_name_the_row(cli, image_server, tmp_path):
+    base = image_server.url
+    rows = [{"product_id": f"G{i}", "image_url": f"{base}/noise/{300 + i}.png", "title": "ok"} for i in range(3)]
+    rows += [{"product_id": f"M{i}", "image_url": f"{base}/status/404?kind{i}", "title": "gone"} for i in range(3)]
+    rows += [
+        {"product_id": "H", "image_url": f"{base}/html", "title": "a page"},
+        {"product_id": "C", "image_url": f"{base}/cut", "title": "cut"},
+        {"product_id": "Q", "image_url": f"{base}/noise/310.png", "title": "two\nlines"},  # quoted over two lines
+        {"product_id": "E", "image_url": "", "title": "no url"},
+    ]
+    catalog = write_csv(tmp_path / "c.csv", rows)
+    args = [f"catalog:{catalog}", "--id-column", "product_id", "--retries", "0"]
+    code, _, err = cli("ingest", *args)
+    assert code == 1
+    counts = next(line for line in err.splitlines() if line.startswith("failed by kind: "))
+    assert counts.startswith("failed by kind: HTTP 404: 3, ")  # most first; ties as they came
+    assert set(counts.split(": ", 1)[1].split(", ")) == {
+        "HTTP 404: 3", "not an image: 1", "connection broken mid-body: 1", "no image_url: 1"
+    }  # fmt: skip
+    assert f"failed: {base}/status/404?kind0: answered HTTP 404 (id M0)" in err
+    assert "the server closed the connection before the whole response arrived" in err
+    assert "RemoteProtocolError" not in err
+    assert "line 12 has no image_url" in err  # the header is line 1; the quoted title spans 10-11
+
+    code, report, _ = ingest_json(cli, *args, "--retry-failed")
+    assert report["failures_by_kind"] == {"HTTP 404": 3, "not an image": 1, "connection broken mid-body": 1,
+                                          "no image_url": 1}  # fmt: skip
+    assert {f["kind"] for f in report["failures"]} == set(report["failures_by_kind"])
+
+    code, out, _ = cli("failures")
+    assert code == 0 and "6 failed; by kind: HTTP 404: 3" in out
+    line = next(row for row in out.splitlines() if "kind1" in row)
+    assert "M1" in line and line.count(f"{base}/status/404?kind1") == 1
+    code, out, _ = cli("failures", "--json")
+    listed = {f["id"]: f for f in map(json.loads, out.splitlines())}
+    assert set(listed) == {"M0", "M1", "M2", "H", "C", "E"}
+    assert listed["M0"]["attempts"] == 2 and listed["M0"]["kind"] == "HTTP 404"
+    assert listed["M0"]["metadata"]["title"] == "gone" and listed["M0"]["first_failed_at"]
+    assert {"sha256", "size", "fingerprint", "last_failed_at", "namespace", "source"} <= set(listed["M0"])
 
 
 def test_a_404_line_names_the_url_once(cli, image_server, tmp_path):

@@ -106,7 +106,7 @@ DownloadTimeoutOpt = Annotated[
         "--download-timeout",
         min=0.1,
         envvar="CLIPSEARCH_DOWNLOAD_TIMEOUT",
-        help="Seconds per download attempt.",
+        help="Seconds a URL may take in all, every attempt, redirect and back-off included.",
         rich_help_panel=DOWNLOAD_PANEL,
     ),
 ]
@@ -116,7 +116,8 @@ RetriesOpt = Annotated[
         "--retries",
         min=0,
         envvar="CLIPSEARCH_RETRIES",
-        help="Retries of a download after a timeout, a broken connection, 5xx or 429 (with backoff).",
+        help="Retries of a download after a timeout, a broken connection, 5xx or 429 (with backoff), "
+        "within --download-timeout.",
         rich_help_panel=DOWNLOAD_PANEL,
     ),
 ]
@@ -130,6 +131,26 @@ MaxDownloadMbOpt = Annotated[
         rich_help_panel=DOWNLOAD_PANEL,
     ),
 ]
+
+
+def short_reason(source: str, reason: str) -> str:
+    """A failure's reason without its source in front: a URL's reason starts with the URL
+    already (``URL: answered HTTP 404``), which a line that shows the source need not repeat."""
+    return reason[len(source) :].lstrip(": ") if source and reason.startswith(source) else reason
+
+
+def own_id(f: Any) -> str:
+    """A failed item's id where a person gave it (a catalog's product id); "" for a file's id,
+    which is a digest of its path and says nothing the source does not."""
+    from ..sources import file_id
+
+    return "" if f.id in (f.source, file_id(Path(f.source))) else f.id
+
+
+def failure_line(f: Any) -> str:
+    """One failure on one line: source, reason, and the item's own id, if it has one."""
+    line = f"{f.source}: {short_reason(f.source, f.reason)}"
+    return f"{line} (id {own_id(f)})" if own_id(f) else line
 
 
 def download_settings(concurrency: int, timeout: float, retries: int, max_mb: float) -> Any:

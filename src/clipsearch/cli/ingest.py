@@ -21,6 +21,7 @@ from ._common import (
     RetriesOpt,
     download_settings,
     err,
+    failure_line,
     hooks,
     out,
     parse_filters,
@@ -154,7 +155,7 @@ def ingest(
     ] = True,
     cache_dir: CacheDirOpt = None,
     concurrency: ConcurrencyOpt = 16,
-    download_timeout: DownloadTimeoutOpt = 30.0,
+    download_timeout: DownloadTimeoutOpt = 20.0,
     retries: RetriesOpt = 3,
     max_download_mb: MaxDownloadMbOpt = 50.0,
     ray_address: Annotated[
@@ -262,9 +263,10 @@ def print_report(report: IngestReport, as_json: bool) -> None:
     if report.removed or report.moved:
         line += f"; removed {report.removed} whose file is gone, kept {report.moved} moved or renamed"
     out.print(line, highlight=False)
+    if report.failures:
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in report.failures_by_kind().items())
+        err.print(f"failed by kind: {kinds}", highlight=False, markup=False)
     for f in report.failures[:20]:
-        # a URL's reason starts with the URL already ("URL answered HTTP 404")
-        reason = f.reason[len(f.source) :].lstrip(": ") if f.reason.startswith(f.source) else f.reason
-        err.print(f"  failed: {f.source}: {reason}", highlight=False, markup=False)
+        err.print(f"  failed: {failure_line(f)}", highlight=False, markup=False)
     if len(report.failures) > 20:
-        err.print(f"  ... and {len(report.failures) - 20} more (clipsearch failures)", highlight=False)
+        err.print(f"  ... and {len(report.failures) - 20} more (`clipsearch failures` lists them all)", highlight=False)

@@ -3,17 +3,19 @@ of these loads a model or imports torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..errors import NoDatabaseError, UsageError
+from ..errors import NoDatabaseError, UsageError, failure_kind
 from ..settings import DEFAULT_DB
-from ._common import DbOpt, JsonOpt, NamespaceOpt, out, print_table
+from ._common import DbOpt, JsonOpt, NamespaceOpt, out, own_id, print_table, short_reason
 
 
 def info(db: DbOpt = DEFAULT_DB, as_json: JsonOpt = False) -> None:
@@ -56,24 +58,20 @@ def failures(
         rows = store.failures(namespace)
     if as_json:
         for f in rows:
-            line = {
-                "namespace": f.namespace,
-                "id": f.id,
-                "source": f.source,
-                "reason": f.reason,
-                "attempts": f.attempts,
-                "last_failed_at": f.last_failed_at,
-            }
+            line = {**dataclasses.asdict(f), "kind": failure_kind(f.reason)}
             sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
     elif not rows:
         out.print("no failures")
     else:
         table = Table(show_edge=False, pad_edge=False)
-        for col in ("namespace", "source", "reason", "attempts"):
+        for col in ("namespace", "id", "source", "reason", "attempts"):
             table.add_column(col, no_wrap=col in ("source", "reason"))
         for f in rows:
-            table.add_row(f.namespace, f.source, f.reason, str(f.attempts))
+            table.add_row(f.namespace, own_id(f), f.source, short_reason(f.source, f.reason), str(f.attempts))
         print_table(table)
+        kinds = Counter(failure_kind(f.reason) for f in rows).most_common()
+        counts = ", ".join(f"{kind}: {n}" for kind, n in kinds)
+        out.print(f"{len(rows)} failed; by kind: {counts}", highlight=False, markup=False)
 
 
 def export(

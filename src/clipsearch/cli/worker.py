@@ -86,7 +86,7 @@ def worker(
     ] = 32,
     cache_dir: CacheDirOpt = None,
     concurrency: ConcurrencyOpt = 16,
-    download_timeout: DownloadTimeoutOpt = 30.0,
+    download_timeout: DownloadTimeoutOpt = 20.0,
     retries: RetriesOpt = 3,
     max_download_mb: MaxDownloadMbOpt = 50.0,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Embed at most N rows this run.")] = None,
