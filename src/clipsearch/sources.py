@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,7 +214,34 @@ def filter_items(items: list[SourceItem], filters: dict[str, Any] | None) -> lis
             param="filters",
         )
     test = matcher(filters)
-    return [it for it in items if test(it.metadata)]
+    kept = [it for it in items if test(it.metadata)]
+    if not kept:
+        raise UsageError(_matches_nothing(items, filters), param="filters")
+    return kept
+
+
+def _matches_nothing(items: list[SourceItem], filters: dict[str, Any]) -> str:
+    """Why a filter selects none of ``items``, with the values its key has: a value written in
+    another case (``client=small`` for ``Small``) is the usual slip, and it is named."""
+    for key, condition in filters.items():
+        test = matcher({key: condition})
+        if any(test(it.metadata) for it in items):
+            continue
+        counts: Counter[str] = Counter()
+        for it in items:
+            value = it.metadata.get(key)
+            for v in value if isinstance(value, list) else [value]:
+                if v is not None and v != "":
+                    counts[str(v)] += 1
+        values = [v for v, _ in counts.most_common(12)]
+        listed = ", ".join(values) + (f" and {len(counts) - len(values)} more" if len(counts) > len(values) else "")
+        message = f"no item matches the filter on {key!r} (of {len(items)}); its values: {listed}"
+        wanted = {str(w).casefold() for w in (condition if isinstance(condition, list) else [condition])}
+        near = [v for v in counts if v.casefold() in wanted]
+        if near:
+            message += f" (values match exactly: did you mean {near[0]!r}?)"
+        return message
+    return f"no item matches all of the filters together (each matches some of the {len(items)} items alone)"
 
 
 def sample_items(items: list[SourceItem], sample: int | None = None, seed: int = 0) -> list[SourceItem]:

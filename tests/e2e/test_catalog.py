@@ -545,3 +545,36 @@ def test_a_404_line_names_the_url_once(cli, image_server, tmp_path):
     catalog = write_csv(tmp_path / "c.csv", [{"product_id": "X", "image_url": missing}])
     code, _, err = cli("ingest", f"catalog:{catalog}", "--id-column", "product_id")
     assert code == 1 and f"failed: {missing}: answered HTTP 404" in err and err.count(missing) == 1
+
+
+def test_scheduled_runs_log_progress_and_may_tolerate_failures(cli, image_server, tmp_path):
+    base = image_server.url
+    rows = [{"id": f"G{i}", "image_url": f"{base}/noise/{400 + i}.png", "client": "Small"} for i in range(10)]
+    rows += [{"id": "S", "image_url": f"{base}/slow?s=1&progress", "client": "Big"}]
+    rows += [{"id": "M", "image_url": f"{base}/status/404?rate", "client": "Big"}]
+    catalog = write_csv(tmp_path / "c.csv", rows)
+    # no terminal (the test's pipes): plain lines, as a cron job or a CI log would keep them
+    code, _, err = cli("ingest", f"catalog:{catalog}", "--progress-every", "0.2")
+    lines = [line for line in err.splitlines() if line.startswith("ingest: ")]
+    assert code == 1 and lines and all(" of 12 (" in line and "items/s" in line for line in lines)
+    code, _, err = cli("ingest", f"catalog:{catalog}", "-n", "quiet", "--progress", "none", "--progress-every", "0.2")
+    assert not [line for line in err.splitlines() if line.startswith("ingest: ")]
+
+    # one failure in 12 (8.3%): over 5%, within 10%
+    code, _, err = cli("ingest", f"catalog:{catalog}", "--max-failure-rate", "5%")
+    assert code == 1 and "warning" not in err
+    code, _, err = cli("ingest", f"catalog:{catalog}", "--max-failure-rate", "0.1")
+    assert code == 0 and "warning: 1 of 12 items failed (8.3%), within --max-failure-rate 10.0%: exit 0" in err
+    code, _, err = cli("ingest", f"catalog:{catalog}", "--max-failure-rate", "lots")
+    assert code == 2 and "like 5% or 0.05" in err
+
+
+def test_a_filter_value_that_matches_nothing_lists_the_values(cli, image_server, tmp_path):
+    rows = [{"id": f"R{i}", "image_url": f"{image_server.url}/noise/{i}.png", "client": c}
+            for i, c in enumerate(["Small", "Mid", "Big", "Big"])]  # fmt: skip
+    catalog = write_csv(tmp_path / "c.csv", rows)
+    code, _, err = cli("ingest", f"catalog:{catalog}", "--filter", "client=small")
+    assert code == 2 and "no item matches the filter on 'client' (of 4); its values: Big, Small, Mid" in err
+    assert "did you mean 'Small'?" in err and "(--filter)" in err
+    code, _, err = cli("ingest", f"catalog:{catalog}", "--filter", "client=Small", "--filter", "id=R1")
+    assert code == 2 and "no item matches all of the filters together" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -180,6 +181,29 @@ def ingest(
         ),
     ] = 1.0,
     as_json: JsonOpt = False,
+    progress: Annotated[
+        str,
+        typer.Option(
+            "--progress",
+            envvar="CLIPSEARCH_PROGRESS",
+            help="auto (a bar on a terminal, else plain), bar, plain (a line every --progress-every seconds, "
+            "for logs), or none.",
+        ),
+    ] = "auto",
+    progress_every: Annotated[
+        float,
+        typer.Option(
+            "--progress-every", min=0.1, envvar="CLIPSEARCH_PROGRESS_EVERY", help="Seconds between plain lines."
+        ),
+    ] = 30.0,
+    max_failure_rate: Annotated[
+        str | None,
+        typer.Option(
+            "--max-failure-rate",
+            envvar="CLIPSEARCH_MAX_FAILURE_RATE",
+            help="Exit 0 (with a warning) while failed items stay within this share of the items, e.g. 5% or 0.05.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the log of Ray (with --ray).")] = False,
     *,
     choice: ModelChoice,
@@ -191,6 +215,9 @@ def ingest(
     from ..store import open_store, validate_namespace
 
     validate_namespace(namespace)
+    if progress not in PROGRESS_MODES:
+        raise UsageError(f"--progress {progress!r}: use one of {', '.join(PROGRESS_MODES)}")
+    tolerated = failure_rate(max_failure_rate) if max_failure_rate is not None else None
     filters = parse_filters(filter_)
     columns = [c.strip() for c in (text_columns or "").split(",") if c.strip()]
     if embed_text and not columns:
@@ -226,7 +253,9 @@ def ingest(
     with Collection(open_store(db), namespace, choice, db=db, **hooks()) as collection:
         # sources are checked before the model loads: a typo costs nothing
         parsed = collection.parse_sources(sources, recursive=recursive, catalog=catalog, filters=filters)
-        if err.is_terminal and not as_json:
+        if progress == "auto":
+            progress = "bar" if err.is_terminal and not as_json else "plain"
+        if progress == "bar":
             with progress_bar() as bar:
                 task = bar.add_task("ingest", total=None)
                 report = collection.ingest(
@@ -237,12 +266,61 @@ def ingest(
                     prune=prune,
                 )
         else:
-            report = collection.ingest(parsed, options, ray=ray, prune=prune)
+            lines = PlainProgress(progress_every) if progress == "plain" else None
+            report = collection.ingest(parsed, options, progress=lines, ray=ray, prune=prune)
     print_report(report, as_json)
     if report.interrupted:
         raise typer.Exit(130)
-    if report.failed or report.previously_failed:
-        raise typer.Exit(1)
+    failed = report.failed + report.previously_failed
+    if failed:
+        considered = report.embedded + report.skipped + failed
+        if tolerated is None or failed > tolerated * considered:
+            raise typer.Exit(1)
+        err.print(
+            f"warning: {failed} of {considered} items failed ({failed / considered:.1%}), within "
+            f"--max-failure-rate {tolerated:.1%}: exit 0",
+            highlight=False,
+        )
+
+
+PROGRESS_MODES = ("auto", "bar", "plain", "none")
+
+
+def failure_rate(text: str) -> float:
+    """``5%`` or ``0.05`` as 0.05; UsageError for anything else."""
+    try:
+        rate = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 <= rate <= 1:
+        raise UsageError(f"--max-failure-rate {text!r}: give a share of the items, like 5% or 0.05")
+    return rate
+
+
+class PlainProgress:
+    """Progress as a plain line on stderr every ``every`` seconds: what a log (cron, CI, a
+    container) can keep, where a bar would be silent or garbled."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self.started = time.monotonic()
+        self.last = self.started
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every or not total:
+            return
+        self.last = now
+        rate = done / (now - self.started)
+        eta = f", eta {_duration((total - done) / rate)}" if rate > 0 and done < total else ""
+        line = f"ingest: {done} of {total} ({done / total:.0%}), {rate:.1f} items/s{eta}"
+        err.print(line, highlight=False, markup=False)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def print_report(report: IngestReport, as_json: bool) -> None:
