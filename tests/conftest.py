@@ -245,13 +245,13 @@ def cli(tiny_model, tmp_path):
     runner = CliRunner()
     db = tmp_path / "test.db"
 
-    def run(*args: str, weights: bool = True, env: dict | None = None):
+    def run(*args: str, weights: bool = True, env: dict | None = None, input: bytes | str | None = None):
         argv = [str(a) for a in args]
         if "--db" not in argv and argv and argv[0] not in ("--version", "models"):
             argv += ["--db", str(db)]
         if weights and argv and argv[0] in ("ingest",) and "--weights" not in argv:
             argv += ["--weights", str(tiny_model)]
-        result = runner.invoke(app, argv, env=env, catch_exceptions=False)
+        result = runner.invoke(app, argv, env=env, input=input, catch_exceptions=False)
         return result.exit_code, result.stdout, result.stderr
 
     run.db = db  # type: ignore[attr-defined]

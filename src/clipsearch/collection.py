@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from .catalog import CatalogOptions
     from .distributed import RayOptions
     from .encoders import Encoder
-    from .pipeline import IngestOptions, IngestPlan, IngestReport
+    from .pipeline import IngestOptions, IngestPlan, IngestPreview, IngestReport
     from .search import DuplicateGroup
     from .sources import Source
 
@@ -392,6 +392,37 @@ class Collection:
         if not report.interrupted:  # Ctrl-C asked to stop, not to start a minute-long export
             self._prepare_after_ingest()
         return report
+
+    def count_by(self, key: str) -> list[tuple[Any, int]]:
+        """How many items have each value of metadata ``key`` (``info --by client``): (value,
+        items), most first; a list value counts each element; (None, n) last for the n items
+        without the key. UsageError for a key no item has, with the keys there are."""
+        counts = self.store.count_by(self.namespace, key)
+        if all(value is None for value, _ in counts):
+            keys = sorted(
+                {k for batch in self.store.iter_items(self.namespace, 1000) for it in batch for k in it.metadata}
+            )
+            raise UsageError(f"no item has the metadata key {key!r}; their keys: {', '.join(keys)}", param="by")
+        return counts
+
+    def preview_ingest(
+        self,
+        sources: Iterable[str | Path | Source] | str | Path,
+        options: IngestOptions | None = None,
+        *,
+        recursive: bool = True,
+        catalog: CatalogOptions | None = None,
+    ) -> IngestPreview:
+        """What ``ingest`` with these arguments would do, counted (``IngestPreview``: items listed
+        and selected, unchanged, failed before, new, changed, files to read, URLs cached and to
+        fetch, failures known at once by kind). Loads no model, fetches nothing, writes nothing."""
+        from .pipeline import IngestOptions, IngestPlan, preview
+
+        options = options or IngestOptions()
+        parsed = self.parse_sources(sources, recursive=recursive, catalog=catalog, filters=options.filters)
+        plan = IngestPlan.of(parsed, options)
+        cache_dir = options.cache_dir or self.settings.download_cache(self.db)
+        return preview(self.store, self.namespace, plan, options, cache_dir)
 
     @staticmethod
     def _check_prunable(parsed: list[Source], options: IngestOptions) -> None:

@@ -114,16 +114,88 @@ class IngestReport:
 @dataclass
 class IngestPlan:
     """What an ingest considers, listed before any model loads or any cluster starts: the
-    selected items (each id once, then ``filters`` and ``sample``) and how many repeated an id."""
+    selected items (each id once, then ``filters`` and ``sample``), how many repeated an id, and
+    how many the sources listed in all."""
 
     items: list[SourceItem]
     repeated_ids: int = 0
+    listed: int = 0
 
     @classmethod
     def of(cls, sources: Iterable[Source], options: IngestOptions) -> IngestPlan:
         report = IngestReport()
-        items = select(sources, options, report)
-        return cls(items, report.repeated_ids)
+        listed = [it for source in sources for it in source]
+        items = select([listed], options, report)
+        return cls(items, report.repeated_ids, len(listed))
+
+
+@dataclass
+class IngestPreview:
+    """What an ingest would do (``ingest --dry-run``), found without a model, a download or a
+    write: the counts of the plan's items by what would happen to each."""
+
+    listed: int = 0  # items (rows) the sources list
+    selected: int = 0  # after filters and sample, each id once
+    repeated_ids: int = 0
+    unchanged: int = 0  # stored and unchanged: skipped
+    previously_failed: int = 0  # failed before, unchanged: skipped unless retry_failed
+    new: int = 0  # not stored yet: read (or fetched) and embedded
+    changed: int = 0  # stored, changed since: read again; embedded if the image changed
+    files: int = 0  # of new and changed: local files to read
+    cached: int = 0  # of new and changed: URLs in the download cache
+    to_fetch: int = 0  # of new and changed: URLs to download
+    will_fail: dict[str, int] = field(default_factory=dict)  # of new and changed: failing at once, by kind
+    limit: int | None = None  # at most this many embedded
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def preview(
+    store: Store, namespace: str, plan: IngestPlan, options: IngestOptions, cache_dir: Path | None
+) -> IngestPreview:
+    """The ``IngestPreview`` of ``plan``: what the store and the download cache (at ``cache_dir``,
+    opened only if it exists) say of each item, as a run would find it."""
+    out = IngestPreview(
+        listed=plan.listed, selected=len(plan.items), repeated_ids=plan.repeated_ids, limit=options.limit
+    )
+    exists = store.namespace(namespace) is not None
+    cache = None
+    if cache_dir is not None and (Path(cache_dir) / "index.db").is_file():
+        cache = DownloadCache(cache_dir)
+    failing: Counter[str] = Counter()
+    try:
+        for start in range(0, len(plan.items), _LOOKUP_CHUNK):
+            chunk = plan.items[start : start + _LOOKUP_CHUNK]
+            if exists:
+                report = IngestReport()
+                todo = filter_known(store, namespace, chunk, report, lambda n=1: None, options)
+                out.unchanged += report.skipped
+                out.previously_failed += report.previously_failed
+            else:
+                todo = [(item, None) for item in chunk]
+            for item, known in todo:
+                if known is None:
+                    out.new += 1
+                else:
+                    out.changed += 1
+                if item.error is not None:
+                    failing[failure_kind(item.error)] += 1
+                elif item.url is None:
+                    out.files += 1
+                elif cache is not None and cache.lookup(item.url) is not None:
+                    out.cached += 1
+                elif options.offline:
+                    failing[failure_kind(NOT_CACHED)] += 1
+                elif cache is not None and not options.retry_failed and (why := cache.recent_failure(item.url)):
+                    failing[f"{failure_kind(why)} (failed recently)"] += 1
+                else:
+                    out.to_fetch += 1
+    finally:
+        if cache is not None:
+            cache.close()
+    out.will_fail = dict(failing.most_common())
+    return out
 
 
 ProgressCallback = Callable[[int, int], None]  # (items done, items total)

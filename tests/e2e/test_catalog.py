@@ -215,7 +215,6 @@ def test_catalog_ingest_records_every_failure_and_never_fetches_twice(cli, image
     # two back-offs, far below the slow route
     args = [f"catalog:{catalog}", "--concurrency", "8", "--download-timeout", "4", "--retries", "2"]
     args += ["--max-download-mb", "1"]
-    before = dict(image_server.hits)
     code, report, _ = ingest_json(cli, *args)
     assert code == 1
     assert report["embedded"] == 7 and report["failed"] == 6
@@ -578,3 +577,72 @@ def test_a_filter_value_that_matches_nothing_lists_the_values(cli, image_server,
     assert "did you mean 'Small'?" in err and "(--filter)" in err
     code, _, err = cli("ingest", f"catalog:{catalog}", "--filter", "client=Small", "--filter", "id=R1")
     assert code == 2 and "no item matches all of the filters together" in err
+
+
+def test_dry_run_counts_what_would_happen_and_does_nothing(cli, image_server, tmp_path):
+    base = image_server.url
+    rows = [{"id": f"G{i}", "image_url": f"{base}/noise/{500 + i}.png", "client": "A"} for i in range(4)]
+    rows += [{"id": "M", "image_url": f"{base}/status/404?dry", "client": "A"}]
+    catalog = write_csv(tmp_path / "c.csv", rows)
+    # no database yet: everything is new, and none is made
+    code, out, _ = cli("ingest", f"catalog:{catalog}", "--dry-run", "--json")
+    assert code == 0 and not cli.db.exists()
+    assert (json.loads(out)["new"], json.loads(out)["to_fetch"]) == (5, 5)
+    cli("ingest", f"catalog:{catalog}", "--retries", "0")
+
+    rows[0]["client"] = "B"  # changed: read again
+    rows += [{"id": f"N{i}", "image_url": f"{base}/noise/{520 + i}.png", "client": "C"} for i in range(3)]
+    rows += [{"id": "E", "image_url": "", "client": "C"}, {"id": "G1", "image_url": "x", "client": "A"}]
+    rows += [{"id": "L", "image_url": f"{base}/noise/500.png?again", "client": "C"}]
+    catalog = write_csv(tmp_path / "c.csv", rows)
+    before, size = dict(image_server.hits), cli.db.stat().st_size
+    code, out, _ = cli("ingest", f"catalog:{catalog}", "--dry-run", "--json", "--limit", "2")
+    preview = json.loads(out)
+    assert code == 0 and image_server.hits == before and cli.db.stat().st_size == size
+    expected = {
+        "listed": 11, "selected": 10, "repeated_ids": 1, "unchanged": 3, "previously_failed": 1,
+        "new": 5, "changed": 1, "files": 0, "cached": 1, "to_fetch": 4, "will_fail": {"no image_url": 1}, "limit": 2,
+    }  # fmt: skip
+    assert preview == expected
+    code, out, _ = cli("ingest", f"catalog:{catalog}", "--dry-run", "--filter", "client=C")
+    assert code == 0 and "dry run: 11 items listed, 5 selected (6 left out by --filter or --sample)" in out
+    assert "embed up to 5: 5 new, 0 changed" in out and "fail at once: no image_url: 1" in out
+    # the 404 is remembered by the download cache: a --retry-failed run would fetch it, a new namespace not
+    code, out, _ = cli("ingest", f"catalog:{catalog}", "--dry-run", "--json", "-n", "other")
+    assert json.loads(out)["will_fail"] == {"HTTP 404 (failed recently)": 1, "no image_url": 1}
+
+
+def test_info_counts_items_by_a_metadata_value(cli, products):
+    cli("ingest", f"catalog:{products}", *CATALOG_ARGS)
+    code, out, _ = cli("info", "--by", "client", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["items"] == 6
+    assert data["counts"] == [
+        {"value": "BigClient", "items": 3}, {"value": "SmallShop", "items": 2}, {"value": "OtherCo", "items": 1}
+    ]  # fmt: skip
+    code, out, _ = cli("info", "--by", "client")
+    assert code == 0 and "BigClient" in out and "50.0%" in out
+    code, _, err = cli("info", "--by", "colour")
+    assert code == 2 and "no item has the metadata key 'colour'; their keys:" in err and "client" in err
+
+
+def test_search_by_a_vector_from_a_file_or_stdin(cli, products, tmp_path):
+    from ..conftest import stored_vectors
+
+    cli("ingest", f"catalog:{products}", *CATALOG_ARGS)
+    vector = stored_vectors(cli.db)["P3"]
+    np.save(tmp_path / "q.npy", vector[None, :])
+    (tmp_path / "q.json").write_text(json.dumps({"data": [{"embedding": vector.tolist()}]}))
+    for args, stdin in [
+        ((tmp_path / "q.npy",), None),
+        ((tmp_path / "q.json",), None),
+        (("-",), json.dumps(vector.tolist())),
+    ]:
+        code, out, _ = cli("search", "--vector", *args, "--json", "--limit", "2", input=stdin)
+        assert code == 0 and json.loads(out.splitlines()[0])["id"] == "P3", args
+    code, _, err = cli("search", "--vector", "-", input="[1, 2")
+    assert code == 2 and "neither a .npy array nor JSON" in err
+    code, _, err = cli("search", "--vector", "-", input="[1.0, 2.0]")
+    assert code == 2 and "dimensions" in err
+    code, _, err = cli("search", "red", "--vector", tmp_path / "q.npy")
+    assert code == 2 and "exactly one" in err

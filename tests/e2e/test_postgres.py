@@ -366,7 +366,7 @@ def test_schema_1_keyword_columns_are_reindexed_for_cjk(pg_url):
     store.close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         table = conn.execute("SELECT items_table FROM clipsearch_namespaces").fetchone()[0]
-        conn.execute(f'UPDATE "{table}" SET keywords = \'赤い財布\'')  # what schema 1 wrote
+        conn.execute(f"UPDATE \"{table}\" SET keywords = '赤い財布'")  # what schema 1 wrote
         conn.execute("DELETE FROM clipsearch_schema WHERE version = 2")
     store = PostgresStore(pg_url)
     try:

@@ -306,7 +306,21 @@ def test_keyword_search_finds_words_inside_japanese_chinese_and_korean_text(make
     """Titles written without spaces: a query matches wherever it occurs in one, on both
     stores; the expected ids come from Python's substring test, not from the indexer."""
     rng = np.random.default_rng(3)
-    parts = ["赤い", "財布", "ワンピース", "革", "長", "新品", "红色", "钱包", "连衣裙", "빨간", "지갑을", "원피스", "レザー"]
+    parts = [
+        "赤い",
+        "財布",
+        "ワンピース",
+        "革",
+        "長",
+        "新品",
+        "红色",
+        "钱包",
+        "连衣裙",
+        "빨간",
+        "지갑을",
+        "원피스",
+        "レザー",
+    ]
     titles = ["".join(rng.choice(parts, size=rng.integers(1, 5))) + f" item{i}" for i in range(240)]
     store = make_store()
     store.bind_namespace("default", IDENT, {})
@@ -321,6 +335,18 @@ def test_keyword_search_finds_words_inside_japanese_chinese_and_korean_text(make
     rows = [NewItem(i, {"title": t}, i) for i, t in [("once", "財布"), ("thrice", "財布財布財布"), ("no", "革")]]
     store.write_batch("ranks", rows, _vectors(3, seed=9))
     assert [h.item.id for h in store.keyword_search("ranks", "財布", 5)] == ["thrice", "once"]
+
+
+def test_count_by_counts_values_list_elements_and_items_without_the_key(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    metas = [{"client": "Big", "tags": ["red", "cotton"], "n": 3}, {"client": "Big", "tags": ["red"], "n": 3},
+             {"client": "Small", "n": 4}, {"tags": [], "client": None}]  # fmt: skip
+    store.write_batch("default", [NewItem(f"i{i}", m, f"h{i}") for i, m in enumerate(metas)], _vectors(4))
+    assert store.count_by("default", "client") == [("Big", 2), ("Small", 1), (None, 1)]
+    assert store.count_by("default", "tags") == [("red", 2), ("cotton", 1), (None, 1)]
+    assert store.count_by("default", "n") == [(3, 2), (4, 1), (None, 1)]
+    assert store.count_by("default", "colour") == [(None, 4)]
 
 
 def test_claims_share_items_between_owners(make_store):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -32,7 +35,7 @@ from ._common import (
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from ..pipeline import IngestReport
+    from ..pipeline import IngestPreview, IngestReport
 
 
 def progress_bar() -> Progress:
@@ -180,6 +183,14 @@ def ingest(
             "--cpus-per-actor", min=0.1, help="Ray: CPUs (and threads) per encoder actor.", rich_help_panel="Ray"
         ),
     ] = 1.0,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Say what would happen (items listed, skipped, to embed, to fetch, failing at once) and stop: "
+            "no model, no download, no write.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     progress: Annotated[
         str,
@@ -212,7 +223,7 @@ def ingest(
     from ..catalog import CatalogOptions
     from ..collection import Collection
     from ..pipeline import IngestOptions
-    from ..store import open_store, validate_namespace
+    from ..store import database_exists, open_store, validate_namespace
 
     validate_namespace(namespace)
     if progress not in PROGRESS_MODES:
@@ -250,9 +261,20 @@ def ingest(
     )
     catalog = CatalogOptions(id_column, image_column, columns, embed_text)
     # the model loads only if there is something to embed
-    with Collection(open_store(db), namespace, choice, db=db, **hooks()) as collection:
+    with contextlib.ExitStack() as stack:
+        location: str | Path = db
+        if dry_run and not database_exists(db):  # a dry run creates no database: an empty one, thrown away
+            location = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "dry-run.db"
+        collection = stack.enter_context(Collection(open_store(location), namespace, choice, db=db, **hooks()))
         # sources are checked before the model loads: a typo costs nothing
         parsed = collection.parse_sources(sources, recursive=recursive, catalog=catalog, filters=filters)
+        if dry_run:
+            if prune:
+                raise UsageError("--dry-run does not preview --prune; run `clipsearch ingest` without --prune first")
+            if ray is not None:
+                raise UsageError("--dry-run runs here, without Ray: leave out --ray")
+            print_preview(collection.preview_ingest(parsed, options), as_json)
+            return
         if progress == "auto":
             progress = "bar" if err.is_terminal and not as_json else "plain"
         if progress == "bar":
@@ -281,6 +303,31 @@ def ingest(
             f"--max-failure-rate {tolerated:.1%}: exit 0",
             highlight=False,
         )
+
+
+def print_preview(p: IngestPreview, as_json: bool) -> None:
+    if as_json:
+        out.print_json(data=p.as_dict())
+        return
+    left_out = p.listed - p.selected - p.repeated_ids
+    lines = [f"dry run: {p.listed} items listed, {p.selected} selected"]
+    if left_out:
+        lines[0] += f" ({left_out} left out by --filter or --sample)"
+    if p.repeated_ids:
+        lines[0] += f"; {p.repeated_ids} repeated an id listed before (the first is used)"
+    lines.append(f"  skip {p.unchanged} stored and unchanged, {p.previously_failed} failed before and unchanged")
+    todo = p.new + p.changed
+    embed = f"  embed up to {todo}: {p.new} new, {p.changed} changed (embedded again if the image changed)"
+    if p.limit is not None and p.limit < todo:
+        embed += f"; at most {p.limit} (--limit)"
+    lines.append(embed)
+    lines.append(f"  read {p.files} files; fetch {p.to_fetch} URLs, {p.cached} more from the download cache")
+    if p.will_fail:
+        lines.append("  fail at once: " + ", ".join(f"{kind}: {n}" for kind, n in p.will_fail.items()))
+    if p.previously_failed:
+        lines.append("  (--retry-failed would try the items that failed before again)")
+    for line in lines:
+        out.print(line, highlight=False, markup=False)
 
 
 PROGRESS_MODES = ("auto", "bar", "plain", "none")

@@ -17,12 +17,23 @@ from ..settings import DEFAULT_DB, Settings
 from ._common import DbOpt, HitsJsonOpt, LimitOpt, NamespaceOpt, err, hooks, out, parse_filters, print_hits
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..collection import Collection
 
 
 def search(
     query: Annotated[str | None, typer.Argument(help="Text to search for.", show_default=False)] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Search by this image instead.")] = None,
+    vector: Annotated[
+        str | None,
+        typer.Option(
+            "--vector",
+            help="Search by a raw vector instead: a .npy file, or JSON (a list of numbers, an object with "
+            "'embedding', or an /v1/embeddings answer); - reads standard input.",
+            show_default=False,
+        ),
+    ] = None,
     db: Annotated[
         str | None,
         typer.Option(
@@ -74,14 +85,15 @@ def search(
     *,
     choice: ModelChoice,
 ) -> None:
-    """Search the store by text (QUERY) or by image (--image PATH)."""
+    """Search the store by text (QUERY), by image (--image PATH) or by a raw vector (--vector FILE)."""
     from .. import collection as lib
 
-    if (query is None) == (image is None):
-        raise UsageError("give a text QUERY or --image PATH (exactly one)")
+    if sum(given is not None for given in (query, image, vector)) != 1:
+        raise UsageError("give a text QUERY, --image PATH or --vector FILE (exactly one)")
     mode = mode.strip().lower()
-    if image is not None and mode != "vector":
-        raise UsageError(f"--mode {mode} searches by text; search by --image in vector mode")
+    if query is None and mode != "vector":
+        raise UsageError(f"--mode {mode} searches by text; search by --image or --vector in vector mode")
+    raw = read_vector(vector) if vector is not None else None
     if as_json and paths:
         raise UsageError("give --json or --paths, not both")
     filters = parse_filters(filter_)
@@ -103,13 +115,61 @@ def search(
         if in_ is not None:
             _bring_up_to_date(collection, in_)
         hits = collection.search(
-            query, image=image, limit=limit, filter=filters, mode=mode, add=add or (), subtract=subtract or ()
+            query,
+            image=image,
+            vector=raw,
+            limit=limit,
+            filter=filters,
+            mode=mode,
+            add=add or (),
+            subtract=subtract or (),
         )
     if paths:
         for h in hits:
             sys.stdout.write(f"{h.metadata.get('path') or h.metadata.get('url') or h.id}\n")
         return
     print_hits(hits, as_json)
+
+
+def read_vector(source: str) -> np.ndarray:
+    """``--vector``: one vector from a ``.npy`` file or JSON (a list of numbers, ``{"embedding":
+    [...]}``, or the answer of ``/v1/embeddings``), from a file or standard input (``-``)."""
+    import io
+
+    import numpy as np
+
+    where = "standard input" if source == "-" else source
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--vector {source}: cannot read it ({e.strerror or e})") from None
+    if data.startswith(b"\x93NUMPY"):
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as e:
+            raise UsageError(f"--vector: {where} is not a readable .npy array ({e})") from None
+    else:
+        try:
+            value = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UsageError(f"--vector: {where} is neither a .npy array nor JSON") from None
+        if isinstance(value, dict) and isinstance(value.get("data"), list) and value["data"]:
+            value = value["data"][0]  # an /v1/embeddings answer
+        if isinstance(value, dict) and "embedding" in value:
+            value = value["embedding"]
+        if not isinstance(value, list) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in value
+        ):
+            raise UsageError(f'--vector: {where} holds no list of numbers (give [0.1, ...] or {{"embedding": [...]}})')
+        array = np.asarray(value, dtype=np.float32)
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2 and len(array) == 1:
+        array = array[0]
+    if array.ndim != 1 or not array.size:
+        raise UsageError(f"--vector: {where} holds an array of shape {array.shape}; give one vector")
+    if not np.isfinite(array).all():
+        raise UsageError(f"--vector: {where} holds a number that is not finite")
+    return array
 
 
 def _bring_up_to_date(collection: Collection, folder: Path) -> None:

@@ -18,10 +18,24 @@ from ..settings import DEFAULT_DB
 from ._common import DbOpt, JsonOpt, NamespaceOpt, out, own_id, print_table, short_reason
 
 
-def info(db: DbOpt = DEFAULT_DB, as_json: JsonOpt = False) -> None:
-    """Per namespace: model, dimensions, items, failures, index kind and freshness."""
+def info(
+    db: DbOpt = DEFAULT_DB,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by", help="Count the items of --namespace by each value of this metadata key (a catalog column)."
+        ),
+    ] = None,
+    namespace: NamespaceOpt = "default",
+    as_json: JsonOpt = False,
+) -> None:
+    """Per namespace: model, dimensions, items, failures, index kind and freshness; with --by KEY,
+    the items of one namespace counted by each value of KEY."""
     from .. import collection as lib
 
+    if by is not None:
+        print_counts(db, namespace, by, as_json)
+        return
     location, infos = lib.describe(db)
     rows = [i.as_dict() for i in infos]
     if as_json:
@@ -38,6 +52,28 @@ def info(db: DbOpt = DEFAULT_DB, as_json: JsonOpt = False) -> None:
         table.add_row(
             r["namespace"], f"{r['backend']} {r['model']}", str(r["dim"]), str(r["items"]), str(r["failures"]), index
         )
+    print_table(table)
+
+
+def print_counts(db: str, namespace: str, key: str, as_json: bool) -> None:
+    from ..collection import Collection
+    from ..store import database_exists, open_store
+
+    if not database_exists(db):
+        raise NoDatabaseError(db)
+    with open_store(db) as store:
+        counts = Collection(store, namespace, owns_store=False).count_by(key)
+    total = sum(n for _, n in counts)
+    if as_json:
+        rows = [{"value": value, "items": n} for value, n in counts]
+        out.print_json(data={"namespace": namespace, "key": key, "items": total, "counts": rows})
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col, justify in ((key, "left"), ("items", "right"), ("share", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for value, n in counts:
+        shown = "(no value)" if value is None else value if isinstance(value, str) else json.dumps(value)
+        table.add_row(shown, str(n), f"{n / total:.1%}")
     print_table(table)
 
 

@@ -340,6 +340,11 @@ class Store(Protocol):
         """Groups of two or more items whose content hashes are equal."""
         ...
 
+    def count_by(self, namespace: str, key: str) -> list[tuple[Any, int]]:
+        """(value, items) for each value of metadata ``key`` (each element of a list value),
+        most items first, then (None, items without the key), if any."""
+        ...
+
     # -- search ------------------------------------------------------------------------
     def search(
         self,

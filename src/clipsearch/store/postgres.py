@@ -662,6 +662,28 @@ class PostgresStore(ClosingStore):
                     results.append([Hit(self._item(namespace, r), float(r[6])) for r in rows])
         return results
 
+    def count_by(self, namespace: str, key: str) -> list[tuple[Any, int]]:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            rows = conn.execute(
+                self._sql(
+                    "SELECT v, count(*) AS n FROM {t}, LATERAL jsonb_array_elements(CASE jsonb_typeof(metadata -> %s) "
+                    "WHEN 'array' THEN metadata -> %s ELSE jsonb_build_array(metadata -> %s) END) v "
+                    "WHERE metadata ? %s AND jsonb_typeof(v) NOT IN ('object', 'array', 'null') "
+                    "GROUP BY v ORDER BY n DESC, v",
+                    table,
+                ),
+                (key, key, key, key),
+            ).fetchall()
+            missing = conn.execute(
+                self._sql(
+                    "SELECT count(*) FROM {t} WHERE coalesce(jsonb_typeof(metadata -> %s), 'null') = 'null'", table
+                ),
+                (key,),
+            ).fetchone()[0]
+        counts = [(value, int(n)) for value, n in rows]
+        return counts + ([(None, int(missing))] if missing else [])
+
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         terms = query_terms(query)
         where, params = self._filter_sql(filters)

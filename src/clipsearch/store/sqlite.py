@@ -753,6 +753,23 @@ class SQLiteStore(ClosingStore):
             for row_scores, row_seqs in zip(scores, seqs, strict=True)
         ]
 
+    def count_by(self, namespace: str, key: str) -> list[tuple[Any, int]]:
+        self._require(namespace)
+        path = '$."' + key.replace('"', '""') + '"'
+        # json_each walks a list's elements, and yields a scalar as itself
+        rows = self._query(
+            "SELECT j.value AS value, count(*) AS n FROM items i, json_each(i.metadata, ?) j "
+            "WHERE i.namespace = ? AND j.type NOT IN ('object', 'array', 'null') "
+            "GROUP BY j.value ORDER BY n DESC, value",
+            (path, namespace),
+        )
+        missing = self._query(
+            "SELECT count(*) AS n FROM items WHERE namespace = ? AND coalesce(json_type(metadata, ?), 'null') = 'null'",
+            (namespace, path),
+        )[0]["n"]
+        counts = [(r["value"], int(r["n"])) for r in rows]
+        return counts + ([(None, int(missing))] if missing else [])
+
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         self._require(namespace)
         # each term a quoted phrase of word-character tokens: the user's text is never parsed
