@@ -400,7 +400,7 @@ class ImageHandlerServer:
     """A small HTTP server for fetch tests: real images, errors, slow and oversized answers.
 
     Routes: /img/NAME.jpg (a sample photo), /noise/N.png (the N-th of many distinct small
-    images), /status/CODE, /flaky/KEY (500 twice, then the image), /slow?s=SECONDS (default 5),
+    images; ?s=SECONDS first waits), /status/CODE, /flaky/KEY (500 twice, then the image), /slow?s=SECONDS (default 5),
     /html, /big (5 MB of JPEG-looking bytes), /cut (a body cut short), /redirect-loop,
     /redirect-to/PATH.
     ``hits`` counts requests per path.
@@ -448,6 +448,8 @@ class ImageHandlerServer:
                 if parts[0] == "img" and len(parts) == 2 and parts[1].removesuffix(".jpg") in images:
                     self._send(200, images[parts[1].removesuffix(".jpg")])
                 elif parts[0] == "noise" and len(parts) == 2 and parts[1].removesuffix(".png").isdigit():
+                    if query.startswith("s="):  # a delay, for tests that must catch a run midway
+                        time.sleep(float(query.removeprefix("s=")))
                     self._send(200, noise_png(int(parts[1].removesuffix(".png"))), "image/png")
                 elif parts[0] == "status" and len(parts) == 2:
                     self._send(int(parts[1]), b"error", "text/plain")
@@ -587,7 +589,15 @@ def interrupt_mid_run(cmd: list[str], db: Path, sig: int, at: int = 12) -> int:
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C must reach the child as a person's would: a test run started in the background of
+    # a non-interactive shell has SIGINT ignored, a child inherits that, and Python then installs
+    # no KeyboardInterrupt handler (the run would finish, exit 0)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and stored_items(db) < at:
         time.sleep(0.02)

@@ -171,7 +171,7 @@ async def fetch_url(
     try:
         return await asyncio.wait_for(_fetch(client, url, policy, count), timeout=policy.timeout)
     except TimeoutError:
-        raise FetchError(f"{url[:200]}: timed out after {policy.timeout:g} s", retryable=True) from None
+        raise FetchError(f"{url[:200]}: timed out after {policy.timeout:.3g} s", retryable=True) from None
 
 
 async def _fetch(

@@ -320,7 +320,9 @@ def test_changed_rows_update_metadata_without_embedding_again(cli, products, ima
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
 def test_a_killed_catalog_ingest_resumes_without_loss_or_duplicates(tmp_path, tiny_openclip, image_server, sig):
-    rows = [{"id": f"K{i:03d}", "image_url": f"{image_server.url}/noise/{3000 + i}.png"} for i in range(150)]
+    # each image 50 ms away, two at a time: the run lasts seconds, so the signal lands inside it
+    # even on a loaded machine (the tiny model alone would finish before the poller looks)
+    rows = [{"id": f"K{i:03d}", "image_url": f"{image_server.url}/noise/{3000 + i}.png?s=0.05"} for i in range(150)]
     catalog = write_csv(tmp_path / "kill.csv", rows)
     db = tmp_path / "kill.db"
     cmd = [sys.executable, "-m", "clipsearch.cli", "ingest", f"catalog:{catalog}", "--db", str(db)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -68,7 +69,9 @@ def library(tmp_path, image_server):
         writer = csv.writer(f)
         writer.writerow(["id", "image_url", "title"])
         writer.writerows([f"P{i}", f"{image_server.url}/noise/{1200 + i}.png", f"product {i}"] for i in range(10))
-        writer.writerow(["P404", f"{image_server.url}/status/404", "missing"])
+        # a URL of its own: Ray's nodes share the user's download cache, which remembers failed
+        # URLs across runs, and this run's reason must be its own fetch's
+        writer.writerow(["P404", f"{image_server.url}/status/404?{uuid.uuid4().hex}", "missing"])
     return folder, catalog
 
 

@@ -34,3 +34,32 @@ def test_ingest_options_are_checked_when_made():
     assert word(e.value).endswith("(--worker-type)")
     with pytest.raises(UsageError, match="batch_size must be at least 1"):
         IngestOptions(batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("http://x/a.jpg: answered HTTP 404", "HTTP 404"),
+        ("http://x/a.jpg answered HTTP 503 (gave up after 4 attempts in 9 s)", "HTTP 503"),
+        ("http://x/a.jpg: timed out after 20 s", "timed out"),
+        (
+            "http://x/a.jpg: the server closed the connection before the whole response arrived",
+            "connection broken mid-body",
+        ),
+        ("http://x/a.jpg is not an image (content-type text/html)", "not an image"),
+        ("http://x/a.jpg is 9000000 bytes, over the 1 MiB limit", "too large"),
+        ("http://x/a.jpg redirected more than 3 times", "bad redirect"),
+        ("cannot resolve host 'x' (Name or service not known)", "host not found"),
+        ("http://x/a.jpg: cannot connect (All connection attempts failed)", "cannot connect"),
+        ("line 13 has no image_url", "no image_url"),
+        ("data row 7 has no product_id", "no product_id"),
+        ("not cached (the run was --offline)", "not cached (offline run)"),
+        ("corrupt image data (broken data stream)", "broken image"),
+        ("file does not exist", "file missing or unreadable"),
+        ("something nobody wrote yet", "other"),
+    ],
+)
+def test_failure_kinds_name_what_to_do(reason, kind):
+    from clipsearch.errors import failure_kind
+
+    assert failure_kind(reason) == kind
