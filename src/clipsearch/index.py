@@ -49,6 +49,13 @@ def _faiss() -> Any:
     return faiss
 
 
+# A filter that lets at most this many ids through is scored exactly on an HNSW index (about
+# 20 ms for 100k x 512 on 2 cores): always right, and cheaper than a walk wide enough to be.
+EXACT_FILTER_ROWS = 100_000
+MAX_FILTER_EF = 4096  # the widest walk a less selective filter gets before the exact fallback
+_EXACT_CHUNK = 8192  # ids scored at a time: 16 MiB of 512-d vectors
+
+
 @dataclass
 class IndexSettings:
     kind: str = "auto"  # auto | flat | hnsw
@@ -56,6 +63,7 @@ class IndexSettings:
     hnsw_m: int = DEFAULT_HNSW_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
     ef_search: int = DEFAULT_EF_SEARCH
+    exact_filter_rows: int = EXACT_FILTER_ROWS  # see _search_allowed
 
     @classmethod
     def of(cls, s: Settings) -> IndexSettings:
@@ -148,14 +156,56 @@ class VectorIndex:
         return len(self.state.dead) / self.state.count if self.state.count else 0.0
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and sequence numbers, shape (n, k); missing neighbours have seq -1."""
-        faiss = _faiss()
+        """Scores and sequence numbers, shape (n, k); missing neighbours have seq -1. With
+        ``allowed`` (the ids a filter lets through) every row holds min(k, len(allowed)) hits."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if allowed is not None and self.state.kind == "hnsw" and self.state.live:
+            return self._search_allowed(queries, k, np.asarray(allowed, dtype=np.int64))
+        return self._search(queries, k, allowed)
+
+    def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A filtered search on the HNSW graph. A walk that may only stop at allowed nodes runs out
+        before it finds them when they are few (recall@10 was 0.43 at 1% of 100k), so: up to
+        ``exact_filter_rows`` allowed ids are scored exactly from the vectors the index holds;
+        above, the walk's ``efSearch`` grows with the selectivity, and a query that still comes
+        back short is scored exactly."""
+        want = min(k, len(allowed))
+        if len(allowed) <= self.settings.exact_filter_rows:
+            return self.exact(queries, want, allowed)
+        widen = -(-self.state.live // len(allowed))  # 1 / selectivity, rounded up
+        ef = min(MAX_FILTER_EF, max(self.settings.ef_search, want) * widen)
+        scores, seqs = self._search(queries, want, allowed, ef=ef)
+        short = np.flatnonzero((seqs >= 0).sum(axis=1) < want)
+        if len(short):
+            scores[short], seqs[short] = self.exact(queries[short], want, allowed)
+        return scores, seqs
+
+    def exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` of ``ids`` for each query by exact inner product, from the vectors the
+        index holds, a bounded chunk at a time."""
+        n = len(queries)
+        best_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        best_seqs = np.full((n, k), -1, dtype=np.int64)
+        for start in range(0, len(ids), _EXACT_CHUNK):
+            chunk = np.ascontiguousarray(ids[start : start + _EXACT_CHUNK])
+            scores = queries @ self.index.reconstruct_batch(chunk).T
+            scores = np.concatenate([best_scores, scores], axis=1)
+            seqs = np.concatenate([best_seqs, np.broadcast_to(chunk, (n, len(chunk)))], axis=1)
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else np.arange(k)[None, :]
+            best_scores = np.take_along_axis(scores, np.broadcast_to(top, (n, k)), axis=1)
+            best_seqs = np.take_along_axis(seqs, np.broadcast_to(top, (n, k)), axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")
+        return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_seqs, order, axis=1)
+
+    def _search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None, ef: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _faiss()
         k = max(1, min(k, self.state.live)) if self.state.live else 1
         params = None
         if self.state.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
-            params.efSearch = max(self.settings.ef_search, k)
+            params.efSearch = max(ef or self.settings.ef_search, k)
         # the selectors must outlive the search: the parameters hold them by pointer only
         selector = dead = None
         if allowed is not None:

@@ -144,6 +144,54 @@ def test_hnsw_above_threshold_agrees_with_exact(tmp_path):
     assert recall >= 0.95
 
 
+@pytest.mark.parametrize("exact_rows", [100_000, 50], ids=["exact-path", "wide-walk"])
+def test_a_selective_filter_on_hnsw_returns_the_exact_top_k(tmp_path, exact_rows):
+    """Above the HNSW threshold a filter used to restrict the graph walk, which ran out before it
+    found the few allowed rows (6 of 50 queries got fewer than 10 hits at 1% of 100k). Up to
+    ``exact_filter_rows`` allowed rows are scored exactly; above, the walk widens with the
+    selectivity and a short answer is scored exactly."""
+    n = 20_000
+    store = SQLiteStore(tmp_path / "h.db", IndexSettings(hnsw_threshold=1000, exact_filter_rows=exact_rows))
+    store.bind_namespace("default", IDENT, {})
+    vecs = _vectors(n, dim=8, seed=5)
+    rng = np.random.default_rng(6)
+    rare = set(rng.choice(n, 100, replace=False).tolist())  # 0.5%
+    items = [NewItem(f"id{i}", {"client": "Small" if i in rare else "Big"}, f"h{i}") for i in range(n)]
+    store.write_batch("default", items, vecs)
+    assert store.build_index("default").kind == "hnsw"
+    queries = _vectors(30, dim=8, seed=7)
+    allowed = np.array(sorted(rare))
+    expected = np.argsort(-(queries @ vecs[allowed].T), axis=1)[:, :10]
+    for q, want, hits in zip(queries, expected, store.search("default", queries, 10, {"client": "Small"}), strict=True):
+        assert [h.item.id for h in hits] == [f"id{allowed[j]}" for j in want]
+        assert [h.score for h in hits] == pytest.approx(
+            sorted((q @ vecs[allowed[want]].T).tolist(), reverse=True), abs=1e-5
+        )
+    # more asked than allowed: every allowed row, once
+    hits = store.search("default", queries[:1], 500, {"client": "Small"})[0]
+    assert sorted(h.item.id for h in hits) == sorted(f"id{i}" for i in rare)
+
+
+def test_a_filter_sees_every_change_to_the_rows_it_selects(tmp_path):
+    """SQLite keeps the ids a filter lets through while the database is unchanged; a change by
+    this store or by another process's must show at once."""
+    store, other = SQLiteStore(tmp_path / "s.db"), None
+    try:
+        vecs = _fill(store, 20, labels=["cat" if i < 5 else "dog" for i in range(20)])
+        cats = lambda: {h.item.id for h in store.search("default", vecs[:1], 20, {"label": "cat"})[0]}  # noqa: E731
+        assert cats() == {f"id{i}" for i in range(5)} and cats() == {f"id{i}" for i in range(5)}
+        store.write_batch("default", [], np.zeros((0, 8)), touched=[NewItem("id7", {"label": "cat"}, "h7")])
+        assert "id7" in cats()
+        other = SQLiteStore(tmp_path / "s.db")
+        other.delete_items("default", ["id0"])
+        other.write_batch("default", [NewItem("new", {"label": "cat"}, "hn")], vecs[:1])
+        assert cats() == {"id1", "id2", "id3", "id4", "id7", "new"}
+    finally:
+        store.close()
+        if other is not None:
+            other.close()
+
+
 def test_metadata_filters_are_exact(make_store):
     store = make_store()
     labels = ["cat" if i % 3 == 0 else "dog" for i in range(30)]
