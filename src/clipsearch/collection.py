@@ -398,7 +398,7 @@ class Collection:
         items), most first; a list value counts each element; (None, n) last for the n items
         without the key. UsageError for a key no item has, with the keys there are."""
         counts = self.store.count_by(self.namespace, key)
-        if all(value is None for value, _ in counts):
+        if counts and all(value is None for value, _ in counts):  # an empty namespace has no keys to list
             keys = sorted(
                 {k for batch in self.store.iter_items(self.namespace, 1000) for it in batch for k in it.metadata}
             )

@@ -137,3 +137,19 @@ def test_colours_are_distinct_directions(fake):
     vectors = fake.embed_texts(list(COLOURS))
     similarity = vectors @ vectors.T
     assert (similarity[~np.eye(len(COLOURS), dtype=bool)] < 0.9).all()
+
+
+def test_count_by_and_preview_ingest(collection, photos):
+    """``info --by`` and ``ingest --dry-run`` in the library: counts without a model run."""
+    preview = collection.preview_ingest([photos])
+    assert (preview.listed, preview.new, preview.files, preview.unchanged) == (10, 10, 10, 0)
+    collection.ingest([photos])
+    assert sum(n for _, n in collection.count_by("width")) == 10
+    assert len(collection.count_by("filename")) == 10 and {n for _, n in collection.count_by("filename")} == {1}
+    preview = collection.preview_ingest([photos])
+    assert (preview.unchanged, preview.new, preview.changed) == (10, 0, 0)
+    with pytest.raises(UsageError, match="no item has the metadata key 'colour'"):
+        collection.count_by("colour")
+    empty = collection.make(namespace="empty")
+    empty.store.bind_namespace("empty", empty.encoder.identity, empty.spec.to_dict())
+    assert empty.count_by("colour") == []
