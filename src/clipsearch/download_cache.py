@@ -226,8 +226,6 @@ class Downloader:
             self._finish(url, path, None)
         except asyncio.CancelledError:
             raise
-        except ClipsearchError as e:
-            self._finish(url, None, e.message)
         except Exception as e:  # one bad URL must never stop the run
             self._finish(url, None, f"unexpected {type(e).__name__}: {e}")
 

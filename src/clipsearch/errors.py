@@ -9,7 +9,8 @@ field (``same_filter``). Anything else that escapes is a bug and keeps its trace
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -194,6 +195,11 @@ _FAILURE_KINDS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"empty file|truncated|corrupt|unreadable|decoder process crashed"), "broken image"),
     (re.compile(r"out of memory"), "out of memory"),
 ]
+
+
+def count_failure_kinds(reasons: Iterable[str]) -> dict[str, int]:
+    """How many of ``reasons`` are of each kind (``failure_kind``), most first."""
+    return dict(Counter(map(failure_kind, reasons)).most_common())
 
 
 def failure_kind(reason: str) -> str:

@@ -191,9 +191,9 @@ class VectorIndex:
             scores = queries @ self.index.reconstruct_batch(chunk).T
             scores = np.concatenate([best_scores, scores], axis=1)
             seqs = np.concatenate([best_seqs, np.broadcast_to(chunk, (n, len(chunk)))], axis=1)
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else np.arange(k)[None, :]
-            best_scores = np.take_along_axis(scores, np.broadcast_to(top, (n, k)), axis=1)
-            best_seqs = np.take_along_axis(seqs, np.broadcast_to(top, (n, k)), axis=1)
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # k kept + a non-empty chunk: more than k
+            best_scores = np.take_along_axis(scores, top, axis=1)
+            best_seqs = np.take_along_axis(seqs, top, axis=1)
         order = np.argsort(-best_scores, axis=1, kind="stable")
         return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_seqs, order, axis=1)
 

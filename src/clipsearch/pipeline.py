@@ -39,7 +39,7 @@ import numpy as np
 
 from .decode_stage import DecodeSettings, Unchanged, decode_item, failure_reason
 from .download_cache import NOT_CACHED, DownloadCache, Downloader, DownloadSettings
-from .errors import UsageError, failure_kind
+from .errors import UsageError, count_failure_kinds, failure_kind
 from .identity import ModelSpec
 from .imaging import DEFAULT_MAX_MEGAPIXELS
 from .sources import Source, SourceItem, filter_items, sample_items
@@ -108,7 +108,7 @@ class IngestReport:
 
     def failures_by_kind(self) -> dict[str, int]:
         """How many of this run's failures are of each kind (``errors.failure_kind``), most first."""
-        return dict(Counter(failure_kind(f.reason) for f in self.failures).most_common())
+        return count_failure_kinds(f.reason for f in self.failures)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class IngestPlan:
     def of(cls, sources: Iterable[Source], options: IngestOptions) -> IngestPlan:
         report = IngestReport()
         listed = [it for source in sources for it in source]
-        items = select([listed], options, report)
+        items = select(listed, options, report)
         return cls(items, report.repeated_ids, len(listed))
 
 
@@ -568,9 +568,9 @@ def filter_known(
     return todo
 
 
-def select(sources: Iterable[Source], options: IngestOptions, report: IngestReport) -> list[SourceItem]:
+def select(items: list[SourceItem], options: IngestOptions, report: IngestReport) -> list[SourceItem]:
     """The items to consider: those that pass ``--filter``, each id once, then ``--sample``."""
-    listed = filter_items([it for source in sources for it in source], options.filters)
+    listed = filter_items(items, options.filters)
     # ids repeat among the selected items only: a row the filter leaves out repeats nothing
     return sample_items(unique_items([listed], report), options.sample, options.seed)
 

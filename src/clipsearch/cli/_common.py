@@ -149,8 +149,13 @@ def own_id(f: Any) -> str:
 
 def failure_line(f: Any) -> str:
     """One failure on one line: source, reason, and the item's own id, if it has one."""
-    line = f"{f.source}: {short_reason(f.source, f.reason)}"
-    return f"{line} (id {own_id(f)})" if own_id(f) else line
+    line, item_id = f"{f.source}: {short_reason(f.source, f.reason)}", own_id(f)
+    return f"{line} (id {item_id})" if item_id else line
+
+
+def kinds_text(counts: dict[str, int]) -> str:
+    """Failures counted by kind, on one line: ``HTTP 404: 61, timed out: 12``."""
+    return ", ".join(f"{kind}: {n}" for kind, n in counts.items())
 
 
 def download_settings(concurrency: int, timeout: float, retries: int, max_mb: float) -> Any:

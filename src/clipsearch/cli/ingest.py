@@ -27,6 +27,7 @@ from ._common import (
     err,
     failure_line,
     hooks,
+    kinds_text,
     out,
     parse_filters,
     rate_column,
@@ -323,7 +324,7 @@ def print_preview(p: IngestPreview, as_json: bool) -> None:
     lines.append(embed)
     lines.append(f"  read {p.files} files; fetch {p.to_fetch} URLs, {p.cached} more from the download cache")
     if p.will_fail:
-        lines.append("  fail at once: " + ", ".join(f"{kind}: {n}" for kind, n in p.will_fail.items()))
+        lines.append(f"  fail at once: {kinds_text(p.will_fail)}")
     if p.previously_failed:
         lines.append("  (--retry-failed would try the items that failed before again)")
     for line in lines:
@@ -389,8 +390,7 @@ def print_report(report: IngestReport, as_json: bool) -> None:
         line += f"; removed {report.removed} whose file is gone, kept {report.moved} moved or renamed"
     out.print(line, highlight=False)
     if report.failures:
-        kinds = ", ".join(f"{kind}: {n}" for kind, n in report.failures_by_kind().items())
-        err.print(f"failed by kind: {kinds}", highlight=False, markup=False)
+        err.print(f"failed by kind: {kinds_text(report.failures_by_kind())}", highlight=False, markup=False)
     for f in report.failures[:20]:
         err.print(f"  failed: {failure_line(f)}", highlight=False, markup=False)
     if len(report.failures) > 20:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..errors import NoDatabaseError, UsageError, failure_kind
+from ..errors import NoDatabaseError, UsageError, count_failure_kinds, failure_kind
 from ..settings import DEFAULT_DB
-from ._common import DbOpt, JsonOpt, NamespaceOpt, out, own_id, print_table, short_reason
+from ._common import DbOpt, JsonOpt, NamespaceOpt, kinds_text, out, own_id, print_table, short_reason
 
 
 def info(
@@ -105,9 +104,8 @@ def failures(
         for f in rows:
             table.add_row(f.namespace, own_id(f), f.source, short_reason(f.source, f.reason), str(f.attempts))
         print_table(table)
-        kinds = Counter(failure_kind(f.reason) for f in rows).most_common()
-        counts = ", ".join(f"{kind}: {n}" for kind, n in kinds)
-        out.print(f"{len(rows)} failed; by kind: {counts}", highlight=False, markup=False)
+        kinds = count_failure_kinds(f.reason for f in rows)
+        out.print(f"{len(rows)} failed; by kind: {kinds_text(kinds)}", highlight=False, markup=False)
 
 
 def export(

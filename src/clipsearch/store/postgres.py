@@ -18,7 +18,7 @@ Vectors are L2-normalised, so ``<#>`` (negative inner product) orders by cosine 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -94,9 +94,6 @@ CREATE TABLE IF NOT EXISTS clipsearch_claims (
     PRIMARY KEY (namespace, id)
 )
 """
-# version -> the statements (or the function) that bring version - 1 to it
-_MIGRATIONS: dict[int, Any] = {1: _SCHEMA_1, 2: lambda conn: _reindex_keywords(conn)}
-
 _ITEMS_TABLE = """
 CREATE TABLE IF NOT EXISTS {table} (
     seq bigserial PRIMARY KEY,
@@ -128,12 +125,6 @@ def _array(value: Any) -> np.ndarray:
     return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
 
 
-def _words(text: str | None) -> str:
-    """Text as the space-separated tokens of ``keywords.index_text``: PostgreSQL's parser would
-    keep ``rocket.jpg`` or a URL as one token, and a CJK run as one word."""
-    return index_text(text)
-
-
 def _tsquery(term: Term) -> str:
     phrase = " <-> ".join(f"'{token}'" for token in term.tokens)
     return f"({phrase})" if len(term.tokens) > 1 else phrase + (":*" if term.prefix else "")
@@ -149,8 +140,12 @@ def _reindex_keywords(conn: Any) -> None:
         with conn.cursor() as cur:
             cur.executemany(
                 sql.SQL("UPDATE {} SET text_words = %s, keywords = %s WHERE id = %s").format(sql.Identifier(table)),
-                [(_words(text), _words(keyword_text(metadata)), item_id) for item_id, text, metadata in rows],
+                [(index_text(text), index_text(keyword_text(metadata)), item_id) for item_id, text, metadata in rows],
             )
+
+
+# version -> the statements (or the function) that bring version - 1 to it
+_MIGRATIONS: dict[int, str | Callable[[Any], None]] = {1: _SCHEMA_1, 2: _reindex_keywords}
 
 
 def load_psycopg():
@@ -238,11 +233,12 @@ class PostgresStore(ClosingStore):
             version = self._schema_version(conn)  # another process may have migrated meanwhile
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 step = _MIGRATIONS[target]
-                for statement in [step] if callable(step) else step.split(";\n"):
-                    if callable(statement):
-                        statement(conn)
-                    elif statement.strip():
-                        conn.execute(statement)
+                if callable(step):
+                    step(conn)
+                else:
+                    for statement in step.split(";\n"):
+                        if statement.strip():
+                            conn.execute(statement)
                 conn.execute("INSERT INTO clipsearch_schema (version) VALUES (%s)", (target,))
 
     def schema_version(self) -> int:
@@ -392,8 +388,8 @@ class PostgresStore(ClosingStore):
                                 it.mtime_ns,
                                 it.fingerprint,
                                 it.text,
-                                _words(it.text),
-                                _words(keyword_text(it.metadata)),
+                                index_text(it.text),
+                                index_text(keyword_text(it.metadata)),
                                 Jsonb(it.metadata),
                                 vec,
                                 None if it.text_vector is None else np.asarray(it.text_vector, np.float32),
@@ -418,8 +414,8 @@ class PostgresStore(ClosingStore):
                             Jsonb(metadata),
                             t.fingerprint,
                             t.text,
-                            _words(t.text),
-                            _words(keyword_text(metadata)),
+                            index_text(t.text),
+                            index_text(keyword_text(metadata)),
                             None if t.text_vector is None else np.asarray(t.text_vector, np.float32),
                             t.id,
                         ),
