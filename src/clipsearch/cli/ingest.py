@@ -336,8 +336,9 @@ PROGRESS_MODES = ("auto", "bar", "plain", "none")
 
 def failure_rate(text: str) -> float:
     """``5%`` or ``0.05`` as 0.05; UsageError for anything else."""
+    given = text.strip()
     try:
-        rate = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+        rate = float(given[:-1]) / 100 if given.endswith("%") else float(given)
     except ValueError:
         rate = -1.0
     if not 0 <= rate <= 1:
