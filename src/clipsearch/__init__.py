@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Collection": "collection",
     "CollectionInfo": "collection",
+    "Page": "collection",
     "describe": "collection",
     "open": "collection",
     "ModelChoice": "choice",
@@ -70,7 +71,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .catalog import CatalogOptions
     from .choice import ModelChoice
-    from .collection import Collection, CollectionInfo, describe, open
+    from .collection import Collection, CollectionInfo, Page, describe, open
     from .distributed import RayOptions
     from .errors import (
         ClipsearchError,
@@ -113,6 +114,7 @@ __all__ = [
     "NamespaceNotFoundError",
     "NoDatabaseError",
     "NotFoundError",
+    "Page",
     "RayOptions",
     "TooLargeError",
     "UsageError",

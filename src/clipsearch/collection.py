@@ -63,6 +63,8 @@ if TYPE_CHECKING:
     from .sources import Source
 
 SEARCH_MODES = ("vector", "keyword", "hybrid")
+# how deep paging goes: offset + limit of a search, as Immich's smart search scrolls to
+MAX_RESULTS = 5000
 
 
 @dataclass
@@ -577,16 +579,26 @@ class Collection:
         mode: str = "vector",
         add: Sequence[str] = (),
         subtract: Sequence[str] = (),
+        offset: int = 0,
     ) -> list[Hit]:
         """The items nearest to a text, an image (a path, bytes or a PIL image) or a raw vector,
         best first; give exactly one. ``filter``: ``{key: value or [values]}`` on metadata (AND
         across keys). ``mode`` (text only): ``vector`` (CLIP), ``keyword`` (BM25 over item text
         and metadata; no model), or ``hybrid`` (both, fused by reciprocal rank). ``add`` and
         ``subtract``: texts whose vectors are added to or subtracted from the query's (vector
-        mode; ``"2:sunset"`` weighs a term 2). Each ``Hit`` has ``id``, ``score``, ``path`` and
-        ``metadata``."""
+        mode; ``"2:sunset"`` weighs a term 2). ``offset``: skip that many of the best (a later
+        page; ``offset + limit`` reaches ``MAX_RESULTS`` at most). Each ``Hit`` has ``id``,
+        ``score``, ``path`` and ``metadata``."""
         plan = self.plan_search(
-            text, image=image, vector=vector, limit=limit, filter=filter, mode=mode, add=add, subtract=subtract
+            text,
+            image=image,
+            vector=vector,
+            limit=limit,
+            filter=filter,
+            mode=mode,
+            add=add,
+            subtract=subtract,
+            offset=offset,
         )
         texts = self.embed_texts(plan.texts) if plan.texts else None
         image_vector = self.embed_images([plan.image])[0] if plan.image is not None else None
@@ -603,6 +615,7 @@ class Collection:
         mode: str = "vector",
         add: Sequence[str] = (),
         subtract: Sequence[str] = (),
+        offset: int = 0,
     ) -> SearchPlan:
         """``search``'s rules applied, before anything is embedded: the arguments checked, the
         namespace found and, when the search needs the model, the model checked against the
@@ -618,10 +631,10 @@ class Collection:
             raise UsageError(f"unknown search mode {mode!r}; use {', '.join(SEARCH_MODES)}", param="mode")
         if text is None and mode != "vector":
             raise UsageError(f"mode {mode} searches by text; search by image or vector in vector mode", param="mode")
-        if limit < 1:
-            raise UsageError("limit must be at least 1", param="limit")
+        check_page(offset, limit)
         terms = tuple(ops.query_terms(add, subtract, mode))
         self.identity()  # the namespace must exist, before any model loads
+        self.check_filter(filter)
         plan = SearchPlan(
             text=text,
             image=image,
@@ -630,6 +643,7 @@ class Collection:
             terms=terms,
             limit=limit,
             filter=filter,
+            offset=offset,
         )
         if plan.texts or image is not None:
             self.query_encoder()  # the model that made the vectors, or ModelMismatchError now
@@ -648,23 +662,107 @@ class Collection:
             raise UsageError("the plan needs the image's vector")
         embeds_query = plan.text is not None and plan.mode != "keyword"
         query = texts[0] if embeds_query and texts is not None else image if plan.image is not None else plan.vector
+        depth = plan.offset + plan.limit  # the best of all pages up to this one; this page is their end
         if plan.terms:
             assert texts is not None and query is not None
             base = query / max(float(np.linalg.norm(query)), 1e-12)
             combined = ops.combine(base, list(plan.terms), texts[1 if embeds_query else 0 :])
-            return ops.search_vector(self.store, self.namespace, combined, plan.limit, plan.filter)
-        if plan.text is None:
+            hits = ops.search_vector(self.store, self.namespace, combined, depth, plan.filter)
+        elif plan.text is None:
             assert query is not None
-            return ops.search_vector(self.store, self.namespace, query, plan.limit, plan.filter)
-        return ops.search_text(self.store, None, self.namespace, plan.text, plan.limit, plan.filter, plan.mode, query)
+            hits = ops.search_vector(self.store, self.namespace, query, depth, plan.filter)
+        else:
+            hits = ops.search_text(self.store, None, self.namespace, plan.text, depth, plan.filter, plan.mode, query)
+        return hits[plan.offset :]
 
-    def similar(self, item_id: str, *, limit: int = 10, same_filter: Sequence[str] | None = None) -> list[Hit]:
+    def similar(
+        self,
+        item_id: str,
+        *,
+        limit: int = 10,
+        same_filter: Sequence[str] | None = None,
+        offset: int = 0,
+        filter: dict[str, Any] | None = None,
+    ) -> list[Hit]:
         """Items nearest to item ``item_id`` by image vector, without the item itself.
-        ``same_filter``: only items that share the item's value of each of these metadata keys."""
+        ``same_filter``: only items that share the item's value of each of these metadata keys;
+        ``filter``: only those passing it. ``offset``: skip that many of the nearest (a later page)."""
         from .search import similar_items
 
+        check_page(offset, limit)
         self.identity()
-        return similar_items(self.store, self.namespace, item_id, limit, list(same_filter) if same_filter else None)
+        self.check_filter(filter)
+        same = list(same_filter) if same_filter else None
+        return similar_items(self.store, self.namespace, item_id, offset + limit, same, filter)[offset:]
+
+    # -- browsing --------------------------------------------------------------------------------
+    def browse(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 40,
+        filter: dict[str, Any] | None = None,
+        order: str = "newest",
+        folder: str | None = None,
+    ) -> Page:
+        """A page of the stored items without a query: ``order`` ``newest`` (last stored first),
+        ``oldest`` or ``taken`` (the date a photo was taken, newest first; undated last), those
+        passing ``filter`` and, with ``folder``, those whose file is in that folder or below it."""
+        self.identity()
+        self.check_filter(filter)
+        items, total = self.store.list_items(
+            self.namespace, offset=offset, limit=limit, filters=filter, order=order, folder=folder
+        )
+        return Page(items=items, total=total, offset=offset)
+
+    def metadata_keys(self) -> dict[str, dict[str, int]]:
+        """Each metadata key of the stored items: how many items have it, by the kind of value
+        (number, text, bool, null, list, object)."""
+        self.identity()
+        return self.store.metadata_keys(self.namespace)
+
+    def check_filter(self, filter: dict[str, Any] | None) -> None:
+        """UsageError for a filter that would match nothing, silently, by mistake: on a key that
+        no stored item has (a typo, or a key of another catalog), naming the keys there are; or
+        a range of a key whose values are all numbers with a bound that is no number."""
+        from .filters import filter_ranges, matcher
+
+        if not filter:
+            return
+        matcher(filter)  # its shape first
+        keys = self.store.metadata_keys(self.namespace)
+        if not keys:  # nothing stored: nothing to tell a typo by
+            return
+        missing = [key for key in filter if key not in keys]
+        if missing:
+            raise UsageError(
+                f"no item has the metadata key {missing[0]!r} to filter on; their keys: {', '.join(sorted(keys))}",
+                param="filter",
+            )
+        for r in filter_ranges(filter):
+            if r.number is None and set(keys[r.key]) <= {"number", "null"}:
+                raise UsageError(
+                    f"{r.key} is a number in every item, and the bound {r.text!r} is no number", param="filter"
+                )
+
+    def folders(self) -> list[tuple[str, int]]:
+        """(folder, items) for each folder that holds stored files, in name order."""
+        from collections import Counter
+
+        from .store.base import folder_of
+
+        counts: Counter[str] = Counter()
+        for path, n in self.count_by_value("path"):
+            folder = folder_of(path)
+            if folder is not None:
+                counts[folder] += n
+        return sorted(counts.items())
+
+    def count_by_value(self, key: str) -> list[tuple[Any, int]]:
+        """(value, items) for each value of metadata ``key``, most items first; no check that
+        any item has the key (``count_by`` refuses one that none has)."""
+        self.identity()
+        return self.store.count_by(self.namespace, key)
 
     def duplicates(self, threshold: float = 0.95) -> list[DuplicateGroup]:
         """Groups of near-identical images: identical bytes first, then vectors whose cosine
@@ -740,6 +838,31 @@ class Collection:
         return self.encoder
 
 
+def check_page(offset: int, limit: int) -> None:
+    """UsageError unless ``offset`` and ``limit`` ask for a page within ``MAX_RESULTS``."""
+    if limit < 1:
+        raise UsageError("limit must be at least 1", param="limit")
+    if offset < 0:
+        raise UsageError(f"offset must be 0 or more, not {offset}", param="offset")
+    if offset + limit > MAX_RESULTS:
+        raise UsageError(f"offset + limit may reach {MAX_RESULTS} at most, not {offset + limit}", param="offset")
+
+
+@dataclass
+class Page:
+    """A page of browsed items (``Collection.browse``): ``total`` items pass in all."""
+
+    items: list[Item]
+    total: int
+    offset: int
+
+    @property
+    def next_offset(self) -> int | None:
+        """Where the next page starts, or None after the last."""
+        end = self.offset + len(self.items)
+        return end if self.items and end < self.total else None
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     """A search with its rules applied, before any model runs (``Collection.plan_search``)."""
@@ -751,6 +874,7 @@ class SearchPlan:
     terms: tuple[tuple[float, str], ...]
     limit: int
     filter: dict[str, Any] | None
+    offset: int = 0
 
     @property
     def texts(self) -> list[str]:

@@ -27,7 +27,8 @@ _CJK = (
     "\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\u1100-\u11ff"
     "\U00020000-\U0003134f"
 )
-_WORD = re.compile(r"\w+")
+# letters and digits: "_" separates words too (red_circle, IMG_2041)
+_WORD = re.compile(r"[^\W_]+")
 _SEGMENT = re.compile(f"([{_CJK}]+)|([^{_CJK}]+)")
 
 

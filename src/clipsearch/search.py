@@ -80,20 +80,26 @@ def search_vector(
 
 
 def similar_items(
-    store: Store, namespace: str, item_id: str, limit: int = 10, same: list[str] | None = None
+    store: Store,
+    namespace: str,
+    item_id: str,
+    limit: int = 10,
+    same: list[str] | None = None,
+    filters: dict[str, Any] | None = None,
 ) -> list[Hit]:
     """The nearest items to an item by image vector, without the item itself. ``same``: only
-    items that share the item's value of each of these metadata keys (e.g. its client)."""
+    items that share the item's value of each of these metadata keys (e.g. its client);
+    ``filters``: only those passing them."""
     vectors = store.get_vectors(namespace, [item_id])
     if item_id not in vectors:
         raise ItemNotFoundError(item_id, namespace)
-    filters = None
+    filters = dict(filters) if filters else None
     if same:
         metadata = store.get_items(namespace, [item_id])[0].metadata
         missing = [key for key in same if metadata.get(key) in (None, "")]
         if missing:
             raise UsageError(f"item {item_id!r} has no {', '.join(missing)} to match", param="same_filter")
-        filters = {key: metadata[key] for key in same}
+        filters = {**(filters or {}), **{key: metadata[key] for key in same}}
     hits = search_vector(store, namespace, vectors[item_id], limit + 1, filters)
     return [h for h in hits if h.item.id != item_id][:limit]
 

@@ -317,6 +317,33 @@ def test_filter_errors_name_their_argument(cli, photos):
     assert e.value.param == "filter" and e.value.worded(lambda name: "--" + name).endswith("(--filter)")
 
 
+def test_a_filter_that_could_only_match_nothing_is_refused_on_every_face(cli, photos):
+    """The gallery issue: a filter on a key no item has, or a text bound on a number-only key,
+    gave "no results" as if nothing matched; each face now says what would work."""
+    from clipsearch.errors import UsageError
+
+    assert cli("ingest", photos)[0] == 0
+    code, _, err = cli("search", "a photo", "--filter", "colour=red")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no item has the metadata key 'colour' to filter on; their keys:" in err and "width" in err
+    with clipsearch.open(cli.db) as col:
+        with pytest.raises(UsageError, match="width is a number in every item") as e:
+            col.search("a photo", mode="keyword", filter={"width": {"gte": "abc"}})
+        assert e.value.param == "filter"
+        with pytest.raises(UsageError, match="'colour'"):
+            col.similar(next(iter(col)).id, filter={"colour": "red"})
+        with pytest.raises(UsageError, match="'colour'"):
+            col.browse(filter={"colour": "red"})
+        # right keys: pages of a search join into its whole ranking; browsing pages too
+        whole = [h.id for h in col.search("a photo", limit=6)]
+        pages = [h.id for o in (0, 2, 4) for h in col.search("a photo", limit=2, offset=o)]
+        assert pages == whole and len(set(whole)) == 6
+        page = col.browse(limit=4, filter={"width": {"gte": 1}})
+        assert (page.total, page.next_offset, len(col.browse(offset=4).items)) == (6, 4, 2)
+        with pytest.raises(UsageError, match="5000"):
+            col.search("a photo", limit=10, offset=4991)
+
+
 def test_a_collection_reads_like_a_list_and_hits_like_rows(cli, photos):
     """Point 6: a Collection could only be counted (``len``), not iterated or listed, so seeing
     what is stored took an export to a file; ``repr(hit)`` was a nested ``Item(...)`` with the

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from ..conftest import free_port, hub_with_towers, sample_photo
 
@@ -95,10 +96,17 @@ def hub(trained_clip, tmp_path_factory) -> Path:
 
 def build_scene(home: Path, shop: str) -> None:
     pictures = home / "Pictures"
-    for sample, name in [("chelsea", "cat"), ("coffee", "dog"), ("rocket", "beach"), ("astronaut", "2024/astronaut")]:
+    for i, (sample, name) in enumerate(
+        [("chelsea", "cat"), ("coffee", "dog"), ("rocket", "beach"), ("astronaut", "2024/astronaut")]
+    ):
         path = pictures / f"{name}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        sample_photo(sample).save(path, "JPEG", quality=90)
+        # as a phone writes them: the camera and the time taken (the pages filter on both)
+        exif = Image.Exif()
+        exif[0x010F], exif[0x0110], exif[0x0132] = "Apple", "iPhone 13", f"2024:0{i + 5}:1{i} 12:00:00"
+        if name == "beach":  # Bondi, in the southern hemisphere
+            exif[0x8825] = {1: "S", 2: (33.0, 53.0, 28.0), 3: "E", 4: (151.0, 16.0, 37.0)}
+        sample_photo(sample).save(path, "JPEG", quality=90, exif=exif)
     dataset = home / "datasets" / "cifar10-test"
     for label, samples in {"cat": ["chelsea", "astronaut"], "rocket": ["rocket", "coffee"]}.items():
         for sample in samples:

@@ -31,9 +31,9 @@ def lines(out: str) -> list[dict]:
 
 def test_migrate_an_empty_database_then_nothing_to_do(cli, pg_url):
     code, out, _ = cli("db", "migrate", "--db", pg_url)
-    assert code == 0 and "schema (none) -> 2" in out and ":***@" not in out
+    assert code == 0 and "schema (none) -> 3" in out and ":***@" not in out
     code, out, _ = cli("db", "migrate", "--db", pg_url)
-    assert code == 0 and "schema 2, up to date" in out
+    assert code == 0 and "schema 3, up to date" in out
     with psycopg.connect(pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'clipsearch_%'")}
         assert {"clipsearch_schema", "clipsearch_namespaces", "clipsearch_failures", "clipsearch_claims"} <= tables
@@ -353,24 +353,26 @@ def test_repairs_leave_failed_rows_alone(cli, pg_url, image_server, tiny_opencli
     assert json.loads(out)["failed"] == 3 and image_server.hits["/status/404"] - hits == 6
 
 
-def test_schema_1_keyword_columns_are_reindexed_for_cjk(pg_url):
+def test_schema_1_keyword_columns_are_reindexed_for_cjk_and_folders(pg_url):
     """A table written by schema 1 kept each CJK run as one word; migrating to 2 indexes its
-    character pairs, so that a word inside a title is found."""
+    character pairs, so that a word inside a title is found; 3 adds the folders' words."""
     from clipsearch.encoders import ModelIdentity
     from clipsearch.store import NewItem
     from clipsearch.store.postgres import PostgresStore
 
     store = PostgresStore(pg_url)
     store.bind_namespace("default", ModelIdentity("open_clip", "tiny", "", 4, {}), {})
-    store.write_batch("default", [NewItem("a", {"title": "赤い財布"}, "h")], np.ones((1, 4), np.float32) / 2)
+    item = NewItem("a", {"title": "赤い財布", "path": "/p/red_wallets/1.jpg"}, "h")
+    store.write_batch("default", [item], np.ones((1, 4), np.float32) / 2)
     store.close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         table = conn.execute("SELECT items_table FROM clipsearch_namespaces").fetchone()[0]
         conn.execute(f"UPDATE \"{table}\" SET keywords = '赤い財布'")  # what schema 1 wrote
-        conn.execute("DELETE FROM clipsearch_schema WHERE version = 2")
+        conn.execute("DELETE FROM clipsearch_schema WHERE version > 1")
     store = PostgresStore(pg_url)
     try:
-        assert store.schema_version_before == 1 and store.schema_version() == 2
+        assert store.schema_version_before == 1 and store.schema_version() == 3
         assert [h.item.id for h in store.keyword_search("default", "財布", 5)] == ["a"]
+        assert [h.item.id for h in store.keyword_search("default", "wallets", 5)] == ["a"]
     finally:
         store.close()

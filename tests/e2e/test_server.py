@@ -532,8 +532,90 @@ def test_the_server_and_the_library_refuse_a_mismatch_alike(library, tmp_path):
         col.search("a rocket")
     with make_server(library, db=str(db)) as srv, httpx.Client(base_url=srv.wait_ready().url, timeout=30) as c:
         by_text = assert_error(c.post("/api/v1/search", json={"text": "a rocket"}), 400)
-        assert by_text["message"] == refused.value.message
+        assert by_text["message"] == refused.value.message and by_text["code"] == "model_mismatch"
         by_image = c.post("/api/v1/images/search", files={"file": photos[0].read_bytes()})
         assert assert_error(by_image, 400)["message"] == refused.value.message
         vector = c.post("/api/v1/vectors/search", json={"embedding": [0.1] * 32})
         assert vector.status_code == 200 and len(vector.json()["results"]) == 2
+
+
+# -- paging, browsing, what a filter can name, the originals ---------------------------------
+def test_search_pages_join_into_the_full_ranking(client):
+    full = client.post("/api/v1/search", json={"text": "a cat", "limit": 6}).json()
+    assert full["offset"] == 0 and full["next_offset"] == 6  # a full page: there may be more
+    pages = [client.post("/api/v1/search", json={"text": "a cat", "limit": 4, "offset": o}).json() for o in (0, 4)]
+    assert [p["next_offset"] for p in pages] == [4, None]  # the second page is short: the last
+    assert [r["id"] for p in pages for r in p["results"]] == [r["id"] for r in full["results"]]
+    first = full["results"][0]
+    similar = client.get(first["thumbnail_url"].replace("/thumbnail?", "/similar?") + "&limit=2&offset=2").json()
+    nearest = client.get(first["thumbnail_url"].replace("/thumbnail?", "/similar?") + "&limit=5").json()
+    assert [r["id"] for r in similar["results"]] == [r["id"] for r in nearest["results"]][2:4]
+    assert similar["offset"] == 2 and similar["next_offset"] == 4
+    assert_error(client.post("/api/v1/search", json={"text": "x", "limit": 10, "offset": 4995}), 400, "5000")
+    assert_error(client.post("/api/v1/search", json={"text": "x", "offset": -1}), 422)
+    by_image = client.post(
+        "/api/v1/images/search",
+        files={"file": ("q.jpg", first_photo_bytes(client, first), "image/jpeg")},
+        data={"limit": "2", "offset": "1"},
+    ).json()
+    assert by_image["offset"] == 1 and len(by_image["results"]) == 2
+
+
+def first_photo_bytes(client, hit) -> bytes:
+    return client.get(hit["thumbnail_url"].replace("/thumbnail?", "/original?")).content
+
+
+def test_browse_keys_values_and_folders(client, library):
+    everything = client.get("/api/v1/items", params={"limit": 4}).json()
+    assert everything["total"] == 6 and everything["next_offset"] == 4 and len(everything["items"]) == 4
+    rest = client.get("/api/v1/items", params={"limit": 4, "offset": 4}).json()
+    assert rest["next_offset"] is None
+    ids = [it["id"] for it in everything["items"] + rest["items"]]
+    oldest = client.get("/api/v1/items", params={"order": "oldest", "limit": 10}).json()
+    assert [it["id"] for it in oldest["items"]] == ids[::-1]
+    folder = str(library["paths"]["coffee"].parent)
+    inside = client.get("/api/v1/items", params={"folder": folder, "filter": '{"label": "food"}'}).json()
+    assert inside["total"] == 1 and inside["items"][0]["metadata"]["filename"] == "coffee.jpg"
+    assert client.get("/api/v1/items", params={"folder": folder + "/elsewhere"}).json()["total"] == 0
+    assert_error(client.get("/api/v1/items", params={"order": "random"}), 400, "unknown order")
+    assert_error(client.get("/api/v1/items", params={"filter": '{"colour": "red"}'}), 400, "no item has")
+
+    keys = {k["key"]: k for k in client.get("/api/v1/namespaces/default/keys").json()["keys"]}
+    assert keys["width"]["items"] == 6 and keys["width"]["kinds"] == {"number": 6}
+    assert keys["label"]["kinds"] == {"text": 6}
+    values = client.get("/api/v1/namespaces/default/keys/label", params={"limit": 2}).json()["values"]
+    assert len(values) == 2 and values[0]["items"] >= values[1]["items"]
+    folders = client.get("/api/v1/namespaces/default/folders").json()["folders"]
+    assert folders == [{"folder": folder, "items": 6}]
+    assert_error(client.get("/api/v1/namespaces/nope/keys"), 404, "nope")
+
+
+def test_filter_mistakes_are_refused_with_what_would_work(client):
+    error = assert_error(client.post("/api/v1/search", json={"text": "x", "filter": {"camera_make": "Canon"}}), 400)
+    assert error["param"] == "filter" and "'camera_make'" in error["message"] and "label" in error["message"]
+    error = assert_error(client.post("/api/v1/search", json={"text": "x", "filter": {"width": {"gte": "abc"}}}), 400)
+    assert "width is a number in every item" in error["message"]
+    # dates are text: a text bound on a text key is fine
+    ok = client.post("/api/v1/search", json={"text": "x", "filter": {"label": {"gte": "a"}}})
+    assert ok.status_code == 200
+
+
+def test_originals_open_and_download(client, library, tmp_path):
+    hit = client.post("/api/v1/search", json={"text": "x", "filter": {"label": "food"}}).json()["results"][0]
+    url = hit["thumbnail_url"].replace("/thumbnail?", "/original?")
+    inline = client.get(url)
+    assert inline.status_code == 200 and inline.headers["content-type"] == "image/jpeg"
+    assert inline.content == library["paths"]["coffee"].read_bytes()
+    assert inline.headers["content-disposition"].startswith("inline")
+    saved = client.get(url + "&download=true")
+    assert saved.headers["content-disposition"] == 'attachment; filename="coffee.jpg"'
+    big = client.get(hit["thumbnail_url"] + "&size=1024")
+    assert big.status_code == 200 and Image.open(io.BytesIO(big.content)).size == (600, 400)  # never upscaled
+    assert_error(client.get("/api/v1/items/nope/original"), 404)
+
+    item = client.post(
+        "/api/v1/items", files={"file": ("c.jpg", inline.content, "image/jpeg")}, data={"namespace": "orig"}
+    )
+    Path(item.json()["metadata"]["path"]).unlink()
+    gone = f"/api/v1/items/{item.json()['id']}/original?namespace=orig"
+    assert_error(client.get(gone), 404, "is gone")

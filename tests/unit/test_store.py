@@ -304,7 +304,7 @@ def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("5",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("6",)
     SQLiteStore(path).close()  # opening a migrated file again changes nothing
 
 
@@ -395,6 +395,52 @@ def test_count_by_counts_values_list_elements_and_items_without_the_key(make_sto
     assert store.count_by("default", "tags") == [("red", 2), ("cotton", 1), (None, 1)]
     assert store.count_by("default", "n") == [(3, 2), (4, 1), (None, 1)]
     assert store.count_by("default", "colour") == [(None, 4)]
+
+
+def test_list_items_pages_in_each_order_with_filters_and_folders(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    metas = [
+        {"path": "/photos/2024/a.jpg", "taken_at": "2024-06-01T10:00:00", "width": 800},
+        {"path": "/photos/2024/b.jpg", "width": 300},
+        {"path": "/photos/2023/c.jpg", "taken_at": "2023-01-05T08:00:00", "width": 1200},
+        {"path": "/photos/2024_x/d.jpg", "taken_at": "2025-02-02T00:00:00", "width": 640},  # not in 2024/
+        {"path": "/photos/2024/deeper/e.jpg", "width": 900},
+    ]
+    store.write_batch("default", [NewItem(f"i{i}", m, f"h{i}") for i, m in enumerate(metas)], _vectors(5))
+
+    def ids(**kw):
+        items, total = store.list_items("default", **kw)
+        return [it.id for it in items], total
+
+    assert ids() == (["i4", "i3", "i2", "i1", "i0"], 5)
+    assert ids(order="oldest", offset=1, limit=2) == (["i1", "i2"], 5)
+    assert ids(order="taken") == (["i3", "i0", "i2", "i4", "i1"], 5)  # undated last, newest stored first
+    assert ids(folder="/photos/2024") == (["i4", "i1", "i0"], 3)  # "_" and "%" are no wildcards
+    assert ids(folder="/photos/2024/", filters={"width": {"gte": 500}}, limit=1) == (["i4"], 2)
+    assert ids(offset=10) == ([], 5)
+    with pytest.raises(UsageError, match="unknown order"):
+        store.list_items("default", order="random")
+    assert store.metadata_keys("default") == {"path": {"text": 5}, "taken_at": {"text": 3}, "width": {"number": 5}}
+    store.write_batch("default", [NewItem("j", {"width": "wide", "tags": ["a"], "ok": True}, "hj")], _vectors(1))
+    keys = store.metadata_keys("default")
+    assert keys["width"] == {"number": 5, "text": 1} and keys["tags"] == {"list": 1} and keys["ok"] == {"bool": 1}
+
+
+def test_keyword_search_finds_folder_and_file_name_words(make_store):
+    store = make_store()
+    store.bind_namespace("default", IDENT, {})
+    paths = ["/data/shapes/red_circle/003.png", "/data/shapes/blue_square/IMG_2041.png", "/home/u/pics/notes.png"]
+    items = [NewItem(f"i{i}", {"path": p, "filename": p.rsplit("/", 1)[1]}, f"h{i}") for i, p in enumerate(paths)]
+    store.write_batch("default", items, _vectors(3))
+
+    def found(query):
+        return sorted(h.item.id for h in store.keyword_search("default", query, 10))
+
+    assert found("circle") == ["i0"]  # the folder's words, split at "_"
+    assert found("shapes") == ["i0", "i1"]  # the folder above it too
+    assert found("img") == ["i1"] and found("2041") == ["i1"]  # file names split at "_"
+    assert found("data") == [] and found("home") == []  # not every folder up to the root
 
 
 def test_claims_share_items_between_owners(make_store):

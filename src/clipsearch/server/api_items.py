@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import mimetypes
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .http import (
     NamespaceQuery,
@@ -20,7 +21,17 @@ from .http import (
     results,
     thumbnail_url,
 )
-from .schemas import DeletedResponse, DuplicatesResponse, ItemResponse, NamespaceList, SearchResponse
+from .schemas import (
+    BrowseResponse,
+    DeletedResponse,
+    DuplicatesResponse,
+    FolderList,
+    ItemResponse,
+    KeyList,
+    NamespaceList,
+    SearchResponse,
+    ValueList,
+)
 
 # form fields of an upload that are not metadata
 RESERVED_FORM_FIELDS = {"file", "image", "namespace", "id", "metadata"}
@@ -67,13 +78,64 @@ async def add_item(
     return item_response(item)
 
 
+@router.get("/api/v1/items", response_model=BrowseResponse, tags=["items"])
+async def browse(
+    service: ServiceDep,
+    namespace: str | None = NamespaceQuery,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(40, ge=1, le=1000),
+    order: str = Query("newest", description="newest or oldest stored first, or taken: by taken_at, newest first"),
+    folder: str | None = Query(None, description="Only the items whose file is in this folder or below it."),
+    filter: str | None = Query(None, description="The filter object, as JSON (as the search routes take it)."),
+):
+    """The stored items without a query, a page at a time."""
+    ns = service.namespace_name(namespace)
+    conditions = json_field("filter", filter) if filter else None
+    page = await service.run(
+        functools.partial(
+            service.collection(ns).browse, offset=offset, limit=limit, filter=conditions, order=order, folder=folder
+        )
+    )
+    return {
+        "namespace": ns,
+        "total": page.total,
+        "offset": page.offset,
+        "next_offset": page.next_offset,
+        "items": [{"id": it.id, "metadata": it.metadata, "thumbnail_url": thumbnail_url(it)} for it in page.items],
+    }
+
+
+@router.get("/api/v1/items/{item_id:path}/original", tags=["items"], response_class=Response)
+async def item_original(
+    service: ServiceDep,
+    request: Request,
+    item_id: str,
+    namespace: str | None = NamespaceQuery,
+    download: bool = Query(False, description="As an attachment (the browser saves it)."),
+):
+    """The item's image file as stored (the file its ``path`` names: an ingested photo, or an
+    upload), for the gallery's viewer to open or save."""
+    if not literal_suffix(request, "original"):  # the item "…/original" itself
+        return JSONResponse(jsonable_encoder(await get_item(service, f"{item_id}/original", namespace)))
+    path = await service.run(service.original, service.namespace_name(namespace), item_id)
+    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    disposition = "attachment" if download else "inline"
+    return FileResponse(
+        path,
+        media_type=kind,
+        filename=path.name,
+        content_disposition_type=disposition,
+        headers={"Cache-Control": "private, max-age=3600"},
+    )
+
+
 @router.get("/api/v1/items/{item_id:path}/thumbnail", tags=["items"], response_class=Response)
 async def item_thumbnail(
     service: ServiceDep,
     request: Request,
     item_id: str,
     namespace: str | None = NamespaceQuery,
-    size: int = Query(256, description="128, 256 or 512"),
+    size: int = Query(256, description="128, 256, 512 or 1024"),
 ):
     """A small JPEG of the item's image (cached)."""
     if not literal_suffix(request, "thumbnail"):  # the item "…/thumbnail" itself
@@ -92,14 +154,21 @@ async def item_similar(
     same_filter: list[str] | None = Query(
         None, description="Only items with the same value of this metadata key as the item (repeatable)."
     ),
+    offset: int = Query(0, ge=0, description="Skip this many of the nearest: a later page."),
+    filter: str | None = Query(None, description="The filter object, as JSON (as the search routes take it)."),
 ):
     """Nearest items to this item's image vector, excluding the item itself."""
     if not literal_suffix(request, "similar"):  # the item "…/similar" itself
         return JSONResponse(jsonable_encoder(await get_item(service, f"{item_id}/similar", namespace)))
     ns = service.namespace_name(namespace)
     collection = service.collection(ns)
-    hits = await service.run(functools.partial(collection.similar, item_id, limit=limit, same_filter=same_filter))
-    return results(ns, hits)
+    conditions = json_field("filter", filter) if filter else None
+    hits = await service.run(
+        functools.partial(
+            collection.similar, item_id, limit=limit, same_filter=same_filter, offset=offset, filter=conditions
+        )
+    )
+    return results(ns, hits, offset, limit)
 
 
 @router.get("/api/v1/items/{item_id:path}", response_model=ItemResponse, tags=["items"])
@@ -157,3 +226,32 @@ async def namespaces(service: ServiceDep):
             for ns in infos
         ],
     }
+
+
+@router.get("/api/v1/namespaces/{name}/keys", response_model=KeyList, tags=["items"])
+async def namespace_keys(service: ServiceDep, name: str):
+    """The metadata keys of the namespace's items (what a filter can name), with how many items
+    have each."""
+    ns = service.namespace_name(name)
+    keys = await service.run(service.collection(ns).metadata_keys)
+    return {
+        "namespace": ns,
+        "keys": [{"key": k, "items": sum(kinds.values()), "kinds": kinds} for k, kinds in keys.items()],
+    }
+
+
+@router.get("/api/v1/namespaces/{name}/keys/{key:path}", response_model=ValueList, tags=["items"])
+async def namespace_key_values(service: ServiceDep, name: str, key: str, limit: int = Query(20, ge=1, le=1000)):
+    """The most common values of one metadata key, with how many items have each (list values
+    counted element by element; null: the items without the key)."""
+    ns = service.namespace_name(name)
+    counts = await service.run(service.collection(ns).count_by_value, key)
+    return {"namespace": ns, "key": key, "values": [{"value": v, "items": n} for v, n in counts[:limit]]}
+
+
+@router.get("/api/v1/namespaces/{name}/folders", response_model=FolderList, tags=["items"])
+async def namespace_folders(service: ServiceDep, name: str):
+    """The folders that hold the namespace's files, with how many items each holds."""
+    ns = service.namespace_name(name)
+    folders = await service.run(service.collection(ns).folders)
+    return {"namespace": ns, "folders": [{"folder": f, "items": n} for f, n in folders]}

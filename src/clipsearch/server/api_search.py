@@ -33,10 +33,11 @@ async def search_text(service: ServiceDep, req: SearchRequest):
             mode=req.mode,
             add=req.add,
             subtract=req.subtract,
+            offset=req.offset,
         )
     )
     texts = (await service.embed_texts(plan.texts))[0] if plan.texts else None
-    return results(namespace, await service.run(collection.finish_search, plan, texts))
+    return results(namespace, await service.run(collection.finish_search, plan, texts), req.offset, req.limit)
 
 
 @router.post("/api/v1/vectors/search", response_model=SearchResponse, tags=["search"])
@@ -45,9 +46,11 @@ async def search_by_vector(service: ServiceDep, req: VectorSearchRequest):
     namespace = service.namespace_name(req.namespace)
     collection = service.collection(namespace)
     plan = await service.run(
-        functools.partial(collection.plan_search, vector=req.embedding, limit=req.limit, filter=req.filter)
+        functools.partial(
+            collection.plan_search, vector=req.embedding, limit=req.limit, filter=req.filter, offset=req.offset
+        )
     )
-    return results(namespace, await service.run(collection.finish_search, plan))
+    return results(namespace, await service.run(collection.finish_search, plan), req.offset, req.limit)
 
 
 @router.post(
@@ -59,6 +62,7 @@ async def search_by_vector(service: ServiceDep, req: VectorSearchRequest):
             {
                 "namespace": {"type": "string"},
                 "limit": {"type": "integer", "default": 10},
+                "offset": {"type": "integer", "default": 0},
                 "filter": {"type": "string", "description": "the filter object, as JSON"},
             },
             also={"application/json": {"schema": ImageSearchRequest.model_json_schema()}},
@@ -71,13 +75,16 @@ async def search_by_image(service: ServiceDep, request: Request):
     if ctype.startswith("multipart/form-data"):
         form, data, _ = await form_with_file(request, max_fields=20, max_bytes=service.settings.max_image_bytes)
         fields: dict[str, Any] = {
-            k: form.get(k) for k in ("namespace", "limit", "filter") if isinstance(form.get(k), str) and form.get(k)
+            k: form.get(k)
+            for k in ("namespace", "limit", "offset", "filter")
+            if isinstance(form.get(k), str) and form.get(k)
         }
         if "filter" in fields:
             fields["filter"] = json_field("filter", fields["filter"])
         # a form's fields are text by nature, as a query string's: "limit=2" is the number it spells
-        if "limit" in fields and fields["limit"].strip().isdigit():
-            fields["limit"] = int(fields["limit"])
+        for number in ("limit", "offset"):
+            if number in fields and fields[number].strip().isdigit():
+                fields[number] = int(fields[number])
         payload: Any = {"image": "-", **fields}
     else:
         payload = await json_body(request)
@@ -91,6 +98,8 @@ async def search_by_image(service: ServiceDep, request: Request):
     namespace = service.namespace_name(req.namespace)
     service.ready_encoder()
     collection = service.collection(namespace)
-    plan = await service.run(functools.partial(collection.plan_search, image=data, limit=req.limit, filter=req.filter))
+    plan = await service.run(
+        functools.partial(collection.plan_search, image=data, limit=req.limit, filter=req.filter, offset=req.offset)
+    )
     vector = (await service.embed_images([data]))[0]
-    return results(namespace, await service.run(collection.finish_search, plan, None, vector))
+    return results(namespace, await service.run(collection.finish_search, plan, None, vector), req.offset, req.limit)

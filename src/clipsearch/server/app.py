@@ -33,6 +33,7 @@ from ..errors import (
     ForbiddenURLError,
     ImageError,
     MissingWeightsError,
+    ModelMismatchError,
     NamespaceNotFoundError,
     NotFoundError,
     TooLargeError,
@@ -81,6 +82,8 @@ def _status(e: ClipsearchError) -> tuple[int, str, str | None]:
         return 400, "invalid_request_error", "url_not_allowed"
     if isinstance(e, ImageError):
         return 400, "invalid_request_error", "invalid_image"
+    if isinstance(e, ModelMismatchError):
+        return 400, "invalid_request_error", "model_mismatch"
     return 400, "invalid_request_error", None
 
 

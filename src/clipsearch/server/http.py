@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
+from ..collection import MAX_RESULTS
 from ..errors import ClipsearchError, ImageError, NotFoundError, TooLargeError, UsageError
 from ..store import Hit, Item
 from .schemas import ItemResponse, SearchResponse
@@ -89,10 +90,16 @@ def thumbnail_url(item: Item) -> str:
     return f"/api/v1/items/{quote(item.id, safe='')}/thumbnail?namespace={quote(item.namespace, safe='')}"
 
 
-def results(namespace: str, hits: list[Hit]) -> SearchResponse:
+def results(namespace: str, hits: list[Hit], offset: int = 0, limit: int | None = None) -> SearchResponse:
+    """A search's page; ``limit``: what was asked for, so that a full page within the depth
+    limit says where the next one starts."""
+    end = offset + len(hits)
+    more = limit is not None and len(hits) == limit and end < MAX_RESULTS
     return SearchResponse.model_validate(
         {
             "namespace": namespace,
+            "offset": offset,
+            "next_offset": end if more else None,
             "results": [
                 {
                     "id": h.item.id,

@@ -15,7 +15,8 @@ from ..files import write_atomic
 from ..imaging import decode_file, make_thumbnail
 from ..store import Item
 
-THUMBNAIL_SIZES = (128, 256, 512)
+# 1024: the gallery's viewer (a browser cannot show every original: HEIC, RAW, TIFF)
+THUMBNAIL_SIZES = (128, 256, 512, 1024)
 _EXTENSIONS = {
     "JPEG": "jpg",
     "PNG": "png",
@@ -66,6 +67,16 @@ class Media:
         except OSError as e:
             return f"could not remove {recorded_path}: {e.strerror or e}"
         return None
+
+    def original(self, item: Item) -> Path:
+        """The file the store records for the item; NotFoundError when it has none or it is gone."""
+        source = item.metadata.get("path")
+        if not isinstance(source, str) or not source:
+            raise NotFoundError(f"item {item.id!r} has no stored image file")
+        path = Path(source)
+        if not path.is_file():
+            raise NotFoundError(f"the image file of item {item.id!r} is gone ({source})")
+        return path
 
     def thumbnail(self, item: Item, size: int) -> bytes:
         if size not in THUMBNAIL_SIZES:

@@ -113,6 +113,7 @@ class SearchRequest(BaseModel):
     text: str = Field(min_length=1, description="What to look for.")
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0, description="Skip this many of the best: a later page (offset + limit <= 5000).")
     filter: dict[str, FilterValue] | None = Field(None, description=_FILTER_DOC)
     mode: Literal["vector", "keyword", "hybrid"] = Field(
         "vector",
@@ -133,6 +134,7 @@ class VectorSearchRequest(BaseModel):
     embedding: list[float] = Field(min_length=1)
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0, description="Skip this many of the best: a later page (offset + limit <= 5000).")
     filter: dict[str, FilterValue] | None = Field(None, description=_FILTER_DOC)
 
 
@@ -141,6 +143,7 @@ class ImageSearchRequest(BaseModel):
     image: str = Field(description="An http(s) URL, a data: URI, or base64-encoded image bytes.")
     namespace: str | None = None
     limit: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0, description="Skip this many of the best: a later page (offset + limit <= 5000).")
     filter: dict[str, FilterValue] | None = Field(None, description=_FILTER_DOC)
 
 
@@ -154,6 +157,56 @@ class SearchResult(BaseModel):
 class SearchResponse(BaseModel):
     namespace: str
     results: list[SearchResult]
+    offset: int = 0
+    next_offset: int | None = Field(
+        None, description="The offset of the next page; null after the last page (a short one, or 5000 reached)."
+    )
+
+
+class BrowseItem(BaseModel):
+    id: str
+    metadata: dict[str, Any]
+    thumbnail_url: str
+
+
+class BrowseResponse(BaseModel):
+    namespace: str
+    total: int = Field(description="How many items pass the filter and folder, in all.")
+    offset: int
+    next_offset: int | None = Field(None, description="The offset of the next page; null after the last.")
+    items: list[BrowseItem]
+
+
+class KeyCount(BaseModel):
+    key: str
+    items: int
+    kinds: dict[str, int] = Field(description="Items by the kind of value: number, text, bool, null, list, object.")
+
+
+class KeyList(BaseModel):
+    namespace: str
+    keys: list[KeyCount]
+
+
+class ValueCount(BaseModel):
+    value: Scalar | None = Field(description="null: the items without the key")
+    items: int
+
+
+class ValueList(BaseModel):
+    namespace: str
+    key: str
+    values: list[ValueCount]
+
+
+class FolderCount(BaseModel):
+    folder: str
+    items: int
+
+
+class FolderList(BaseModel):
+    namespace: str
+    folders: list[FolderCount]
 
 
 # -- items ---------------------------------------------------------------------------------

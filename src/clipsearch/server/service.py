@@ -495,5 +495,8 @@ class Service:
     def thumbnail(self, namespace: str, item_id: str, size: int) -> bytes:
         return self.media.thumbnail(self.get_item(namespace, item_id), size)
 
+    def original(self, namespace: str, item_id: str) -> Path:
+        return self.media.original(self.get_item(namespace, item_id))
+
     def total_items(self) -> int:
         return sum(ns.items for ns in self.store.namespaces())

@@ -33,6 +33,10 @@ _NOT_KEYWORDS = frozenset(
     {*DERIVED_KEYS, "type", "extension", "path", "url", "catalog", "catalog_path", "image_list"}
     - {"camera_make", "camera_model"}
 )
+# the kinds of metadata values (Store.metadata_keys)
+KEY_KINDS = ("number", "text", "bool", "null", "list", "object")
+# browse orders: newest (or oldest) stored first, or by the date a photo was taken, newest first
+BROWSE_ORDERS = ("newest", "oldest", "taken")
 FIELDS = ("image", "text")  # which vectors of an item a search runs over
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -157,10 +161,42 @@ class NamespaceInfo:
     created_at: str = ""
 
 
+def check_browse(order: str, offset: int, limit: int) -> None:
+    if order not in BROWSE_ORDERS:
+        raise UsageError(f"unknown order {order!r}; use {', '.join(BROWSE_ORDERS)}", param="order")
+    if offset < 0:
+        raise UsageError(f"offset must be 0 or more, not {offset}", param="offset")
+    if limit < 1:
+        raise UsageError("limit must be at least 1", param="limit")
+
+
+def like_prefix(folder: str) -> str:
+    """A LIKE pattern (escape character ``\\``) for the paths inside ``folder``."""
+    folder = folder.rstrip("/\\") + "/"
+    return folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def folder_of(path: Any) -> str | None:
+    """The folder of an item's file (its ``path`` metadata), or None for an item without one."""
+    if not isinstance(path, str) or not path:
+        return None
+    return os.path.dirname(path) or None
+
+
+def folder_names(path: Any, depth: int = 2) -> tuple[str, ...]:
+    """The names of the last ``depth`` folders of ``path`` (a file's own folder last)."""
+    folder = folder_of(path)
+    if folder is None:
+        return ()
+    names = [n for n in folder.replace("\\", "/").split("/") if n]
+    return tuple(names[-depth:])
+
+
 def keyword_text(metadata: dict[str, Any]) -> str:
     """The words of an item's metadata that keyword search indexes: its text values (lists
-    included), without digests, sizes, paths and URLs."""
-    parts: list[str] = []
+    included), without digests, sizes, paths and URLs, and the names of the two folders its
+    file sits in (``holiday/red_circle/003.png``: holiday, red, circle)."""
+    parts: list[str] = list(folder_names(metadata.get("path")))
     for key, value in metadata.items():
         if key in _NOT_KEYWORDS:
             continue
@@ -343,6 +379,25 @@ class Store(Protocol):
     def count_by(self, namespace: str, key: str) -> list[tuple[Any, int]]:
         """(value, items) for each value of metadata ``key`` (each element of a list value),
         most items first, then (None, items without the key), if any."""
+        ...
+
+    def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
+        """Each metadata key of the namespace's items: how many items have it, by the kind of
+        value (``KEY_KINDS``)."""
+        ...
+
+    def list_items(
+        self,
+        namespace: str,
+        *,
+        offset: int = 0,
+        limit: int = 40,
+        filters: dict[str, Any] | None = None,
+        order: str = "newest",
+        folder: str | None = None,
+    ) -> tuple[list[Item], int]:
+        """A page of the items that pass ``filters`` (and sit in ``folder`` or below it), in
+        ``order`` (``BROWSE_ORDERS``), and how many pass in all."""
         ...
 
     # -- search ------------------------------------------------------------------------

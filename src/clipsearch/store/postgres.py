@@ -39,6 +39,7 @@ from .base import (
     Item,
     NamespaceInfo,
     NewItem,
+    check_browse,
     check_field,
     check_same_model,
     checked_batch,
@@ -49,12 +50,16 @@ from .base import (
     filter_values,
     keep_derived,
     keyword_text,
+    like_prefix,
     validate_namespace,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _LOCK_KEY = 0x636C6970  # pg_advisory_xact_lock key for schema changes ("clip")
 _COLUMNS = {"image": "embedding", "text": "text_embedding"}
+# jsonb_typeof's types as the kinds of KEY_KINDS
+_JSONB_KINDS = {"number": "number", "string": "text", "boolean": "bool", "null": "null", "array": "list",
+                "object": "object"}  # fmt: skip
 
 _SCHEMA_1 = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -131,8 +136,9 @@ def _tsquery(term: Term) -> str:
 
 
 def _reindex_keywords(conn: Any) -> None:
-    """Schema 2: every namespace's keyword columns again, now that CJK runs are indexed as
-    character pairs (schema 1 kept a run whole, so a word inside one could not be found)."""
+    """Every namespace's keyword columns again: schema 2 indexes CJK runs as character pairs
+    (schema 1 kept a run whole, so a word inside one could not be found); schema 3 adds the
+    names of an item's folders and splits words at "_"."""
     from psycopg import sql
 
     for (table,) in conn.execute("SELECT items_table FROM clipsearch_namespaces").fetchall():
@@ -145,7 +151,7 @@ def _reindex_keywords(conn: Any) -> None:
 
 
 # version -> the statements (or the function) that bring version - 1 to it
-_MIGRATIONS: dict[int, str | Callable[[Any], None]] = {1: _SCHEMA_1, 2: _reindex_keywords}
+_MIGRATIONS: dict[int, str | Callable[[Any], None]] = {1: _SCHEMA_1, 2: _reindex_keywords, 3: _reindex_keywords}
 
 
 def load_psycopg():
@@ -679,6 +685,52 @@ class PostgresStore(ClosingStore):
             ).fetchone()[0]
         counts = [(value, int(n)) for value, n in rows]
         return counts + ([(None, int(missing))] if missing else [])
+
+    def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            rows = conn.execute(
+                self._sql(
+                    "SELECT e.key, jsonb_typeof(e.value), count(*) FROM {t}, jsonb_each(metadata) e "
+                    "GROUP BY 1, 2 ORDER BY 1",
+                    table,
+                )
+            ).fetchall()
+        keys: dict[str, dict[str, int]] = {}
+        for key, kind, n in rows:
+            keys.setdefault(key, {})[_JSONB_KINDS[kind]] = int(n)
+        return keys
+
+    def list_items(
+        self,
+        namespace: str,
+        *,
+        offset: int = 0,
+        limit: int = 40,
+        filters: dict[str, Any] | None = None,
+        order: str = "newest",
+        folder: str | None = None,
+    ) -> tuple[list[Item], int]:
+        check_browse(order, offset, limit)
+        where, params = self._filter_sql(filters)
+        if folder:
+            where += " AND metadata ->> 'path' LIKE %s ESCAPE '\\'"
+            params.append(like_prefix(folder))
+        sort = {
+            "newest": "seq DESC",
+            "oldest": "seq",
+            "taken": "metadata ->> 'taken_at' DESC NULLS LAST, seq DESC",
+        }[order]
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            rows = conn.execute(
+                self._sql(
+                    f"SELECT {_ITEM_COLS} FROM {{t}} WHERE true{where} ORDER BY {sort} LIMIT %s OFFSET %s", table
+                ),
+                [*params, limit, offset],
+            ).fetchall()
+            total = conn.execute(self._sql(f"SELECT count(*) FROM {{t}} WHERE true{where}", table), params).fetchone()
+        return [self._item(namespace, r) for r in rows], int(total[0])
 
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         terms = query_terms(query)

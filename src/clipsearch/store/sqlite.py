@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from .base import (
     NamespaceInfo,
     NewItem,
     as_number,
+    check_browse,
     check_field,
     check_same_model,
     checked_batch,
@@ -49,11 +50,12 @@ from .base import (
     fold,
     keep_derived,
     keyword_text,
+    like_prefix,
     utcnow,
     validate_namespace,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _ALLOWED_CACHE_ENTRIES = 16  # filters whose allowed ids are kept
 _ALLOWED_CACHE_IDS = 2_000_000  # larger allow-lists (16 MB each) are found again each time
 
@@ -62,6 +64,9 @@ def _fold_text(value: Any) -> Any:
     return fold(value) if isinstance(value, str) else value
 
 
+# json_each's types as the kinds of KEY_KINDS
+_JSON_KINDS = {"integer": "number", "real": "number", "text": "text", "true": "bool", "false": "bool",
+               "null": "null", "array": "list", "object": "object"}  # fmt: skip
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
 
 _SCHEMA = """
@@ -197,9 +202,10 @@ class SQLiteStore(ClosingStore):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            if version is not None and version < 5:
+            if version is not None and version < 6:
                 # keyword-index what older schemas stored (schema 1 had no index; up to 4 CJK
-                # runs were indexed whole, so a word inside one could not be found)
+                # runs were indexed whole, so a word inside one could not be found; up to 5
+                # folder names were not indexed, and "_" joined words)
                 conn.execute("DELETE FROM items_fts")
                 for r in conn.execute("SELECT seq, metadata, text FROM items").fetchall():
                     self._set_keywords(conn, r["seq"], r["text"], json.loads(r["metadata"]))
@@ -732,21 +738,17 @@ class SQLiteStore(ClosingStore):
         (about 240 ms at 100k rows), so they are kept while the database is unchanged: a catalog
         is searched again and again with the same filter (its client). The version is SQLite's
         ``data_version`` (commits by other connections) with this connection's own changes."""
-        key = (namespace, json.dumps(filters, sort_keys=True, default=str))
-        with self._lock:
-            version = (self._conn.execute("PRAGMA data_version").fetchone()[0], self._conn.total_changes)
-            cached = self._allowed.get(key)
-            if cached is not None and cached[0] == version:
-                self._allowed.move_to_end(key)
-                return cached[1]
-        where, params = self._filter_sql(filters)
-        rows = self._query(f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params])
-        seqs = np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
-        if len(seqs) <= _ALLOWED_CACHE_IDS:
+
+        def compute() -> np.ndarray:
+            where, params = self._filter_sql(filters)
+            rows = self._query(f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params])
+            return np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
+
+        key = ("allowed", namespace, json.dumps(filters, sort_keys=True, default=str))
+        seqs = self._versioned(key, compute)
+        if len(seqs) > _ALLOWED_CACHE_IDS:  # too large to keep (16 MB each): found again each time
             with self._lock:
-                self._allowed[key] = (version, seqs)
-                while len(self._allowed) > _ALLOWED_CACHE_ENTRIES:
-                    self._allowed.popitem(last=False)
+                self._allowed.pop(key, None)
         return seqs
 
     def _items_by_seq(self, seqs: set[int]) -> dict[int, Item]:
@@ -791,6 +793,69 @@ class SQLiteStore(ClosingStore):
         )[0]["n"]
         counts = [(r["value"], int(r["n"])) for r in rows]
         return counts + ([(None, int(missing))] if missing else [])
+
+    def _versioned(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept while the database is unchanged (SQLite's ``data_version``: commits
+        by other connections, with this connection's own changes)."""
+        with self._lock:
+            version = (self._conn.execute("PRAGMA data_version").fetchone()[0], self._conn.total_changes)
+            cached = self._allowed.get(key)
+            if cached is not None and cached[0] == version:
+                self._allowed.move_to_end(key)
+                return cached[1]
+        value = compute()
+        with self._lock:
+            self._allowed[key] = (version, value)
+            while len(self._allowed) > _ALLOWED_CACHE_ENTRIES:
+                self._allowed.popitem(last=False)
+        return value
+
+    def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
+        self._require(namespace)
+
+        def compute() -> dict[str, dict[str, int]]:
+            rows = self._query(
+                "SELECT j.key AS key, j.type AS type, count(*) AS n FROM items i, json_each(i.metadata) j "
+                "WHERE i.namespace = ? GROUP BY j.key, j.type ORDER BY j.key",
+                (namespace,),
+            )
+            keys: dict[str, dict[str, int]] = {}
+            for r in rows:
+                kind = _JSON_KINDS[r["type"]]
+                keys.setdefault(r["key"], {})[kind] = keys.get(r["key"], {}).get(kind, 0) + int(r["n"])
+            return keys
+
+        # a scan of every row's JSON: a filter's keys are checked on every search
+        return {k: dict(v) for k, v in self._versioned(("keys", namespace), compute).items()}
+
+    def list_items(
+        self,
+        namespace: str,
+        *,
+        offset: int = 0,
+        limit: int = 40,
+        filters: dict[str, Any] | None = None,
+        order: str = "newest",
+        folder: str | None = None,
+    ) -> tuple[list[Item], int]:
+        check_browse(order, offset, limit)
+        self._require(namespace)
+        where, params = self._filter_sql(filters)
+        if folder:
+            where += " AND json_extract(metadata, '$.path') LIKE ? ESCAPE '\\'"
+            params.append(like_prefix(folder))
+        sort = {
+            "newest": "seq DESC",
+            "oldest": "seq",
+            "taken": "json_extract(metadata, '$.taken_at') IS NULL, json_extract(metadata, '$.taken_at') DESC, "
+            "seq DESC",
+        }[order]
+        rows = self._query(
+            f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ?{where} ORDER BY {sort} LIMIT ? OFFSET ?",
+            [namespace, *params, limit, offset],
+        )
+        total = self._query(f"SELECT count(*) AS n FROM items WHERE namespace = ?{where}", [namespace, *params])
+        return [self._item(r) for r in rows], int(total[0]["n"])
 
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         self._require(namespace)
