@@ -472,7 +472,7 @@ class Collection:
         progress: Callable[[int, int], None] | None,
         ray: RayOptions | None,
     ) -> IngestReport:
-        from .pipeline import Ingestor, LocalExecutor, nothing_to_do
+        from .pipeline import Ingestor, LocalExecutor, items_to_embed, nothing_to_do
 
         recorded = self.store.namespace(self.namespace)
         # the model that made the namespace (named again, or not named): no need to load it
@@ -487,6 +487,11 @@ class Collection:
             options = dataclasses.replace(options, cache_dir=self.settings.download_cache(self.db))
         ingestor = Ingestor(self.store, self.encoder, self.spec, self.namespace, options)
         if ray is None:
+            from .encoders.interface import FEW_IMAGES
+
+            # the model loads while the first files are read and decoded; for a few photos, the
+            # way that loads fastest
+            self.encoder.prepare_images(items_to_embed(self.store, self.namespace, plan, options, FEW_IMAGES))
             return ingestor.run(plan, LocalExecutor(), progress)
         from .distributed import RayExecutor
 

@@ -587,6 +587,18 @@ def nothing_to_do(store: Store, namespace: str, plan: IngestPlan, options: Inges
     return report
 
 
+def items_to_embed(store: Store, namespace: str, plan: IngestPlan, options: IngestOptions, at_most: int) -> int:
+    """How many planned items are new or changed (an upper bound of the images to embed: a
+    touched file with the same bytes is not embedded again), counted up to ``at_most + 1``."""
+    count = 0
+    for start in range(0, len(plan.items), _LOOKUP_CHUNK):
+        chunk = plan.items[start : start + _LOOKUP_CHUNK]
+        count += len(filter_known(store, namespace, chunk, IngestReport(), lambda n=1: None, options))
+        if count > at_most:
+            break
+    return count
+
+
 def progress_counter(total: int, progress: ProgressCallback | None) -> Callable[..., None]:
     """``advance(n=1)``: n more of ``total`` items are done, told to ``progress`` (which hears
     (0, total) at once)."""

@@ -3,6 +3,8 @@ exported once per weights into a cache folder."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,43 @@ def test_quantising_prints_nothing_of_onnx_runtimes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (folder / "visual" / "model.int8.onnx").is_file()
     assert "quantization" not in done.stderr and "WARNING" not in done.stderr, done.stderr
+
+
+def test_an_ingest_of_a_few_photos_opens_the_image_tower_the_fastest_way(tmp_path):
+    """Issue 28: an ingest of one photo spent 0.45 s opening ViT-B-32's image tower, most of it
+    prepacking the weights for a speed per image that one photo never wins back. An ingest now
+    opens the tower as soon as it knows there is work, and for up to FEW_IMAGES new photos
+    without prepacking; a larger one prepacks; a re-run with nothing new opens nothing."""
+    import clipsearch
+    from clipsearch.encoders.interface import FEW_IMAGES
+
+    from ..conftest import noise_images
+    from ..towers import make_tiny_towers
+
+    folder = make_tiny_towers(tmp_path / "towers")
+
+    def ingest(photos: Path, db: Path):
+        with clipsearch.open(db, weights=folder) as col:
+            report = col.ingest([photos])
+            return report, col.encoder._sessions.get("image")
+
+    def prepacks(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1"
+        except RuntimeError:  # no such entry: ONNX Runtime's default, prepacking
+            return True
+
+    few = tmp_path / "few"
+    noise_images(few, 2)
+    report, session = ingest(few, tmp_path / "few.db")
+    assert report.embedded == 2 and not prepacks(session)
+    many = tmp_path / "many"
+    noise_images(many, FEW_IMAGES + 1)
+    report, session = ingest(many, tmp_path / "many.db")
+    assert report.embedded == FEW_IMAGES + 1 and prepacks(session)
+    # 2 new photos beside the 17 stored: a few
+    noise_images(many / "new", 2, seed=5)
+    report, session = ingest(many, tmp_path / "many.db")
+    assert report.embedded == 2 and not prepacks(session)
+    report, session = ingest(many, tmp_path / "many.db")
+    assert report.skipped == FEW_IMAGES + 3 and session is None  # nothing to do: no model loaded

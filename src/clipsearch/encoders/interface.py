@@ -12,6 +12,10 @@ from PIL import Image
 from ..identity import ModelIdentity
 from ..imaging import Preprocessor, PreprocessSpec
 
+# "a few images" (Encoder.prepare_images): up to this many, a backend may load the way that is
+# fastest to load rather than fastest per image
+FEW_IMAGES = 16
+
 
 class Encoder(ABC):
     """Maps images and texts into one L2-normalised vector space.
@@ -36,6 +40,14 @@ class Encoder(ABC):
     @property
     def preprocess_spec(self) -> PreprocessSpec:
         return self.preprocess.spec
+
+    def prepare_images(self, expected: int | None = None) -> None:
+        """Start loading what embedding images needs, in the background where the backend can
+        (an ingest calls it once it knows there is work, before it reads the first file).
+        ``expected``: about how many images will be embedded, so that a backend can trade the
+        time it takes to load for its speed per image. By default nothing: the model loads when
+        it is first used."""
+        return None
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_pixels(self.preprocess.batch(list(images)))

@@ -43,7 +43,7 @@ from ..errors import MissingExtraError, UsageError, option
 from ..files import write_atomic
 from ..identity import ModelIdentity, ModelSpec, folder_digest
 from ..imaging import Preprocessor, PreprocessSpec
-from .interface import Encoder
+from .interface import FEW_IMAGES, Encoder
 
 # bump when the exported graphs or meta change (3: text pooling and tokenizer in meta; 4: weights
 # digest and decode mode in the identity, int8 for the image tower only; 5: Immich's layout)
@@ -343,6 +343,7 @@ class TowerEncoder(Encoder):
         self._threads = threads
         self._tokenize = tokenize
         self._few_calls = few_calls
+        self._few_images = False  # prepare_images was told of a few images: the image session skips prepacking
         self._sessions: dict[str, Any] = {}
         self._opening: dict[str, Any] = {}  # tower -> Future of its session, while it opens
         self.device = "cpu"
@@ -386,7 +387,10 @@ class TowerEncoder(Encoder):
             # Idle worker threads spin by default: best for batch ingest, but in a server they
             # burn the cores the event loop needs between batches.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self._few_calls:
+        if self._few_calls or (tower == "image" and self._few_images):
+            # Prepacking lays the weights out for the CPU's matrix kernels as the session opens:
+            # 0.45 s instead of 0.08 s for ViT-B-32's image tower, each image then ~20% faster,
+            # which a query, or an ingest of a few photos, never wins back
             options.add_session_config_entry("session.disable_prepacking", "1")
         path = str(self.folder / tower_file(tower, self._precision))
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -462,6 +466,15 @@ class TowerEncoder(Encoder):
     @property
     def image_tokens(self) -> int:
         return self._image_tokens
+
+    def prepare_images(self, expected: int | None = None) -> None:
+        """Open the image tower's session on another thread, overlapping the reading and
+        decoding of the first batch; for at most ``FEW_IMAGES`` images without prepacking (the
+        0.37 s it saves for ViT-B-32 on 2 cores pays for ~20 images at ~18 ms more each)."""
+        if "image" in self._sessions or "image" in self._opening:
+            return
+        self._few_images = expected is not None and expected <= FEW_IMAGES
+        self._open_soon("image")
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
