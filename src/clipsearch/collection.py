@@ -605,6 +605,12 @@ class Collection:
             subtract=subtract,
             offset=offset,
         )
+        if plan.texts:
+            # the text tower opens on another thread while the index is read (a cold query's
+            # two slowest steps, side by side)
+            self._embedder().prepare_texts()
+            if plan.mode != "keyword":
+                self.store.prepare_search(self.namespace)
         texts = self.embed_texts(plan.texts) if plan.texts else None
         image_vector = self.embed_images([plan.image])[0] if plan.image is not None else None
         return self.finish_search(plan, texts, image_vector)

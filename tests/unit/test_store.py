@@ -427,6 +427,19 @@ def test_list_items_pages_in_each_order_with_filters_and_folders(make_store):
     assert keys["width"] == {"number": 5, "text": 1} and keys["tags"] == {"list": 1} and keys["ok"] == {"bool": 1}
 
 
+def test_prepare_search_loads_what_a_search_needs(make_store):
+    """A cold query reads its index while the text tower opens: after ``prepare_search`` the
+    index is up to date, and the search finds the same items."""
+    store = make_store()
+    vecs = _fill(store, 20)
+    store.prepare_search("default")
+    if make_store.kind == "sqlite":
+        assert store.index_status("default").fresh
+    assert store.search("default", vecs[:1], 1)[0][0].item.id == "id0"
+    with pytest.raises(NotFoundError):
+        store.prepare_search("nope")
+
+
 def test_keyword_search_finds_folder_and_file_name_words(make_store):
     store = make_store()
     store.bind_namespace("default", IDENT, {})

@@ -49,6 +49,11 @@ class Encoder(ABC):
         it is first used."""
         return None
 
+    def prepare_texts(self) -> None:
+        """Start loading what embedding texts needs, in the background where the backend can (a
+        search calls it before it reads its index). By default nothing."""
+        return None
+
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_pixels(self.preprocess.batch(list(images)))
 

@@ -467,6 +467,9 @@ class TowerEncoder(Encoder):
     def image_tokens(self) -> int:
         return self._image_tokens
 
+    def prepare_texts(self) -> None:
+        self._open_soon("text")
+
     def prepare_images(self, expected: int | None = None) -> None:
         """Open the image tower's session on another thread, overlapping the reading and
         decoding of the first batch; for at most ``FEW_IMAGES`` images without prepacking (the

@@ -401,6 +401,11 @@ class Store(Protocol):
         ...
 
     # -- search ------------------------------------------------------------------------
+    def prepare_search(self, namespace: str, field: str = "image") -> None:
+        """Load what a search of ``field`` vectors needs (an index file), so that a caller can
+        do it while something else loads; a search does it anyway."""
+        ...
+
     def search(
         self,
         namespace: str,

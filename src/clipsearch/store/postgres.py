@@ -686,6 +686,12 @@ class PostgresStore(ClosingStore):
         counts = [(value, int(n)) for value, n in rows]
         return counts + ([(None, int(missing))] if missing else [])
 
+    def prepare_search(self, namespace: str, field: str = "image") -> None:
+        # pgvector's index lives in the database: nothing to load here, but the namespace must exist
+        check_field(field)
+        with self._conn() as conn:
+            self._table(conn, namespace)
+
     def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
         with self._conn() as conn:
             table, _ = self._table(conn, namespace)

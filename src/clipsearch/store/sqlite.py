@@ -611,6 +611,10 @@ class SQLiteStore(ClosingStore):
         return list(groups.values())
 
     # -- search ------------------------------------------------------------------------
+    def prepare_search(self, namespace: str, field: str = "image") -> None:
+        self._require(namespace)
+        self._fresh_index(namespace, field)
+
     def _fresh_index(self, namespace: str, field: str = "image", compact: bool = False) -> VectorIndex:
         """The namespace's index of ``field`` vectors, brought up to date with the table: loaded,
         then the logged removals applied and new rows appended; rebuilt only when it is missing,
