@@ -185,3 +185,35 @@ def test_an_ingest_of_a_few_photos_opens_the_image_tower_the_fastest_way(tmp_pat
     assert report.embedded == 2 and not prepacks(session)
     report, session = ingest(many, tmp_path / "many.db")
     assert report.skipped == FEW_IMAGES + 3 and session is None  # nothing to do: no model loaded
+
+
+def test_an_ingest_that_only_updates_metadata_exits_cleanly(tmp_path):
+    """The tower opens once an ingest knows there is work; an image list that only adds labels to
+    stored photos is such work, though no image gets embedded. The process then ended while the
+    session was still opening on a daemon thread, and ONNX Runtime aborted it (exit 134,
+    "terminate called without an active exception"). The opener is no daemon: exit waits for it."""
+    import subprocess
+    import sys
+    import threading
+
+    from clipsearch.encoders.towers import TowerEncoder
+
+    from ..conftest import noise_images
+    from ..towers import make_tiny_towers
+
+    folder = make_tiny_towers(tmp_path / "towers")
+    encoder = TowerEncoder(folder)
+    encoder.prepare_images(1)
+    opener = next(t for t in threading.enumerate() if t.name == "clipsearch-open-image")
+    assert opener.daemon is False
+    encoder.embed_pixels(np.zeros((1, 3, 64, 64), np.float32))
+
+    photos = noise_images(tmp_path / "photos", 3)
+    listing = tmp_path / "labelled.csv"
+    listing.write_text("".join(f"{p},label{i}\n" for i, p in enumerate(photos)))
+    db = tmp_path / "c.db"
+    for source in (str(tmp_path / "photos"), f"image-list:{listing}"):
+        cli = [sys.executable, "-m", "clipsearch", "ingest", source, "--db", str(db), "--weights", str(folder)]
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert "embedded 0" in done.stdout + done.stderr

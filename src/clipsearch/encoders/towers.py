@@ -375,7 +375,11 @@ class TowerEncoder(Encoder):
                 future.set_exception(e)
 
         self._opening[tower] = future
-        threading.Thread(target=open_it, name=f"clipsearch-open-{tower}", daemon=True).start()
+        # not a daemon: a process that ends while the session is still opening (an ingest that
+        # found only metadata to update, an error, Ctrl-C) waits for it, since ONNX Runtime
+        # aborts the process ("terminate called without an active exception") when the
+        # interpreter is torn down under a session being built
+        threading.Thread(target=open_it, name=f"clipsearch-open-{tower}", daemon=False).start()
 
     def _open(self, tower: str) -> Any:
         ort = import_ort()
