@@ -490,8 +490,10 @@ class Collection:
             from .encoders.interface import FEW_IMAGES
 
             # the model loads while the first files are read and decoded; for a few photos, the
-            # way that loads fastest
-            self.encoder.prepare_images(items_to_embed(self.store, self.namespace, plan, options, FEW_IMAGES))
+            # way that loads fastest; for metadata alone, when first needed (if ever)
+            expected = items_to_embed(self.store, self.namespace, plan, options, FEW_IMAGES)
+            if expected:
+                self.encoder.prepare_images(expected)
             return ingestor.run(plan, LocalExecutor(), progress)
         from .distributed import RayExecutor
 

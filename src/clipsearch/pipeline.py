@@ -588,15 +588,27 @@ def nothing_to_do(store: Store, namespace: str, plan: IngestPlan, options: Inges
 
 
 def items_to_embed(store: Store, namespace: str, plan: IngestPlan, options: IngestOptions, at_most: int) -> int:
-    """How many planned items are new or changed (an upper bound of the images to embed: a
-    touched file with the same bytes is not embedded again), counted up to ``at_most + 1``."""
+    """How many planned items may need their image embedded, counted up to ``at_most + 1``: the
+    new ones, and the stored ones whose file may have changed. A file of the same size and
+    modification time whose metadata alone changed (an image list that adds labels) is updated
+    without its image; a URL's bytes are only known once fetched, so a changed row counts."""
     count = 0
     for start in range(0, len(plan.items), _LOOKUP_CHUNK):
         chunk = plan.items[start : start + _LOOKUP_CHUNK]
-        count += len(filter_known(store, namespace, chunk, IngestReport(), lambda n=1: None, options))
+        todo = filter_known(store, namespace, chunk, IngestReport(), lambda n=1: None, options)
+        count += sum(1 for item, known in todo if known is None or not _same_file(known, item))
         if count > at_most:
             break
     return count
+
+
+def _same_file(state: FileState, item: SourceItem) -> bool:
+    return (
+        item.url is None
+        and item.size is not None
+        and item.mtime_ns is not None
+        and (state.size, state.mtime_ns) == (item.size, item.mtime_ns)
+    )
 
 
 def progress_counter(total: int, progress: ProgressCallback | None) -> Callable[..., None]:

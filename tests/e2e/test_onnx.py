@@ -217,3 +217,12 @@ def test_an_ingest_that_only_updates_metadata_exits_cleanly(tmp_path):
         done = subprocess.run(cli, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
     assert "embedded 0" in done.stdout + done.stderr
+    # ... and such an ingest no longer opens the image tower at all: labels need no pixels
+    import clipsearch
+
+    listing.write_text("".join(f"{p},other{i}\n" for i, p in enumerate(photos)))
+    with clipsearch.open(db, weights=folder) as col:
+        report = col.ingest([f"image-list:{listing}"])
+        # neither opened nor opening (a finished opener leaves its session in _opening until used)
+        assert report.embedded == 0 and col.encoder.loaded_towers() == [] and not col.encoder._opening
+        assert [it.metadata["label"] for it in col] == ["other0", "other1", "other2"]
