@@ -472,28 +472,29 @@ class Collection:
         progress: Callable[[int, int], None] | None,
         ray: RayOptions | None,
     ) -> IngestReport:
-        from .pipeline import Ingestor, LocalExecutor, items_to_embed, nothing_to_do
+        from .encoders.interface import FEW_IMAGES
+        from .pipeline import Ingestor, LocalExecutor, Survey, survey
 
         recorded = self.store.namespace(self.namespace)
+        if recorded is None:  # a new namespace: every item is new
+            found = Survey(None, len(plan.items))
+        else:  # images counted only where it is used: to open the model the fastest way for a few
+            found = survey(self.store, self.namespace, plan, options, FEW_IMAGES if ray is None else -1)
         # the model that made the namespace (named again, or not named): no need to load it
-        if recorded is not None and self.spec.to_dict() == recorded.model_spec:
-            done = nothing_to_do(self.store, self.namespace, plan, options)
-            if done is not None:  # everything is stored (or failed before) and unchanged
-                done.seconds = time.perf_counter() - started
-                if progress:
-                    progress(len(plan.items), len(plan.items))
-                return done
+        if recorded is not None and self.spec.to_dict() == recorded.model_spec and found.done is not None:
+            done = found.done  # everything is stored (or failed before) and unchanged
+            done.seconds = time.perf_counter() - started
+            if progress:
+                progress(len(plan.items), len(plan.items))
+            return done
         if options.cache_dir is None:  # downloads beside a SQLite file, else in the user's cache
             options = dataclasses.replace(options, cache_dir=self.settings.download_cache(self.db))
         ingestor = Ingestor(self.store, self.encoder, self.spec, self.namespace, options)
         if ray is None:
-            from .encoders.interface import FEW_IMAGES
-
             # the model loads while the first files are read and decoded; for a few photos, the
             # way that loads fastest; for metadata alone, when first needed (if ever)
-            expected = items_to_embed(self.store, self.namespace, plan, options, FEW_IMAGES)
-            if expected:
-                self.encoder.prepare_images(expected)
+            if found.to_embed:
+                self.encoder.prepare_images(found.to_embed)
             return ingestor.run(plan, LocalExecutor(), progress)
         from .distributed import RayExecutor
 

@@ -575,31 +575,33 @@ def select(items: list[SourceItem], options: IngestOptions, report: IngestReport
     return sample_items(unique_items([listed], report), options.sample, options.seed)
 
 
-def nothing_to_do(store: Store, namespace: str, plan: IngestPlan, options: IngestOptions) -> IngestReport | None:
-    """The report of a run in which every planned item is stored or failed before, unchanged;
-    None if any item needs work. Needs no model: a re-run with nothing new loads none (and starts
-    no Ray cluster)."""
+@dataclass
+class Survey:
+    """What a plan holds to do, found in the store before any model loads (``survey``)."""
+
+    done: IngestReport | None  # the report of a run with nothing to do; None if any item needs work
+    to_embed: int  # items whose image may need embedding, counted up to ``at_most + 1``
+
+
+def survey(store: Store, namespace: str, plan: IngestPlan, options: IngestOptions, at_most: int = -1) -> Survey:
+    """One pass over the plan's items in the store. ``done``: the report when every item is
+    stored or failed before, unchanged, so a re-run with nothing new loads no model (and starts no
+    Ray cluster). ``to_embed``: the new items and the stored ones whose file may have changed; a
+    file of the same size and modification time whose metadata alone changed (an image list that
+    adds labels) is updated without its image, and a changed URL row counts (its bytes are known
+    once fetched). The pass stops once there is work and more than ``at_most`` images to embed
+    (the default, -1: at the first work)."""
     report = IngestReport(repeated_ids=plan.repeated_ids)
-    items = plan.items
-    for start in range(0, len(items), _LOOKUP_CHUNK):
-        if filter_known(store, namespace, items[start : start + _LOOKUP_CHUNK], report, lambda n=1: None, options):
-            return None
-    return report
-
-
-def items_to_embed(store: Store, namespace: str, plan: IngestPlan, options: IngestOptions, at_most: int) -> int:
-    """How many planned items may need their image embedded, counted up to ``at_most + 1``: the
-    new ones, and the stored ones whose file may have changed. A file of the same size and
-    modification time whose metadata alone changed (an image list that adds labels) is updated
-    without its image; a URL's bytes are only known once fetched, so a changed row counts."""
-    count = 0
+    work, to_embed = False, 0
     for start in range(0, len(plan.items), _LOOKUP_CHUNK):
-        chunk = plan.items[start : start + _LOOKUP_CHUNK]
-        todo = filter_known(store, namespace, chunk, IngestReport(), lambda n=1: None, options)
-        count += sum(1 for item, known in todo if known is None or not _same_file(known, item))
-        if count > at_most:
+        todo = filter_known(
+            store, namespace, plan.items[start : start + _LOOKUP_CHUNK], report, lambda n=1: None, options
+        )
+        work = work or bool(todo)
+        to_embed += sum(1 for item, known in todo if known is None or not _same_file(known, item))
+        if work and to_embed > at_most:
             break
-    return count
+    return Survey(None if work else report, to_embed)
 
 
 def _same_file(state: FileState, item: SourceItem) -> bool:

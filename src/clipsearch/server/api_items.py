@@ -15,11 +15,11 @@ from .http import (
     ServiceDep,
     form_with_file,
     item_response,
+    item_summary,
     json_field,
     literal_suffix,
     multipart_body,
     results,
-    thumbnail_url,
 )
 from .schemas import (
     BrowseResponse,
@@ -101,7 +101,7 @@ async def browse(
         "total": page.total,
         "offset": page.offset,
         "next_offset": page.next_offset,
-        "items": [{"id": it.id, "metadata": it.metadata, "thumbnail_url": thumbnail_url(it)} for it in page.items],
+        "items": [item_summary(it) for it in page.items],
     }
 
 
@@ -200,7 +200,7 @@ async def duplicates(
             {
                 "kind": g.kind,
                 "score": round(g.score, 6),
-                "items": [{"id": it.id, "metadata": it.metadata, "thumbnail_url": thumbnail_url(it)} for it in g.items],
+                "items": [item_summary(it) for it in g.items],
             }
             for g in groups
         ],

@@ -90,6 +90,11 @@ def thumbnail_url(item: Item) -> str:
     return f"/api/v1/items/{quote(item.id, safe='')}/thumbnail?namespace={quote(item.namespace, safe='')}"
 
 
+def item_summary(item: Item) -> dict[str, Any]:
+    """An item as lists of items show it (browse, duplicate groups): id, metadata, thumbnail."""
+    return {"id": item.id, "metadata": item.metadata, "thumbnail_url": thumbnail_url(item)}
+
+
 def results(namespace: str, hits: list[Hit], offset: int = 0, limit: int | None = None) -> SearchResponse:
     """A search's page; ``limit``: what was asked for, so that a full page within the depth
     limit says where the next one starts."""

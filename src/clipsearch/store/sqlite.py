@@ -56,7 +56,7 @@ from .base import (
 )
 
 SCHEMA_VERSION = 6
-_ALLOWED_CACHE_ENTRIES = 16  # filters whose allowed ids are kept
+_ALLOWED_CACHE_ENTRIES = 16  # results of _versioned kept (filters' allowed ids, metadata keys)
 _ALLOWED_CACHE_IDS = 2_000_000  # larger allow-lists (16 MB each) are found again each time
 
 
@@ -158,8 +158,9 @@ class SQLiteStore(ClosingStore):
             raise UsageError(f"cannot create the database {self.path}: folder {self.path.parent} does not exist")
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
-        # (namespace, filters) -> (the database's version then, the ids they let through)
-        self._allowed: OrderedDict[tuple[str, str], tuple[tuple[int, int], np.ndarray]] = OrderedDict()
+        # what _versioned keeps: ("allowed", namespace, filters) -> (the database's version then,
+        # the ids they let through); ("keys", namespace) -> (version, its metadata keys)
+        self._versions: OrderedDict[tuple[str, ...], tuple[tuple[int, int], Any]] = OrderedDict()
         self._id: str | None = None
         try:
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -752,7 +753,7 @@ class SQLiteStore(ClosingStore):
         seqs = self._versioned(key, compute)
         if len(seqs) > _ALLOWED_CACHE_IDS:  # too large to keep (16 MB each): found again each time
             with self._lock:
-                self._allowed.pop(key, None)
+                self._versions.pop(key, None)
         return seqs
 
     def _items_by_seq(self, seqs: set[int]) -> dict[int, Item]:
@@ -803,15 +804,15 @@ class SQLiteStore(ClosingStore):
         by other connections, with this connection's own changes)."""
         with self._lock:
             version = (self._conn.execute("PRAGMA data_version").fetchone()[0], self._conn.total_changes)
-            cached = self._allowed.get(key)
+            cached = self._versions.get(key)
             if cached is not None and cached[0] == version:
-                self._allowed.move_to_end(key)
+                self._versions.move_to_end(key)
                 return cached[1]
         value = compute()
         with self._lock:
-            self._allowed[key] = (version, value)
-            while len(self._allowed) > _ALLOWED_CACHE_ENTRIES:
-                self._allowed.popitem(last=False)
+            self._versions[key] = (version, value)
+            while len(self._versions) > _ALLOWED_CACHE_ENTRIES:
+                self._versions.popitem(last=False)
         return value
 
     def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
@@ -824,9 +825,9 @@ class SQLiteStore(ClosingStore):
                 (namespace,),
             )
             keys: dict[str, dict[str, int]] = {}
-            for r in rows:
-                kind = _JSON_KINDS[r["type"]]
-                keys.setdefault(r["key"], {})[kind] = keys.get(r["key"], {}).get(kind, 0) + int(r["n"])
+            for r in rows:  # integer and real are both numbers, true and false both bools
+                kinds = keys.setdefault(r["key"], {})
+                kinds[_JSON_KINDS[r["type"]]] = kinds.get(_JSON_KINDS[r["type"]], 0) + int(r["n"])
             return keys
 
         # a scan of every row's JSON: a filter's keys are checked on every search
