@@ -47,6 +47,7 @@ from .store import (
     Hit,
     IndexStatus,
     Item,
+    NewItem,
     Store,
     check_same_model,
     database_exists,
@@ -90,6 +91,8 @@ class CollectionInfo:
             "index": self.index.kind,
             "index_fresh": self.index.fresh,
             "index_tombstones": self.index.tombstones,
+            "index_reason": self.index.reason,
+            "index_memory": self.index.memory,
             "identity": self.identity.as_dict(),
             "model_spec": self.model_spec,
         }
@@ -524,6 +527,111 @@ class Collection:
                 source.require(list(filters))
         return parsed
 
+    def add_vectors(
+        self,
+        ids: Sequence[str],
+        vectors: Any,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        *,
+        model: ModelIdentity | None = None,
+        model_spec: dict[str, Any] | None = None,
+        replace: bool = True,
+    ) -> int:
+        """Store vectors made elsewhere (``n x d``), with their ids and metadata, under ``model``,
+        the model that made them: ``export`` records it (``clipsearch.imports`` reads it back).
+        Without it, the namespace's model, or for a new namespace the model this collection was
+        opened with, as for ``ingest`` (that loads it, to learn its dimensions). Rows are
+        L2-normalised (search scores are cosines). Refused before anything is written: another
+        model than the namespace's (ModelMismatchError), another dimension, a row of zeros or
+        NaN, and with ``replace=False`` ids that are already stored. ``model_spec``: how to load
+        the model for text and image queries (``ModelSpec.to_dict()``, as ``export`` records it);
+        default: the model options given, else the model's name. Returns how many rows."""
+        ids = [str(i) for i in ids]
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if matrix.ndim != 2 or len(matrix) != len(ids):
+            raise UsageError(
+                f"{len(ids)} ids need {len(ids)} vectors, one row each, not an array of shape {matrix.shape}",
+                param="vectors",
+            )
+        metas = [dict(m) for m in metadata] if metadata is not None else [{} for _ in ids]
+        if len(metas) != len(ids):
+            raise UsageError(f"{len(ids)} ids but {len(metas)} metadata records", param="metadata")
+        identity = self._identity_for_vectors(model)
+        if matrix.shape[1] != identity.dim:
+            raise UsageError(
+                f"the vectors have {matrix.shape[1]} dimensions; {identity.model} makes {identity.dim}", param="vectors"
+            )
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
+        if len(bad):
+            raise UsageError(f"the vector of {ids[bad[0]]!r} is zeros, NaN or infinite", param="vectors")
+        if not replace and self.exists:
+            self._refuse_present(ids)
+        if not self.exists:
+            spec = model_spec or (self.spec.to_dict() if self.choice.names_a_model else None)
+            spec = (
+                spec
+                or ModelSpec(
+                    identity.model, identity.pretrained or None, runtime=identity.runtime, precision=identity.precision
+                ).to_dict()
+            )
+            self.store.bind_namespace(self.namespace, identity, spec)
+        items = [NewItem(i, m) for i, m in zip(ids, metas, strict=True)]
+        self.store.write_batch(self.namespace, items, matrix / norms)
+        return len(items)
+
+    def _refuse_present(self, ids: list[str]) -> None:
+        present = [it.id for it in self.store.get_items(self.namespace, ids)]
+        if present:
+            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+            raise UsageError(
+                f"{len(present)} of these ids are already stored ({shown}); replace them or leave them out",
+                param="replace",
+            )
+
+    def _identity_for_vectors(self, model: ModelIdentity | None) -> ModelIdentity:
+        stored = self.store.identity(self.namespace)
+        if model is not None:
+            if stored is not None:
+                check_same_model(self.namespace, stored, model)
+            return model
+        if stored is not None and not self.choice.names_a_model:
+            return stored
+        return self._embedder().identity  # the model options, checked against the namespace's
+
+    def import_vectors(
+        self,
+        npy: str | Path,
+        meta: str | Path | None = None,
+        *,
+        model: ModelIdentity | None = None,
+        replace: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """The reverse of ``export``: vectors from ``npy`` (a ``.npy`` file, or a seed-compatible
+        folder) with the ids and metadata of ``meta`` (JSON or JSON Lines; default ``npy`` with
+        ``.json``), under the model the files record (else as ``add_vectors``), a chunk at a
+        time (``model``: the model that made them, where the files do not say). Every record and
+        vector is checked before the first is written.
+        ``progress(done, total)`` hears of each chunk. Returns how many rows."""
+        from .imports import open_import
+
+        files = open_import(Path(npy), Path(meta) if meta is not None else None)
+        identity = self._identity_for_vectors(files.model or model)
+        if files.vectors.shape[1] != identity.dim:
+            raise UsageError(
+                f"{npy} holds {files.vectors.shape[1]}-d vectors; {identity.model} makes {identity.dim}", param="npy"
+            )
+        if not replace and self.exists:
+            for ids, _, _ in files.chunks():  # all refused before any is written
+                self._refuse_present(ids)
+        done = 0
+        for ids, vectors, metas in files.chunks():
+            done += self.add_vectors(ids, vectors, metas, model=identity, model_spec=files.model_spec, replace=replace)
+            if progress:
+                progress(done, files.count)
+        return done
+
     def delete(self, ids: Sequence[str]) -> int:
         """Remove items (their vectors and metadata); returns how many there were."""
         return self.store.delete_items(self.namespace, list(ids))
@@ -536,6 +644,13 @@ class Collection:
             raise NamespaceNotFoundError(self.namespace, self.store.location)
         status = self.store.index_status(self.namespace)
         return CollectionInfo(ns.name, self.store.location, ns.identity, ns.model_spec, ns.items, ns.failures, status)
+
+    def build_index(self, kind: str | None = "auto") -> IndexStatus:
+        """Build the vector index, or bring it up to date (``index build``): ``auto`` chooses the
+        kind by size and memory budget; ``flat``, ``hnsw`` or ``ivfpq`` build that kind and keep
+        it. Also compacts an index that skips removed vectors, and retrains an IVF-PQ index."""
+        self.identity()
+        return self.store.build_index(self.namespace, kind)
 
     def failures(self) -> list[Failure]:
         """The items that could not be ingested, with their reasons."""

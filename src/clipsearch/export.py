@@ -34,6 +34,7 @@ def export_vectors(store: Store, namespace: str, npy_path: Path, meta_path: Path
             {
                 "namespace": namespace,
                 "model": info.identity.as_dict() if info else None,
+                "model_spec": info.model_spec if info else None,  # how to load it (import records it)
                 "count": len(ids_meta),
                 "items": ids_meta,
             },
@@ -78,6 +79,7 @@ def export_seed_compatible(store: Store, namespace: str, out_dir: Path, hnsw_m: 
         "format": "seed-compatible",
         "namespace": namespace,
         "model": info.identity.as_dict(),
+        "model_spec": info.model_spec,
         "dimensions": info.identity.dim,
         "count": len(ids),
         "metric": "inner_product (vectors are L2-normalised: cosine similarity)",

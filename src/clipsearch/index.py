@@ -1,31 +1,46 @@
 """FAISS indexes: derived data, built from a store's vectors and kept beside it.
 
-Vectors are L2-normalised, so inner product is cosine similarity. Below ``hnsw_threshold``
-vectors the index is exact (``IndexFlatIP``); above it, HNSW on inner product. Each index file
-records the store generation it reflects, so a stale index is brought up to date on the next
-search: new rows are appended, removed rows leave it (an exact index drops them; HNSW cannot,
-so their ids become tombstones that every search excludes, until the index is compacted by a
-rebuild), and only a missing, foreign or too-dead index is rebuilt from scratch.
+Vectors are L2-normalised, so inner product is cosine similarity. The kind follows the vector
+count and a memory budget (``CLIPSEARCH_INDEX_MEMORY``), in autofaiss's spirit: exact
+(``IndexFlatIP``) below ``hnsw_threshold`` vectors; HNSW on inner product while its graph and
+fp32 vectors fit the budget; above that IVF-PQ with 4-bit fast-scan codes in memory (128 bytes a
+512-d vector), whose candidates are re-ranked exactly from a file of fp16 vectors beside it,
+memory-mapped (the page cache holds it, not the process).
+
+Each index file records the store generation it reflects, so a stale index is brought up to
+date on the next search: new rows are appended, removed rows leave it (exact and IVF indexes
+drop them; HNSW cannot, so their ids become tombstones that every search excludes, until the
+index is compacted by a rebuild), and only a missing, foreign, outgrown or too-dead index is
+rebuilt from scratch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable
+import re
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import UsageError
+from .settings import parse_size
+
 if TYPE_CHECKING:
     from .settings import Settings
 
+KINDS = ("flat", "hnsw", "ivfpq")
 DEFAULT_HNSW_THRESHOLD = 50_000
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 128
 DEFAULT_EF_SEARCH = 128
+# the share of this machine's memory an index may take when CLIPSEARCH_INDEX_MEMORY says nothing
+DEFAULT_MEMORY_SHARE = 0.25
 _PARALLEL_QUERIES = 16  # fewer queries than this are searched on the calling thread alone
 _MAX_THREADS: list[int] = []  # FAISS's own thread count, read when FAISS is first loaded
 # an HNSW index whose tombstones pass this share of its vectors is rebuilt: each dead vector still
@@ -38,6 +53,17 @@ MAX_DEAD_SHARE = 0.25
 SAVE_CHANGED_SHARE = 0.01
 SAVE_ALWAYS_BELOW = 50_000
 
+# IVF-PQ: the coarse lists are k-means centroids and the codes a product quantiser, both trained
+# on the vectors, so an IVF index needs some to learn from.
+IVF_MIN_VECTORS = 256
+MAX_NLIST = 4096  # more lists cost training time (k-means over a sample) more than they save at 10M
+# new vectors are added to the trained lists until the index holds this many times what it was
+# trained on; then it is retrained (a rebuild), as it is by `index build`
+IVF_REGROW = 4
+DEFAULT_RERANK = 256  # IVF-PQ candidates per query re-scored exactly from the fp16 vectors
+# the fp16 file keeps removed rows until a rebuild: it is rewritten when they pass this share
+MAX_FILE_WASTE = 0.5
+
 
 def _faiss() -> Any:
     """FAISS, imported when an index is first built, read or searched: commands that only read
@@ -49,31 +75,108 @@ def _faiss() -> Any:
     return faiss
 
 
-# A filter that lets at most this many ids through is scored exactly on an HNSW index (about
-# 20 ms for 100k x 512 on 2 cores): always right, and cheaper than a walk wide enough to be.
+# A filter that lets at most this many ids through is scored exactly on an HNSW or IVF index
+# (about 20 ms for 100k x 512 on 2 cores): always right, and cheaper than a walk wide enough to be.
 EXACT_FILTER_ROWS = 100_000
+IVF_EXACT_FILTER_ROWS = 2_000
 MAX_FILTER_EF = 4096  # the widest walk a less selective filter gets before the exact fallback
 _EXACT_CHUNK = 8192  # ids scored at a time: 16 MiB of 512-d vectors
+_RERANK_QUERIES = 64  # queries re-ranked at a time: 32 MiB of 512-d candidates
 
 
+# -- sizes -------------------------------------------------------------------------------------
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def machine_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30  # a platform that does not say: assume a small machine
+
+
+def ivf_shape(count: int, dim: int) -> tuple[int, int]:
+    """(lists, PQ sub-quantisers) for an IVF-PQ index over ``count`` vectors: about 4·√n lists
+        (a power of two, at least 39 training vectors each, at most ``MAX_NLIST``), and one 4-bit
+        code for every 2 dimensions (PQ256x4fs for 512-d: 128 bytes a vector), 32 codes at least. One
+    for every 4 dimensions (64 bytes) missed a third of the true top 10 of image queries in
+    `benchmarks/scale.py`'s dense topics even after re-ranking 256 candidates; 128 bytes found 87%
+    and text queries' 99%."""
+    target = min(4 * math.sqrt(max(count, 1)), count / 39, MAX_NLIST)
+    nlist = 1 << max(0, int(math.log2(max(target, 1))))
+    # at least 32 codes: a small vector's few 4-bit codes rank too coarsely for re-ranking to mend
+    want = max(dim // 2, min(dim, 32))
+    m = next(d for d in range(want, 0, -1) if dim % d == 0)
+    return nlist, m
+
+
+def estimate_memory(kind: str, count: int, dim: int, hnsw_m: int = DEFAULT_HNSW_M) -> int:
+    """Bytes an index of ``kind`` holds in memory for ``count`` vectors."""
+    if kind == "flat":
+        return count * (dim * 4 + 8)
+    if kind == "hnsw":
+        # fp32 vectors, 2·M level-0 links, the upper levels (1/M of the nodes, M links each),
+        # IDMap2's id array and its reverse hash map
+        return int(count * (dim * 4 + hnsw_m * 8 * (1 + 1 / hnsw_m) + 8 + 48))
+    nlist, m = ivf_shape(count, dim)
+    return count * (m // 2 + 8) + nlist * dim * 4  # codes + ids, and the centroids
+
+
+# -- settings ----------------------------------------------------------------------------------
 @dataclass
 class IndexSettings:
-    kind: str = "auto"  # auto | flat | hnsw
+    kind: str = "auto"  # auto | flat | hnsw | ivfpq
     hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD
     hnsw_m: int = DEFAULT_HNSW_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
     ef_search: int = DEFAULT_EF_SEARCH
     exact_filter_rows: int = EXACT_FILTER_ROWS  # see _search_allowed
+    memory: int = 0  # bytes an index may hold in memory; 0: DEFAULT_MEMORY_SHARE of the machine's
+    nprobe: int = 0  # IVF lists searched; 0: by the number of lists (see VectorIndex.nprobe)
+    rerank: int = DEFAULT_RERANK
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", *KINDS):
+            raise UsageError(f"unknown index kind {self.kind!r}; use auto, flat, hnsw or ivfpq")
+        if not self.memory:
+            self.memory = int(machine_memory() * DEFAULT_MEMORY_SHARE)
 
     @classmethod
     def of(cls, s: Settings) -> IndexSettings:
         """The index part of the settings (``CLIPSEARCH_INDEX``, ``CLIPSEARCH_HNSW_*``, ...)."""
-        return cls(s.index, s.hnsw_threshold, s.hnsw_m, s.ef_construction, s.ef_search)
+        memory = parse_size(s.index_memory) if s.index_memory else 0
+        return cls(
+            s.index, s.hnsw_threshold, s.hnsw_m, s.ef_construction, s.ef_search,
+            memory=memory, nprobe=s.ivf_nprobe, rerank=s.ivf_rerank,
+        )  # fmt: skip
 
-    def kind_for(self, count: int) -> str:
-        if self.kind in ("flat", "hnsw"):
-            return self.kind
-        return "hnsw" if count >= self.hnsw_threshold else "flat"
+    def choose(self, count: int, dim: int, current: str | None = None) -> tuple[str, str]:
+        """The kind of index for ``count`` vectors, and why. ``current``, the kind the namespace
+        has now, is kept a little past the point where it would not be chosen, so that a few
+        deletions do not rebuild a large index as another kind."""
+        if self.kind != "auto":
+            return self.kind, "asked for (--kind or CLIPSEARCH_INDEX)"
+        threshold = self.hnsw_threshold // 2 if current in ("hnsw", "ivfpq") else self.hnsw_threshold
+        if count < threshold:
+            return "flat", f"{count:,} vectors, fewer than {self.hnsw_threshold:,}: exact search"
+        hnsw = estimate_memory("hnsw", count, dim, self.hnsw_m)
+        budget = self.memory // 2 if current == "ivfpq" else self.memory
+        if hnsw <= budget:
+            return "hnsw", (
+                f"HNSW over {count:,} vectors needs ~{format_size(hnsw)}, within the memory budget of "
+                f"{format_size(self.memory)}"
+            )
+        ivf = estimate_memory("ivfpq", count, dim)
+        return "ivfpq", (
+            f"HNSW over {count:,} vectors would need ~{format_size(hnsw)}, over the memory budget of "
+            f"{format_size(self.memory)} (CLIPSEARCH_INDEX_MEMORY); IVF-PQ holds ~{format_size(ivf)} "
+            "and re-ranks from fp16 vectors on disk"
+        )
 
 
 @dataclass
@@ -89,41 +192,174 @@ class IndexState:
     owner: str = ""  # whose index it is: the store's id, the namespace and its creation (the store says)
     removal_mark: int = 0  # the store's removal log is applied up to this entry
     dead: list[int] = field(default_factory=list)  # tombstones: ids still in an HNSW graph, never returned
+    reason: str = ""  # why this kind (IndexSettings.choose)
+    asked: bool = False  # the kind was asked for (index build --kind), not chosen by size
+    # IVF-PQ: its fp16 vector file (a token new with each build) and the rows of it this index
+    # covers, the vectors it was trained on, and its number of lists
+    vector_file: str = ""
+    file_rows: int = 0
+    trained_on: int = 0
+    nlist: int = 0
 
     @property
     def live(self) -> int:
         return self.count - len(self.dead)
 
+    @property
+    def memory(self) -> int:
+        return estimate_memory(self.kind, self.count, self.dim)
+
+
+class VectorFile:
+    """fp16 vectors in seq order with their seqs, memory-mapped: ``<index>.<token>.f16`` and
+    ``.seq`` beside the index. Append-only; rows that leave the index stay until a rebuild
+    writes a new file under a new token. Rows are written at the offset the index's state
+    names, not at the end: two processes that catch the same index up from the same table write
+    the same bytes at the same place, and one that still holds an older build's token finds its
+    file gone (FileNotFoundError) instead of writing into the new one."""
+
+    def __init__(self, base: Path, token: str, dim: int, rows: int):
+        self.base, self.token, self.dim, self.rows = base, token, dim, rows
+        self._map()
+
+    @staticmethod
+    def paths(base: Path, token: str) -> tuple[Path, Path]:
+        stem = base.with_suffix("")
+        return stem.with_name(f"{stem.name}.{token}.f16"), stem.with_name(f"{stem.name}.{token}.seq")
+
+    @classmethod
+    def create(cls, base: Path, dim: int) -> VectorFile:
+        token = uuid.uuid4().hex[:12]
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for p in cls.paths(base, token):
+            p.write_bytes(b"")
+        return cls(base, token, dim, 0)
+
+    @classmethod
+    def open(cls, base: Path, token: str, dim: int, rows: int) -> VectorFile | None:
+        vec, seq = cls.paths(base, token)
+        try:
+            if vec.stat().st_size < rows * dim * 2 or seq.stat().st_size < rows * 8:
+                return None
+        except OSError:
+            return None
+        return cls(base, token, dim, rows)
+
+    def _map(self) -> None:
+        vec, seq = self.paths(self.base, self.token)
+        if self.rows:
+            self.vectors = np.memmap(vec, dtype=np.float16, mode="r", shape=(self.rows, self.dim))
+            self.seqs = np.memmap(seq, dtype=np.int64, mode="r", shape=(self.rows,))
+        else:  # mmap cannot map nothing
+            self.vectors = np.zeros((0, self.dim), dtype=np.float16)
+            self.seqs = np.zeros(0, dtype=np.int64)
+
+    def append(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
+        vec, seq = self.paths(self.base, self.token)
+        for path, data, width in (
+            (vec, np.ascontiguousarray(vectors, dtype=np.float16), self.dim * 2),
+            (seq, np.ascontiguousarray(seqs, dtype=np.int64), 8),
+        ):
+            fd = os.open(path, os.O_WRONLY)  # no O_CREAT: a file a rebuild removed stays removed
+            try:
+                os.pwrite(fd, data.tobytes(), self.rows * width)
+            finally:
+                os.close(fd)
+        self.rows += len(seqs)
+        self._map()
+
+    def read(self, seqs: np.ndarray) -> np.ndarray:
+        """The vectors of ``seqs`` (each in the file: the seqs are sorted, so a binary search
+        finds its row), as float32."""
+        if not len(seqs):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = np.minimum(np.searchsorted(self.seqs, seqs), self.rows - 1) if self.rows else seqs * 0
+        if not self.rows or not np.array_equal(self.seqs[rows], seqs):
+            raise RuntimeError(f"{self.paths(self.base, self.token)[0]} lacks vectors its index holds")
+        return np.asarray(self.vectors[rows], dtype=np.float32)
+
+    @classmethod
+    def remove_except(cls, base: Path, token: str | None) -> None:
+        """Delete the vector files of the index at ``base`` other than ``token``'s: earlier
+        builds' (a process still reading one keeps its mapping; one that would append to it finds
+        it gone and reloads), or all of them once the index is of another kind."""
+        stem = base.with_suffix("")
+        for p in stem.parent.glob(f"{stem.name}.*.f16"):
+            other = p.name[len(stem.name) + 1 : -len(".f16")]
+            if other != token and re.fullmatch(r"[0-9a-f]{12}", other):
+                for old in cls.paths(base, other):
+                    old.unlink(missing_ok=True)
+
 
 class VectorIndex:
     """A FAISS index over (int64 sequence number -> vector)."""
 
-    def __init__(self, index: Any, state: IndexState, settings: IndexSettings):
+    def __init__(self, index: Any, state: IndexState, settings: IndexSettings, file: VectorFile | None = None):
         self.index = index
         self.state = state
         self.settings = settings
+        self.file = file  # IVF-PQ's fp16 vectors
         self.unsaved = 0  # rows added or removed since the file was written (or read)
+        self._dead_selector: tuple[Any, ...] | None = None  # HNSW: built once per set of tombstones
 
     def worth_saving(self) -> bool:
         return self.state.live < SAVE_ALWAYS_BELOW or self.unsaved >= SAVE_CHANGED_SHARE * self.state.live
 
     @classmethod
-    def empty(cls, kind: str, dim: int, settings: IndexSettings) -> VectorIndex:
+    def empty(
+        cls,
+        kind: str,
+        dim: int,
+        settings: IndexSettings,
+        *,
+        path: Path | None = None,
+        count: int = 0,
+        sample: Callable[[int], np.ndarray] | None = None,
+    ) -> VectorIndex:
+        """A new, empty index. IVF-PQ is trained first, on ``sample(n)`` (n vectors drawn from
+        the ``count`` it is built for), and keeps its fp16 vectors beside ``path``."""
         faiss = _faiss()
+        state = IndexState(kind=kind, dim=dim, count=0, generation=0, rebuild_generation=0, max_seq=0)
+        if kind == "ivfpq":
+            if count < IVF_MIN_VECTORS or sample is None or path is None:
+                raise UsageError(
+                    f"an IVF-PQ index is trained on the vectors it holds and needs at least {IVF_MIN_VECTORS} "
+                    f"(there are {count}); use the flat or hnsw kind"
+                )
+            nlist, m = ivf_shape(count, dim)
+            index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x4fs", faiss.METRIC_INNER_PRODUCT)
+            train = np.ascontiguousarray(sample(min(count, max(nlist * 40, 16 * 256), 200_000)), dtype=np.float32)
+            faiss.omp_set_num_threads(_MAX_THREADS[0])
+            index.train(train)
+            state.trained_on, state.nlist = count, nlist
+            file = VectorFile.create(path, dim)
+            state.vector_file = file.token
+            return cls(index, state, settings, file)
         if kind == "hnsw":
             inner = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efConstruction = settings.ef_construction
         else:
             inner = faiss.IndexFlatIP(dim)
-        state = IndexState(kind=kind, dim=dim, count=0, generation=0, rebuild_generation=0, max_seq=0)
         return cls(faiss.IndexIDMap2(inner), state, settings)
+
+    def can_grow_to(self, count: int) -> bool:
+        """Whether rows can still be appended (IVF-PQ: until it has outgrown its training, or its
+        vector file is mostly removed rows)."""
+        if self.state.kind != "ivfpq":
+            return True
+        wasted = self.state.file_rows - self.state.count
+        return count <= IVF_REGROW * self.state.trained_on and wasted <= MAX_FILE_WASTE * max(self.state.file_rows, 1)
 
     def add(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
         if len(seqs):
             # a search on this thread may have left FAISS at one thread (below): building an HNSW
             # graph with it took 75 s instead of 45 s at 100k vectors on 2 cores
             _faiss().omp_set_num_threads(_MAX_THREADS[0])
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), seqs.astype(np.int64))
+            seqs = seqs.astype(np.int64)
+            if self.file is not None:
+                self.file.append(seqs, vectors)
+                self.state.file_rows = self.file.rows
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), seqs)
             self.unsaved += len(seqs)
             self.state.count = int(self.index.ntotal)
             self.state.max_seq = max(self.state.max_seq, int(seqs.max()))
@@ -133,9 +369,9 @@ class VectorIndex:
             self.add(seqs, vectors)
 
     def remove(self, seqs: np.ndarray) -> int:
-        """Take these ids out of search results; ids the index does not hold are ignored. An
-        exact index drops their vectors; an HNSW graph cannot lose nodes, so they become
-        tombstones. Returns how many ids it held."""
+        """Take these ids out of search results; ids the index does not hold are ignored. Exact
+        and IVF indexes drop them; an HNSW graph cannot lose nodes, so they become tombstones.
+        Returns how many ids it held."""
         seqs = np.unique(np.asarray(seqs, dtype=np.int64))
         if not len(seqs) or not self.state.count:
             return 0
@@ -147,7 +383,9 @@ class VectorIndex:
             return removed
         held = faiss.vector_to_array(self.index.id_map)
         new = np.setdiff1d(seqs[np.isin(seqs, held)], np.asarray(self.state.dead, dtype=np.int64))
-        self.state.dead = sorted({*self.state.dead, *new.tolist()})
+        if len(new):
+            self.state.dead = sorted({*self.state.dead, *new.tolist()})
+            self._dead_selector = None
         self.unsaved += len(new)
         return len(new)
 
@@ -155,22 +393,36 @@ class VectorIndex:
     def dead_share(self) -> float:
         return len(self.state.dead) / self.state.count if self.state.count else 0.0
 
+    @property
+    def nprobe(self) -> int:
+        """IVF lists a query visits: 1/32 of them (128 of 4096), at least 16."""
+        nlist = self.state.nlist or 1
+        return min(nlist, self.settings.nprobe or max(16, nlist // 32))
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and sequence numbers, shape (n, k); missing neighbours have seq -1. With
         ``allowed`` (the ids a filter lets through) every row holds min(k, len(allowed)) hits."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if allowed is not None and self.state.kind == "hnsw" and self.state.live:
+        if allowed is not None and self.state.kind != "flat" and self.state.live:
             return self._search_allowed(queries, k, np.asarray(allowed, dtype=np.int64))
         return self._search(queries, k, allowed)
 
     def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A filtered search on the HNSW graph. A walk that may only stop at allowed nodes runs out
-        before it finds them when they are few (recall@10 was 0.43 at 1% of 100k), so: up to
-        ``exact_filter_rows`` allowed ids are scored exactly from the vectors the index holds;
-        above, the walk's ``efSearch`` grows with the selectivity, and a query that still comes
-        back short is scored exactly."""
+        """A filtered search on an HNSW or IVF index. A walk that may only stop at allowed nodes
+        runs out before it finds them when they are few (recall@10 was 0.43 at 1% of 100k), so:
+        up to ``exact_filter_rows`` allowed ids are scored exactly from the stored vectors;
+        above, the HNSW walk's ``efSearch`` grows with the selectivity, and IVF-PQ scans every
+        list's codes through a bitmap of the allowed rows; a query that still comes back short is
+        scored exactly."""
         want = min(k, len(allowed))
-        if len(allowed) <= self.settings.exact_filter_rows:
+        exact_rows = self.settings.exact_filter_rows
+        if self.file is not None:
+            # Rows gathered from the fp16 file cost ~1.5 us each (17 ms for 12k), the fast-scan
+            # of every list's codes ~5 ns a vector (5 ms at 1M), whatever the filter. Visiting
+            # only the lists nearest the query misses a filter that follows topics: the allowed
+            # rows nearest the query sit in lists far from it (recall@10 0.5 at half the lists).
+            exact_rows = min(exact_rows, max(IVF_EXACT_FILTER_ROWS, self.state.live // 300))
+        if len(allowed) <= exact_rows:
             return self.exact(queries, want, allowed)
         widen = -(-self.state.live // len(allowed))  # 1 / selectivity, rounded up
         ef = min(MAX_FILTER_EF, max(self.settings.ef_search, want) * widen)
@@ -180,54 +432,99 @@ class VectorIndex:
             scores[short], seqs[short] = self.exact(queries[short], want, allowed)
         return scores, seqs
 
+    def _vectors(self, seqs: np.ndarray) -> np.ndarray:
+        if self.file is not None:
+            return self.file.read(seqs)
+        return self.index.reconstruct_batch(seqs)
+
     def exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The top ``k`` of ``ids`` for each query by exact inner product, from the vectors the
-        index holds, a bounded chunk at a time."""
+        """The top ``k`` of ``ids`` for each query by exact inner product, from the stored vectors
+        (the index's own, or IVF-PQ's fp16 file), a bounded chunk at a time."""
         n = len(queries)
         best_scores = np.full((n, k), -np.inf, dtype=np.float32)
         best_seqs = np.full((n, k), -1, dtype=np.int64)
         for start in range(0, len(ids), _EXACT_CHUNK):
             chunk = np.ascontiguousarray(ids[start : start + _EXACT_CHUNK])
-            scores = queries @ self.index.reconstruct_batch(chunk).T
+            scores = queries @ self._vectors(chunk).T
             scores = np.concatenate([best_scores, scores], axis=1)
             seqs = np.concatenate([best_seqs, np.broadcast_to(chunk, (n, len(chunk)))], axis=1)
             top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # k kept + a non-empty chunk: more than k
             best_scores = np.take_along_axis(scores, top, axis=1)
             best_seqs = np.take_along_axis(seqs, top, axis=1)
-        order = np.argsort(-best_scores, axis=1, kind="stable")
-        return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_seqs, order, axis=1)
+        return _sorted(best_scores, best_seqs)
+
+    def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` of each query's IVF-PQ candidates by exact score from the fp16 vectors
+        (a bounded number of queries at a time: each gathers its candidates' vectors)."""
+        assert self.file is not None
+        k = min(k, candidates.shape[1])
+        out_scores = np.empty((len(queries), k), dtype=np.float32)
+        out_seqs = np.empty((len(queries), k), dtype=np.int64)
+        for start in range(0, len(queries), _RERANK_QUERIES):
+            cand = candidates[start : start + _RERANK_QUERIES]
+            n, c = cand.shape
+            found = cand >= 0
+            vectors = np.zeros((n, c, self.state.dim), dtype=np.float32)
+            vectors[found] = self.file.read(cand[found])
+            scores = np.einsum("ncd,nd->nc", vectors, queries[start : start + n])
+            scores[~found] = -np.inf
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            out_scores[start : start + n], out_seqs[start : start + n] = _sorted(
+                np.take_along_axis(scores, top, axis=1), np.take_along_axis(cand, top, axis=1)
+            )
+        return out_scores, out_seqs
+
+    def _selector(self, allowed: np.ndarray | None) -> tuple[Any, list[Any]]:
+        """A FAISS selector for ``allowed`` ids (or for all but the tombstones), and what must
+        outlive the search: the parameters hold the selector, and it the bitmap, by pointer."""
+        faiss = _faiss()
+        if allowed is not None:
+            # allowed ids come from the table, so they never name a removed row. A bitmap over
+            # the seqs is built in milliseconds where IDSelectorBatch hashes every id.
+            bits = _bitmap(allowed)
+            sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+            return sel, [sel, bits]
+        if self.state.dead:
+            if self._dead_selector is None:
+                bits = _bitmap(np.asarray(self.state.dead, dtype=np.int64))
+                inner = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+                self._dead_selector = (faiss.IDSelectorNot(inner), inner, bits)
+            return self._dead_selector[0], list(self._dead_selector)
+        return None, []
 
     def _search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None, ef: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         faiss = _faiss()
-        k = max(1, min(k, self.state.live)) if self.state.live else 1
+        n = len(queries)
+        if self.state.live <= 0:
+            return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
+        k = max(1, min(k, self.state.live))
         params = None
         if self.state.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(ef or self.settings.ef_search, k)
-        # the selectors must outlive the search: the parameters hold them by pointer only
-        selector = dead = None
-        if allowed is not None:
-            # allowed ids come from the table, so they never name a removed row
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-        elif self.state.dead:
-            dead = faiss.IDSelectorBatch(np.asarray(self.state.dead, dtype=np.int64))
-            selector = faiss.IDSelectorNot(dead)
+        elif self.state.kind == "ivfpq":
+            params = faiss.SearchParametersIVF()
+            params.nprobe = self.state.nlist if allowed is not None else self.nprobe
+        selector, _keep = self._selector(allowed)
         if selector is not None:
             if params is None:
                 params = faiss.SearchParameters()
             params.sel = selector
-        if self.state.live <= 0:
-            n = len(queries)
-            return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
         # FAISS parallelises over queries. For a few queries extra OpenMP threads only cost: they
         # spin after the search and steal the cores the next text embedding needs (a single
         # query went from 10 ms to 19 ms end to end on 2 cores). The setting is per thread.
-        faiss.omp_set_num_threads(1 if len(queries) < _PARALLEL_QUERIES else _MAX_THREADS[0])
+        faiss.omp_set_num_threads(1 if n < _PARALLEL_QUERIES else _MAX_THREADS[0])
+        if self.state.kind == "ivfpq":
+            _, candidates = self.index.search(
+                queries, min(self.state.live, max(self.settings.rerank, k)), params=params
+            )
+            return self._rerank(queries, candidates, k)
         scores, seqs = self.index.search(queries, k, params=params)
         return scores, seqs
 
+    # -- files -------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -238,6 +535,7 @@ class VectorIndex:
         meta_tmp.write_text(json.dumps(asdict(self.state)))
         os.replace(meta_tmp, meta)
         self.unsaved = 0
+        VectorFile.remove_except(path, self.file.token if self.file is not None else None)
 
     @staticmethod
     def read_state(path: Path) -> IndexState | None:
@@ -248,6 +546,10 @@ class VectorIndex:
             size = path.stat().st_size
         except (OSError, ValueError, TypeError):
             return None
+        if state.kind == "ivfpq":
+            # its vectors are in the fp16 file; the index holds 4-bit codes
+            ok = VectorFile.open(path, state.vector_file, state.dim, state.file_rows) is not None
+            return state if ok and size >= state.count * state.dim // 8 else None
         # an index file too small to hold its vectors is broken, and will be rebuilt on use
         return state if size >= state.count * state.dim * 4 else None
 
@@ -258,9 +560,28 @@ class VectorIndex:
             return None
         try:
             state = IndexState(**json.loads(meta.read_text()))
+            file = None
+            if state.kind == "ivfpq":
+                file = VectorFile.open(path, state.vector_file, state.dim, state.file_rows)
+                if file is None:
+                    return None
             index = _faiss().read_index(str(path))
         except (OSError, ValueError, TypeError, RuntimeError):
             return None  # unreadable derived data is simply rebuilt
         if int(index.ntotal) != state.count:
             return None
-        return cls(index, state, settings)
+        return cls(index, state, settings, file)
+
+
+def _bitmap(ids: np.ndarray) -> np.ndarray:
+    """FAISS's IDSelectorBitmap layout: bit ``i & 7`` of byte ``i >> 3`` is set for each id."""
+    if not len(ids):
+        return np.zeros(1, dtype=np.uint8)
+    bits = np.zeros(int(ids.max()) + 1, dtype=bool)
+    bits[ids] = True
+    return np.packbits(bits, bitorder="little")
+
+
+def _sorted(scores: np.ndarray, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(seqs, order, axis=1)

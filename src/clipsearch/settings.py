@@ -14,6 +14,7 @@ export cache (``CLIPSEARCH_ONNX_CACHE``, shared by every model loader and ``mode
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,6 +35,17 @@ def is_server(location: str) -> bool:
     return "://" in str(location)
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``6G``, ``6GB``, ``6GiB``, ``512M``, ``1.5g`` or a number of bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise UsageError(f"{text!r} is not a size; write it like 6G, 512M or 2.5GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def _flag(value: str) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off", "")
 
@@ -46,11 +58,16 @@ class Settings:
     onednn: bool = True  # CLIPSEARCH_ONEDNN=0: keep PyTorch's own CPU matrix products
     max_text_batch: int = 16  # CLIPSEARCH_MAX_TEXT_BATCH: texts per model call in the server
     pg_pool: int = 8  # CLIPSEARCH_PG_POOL: PostgreSQL connections per process
-    index: str = "auto"  # CLIPSEARCH_INDEX: auto | flat | hnsw
+    index: str = "auto"  # CLIPSEARCH_INDEX: auto | flat | hnsw | ivfpq
+    # CLIPSEARCH_INDEX_MEMORY: what an index may hold in memory (6G, 512M); auto picks IVF-PQ for a
+    # namespace whose HNSW index would need more. Empty: a quarter of this machine's memory.
+    index_memory: str = ""
     hnsw_threshold: int = 50_000  # CLIPSEARCH_HNSW_THRESHOLD: vectors from which auto picks HNSW
     hnsw_m: int = 32  # CLIPSEARCH_HNSW_M
     ef_construction: int = 128  # CLIPSEARCH_EF_CONSTRUCTION
     ef_search: int = 128  # CLIPSEARCH_EF_SEARCH
+    ivf_nprobe: int = 0  # CLIPSEARCH_IVF_NPROBE: IVF lists a query visits (0: 1/32 of them, at least 16)
+    ivf_rerank: int = 256  # CLIPSEARCH_IVF_RERANK: IVF-PQ candidates re-scored from the fp16 vectors
     query_runtime: str = "auto"  # CLIPSEARCH_QUERY_RUNTIME: auto | torch (see Collection)
 
     @classmethod
@@ -76,6 +93,13 @@ class Settings:
         if "onnx_cache" not in values and env.get("XDG_CACHE_HOME"):
             values["onnx_cache"] = Path(env["XDG_CACHE_HOME"]) / "clipsearch" / "onnx"
         settings = cls(**values)  # type: ignore[arg-type]
+        if settings.index_memory:
+            try:
+                parse_size(settings.index_memory)
+            except UsageError:
+                raise UsageError(
+                    f"{PREFIX}INDEX_MEMORY={settings.index_memory!r} is not a size; write it like 6G or 512M"
+                ) from None
         if settings.query_runtime not in ("auto", "torch"):
             raise UsageError(f"{PREFIX}QUERY_RUNTIME={settings.query_runtime!r}: use auto or torch")
         return settings

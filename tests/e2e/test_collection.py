@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,12 +240,69 @@ def test_export_errors_and_file_names(cli, photos, tmp_path):
 def test_index_build_builds_the_kind_asked_for(cli, photos):
     assert cli("ingest", photos)[0] == 0  # a fresh flat index
     code, out, _ = cli("index", "build", "--kind", "hnsw")
-    assert code == 0 and "hnsw index over 6 vectors" in out
+    assert code == 0 and "default: hnsw index, 6 vectors, fresh" in out and "why hnsw: asked for" in out
     assert json.loads(cli("info", "--json")[1])["namespaces"][0]["index"] == "hnsw"
     code, out, _ = cli("index", "build", "--kind", "flat")
-    assert code == 0 and "flat index over 6 vectors" in out
+    assert code == 0 and "flat index, 6 vectors" in out
+    code, out, _ = cli("index", "status", "--json")
+    assert code == 0 and json.loads(out)["kind"] == "flat" and json.loads(out)["vectors"] == 6
+    code, out, _ = cli("index", "build")  # auto: chosen by size again
+    assert "why flat: 6 vectors, fewer than 50,000: exact search" in cli("index", "status")[1]
+    code, _, err = cli("index", "build", "--kind", "ivfpq")
+    assert code == 2 and "needs at least 256 (there are 6); use the flat or hnsw kind" in err
     _, out, _ = cli("search", "--image", photos / "rocket.jpg", "--json", "--limit", "1")
     assert json.loads(out)["path"] == str(photos / "rocket.jpg")
+
+
+def test_import_is_the_reverse_of_export(cli, photos, tmp_path):
+    assert cli("ingest", photos)[0] == 0
+    npy, meta = tmp_path / "v.npy", tmp_path / "v.json"
+    assert cli("export", "--npy", npy, "--meta", meta)[0] == 0
+    copy = tmp_path / "copy.db"
+    code, out, _ = cli("import", "--npy", npy, "--meta", meta, "--db", copy)
+    assert code == 0 and "imported 6 vectors into default" in out
+    with clipsearch.open(cli.db) as a, clipsearch.open(copy) as b:
+        assert a.identity() == b.identity()  # the model the export recorded, and how to load it
+        assert a.store.namespace("default").model_spec == b.store.namespace("default").model_spec
+        ids = sorted(it.id for it in a)
+        assert [it.metadata for it in a.get(ids)] == [it.metadata for it in b.get(ids)]
+        va, vb = a.store.get_vectors("default", ids), b.store.get_vectors("default", ids)
+        assert all(np.allclose(va[i], vb[i], atol=1e-6) for i in ids)
+    _, out, _ = cli("search", "--image", photos / "rocket.jpg", "--json", "--limit", "1", "--db", copy)
+    assert json.loads(out)["path"] == str(photos / "rocket.jpg")
+    seed = tmp_path / "seed"
+    assert cli("export", "--format", "seed-compatible", "--out", seed)[0] == 0
+    code, out, _ = cli("import", "--npy", seed, "--db", tmp_path / "seed.db")
+    assert code == 0 and "imported 6 vectors" in out
+
+    def refused(*args: object, db: Path = copy) -> str:
+        code, out, err = cli("import", *args, "--db", db)
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "6 of these ids are already stored" in refused("--npy", npy, "--meta", meta, "--no-replace")
+    np.save(tmp_path / "narrow.npy", np.ones((6, 16), dtype=np.float32))
+    err = refused("--npy", tmp_path / "narrow.npy", "--meta", meta)
+    assert "holds 16-d vectors" in err and "(--npy)" in err
+    broken = np.load(npy)
+    broken[3] = np.nan
+    np.save(tmp_path / "nan.npy", broken)
+    fresh = tmp_path / "fresh.db"
+    assert "row 3: a vector of zeros, NaN or infinity" in refused(
+        "--npy", tmp_path / "nan.npy", "--meta", meta, db=fresh
+    )
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("".join(json.dumps({"id": f"r{i}"} if i != 2 else {"sku": 2}) + "\n" for i in range(6)))
+    assert "rows.jsonl, record 2: no id (--meta)" in refused("--npy", npy, "--meta", lines, db=fresh)
+    (tmp_path / "five.json").write_text(json.dumps([{"id": f"r{i}"} for i in range(5)]))
+    assert "has 6 vectors but" in refused("--npy", npy, "--meta", tmp_path / "five.json", db=fresh)
+    with clipsearch.open(fresh) as c:  # nothing was written by the refused imports
+        assert not c.exists
+    lines.write_text("".join(json.dumps({"id": f"r{i}", "shelf": i}) + "\n" for i in range(6)))
+    code, out, _ = cli("import", "--npy", npy, "--meta", lines)  # no model recorded: the namespace's
+    assert code == 0
+    with clipsearch.open(cli.db) as c:
+        assert len(c) == 12 and c.item("r4").metadata == {"shelf": 4}
 
 
 def test_embed_refuses_another_model_for_a_namespace(cli, photos, tmp_path):

@@ -67,7 +67,7 @@ def test_every_command_works_on_postgres(cli, pg_url, photos, tmp_path):
     (ns,) = json.loads(out)["namespaces"]
     assert (ns["items"], ns["failures"], ns["dim"], ns["index"]) == (6, 1, 32, "none")
     code, out, _ = cli("index", "build", "--db", pg_url)
-    assert code == 0 and "hnsw index over 6 vectors" in out
+    assert code == 0 and "default: hnsw index, 6 vectors, fresh" in out
     code, out, _ = cli("search", "--image", photos / "rocket.jpg", "--db", pg_url, "--json", "--limit", "1")
     assert lines(out)[0]["metadata"]["filename"] == "rocket.jpg"  # through the HNSW index now
 

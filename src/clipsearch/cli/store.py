@@ -1,5 +1,6 @@
-"""``info``, ``failures``, ``export``, ``db migrate`` and ``index build``: the store itself. None
-of these loads a model or imports torch."""
+"""``info``, ``failures``, ``export``, ``import``, ``db migrate``, ``index build`` and ``index status``:
+the store itself. None of these loads a model or imports torch (``import`` loads one only to
+learn the dimensions of a new namespace's model when its files do not record the model)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
+from ..choice import ModelChoice
 from ..errors import NoDatabaseError, UsageError, count_failure_kinds, failure_kind
 from ..settings import DEFAULT_DB
 from ._common import DbOpt, JsonOpt, NamespaceOpt, kinds_text, out, own_id, print_table, short_reason
+
+if TYPE_CHECKING:
+    from ..store import IndexStatus
 
 
 def info(
@@ -172,20 +177,89 @@ def index_build(
         typer.Option(
             "--kind",
             envvar="CLIPSEARCH_INDEX",
-            help="hnsw, flat (SQLite only) or auto (SQLite: by size; PostgreSQL: hnsw).",
+            help="auto (SQLite: by size and CLIPSEARCH_INDEX_MEMORY; PostgreSQL: hnsw), flat, hnsw or ivfpq "
+            "(flat and ivfpq: SQLite only). A kind given here is kept by later searches and ingests until an "
+            "index build with --kind auto, the default.",
         ),
     ] = "auto",
 ) -> None:
     """Build (or bring up to date) the namespace's vector index: FAISS beside SQLite, an HNSW
-    index (vector_ip_ops) in PostgreSQL. On SQLite this also compacts an HNSW index: the vectors
-    of deleted or replaced items, skipped by searches until now, leave the graph. HNSW settings
-    come from CLIPSEARCH_HNSW_M and CLIPSEARCH_EF_CONSTRUCTION."""
+    index (vector_ip_ops) in PostgreSQL. On SQLite this also compacts an HNSW index (the vectors
+    of deleted or replaced items, skipped by searches until now, leave the graph) and retrains an
+    IVF-PQ index on the vectors it holds now. HNSW settings come from CLIPSEARCH_HNSW_M and
+    CLIPSEARCH_EF_CONSTRUCTION."""
     from .. import collection as lib
     from ..store import is_postgres_url
 
     with lib.open(db, namespace, create=False) as collection:
-        collection.identity()
         if is_postgres_url(db) and kind == "auto":
             kind = "hnsw"
-        status = collection.store.build_index(namespace, kind)
-    out.print(f"{namespace}: {status.kind} index over {status.vectors} vectors", highlight=False)
+        status = collection.build_index(kind)
+    print_index_status(namespace, status)
+
+
+def index_status(db: DbOpt = DEFAULT_DB, namespace: NamespaceOpt = "default", as_json: JsonOpt = False) -> None:
+    """The namespace's vector index: its kind and why it was chosen, whether it is fresh, what it
+    holds and about how much memory it takes. Reads the index's state file; loads nothing."""
+    from .. import collection as lib
+
+    with lib.open(db, namespace, create=False) as collection:
+        status = collection.info().index
+    if as_json:
+        out.print_json(data={"namespace": namespace, **dataclasses.asdict(status)})
+        return
+    print_index_status(namespace, status)
+
+
+def print_index_status(namespace: str, status: IndexStatus) -> None:
+    from ..index import format_size
+
+    if status.kind == "none":
+        out.print(f"{namespace}: no index yet; `clipsearch index build` makes one (a search does too)")
+        return
+    facts = [f"{status.vectors:,} vectors", "fresh" if status.fresh else "stale (the next search catches it up)"]
+    if status.memory:
+        facts.append(f"~{format_size(status.memory)} in memory")
+    if status.lists:
+        facts.append(f"{status.lists:,} lists")
+    if status.tombstones:
+        facts.append(f"{status.tombstones:,} removed vectors left until `index build`")
+    out.print(f"{namespace}: {status.kind} index, {', '.join(facts)}")
+    if status.reason:
+        out.print(f"  why {status.kind}: {status.reason}")
+
+
+def import_(
+    npy: Annotated[
+        Path,
+        typer.Option(
+            "--npy",
+            help="Vectors: a .npy file (float, N x D), or a folder that `export --format seed-compatible` wrote.",
+        ),
+    ],
+    meta: Annotated[
+        Path | None,
+        typer.Option(
+            "--meta",
+            help="Ids and metadata, row for row: what `export` wrote (JSON), a list of objects each with an "
+            "id, or JSON Lines (.jsonl). Default: the --npy file with .json.",
+        ),
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace/--no-replace", help="Overwrite items already stored under these ids.")
+    ] = True,
+    db: DbOpt = DEFAULT_DB,
+    namespace: NamespaceOpt = "default",
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Import vectors computed elsewhere with their ids and metadata: the reverse of `export`.
+    They are stored under the model the files record (`export` writes it); files that record none
+    take the model options, as ingest does, or the namespace's model. Another model than the
+    namespace's, another dimension or a broken row is refused before anything is written."""
+    from .. import collection as lib
+
+    with lib.open(db, namespace, **dataclasses.asdict(choice)) as collection:
+        n = collection.import_vectors(npy, meta, replace=replace)
+        model = collection.identity().model
+    out.print(f"imported {n:,} vectors into {namespace} ({model})")

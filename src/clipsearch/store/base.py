@@ -308,10 +308,13 @@ class Hit:
 
 @dataclass
 class IndexStatus:
-    kind: str  # flat | hnsw | none
+    kind: str  # flat | hnsw | ivfpq | none
     fresh: bool
     vectors: int  # searchable vectors
     tombstones: int = 0  # removed vectors an HNSW graph still holds (until `index build` compacts it)
+    reason: str = ""  # why this kind
+    memory: int = 0  # bytes the index holds in memory (an estimate)
+    lists: int = 0  # IVF-PQ's lists
 
 
 class Store(Protocol):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import NotFoundError, UsageError
 from ..identity import ModelIdentity
-from ..index import MAX_DEAD_SHARE, IndexSettings, VectorIndex
+from ..index import KINDS, MAX_DEAD_SHARE, IndexSettings, VectorIndex
 from ..keywords import index_text, query_terms
 from .base import (
     ClosingStore,
@@ -616,11 +616,15 @@ class SQLiteStore(ClosingStore):
         self._require(namespace)
         self._fresh_index(namespace, field)
 
-    def _fresh_index(self, namespace: str, field: str = "image", compact: bool = False) -> VectorIndex:
+    def _fresh_index(
+        self, namespace: str, field: str = "image", compact: bool = False, rebuild: bool = False
+    ) -> VectorIndex:
         """The namespace's index of ``field`` vectors, brought up to date with the table: loaded,
         then the logged removals applied and new rows appended; rebuilt only when it is missing,
-        another database's, of the wrong kind, or (HNSW) more than ``MAX_DEAD_SHARE`` tombstones.
-        ``compact``: rebuild any index that holds tombstones."""
+        another database's, of the wrong kind, outgrown (IVF-PQ: trained on far fewer vectors),
+        or (HNSW) more than ``MAX_DEAD_SHARE`` tombstones. ``compact``: rebuild any index that
+        holds tombstones. ``rebuild`` (``index build``): also retrain an IVF-PQ index, and choose
+        the kind again where an earlier build was asked for one."""
         check_field(field)
         ns = self._require(namespace)
         settings = self.index_settings
@@ -631,10 +635,13 @@ class SQLiteStore(ClosingStore):
             owner = self._index_owner(ns)
             if index is not None and index.state.owner != owner:
                 index = None  # another database's (or an earlier namespace's) index at this path
-            if index is not None and settings.kind in ("flat", "hnsw") and index.state.kind != settings.kind:
+            previous = index
+            if index is not None and settings.kind != "auto" and index.state.kind != settings.kind:
                 index = None  # a kind was asked for explicitly: build that one
-            if index is not None and compact and index.state.dead:
+            if index is not None and ((compact and index.state.dead) or (rebuild and index.state.kind == "ivfpq")):
                 index = None
+            if index is not None and rebuild and index.state.asked and settings.kind == "auto":
+                index = None  # `index build --kind auto`: chosen by size again
             gen, rebuild_gen = ns[gen_col], ns[rebuild_col]
             if index is not None and index.state.generation == gen and index.state.rebuild_generation == rebuild_gen:
                 self._indexes[(namespace, field)] = index
@@ -643,15 +650,18 @@ class SQLiteStore(ClosingStore):
             last_mark = self._query("SELECT max(mark) AS m FROM removals WHERE namespace = ?", (namespace,))[0]["m"]
             # counting rows is a scan (25 ms at 1M rows): only when the index must catch up
             count = self._count(namespace, field)
-            kind = settings.kind_for(count)
-            if index is not None and settings.kind == "auto" and index.state.kind == "hnsw":
-                # a few deletions below the threshold do not turn a large HNSW index back into a scan
-                kind = "hnsw" if count >= settings.hnsw_threshold // 2 else kind
+            asked = settings.kind != "auto"
+            if not asked and previous is not None and previous.state.asked and not rebuild:
+                # `index build --kind` chose it: kept until `index build --kind auto`
+                kind, reason, asked = previous.state.kind, previous.state.reason, True
+            else:
+                kind, reason = settings.choose(count, ns["dim"], current=previous.state.kind if previous else None)
             appendable = (
                 index is not None
                 and index.state.rebuild_generation == rebuild_gen
                 and index.state.dim == ns["dim"]
                 and index.state.kind == kind
+                and index.can_grow_to(count)
             )
             if appendable:
                 assert index is not None
@@ -663,13 +673,24 @@ class SQLiteStore(ClosingStore):
                 appendable = index.dead_share <= MAX_DEAD_SHARE
             rebuilt = not appendable
             if rebuilt:
-                index = VectorIndex.empty(kind, ns["dim"], settings)
+                index = VectorIndex.empty(
+                    kind, ns["dim"], settings, path=path, count=count,
+                    sample=lambda n: self._sample_vectors(namespace, field, n),
+                )  # fmt: skip
+                index.state.reason = reason
+                index.state.asked = asked
             assert index is not None
             index.state.owner = owner
             index.state.removal_mark = last_mark or 0
             rows = self._iter_rows(namespace, index.state.max_seq, 50_000, with_items=False, field=field)
-            for seqs, _, vectors in rows:
-                index.add(seqs, vectors)
+            try:
+                for seqs, _, vectors in rows:
+                    index.add(seqs, vectors)
+            except FileNotFoundError:
+                # another process rebuilt this IVF index (and removed the vector file this one
+                # appends to): use its build
+                self._indexes.pop((namespace, field), None)
+                return self._fresh_index(namespace, field, compact)
             index.state.generation, index.state.rebuild_generation = gen, rebuild_gen
             if index.state.live != count:
                 # a writer committed while we read; the next search will catch up
@@ -691,6 +712,18 @@ class SQLiteStore(ClosingStore):
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
             self._id = str(self._query("SELECT value FROM meta WHERE key = 'store_id'")[0]["value"])
         return self._id
+
+    def _sample_vectors(self, namespace: str, field: str, n: int) -> np.ndarray:
+        """``n`` of the namespace's vectors drawn at random (the same ones each time): what an
+        IVF-PQ index is trained on. Random, not the first ``n``: a catalog is often stored by
+        topic."""
+        table = "text_vectors" if field == "text" else "items"
+        rows = self._query(f"SELECT seq FROM {table} WHERE namespace = ?", (namespace,))
+        seqs = np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
+        picked = np.sort(np.random.default_rng(0).choice(seqs, min(n, len(seqs)), replace=False))
+        sql = f"SELECT vector FROM {table} WHERE seq IN ({{marks}})"
+        blobs = [r["vector"] for r in self._select_in(sql, [], picked.tolist())]
+        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32)
 
     def _count(self, namespace: str, field: str) -> int:
         table = "text_vectors" if field == "text" else "items"
@@ -891,20 +924,25 @@ class SQLiteStore(ClosingStore):
             return IndexStatus(kind="none", fresh=False, vectors=0)
         gen_col, rebuild_col = _COUNTERS[field]
         fresh = state.generation == ns[gen_col] and state.rebuild_generation == ns[rebuild_col]
-        return IndexStatus(kind=state.kind, fresh=fresh, vectors=state.live, tombstones=len(state.dead))
+        return IndexStatus(
+            kind=state.kind, fresh=fresh, vectors=state.live, tombstones=len(state.dead),
+            reason=state.reason, memory=state.memory, lists=state.nlist,
+        )  # fmt: skip
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
         if kind not in (None, "auto"):
-            if kind not in ("flat", "hnsw"):
-                raise UsageError(f"unknown index kind {kind!r}; use auto, flat or hnsw")
+            if kind not in KINDS:
+                raise UsageError(f"unknown index kind {kind!r}; use auto, {', '.join(KINDS)}", param="kind")
             # an explicit kind is built even where a fresh index of the other kind exists
             self.index_settings = dataclasses.replace(self.index_settings, kind=kind)
             self._indexes.pop((namespace, "image"), None)
             self._indexes.pop((namespace, "text"), None)
-        # an explicit build also compacts: tombstones left by deletions go with the rebuild
-        marks = [self._fresh_index(namespace, compact=True).state.removal_mark]
+        # a build also compacts: tombstones left by deletions go with the rebuild; `index build`
+        # (a kind given, auto included) retrains an IVF-PQ index too
+        rebuild = kind is not None
+        marks = [self._fresh_index(namespace, compact=True, rebuild=rebuild).state.removal_mark]
         if self.has_text_vectors(namespace):
-            marks.append(self._fresh_index(namespace, "text", compact=True).state.removal_mark)
+            marks.append(self._fresh_index(namespace, "text", compact=True, rebuild=rebuild).state.removal_mark)
         with self._tx() as conn:
             # what both saved indexes have applied is no use to anyone any more
             conn.execute("DELETE FROM removals WHERE namespace = ? AND mark <= ?", (namespace, min(marks)))

@@ -1,0 +1,199 @@
+"""The index kind follows the vector count and the memory budget (flat, HNSW, then IVF-PQ with
+exact re-ranking from an fp16 file); an IVF-PQ index takes real deletes and adds without
+retraining until it has outgrown its training, keeps its vector file consistent across
+processes and rebuilds, and filtered searches on it return the exact top k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipsearch.encoders import ModelIdentity
+from clipsearch.errors import UsageError
+from clipsearch.index import IVF_REGROW, IndexSettings, VectorFile, estimate_memory
+from clipsearch.settings import Settings, parse_size
+from clipsearch.store import NewItem, SQLiteStore
+
+DIM = 32
+IDENT = ModelIdentity("open_clip", "tiny", "", DIM, {"size": [224, 224]})
+
+
+def _clustered(n: int, seed: int, topics: int = 50) -> np.ndarray:
+    """Vectors around topic centres, as image embeddings are (uniform random vectors have no
+    neighbourhoods for an IVF index to find)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(topics, DIM))
+    x = centres[rng.integers(0, topics, n)] + 0.35 * rng.normal(size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _store(tmp_path, name="s.db", **settings) -> SQLiteStore:
+    store = SQLiteStore(tmp_path / name, IndexSettings(**settings))
+    store.bind_namespace("default", IDENT, {})
+    return store
+
+
+def _write(store, start: int, vectors: np.ndarray, meta=lambda i: {}) -> None:
+    ids = range(start, start + len(vectors))
+    store.write_batch("default", [NewItem(f"id{i}", meta(i)) for i in ids], vectors)
+
+
+def _recall(store, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
+    got = store.search("default", queries, k)
+    return float(
+        np.mean([len({h.item.id for h in g} & {f"id{j}" for j in e}) / k for g, e in zip(got, exact, strict=True)])
+    )
+
+
+def test_the_kind_follows_count_and_memory_budget():
+    s = IndexSettings(hnsw_threshold=50_000, memory=4 << 30)
+    assert s.choose(10_000, 512)[0] == "flat"
+    kind, reason = s.choose(1_000_000, 512)
+    assert kind == "hnsw" and "within the memory budget of 4.0 GiB" in reason
+    kind, reason = s.choose(3_000_000, 512)
+    assert kind == "ivfpq" and "CLIPSEARCH_INDEX_MEMORY" in reason
+    # a large index is not rebuilt as another kind for a few deletions either way
+    assert s.choose(40_000, 512, current="hnsw")[0] == "hnsw"
+    assert s.choose(1_500_000, 512, current="ivfpq")[0] == "ivfpq"
+    assert s.choose(1_500_000, 512)[0] == "hnsw"
+    # IVF-PQ at 10M x 512 is well inside this machine: PQ codes and ids, not vectors
+    assert estimate_memory("ivfpq", 10_000_000, 512) < 1.5 * 2**30 < estimate_memory("hnsw", 10_000_000, 512) / 10
+    assert IndexSettings(kind="ivfpq").choose(10, 512) == ("ivfpq", "asked for (--kind or CLIPSEARCH_INDEX)")
+    with pytest.raises(UsageError, match="unknown index kind 'ivf'"):
+        IndexSettings(kind="ivf")
+
+
+def test_memory_budget_setting():
+    assert parse_size("6G") == parse_size("6GiB") == parse_size("6gb") == 6 << 30
+    assert parse_size("512M") == 512 << 20 and parse_size("1.5k") == 1536 and parse_size("100") == 100
+    settings = Settings.from_env({"CLIPSEARCH_INDEX_MEMORY": "2G", "CLIPSEARCH_IVF_NPROBE": "8"})
+    assert IndexSettings.of(settings).memory == 2 << 30 and IndexSettings.of(settings).nprobe == 8
+    assert IndexSettings.of(Settings.from_env({})).memory > 0  # a share of this machine's memory
+    with pytest.raises(UsageError, match="CLIPSEARCH_INDEX_MEMORY='lots' is not a size"):
+        Settings.from_env({"CLIPSEARCH_INDEX_MEMORY": "lots"})
+
+
+def test_over_the_budget_auto_builds_ivfpq_with_high_recall(tmp_path):
+    vectors = _clustered(20_000, seed=1)
+    store = _store(tmp_path, hnsw_threshold=1000, memory=1 << 20)  # HNSW would need ~6 MB
+    _write(store, 0, vectors)
+    status = store.build_index("default")
+    assert status.kind == "ivfpq" and "over the memory budget of 1.0 MiB" in status.reason
+    assert status.lists == 512 and status.memory < 1 << 20
+    queries = _clustered(100, seed=2)
+    assert _recall(store, vectors, queries) >= 0.95
+    # the scores are the vectors' cosines (from fp16: within 1e-3)
+    hit = store.search("default", queries[:1], 1)[0][0]
+    assert hit.score == pytest.approx(float(vectors[int(hit.item.id[2:])] @ queries[0]), abs=1e-3)
+    again = SQLiteStore(tmp_path / "s.db", IndexSettings(hnsw_threshold=1000, memory=1 << 20))
+    assert again.index_status("default").kind == "ivfpq" and _recall(again, vectors, queries) >= 0.95
+
+
+@pytest.mark.parametrize("exact_rows", [100_000, 50], ids=["exact-path", "bitmap-scan"])
+def test_a_filter_on_ivfpq_returns_the_exact_top_k(tmp_path, exact_rows):
+    n = 10_000
+    vectors = _clustered(n, seed=3)
+    rare = set(np.random.default_rng(4).choice(n, 100, replace=False).tolist())  # 1%
+    store = _store(tmp_path, kind="ivfpq", exact_filter_rows=exact_rows)
+    _write(store, 0, vectors, lambda i: {"client": "Small" if i in rare else "Big"})
+    queries = _clustered(20, seed=5)
+    allowed = np.array(sorted(rare))
+    expected = np.argsort(-(queries @ vectors[allowed].T), axis=1)[:, :10]
+    found = store.search("default", queries, 10, {"client": "Small"})
+    for q, want, hits in zip(queries, expected, found, strict=True):
+        assert len(hits) == 10
+        assert {h.item.id for h in hits} <= {f"id{i}" for i in rare}
+        if exact_rows == 100_000:  # scored from the fp16 vectors: near-ties may swap
+            assert [h.score for h in hits] == pytest.approx(
+                sorted((q @ vectors[allowed[want]].T).tolist(), reverse=True), abs=1e-3
+            )
+    assert len(store.search("default", queries[:1], 500, {"client": "Small"})[0]) == 100
+
+
+def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path):
+    vectors = _clustered(4000, seed=6)
+    store = _store(tmp_path, kind="ivfpq")
+    _write(store, 0, vectors[:1000])
+    store.build_index("default")
+    index = store._indexes[("default", "image")]
+    token = index.state.vector_file
+    assert index.state.trained_on == 1000
+    assert store.delete_items("default", [f"id{i}" for i in range(100)]) == 100
+    queries = _clustered(5, seed=7)
+    hits = store.search("default", queries, 50)
+    assert not {h.item.id for row in hits for h in row} & {f"id{i}" for i in range(100)}
+    assert index.state.count == 900 and index.state.dead == [] and index.state.file_rows == 1000
+    _write(store, 1000, vectors[1000:3000])  # 2900 vectors: appended to the lists trained on 1000
+    store.search("default", queries, 10)
+    assert store._indexes[("default", "image")] is index and index.state.trained_on == 1000
+    assert index.state.vector_file == token and index.state.file_rows == 3000 and index.state.count == 2900
+    _write(store, 3000, vectors[3000:])
+    store.search("default", queries, 10)
+    assert store._indexes[("default", "image")] is index and index.state.count == 3900 <= IVF_REGROW * 1000
+    _write(store, 4000, _clustered(200, seed=8))  # 4100: outgrown, retrained on what it holds now
+    store.search("default", queries, 10)
+    rebuilt = store._indexes[("default", "image")]
+    assert rebuilt.state.trained_on == 4100 and rebuilt.state.vector_file != token
+    folder = tmp_path / "s.db-index"
+    assert sorted(p.name for p in folder.glob("default.*")) == sorted(
+        [
+            "default.faiss",
+            "default.json",
+            *(p.name for p in VectorFile.paths(folder / "default.faiss", rebuilt.state.vector_file)),
+        ]
+    )
+    # `index build` retrains too
+    store.build_index("default", "ivfpq")
+    assert store._indexes[("default", "image")].state.vector_file != rebuilt.state.vector_file
+
+
+def test_a_process_whose_vector_file_was_rebuilt_elsewhere_reloads(tmp_path):
+    vectors = _clustered(2000, seed=9)
+    a = _store(tmp_path, kind="ivfpq", nprobe=64, rerank=2000)
+    _write(a, 0, vectors[:1000])
+    queries = _clustered(3, seed=10)
+    a.search("default", queries, 10)
+    b = SQLiteStore(tmp_path / "s.db", IndexSettings(kind="ivfpq", nprobe=64, rerank=2000))
+    b.build_index("default", "ivfpq")  # a new build: a's vector file is removed
+    _write(b, 1000, vectors[1000:])
+    for store in (a, b):  # a, appending to its removed file, takes b's build instead
+        got = [h.item.id for h in store.search("default", queries[:1], 10)[0]]
+        want = np.argsort(-(vectors @ queries[0]))[:10]
+        assert [float(vectors[int(i[2:])] @ queries[0]) for i in got] == pytest.approx(
+            [float(vectors[j] @ queries[0]) for j in want], abs=2e-3
+        )
+    assert a._indexes[("default", "image")].state.vector_file == b._indexes[("default", "image")].state.vector_file
+
+
+def test_a_broken_vector_file_means_a_rebuild(tmp_path):
+    store = _store(tmp_path, kind="ivfpq")
+    _write(store, 0, _clustered(1000, seed=11))
+    store.build_index("default")
+    token = store._indexes[("default", "image")].state.vector_file
+    vec, _ = VectorFile.paths(tmp_path / "s.db-index" / "default.faiss", token)
+    vec.write_bytes(vec.read_bytes()[:100])  # cut short
+    again = SQLiteStore(tmp_path / "s.db", IndexSettings(kind="ivfpq"))
+    assert again.index_status("default").kind == "none"
+    assert len(again.search("default", _clustered(1, seed=12), 10)[0]) == 10
+    assert again._indexes[("default", "image")].state.vector_file != token
+
+
+def test_a_kind_asked_for_is_kept_until_auto_is_asked_for(tmp_path):
+    store = _store(tmp_path)
+    _write(store, 0, _clustered(1000, seed=13))
+    assert store.build_index("default", "ivfpq").kind == "ivfpq"
+    later = SQLiteStore(tmp_path / "s.db", IndexSettings())  # auto: by size it would be flat
+    _write(later, 1000, _clustered(100, seed=14))
+    later.search("default", _clustered(1, seed=15), 10)
+    status = later.index_status("default")
+    assert status.kind == "ivfpq" and status.vectors == 1100 and status.reason.startswith("asked for")
+    assert later.build_index("default", "auto").kind == "flat"
+    assert not list((tmp_path / "s.db-index").glob("*.f16"))  # the fp16 file went with the IVF index
+
+
+def test_ivfpq_needs_vectors_to_train_on(tmp_path):
+    store = _store(tmp_path)
+    _write(store, 0, _clustered(100, seed=16))
+    with pytest.raises(UsageError, match="needs at least 256 \\(there are 100\\); use the flat or hnsw kind"):
+        store.build_index("default", "ivfpq")
