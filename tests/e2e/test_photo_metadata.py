@@ -136,6 +136,13 @@ def assert_store_agrees(backend, rows: list, filters: dict) -> None:
     hits = backend.search("default", vectors[:1], 12, filters)[0]
     assert {h.item.id for h in hits} == expected, (rows, filters)
     assert {h.item.id for h in backend.keyword_search("default", "word", 12, filters)} == expected
+    # the keys with the kinds of their values, as every write left them (SQLite keeps a count)
+    kinds: dict[str, dict[str, int]] = {"t": {"text": len(metas)}}
+    for m in metas:
+        if "v" in m:
+            kind = {bool: "bool", int: "number", float: "number", str: "text", list: "list"}[type(m["v"])]
+            kinds.setdefault("v", {})[kind] = kinds.get("v", {}).get(kind, 0) + 1
+    assert backend.metadata_keys("default") == kinds
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -301,10 +301,13 @@ def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
         assert store.file_states("default", ["id0"])["id0"].fingerprint is None
         store.write_batch("default", [NewItem("id2", {"label": "new"}, fingerprint="f", text="a new text")], vec[:1])
         assert [h.item.id for h in store.keyword_search("default", "text", 5)] == ["id2"]
+        # schema 7: the metadata's values and key kinds, filled from the stored rows
+        assert store.metadata_keys("default") == {"label": {"text": 3}, "sha256": {"text": 2}}
+        assert [h.item.id for h in store.search("default", vec[:1], 5, {"label": "red rocket"})[0]] == ["id1"]
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("6",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("7",)
     SQLiteStore(path).close()  # opening a migrated file again changes nothing
 
 
@@ -483,3 +486,51 @@ def test_iter_items_lists_what_iter_vectors_lists(make_store):
     with_vectors = [it.id for items, _ in store.iter_vectors("default", batch_size=7) for it in items]
     assert [it.id for items in store.iter_items("default", batch_size=7) for it in items] == with_vectors
     assert len(with_vectors) == 25
+
+
+def test_equality_filters_and_key_kinds_follow_every_write(tmp_path):
+    """SQLite answers an equality filter from ``item_values`` and ``metadata_keys`` from
+    ``key_kinds``, both kept by each write: new, replaced, touched and deleted rows. Checked
+    against the Python rules over what the table holds."""
+    from clipsearch.filters import matches
+
+    store = SQLiteStore(tmp_path / "s.db")
+    store.bind_namespace("default", IDENT, {})
+    long_text = "a long caption " * 20  # past what item_values holds: found from the JSON
+    rng = np.random.default_rng(3)
+    values = ["red", "blue", 7, 7.0, True, False, ["red", 3], long_text, None, {"nested": 1}]
+    current: dict[str, dict] = {}
+    for step in range(6):
+        batch = {f"id{rng.integers(0, 30)}": {"c": values[rng.integers(0, len(values))], "n": int(rng.integers(0, 3))}
+                 for _ in range(12)}  # fmt: skip
+        items = [NewItem(i, m) for i, m in batch.items()]
+        store.write_batch("default", items, _vectors(len(items), seed=step))
+        current.update(batch)
+        touched = [NewItem(i, {"c": "blue", "n": 9}) for i in list(current)[:2]]
+        store.write_batch("default", [], np.zeros((0, 8), np.float32), touched=touched)
+        current.update({t.id: t.metadata for t in touched})
+        gone = list(current)[-3:]
+        store.delete_items("default", gone)
+        for i in gone:
+            del current[i]
+        stored = {it.id: it.metadata for it in store.get_items("default", list(current))}
+        assert stored == current
+        for filters in ({"c": "red"}, {"c": 7}, {"c": ["blue", True]}, {"c": long_text}, {"c": "red", "n": 1},
+                        {"n": [0, 9]}, {"c": False}, {"c": "7"}):  # fmt: skip
+            seqs = store._allowed_seqs("default", filters)
+            by_seq = store._items_by_seq(set(seqs.tolist()))
+            assert sorted(it.id for it in by_seq.values()) == sorted(
+                i for i, m in current.items() if matches(m, filters)
+            )
+        kinds: dict[str, dict[str, int]] = {}
+        for m in current.values():
+            for key, value in m.items():
+                kind = {bool: "bool", int: "number", float: "number", str: "text", list: "list", dict: "object",
+                        type(None): "null"}[type(value)]  # fmt: skip
+                kinds.setdefault(key, {})[kind] = kinds.get(key, {}).get(kind, 0) + 1
+        assert store.metadata_keys("default") == kinds
+    # an equality filter is answered from item_values; a long text or a range is not
+    assert store._values_sql("default", {"c": "red"})[0]
+    assert not store._values_sql("default", {"c": long_text})[0]
+    assert not store._values_sql("default", {"n": {"gte": 1}})[0]
+    store.close()

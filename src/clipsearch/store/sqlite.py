@@ -55,7 +55,7 @@ from .base import (
     validate_namespace,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _ALLOWED_CACHE_ENTRIES = 16  # results of _versioned kept (filters' allowed ids, metadata keys)
 _ALLOWED_CACHE_IDS = 2_000_000  # larger allow-lists (16 MB each) are found again each time
 
@@ -64,10 +64,32 @@ def _fold_text(value: Any) -> Any:
     return fold(value) if isinstance(value, str) else value
 
 
-# json_each's types as the kinds of KEY_KINDS
-_JSON_KINDS = {"integer": "number", "real": "number", "text": "text", "true": "bool", "false": "bool",
-               "null": "null", "array": "list", "object": "object"}  # fmt: skip
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
+_MAX_INDEXED_TEXT = 200  # longer text values (captions, paths) are filtered from the JSON
+
+
+def _kind(value: Any) -> str:
+    """A metadata value's kind, as ``metadata_keys`` reports it."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if value is None:
+        return "null"
+    return "list" if isinstance(value, list) else "object"
+
+
+def _indexed(value: Any) -> tuple[str, Any] | None:
+    """(kind, value) as ``item_values`` holds a scalar, or None for one it does not hold."""
+    kind = _kind(value)
+    if kind == "bool":
+        return kind, int(value)
+    if kind == "number" or (kind == "text" and len(value) <= _MAX_INDEXED_TEXT):
+        return kind, value
+    return None
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -129,6 +151,25 @@ CREATE TABLE IF NOT EXISTS removals (
     seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS removals_namespace ON removals (namespace, mark);
+-- the metadata's scalar values (a list's elements one by one, text up to _MAX_INDEXED_TEXT
+-- characters): an equality filter finds its rows here instead of reading every row's JSON
+CREATE TABLE IF NOT EXISTS item_values (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (namespace, key, kind, value, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_values_seq ON item_values (seq);
+-- per namespace, how many items hold each metadata key with each kind of value (Store.metadata_keys)
+CREATE TABLE IF NOT EXISTS key_kinds (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (namespace, key, kind)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS claims (
     namespace TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -203,6 +244,12 @@ class SQLiteStore(ClosingStore):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if version is not None and version < 7:
+                # the metadata's values and key kinds, indexed for filters (schema 7)
+                conn.execute("DELETE FROM item_values")
+                conn.execute("DELETE FROM key_kinds")
+                for r in conn.execute("SELECT seq, namespace, metadata FROM items").fetchall():
+                    self._index_metadata(conn, r["namespace"], r["seq"], json.loads(r["metadata"]))
             if version is not None and version < 6:
                 # keyword-index what older schemas stored (schema 1 had no index; up to 4 CJK
                 # runs were indexed whole, so a word inside one could not be found; up to 5
@@ -367,6 +414,7 @@ class SQLiteStore(ClosingStore):
                     ),
                 ).lastrowid
                 self._set_keywords(conn, seq, item.text, item.metadata)
+                self._index_metadata(conn, namespace, seq, item.metadata)
                 self._set_text_vector(conn, namespace, seq, item.text_vector)
                 text_changed |= item.text_vector is not None
             for t in touched:
@@ -390,6 +438,8 @@ class SQLiteStore(ClosingStore):
                     ),
                 )
                 self._set_keywords(conn, row["seq"], t.text, metadata)
+                self._index_metadata(conn, namespace, row["seq"], stored, -1)
+                self._index_metadata(conn, namespace, row["seq"], metadata)
                 had_text = self._set_text_vector(conn, namespace, row["seq"], t.text_vector)
                 text_changed |= had_text or t.text_vector is not None
                 # a text index can only be appended to in seq order: a changed or dropped text
@@ -432,9 +482,34 @@ class SQLiteStore(ClosingStore):
                 )
 
     @staticmethod
-    def _remove_rows(conn: sqlite3.Connection, namespace: str, seqs: list[int]) -> None:
-        """Delete rows (their keyword entries and, by cascade, text vectors) and log their seqs
-        for the indexes."""
+    def _index_metadata(
+        conn: sqlite3.Connection, namespace: str, seq: int, metadata: dict[str, Any], sign: int = 1
+    ) -> None:
+        """Add (``sign`` 1) or take away (-1) a row's metadata in ``item_values`` and ``key_kinds``."""
+        if sign < 0:
+            conn.execute("DELETE FROM item_values WHERE seq = ?", (seq,))
+        values = []
+        for key, value in metadata.items():
+            conn.execute(
+                "INSERT INTO key_kinds (namespace, key, kind, n) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (namespace, key, kind) DO UPDATE SET n = n + excluded.n",
+                (namespace, key, _kind(value), sign),
+            )
+            if sign > 0:
+                for element in value if isinstance(value, list) else [value]:
+                    found = _indexed(element)
+                    if found is not None:
+                        values.append((namespace, key, *found, seq))
+        conn.executemany("INSERT OR IGNORE INTO item_values VALUES (?, ?, ?, ?, ?)", values)
+
+    def _remove_rows(self, conn: sqlite3.Connection, namespace: str, seqs: list[int]) -> None:
+        """Delete rows (their keyword entries, metadata values and, by cascade, text vectors)
+        and log their seqs for the indexes."""
+        for i in range(0, len(seqs), _CHUNK):
+            chunk = seqs[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for r in conn.execute(f"SELECT seq, metadata FROM items WHERE seq IN ({marks})", chunk).fetchall():
+                self._index_metadata(conn, namespace, r["seq"], json.loads(r["metadata"]), -1)
         conn.executemany("DELETE FROM items_fts WHERE rowid = ?", [(s,) for s in seqs])
         conn.executemany("DELETE FROM items WHERE seq = ?", [(s,) for s in seqs])
         conn.executemany("INSERT INTO removals (namespace, seq) VALUES (?, ?)", [(namespace, s) for s in seqs])
@@ -771,14 +846,54 @@ class SQLiteStore(ClosingStore):
             any_element(f'$."{key}"', f"type = 'text' AND cs_fold(value) IN ({marks})", texts)
         return "".join(f" AND {c}" for c in clauses), params
 
+    def _indexed_filter_sql(self, namespace: str, filters: dict[str, Any] | None, alias: str = "") -> tuple[str, list]:
+        """``_filter_sql``, with the rows an equality condition names in ``item_values`` as a
+        condition SQLite can start from (an index lookup, not a read of every row's JSON)."""
+        where, params = self._filter_sql(filters, alias)
+        found, found_params = self._values_sql(namespace, filters) if filters else ("", [])
+        if found:
+            where += f" AND {alias}seq IN ({found})"
+            params = [*params, *found_params]
+        return where, params
+
+    @staticmethod
+    def _values_sql(namespace: str, filters: dict[str, Any]) -> tuple[str, list[Any]]:
+        """A query for the seqs that the filters' equality conditions name, from ``item_values``
+        (an index range per value: no JSON is read), or "" where none can be answered there (a
+        range only, or a text longer than it holds). Several keys: the rows they all name."""
+        parts, params = [], []
+        for key, wanted in filter_values(filters):
+            by_kind: dict[str, list[Any]] = {}
+            for v in wanted:
+                found = _indexed(v)
+                if found is None:
+                    break
+                by_kind.setdefault(found[0], []).append(found[1])
+            else:
+                tests = " OR ".join(f"(kind = ? AND value IN ({','.join('?' * len(vs))}))" for vs in by_kind.values())
+                parts.append(f"SELECT seq FROM item_values WHERE namespace = ? AND key = ? AND ({tests})")
+                params += [namespace, key]
+                for kind, vs in by_kind.items():
+                    params += [kind, *vs]
+        return " INTERSECT ".join(parts), params
+
     def _allowed_seqs(self, namespace: str, filters: dict[str, Any]) -> np.ndarray:
-        """The seqs of the rows ``filters`` lets through. Finding them reads every row's JSON
-        (about 240 ms at 100k rows), so they are kept while the database is unchanged: a catalog
-        is searched again and again with the same filter (its client). The version is SQLite's
-        ``data_version`` (commits by other connections) with this connection's own changes."""
+        """The seqs of the rows ``filters`` lets through: with an equality condition, the rows it
+        names in ``item_values`` (an index lookup) tested against every condition; else every
+        row's JSON is read (about 240 ms at 100k rows). Either way they are kept while the
+        database is unchanged: a catalog is searched again and again with the same filter (its
+        client). The version is SQLite's ``data_version`` (commits by other connections) with
+        this connection's own changes."""
 
         def compute() -> np.ndarray:
             where, params = self._filter_sql(filters)
+            found, found_params = self._values_sql(namespace, filters)
+            if found:
+                # the rows an equality condition names, from item_values; every condition is
+                # still tested on them (CROSS JOIN: SQLite reads the few rows, not the table)
+                sql = f"SELECT i.seq FROM ({found}) v CROSS JOIN items i ON i.seq = v.seq WHERE i.namespace = ?{where}"
+                rows = self._query(sql, [*found_params, namespace, *params])
+                return np.sort(np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows)))
             rows = self._query(f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params])
             return np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
 
@@ -851,20 +966,14 @@ class SQLiteStore(ClosingStore):
     def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
         self._require(namespace)
 
-        def compute() -> dict[str, dict[str, int]]:
-            rows = self._query(
-                "SELECT j.key AS key, j.type AS type, count(*) AS n FROM items i, json_each(i.metadata) j "
-                "WHERE i.namespace = ? GROUP BY j.key, j.type ORDER BY j.key",
-                (namespace,),
-            )
-            keys: dict[str, dict[str, int]] = {}
-            for r in rows:  # integer and real are both numbers, true and false both bools
-                kinds = keys.setdefault(r["key"], {})
-                kinds[_JSON_KINDS[r["type"]]] = kinds.get(_JSON_KINDS[r["type"]], 0) + int(r["n"])
-            return keys
-
-        # a scan of every row's JSON: a filter's keys are checked on every search
-        return {k: dict(v) for k, v in self._versioned(("keys", namespace), compute).items()}
+        # kept by every write (key_kinds): a filter's keys are checked on every search
+        rows = self._query(
+            "SELECT key, kind, n FROM key_kinds WHERE namespace = ? AND n > 0 ORDER BY key", (namespace,)
+        )
+        keys: dict[str, dict[str, int]] = {}
+        for r in rows:
+            keys.setdefault(r["key"], {})[r["kind"]] = int(r["n"])
+        return keys
 
     def list_items(
         self,
@@ -878,7 +987,7 @@ class SQLiteStore(ClosingStore):
     ) -> tuple[list[Item], int]:
         check_browse(order, offset, limit)
         self._require(namespace)
-        where, params = self._filter_sql(filters)
+        where, params = self._indexed_filter_sql(namespace, filters, "")
         if folder:
             where += " AND json_extract(metadata, '$.path') LIKE ? ESCAPE '\\'"
             params.append(like_prefix(folder))
@@ -900,7 +1009,7 @@ class SQLiteStore(ClosingStore):
         # each term a quoted phrase of word-character tokens: the user's text is never parsed
         # as FTS5 syntax (AND, NEAR, col:); a one-character CJK term is a prefix query
         match = " OR ".join('"' + " ".join(t.tokens) + '"' + ("*" if t.prefix else "") for t in query_terms(query))
-        where, params = self._filter_sql(filters, "i.")
+        where, params = self._indexed_filter_sql(namespace, filters, "i.")
         rows = self._query(
             "SELECT f.rowid AS seq, bm25(items_fts, 2.0, 1.0) AS rank FROM items_fts f "
             f"JOIN items i ON i.seq = f.rowid WHERE items_fts MATCH ? AND i.namespace = ?{where} "
