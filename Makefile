@@ -54,7 +54,7 @@ install-check: $(VENV)/.installed-dev
 # pyenv (our CI machines) picks 3.13 by PYENV_VERSION; elsewhere python3.13 on PATH
 PY313 ?= PYENV_VERSION=3.13.0 python3.13
 CORE_TESTS := tests/unit/test_store.py tests/unit/test_sources.py tests/unit/test_fetch.py tests/e2e/test_sync.py \
-	tests/unit/test_batching.py tests/unit/test_index_deletes.py tests/unit/test_raw.py
+	tests/unit/test_batching.py tests/unit/test_index_deletes.py tests/unit/test_index_kinds.py tests/unit/test_raw.py
 test-core-py313:
 	rm -rf .venv-py313
 	$(PY313) -m venv .venv-py313
