@@ -18,31 +18,36 @@ from .store import Store
 
 
 def export_vectors(store: Store, namespace: str, npy_path: Path, meta_path: Path) -> int:
-    """Write all vectors as a float32 (N, D) .npy and the ids + metadata, in the same order, as JSON."""
-    ids_meta: list[dict[str, Any]] = []
-    chunks: list[np.ndarray] = []
-    for items, vectors in store.iter_vectors(namespace):
-        chunks.append(vectors)
-        ids_meta.extend({"id": it.id, "metadata": it.metadata} for it in items)
+    """Write all vectors as a float32 (N, D) .npy and the ids + metadata, in the same order, as
+    JSON; a chunk at a time, so an export larger than memory streams out. N is the count when
+    the export starts: rows stored meanwhile are left out, and rows deleted meanwhile shorten it."""
     info = store.namespace(namespace)
-    dim = info.identity.dim if info else 0
-    matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
-    with open(npy_path, "wb") as f:  # the name given, not one with ".npy" appended
-        np.save(f, matrix.astype(np.float32, copy=False))
-    meta_path.write_text(
-        json.dumps(
-            {
-                "namespace": namespace,
-                "model": info.identity.as_dict() if info else None,
-                "model_spec": info.model_spec if info else None,  # how to load it (import records it)
-                "count": len(ids_meta),
-                "items": ids_meta,
-            },
-            ensure_ascii=False,
-            indent=1,
-        )
-    )
-    return len(ids_meta)
+    if info is None:
+        raise NamespaceNotFoundError(namespace, store.location)
+    dim, total = info.identity.dim, info.items
+    done = 0
+    # the name given, not one with ".npy" appended
+    matrix = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.float32, shape=(total, dim))
+    with open(meta_path, "w", encoding="utf-8") as meta:
+        head = {"namespace": namespace, "model": info.identity.as_dict(), "model_spec": info.model_spec}
+        meta.write(json.dumps(head, ensure_ascii=False, indent=1)[:-2] + ',\n "items": [')
+        for items, vectors in store.iter_vectors(namespace):
+            take = min(len(items), total - done)
+            matrix[done : done + take] = vectors[:take]
+            for n, it in enumerate(items[:take]):
+                comma = "," if done + n else ""
+                meta.write(f"{comma}\n  " + json.dumps({"id": it.id, "metadata": it.metadata}, ensure_ascii=False))
+            done += take
+            if done == total:
+                break
+        meta.write(f'\n ],\n "count": {done}\n}}\n')
+    matrix.flush()
+    del matrix
+    if done < total:  # rows were deleted meanwhile: the matrix holds only what was written
+        kept = np.load(npy_path, mmap_mode="r")[:done].copy()
+        with open(npy_path, "wb") as f:
+            np.save(f, kept)
+    return done
 
 
 def export_seed_compatible(store: Store, namespace: str, out_dir: Path, hnsw_m: int = 32) -> int:

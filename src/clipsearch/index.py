@@ -556,21 +556,25 @@ class VectorIndex:
     @classmethod
     def load(cls, path: Path, settings: IndexSettings) -> VectorIndex | None:
         meta = path.with_suffix(".json")
-        if not path.is_file() or not meta.is_file():
-            return None
-        try:
-            state = IndexState(**json.loads(meta.read_text()))
-            file = None
-            if state.kind == "ivfpq":
-                file = VectorFile.open(path, state.vector_file, state.dim, state.file_rows)
-                if file is None:
+        for _ in range(3):
+            if not path.is_file() or not meta.is_file():
+                return None
+            try:
+                text = meta.read_text()
+                state = IndexState(**json.loads(text))
+                file = None
+                if state.kind == "ivfpq":
+                    file = VectorFile.open(path, state.vector_file, state.dim, state.file_rows)
+                index = _faiss().read_index(str(path)) if state.kind != "ivfpq" or file is not None else None
+                if index is not None and int(index.ntotal) == state.count:
+                    return cls(index, state, settings, file)
+                # another process may have saved a new build between our reads (and removed the
+                # vector file this state names): read it again rather than rebuild it
+                if meta.read_text() == text:
                     return None
-            index = _faiss().read_index(str(path))
-        except (OSError, ValueError, TypeError, RuntimeError):
-            return None  # unreadable derived data is simply rebuilt
-        if int(index.ntotal) != state.count:
-            return None
-        return cls(index, state, settings, file)
+            except (OSError, ValueError, TypeError, RuntimeError):
+                return None  # unreadable derived data is simply rebuilt
+        return None
 
 
 def _bitmap(ids: np.ndarray) -> np.ndarray:

@@ -534,3 +534,31 @@ def test_equality_filters_and_key_kinds_follow_every_write(tmp_path):
     assert not store._values_sql("default", {"c": long_text})[0]
     assert not store._values_sql("default", {"n": {"gte": 1}})[0]
     store.close()
+
+
+def test_export_streams_and_stays_consistent_when_rows_change_meanwhile(tmp_path):
+    """``export`` writes a chunk at a time, sized by the count when it starts; a row deleted
+    while it runs leaves a matrix and metadata that still agree row for row."""
+    import json
+
+    from clipsearch.export import export_vectors
+    from clipsearch.imports import open_import
+
+    class DeletingStore(SQLiteStore):
+        def iter_vectors(self, namespace, batch_size=10_000):
+            self.delete_items(namespace, ["id3"])  # lands after the export counted the rows
+            yield from super().iter_vectors(namespace, batch_size=4)
+
+    store = DeletingStore(tmp_path / "s.db")
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    vecs = _vectors(10)
+    store.write_batch("default", [NewItem(f"id{i}", {"n": i}) for i in range(10)], vecs)
+    assert export_vectors(store, "default", tmp_path / "v.npy", tmp_path / "v.json") == 9
+    matrix = np.load(tmp_path / "v.npy")
+    meta = json.loads((tmp_path / "v.json").read_text())
+    assert matrix.shape == (9, 8) and meta["count"] == 9 and meta["model_spec"] == {"model": "tiny"}
+    assert [it["id"] for it in meta["items"]] == [f"id{i}" for i in range(10) if i != 3]
+    assert np.allclose(matrix, np.delete(vecs, 3, axis=0), atol=1e-6)
+    files = open_import(tmp_path / "v.npy", tmp_path / "v.json")
+    assert files.count == 9 and files.model == IDENT
+    store.close()
