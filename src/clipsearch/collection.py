@@ -623,7 +623,7 @@ class Collection:
                 f"{npy} holds {files.vectors.shape[1]}-d vectors; {identity.model} makes {identity.dim}", param="npy"
             )
         if not replace and self.exists:
-            for ids, _, _ in files.chunks():  # all refused before any is written
+            for ids, _ in files.id_chunks():  # all refused before any is written
                 self._refuse_present(ids)
         done = 0
         for ids, vectors, metas in files.chunks():

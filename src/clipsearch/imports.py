@@ -34,23 +34,29 @@ class ImportFiles:
 
     def rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(id, metadata) of each row, in the matrix's order."""
-        records = self.records if self.records is not None else _records(self.meta)
+        records = self.records if self.records is not None else _json_lines(self.meta)
         for n, row in enumerate(records):
             yield _row(row, n, self.meta)
 
-    def chunks(self, size: int = CHUNK) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+    def id_chunks(self, size: int = CHUNK) -> Iterator[tuple[list[str], list[dict[str, Any]]]]:
+        """The ids and metadata, ``size`` rows at a time (no vector is read)."""
         ids: list[str] = []
         metas: list[dict[str, Any]] = []
-        start = 0
         for item_id, metadata in self.rows():
             ids.append(item_id)
             metas.append(metadata)
             if len(ids) == size:
-                yield ids, np.asarray(self.vectors[start : start + size], dtype=np.float32), metas
-                start += size
+                yield ids, metas
                 ids, metas = [], []
         if ids:
+            yield ids, metas
+
+    def chunks(self, size: int = CHUNK) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """The ids, vectors and metadata, ``size`` rows at a time."""
+        start = 0
+        for ids, metas in self.id_chunks(size):
             yield ids, np.asarray(self.vectors[start : start + len(ids)], dtype=np.float32), metas
+            start += len(ids)
 
 
 def open_import(npy: Path, meta: Path | None = None) -> ImportFiles:
@@ -118,22 +124,19 @@ def _load_json(path: Path, param: str) -> Any:
         raise UsageError(f"{path} is not JSON ({e})", param=param) from None
 
 
-def _records(meta: Path) -> Iterator[Any]:
-    """The metadata records: JSON Lines one by one; JSON as a list of records or an object with
-    ``items`` (what ``export`` writes)."""
-    if meta.suffix == ".jsonl":
-        with meta.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except ValueError as e:
-                        raise UsageError(f"{meta}, line {n}: not JSON ({e})", param="meta") from None
-        return
-    yield from _as_records(_load_json(meta, "meta"), meta)
+def _json_lines(meta: Path) -> Iterator[Any]:
+    """The records of a JSON Lines file, one by one as it is read."""
+    with meta.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError as e:
+                    raise UsageError(f"{meta}, line {n}: not JSON ({e})", param="meta") from None
 
 
 def _as_records(data: Any, meta: Path) -> list[Any]:
+    """JSON's records: a list of them, or an object with ``items`` (what ``export`` writes)."""
     records = data.get("items") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise UsageError(f"{meta} holds neither a list of records nor an object with 'items'", param="meta")

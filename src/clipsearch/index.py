@@ -102,8 +102,8 @@ def machine_memory() -> int:
 
 def ivf_shape(count: int, dim: int) -> tuple[int, int]:
     """(lists, PQ sub-quantisers) for an IVF-PQ index over ``count`` vectors: about 4·√n lists
-        (a power of two, at least 39 training vectors each, at most ``MAX_NLIST``), and one 4-bit
-        code for every 2 dimensions (PQ256x4fs for 512-d: 128 bytes a vector), 32 codes at least. One
+    (a power of two, at least 39 training vectors each, at most ``MAX_NLIST``), and one 4-bit
+    code for every 2 dimensions (PQ256x4fs for 512-d: 128 bytes a vector), 32 codes at least. One
     for every 4 dimensions (64 bytes) missed a third of the true top 10 of image queries in
     `benchmarks/scale.py`'s dense topics even after re-ranking 256 candidates; 128 bytes found 87%
     and text queries' 99%."""
@@ -273,7 +273,7 @@ class VectorFile:
         finds its row), as float32."""
         if not len(seqs):
             return np.zeros((0, self.dim), dtype=np.float32)
-        rows = np.minimum(np.searchsorted(self.seqs, seqs), self.rows - 1) if self.rows else seqs * 0
+        rows = np.minimum(np.searchsorted(self.seqs, seqs), max(self.rows - 1, 0))
         if not self.rows or not np.array_equal(self.seqs[rows], seqs):
             raise RuntimeError(f"{self.paths(self.base, self.token)[0]} lacks vectors its index holds")
         return np.asarray(self.vectors[rows], dtype=np.float32)

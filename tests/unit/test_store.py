@@ -533,6 +533,9 @@ def test_equality_filters_and_key_kinds_follow_every_write(tmp_path):
     assert store._values_sql("default", {"c": "red"})[0]
     assert not store._values_sql("default", {"c": long_text})[0]
     assert not store._values_sql("default", {"n": {"gte": 1}})[0]
+    # the whole answer only where every condition is an equality it holds
+    assert store._values_sql("default", {"c": "red", "n": [0, 9]})[2]
+    assert not store._values_sql("default", {"c": "red", "n": {"gte": 1}})[2]
     store.close()
 
 

@@ -56,7 +56,7 @@ from .base import (
 )
 
 SCHEMA_VERSION = 7
-_ALLOWED_CACHE_ENTRIES = 16  # results of _versioned kept (filters' allowed ids, metadata keys)
+_ALLOWED_CACHE_ENTRIES = 16  # results of _versioned kept (filters' allowed ids)
 _ALLOWED_CACHE_IDS = 2_000_000  # larger allow-lists (16 MB each) are found again each time
 
 
@@ -200,7 +200,7 @@ class SQLiteStore(ClosingStore):
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
         # what _versioned keeps: ("allowed", namespace, filters) -> (the database's version then,
-        # the ids they let through); ("keys", namespace) -> (version, its metadata keys)
+        # the ids they let through)
         self._versions: OrderedDict[tuple[str, ...], tuple[tuple[int, int], Any]] = OrderedDict()
         self._id: str | None = None
         try:
@@ -445,7 +445,7 @@ class SQLiteStore(ClosingStore):
                     ),
                 )
                 self._set_keywords(conn, row["seq"], t.text, metadata)
-                self._index_metadata(conn, namespace, row["seq"], stored, kinds, -1)
+                self._unindex_metadata(conn, namespace, [row["seq"]], [stored], kinds)
                 self._index_metadata(conn, namespace, row["seq"], metadata, kinds)
                 had_text = self._set_text_vector(conn, namespace, row["seq"], t.text_vector)
                 text_changed |= had_text or t.text_vector is not None
@@ -491,21 +491,28 @@ class SQLiteStore(ClosingStore):
 
     @staticmethod
     def _index_metadata(
-        conn: sqlite3.Connection, namespace: str, seq: int, metadata: dict[str, Any], kinds: Counter, sign: int = 1
+        conn: sqlite3.Connection, namespace: str, seq: int, metadata: dict[str, Any], kinds: Counter
     ) -> None:
-        """Add (``sign`` 1) or take away (-1) a row's metadata in ``item_values``, and count its
-        keys' kinds into ``kinds`` (written to ``key_kinds`` once per transaction, _count_kinds)."""
-        if sign < 0:
-            conn.execute("DELETE FROM item_values WHERE seq = ?", (seq,))
+        """Add a row's metadata to ``item_values``, and count its keys' kinds into ``kinds``
+        (written to ``key_kinds`` once per transaction, _count_kinds)."""
         values = []
         for key, value in metadata.items():
-            kinds[(namespace, key, _kind(value))] += sign
-            if sign > 0:
-                for element in value if isinstance(value, list) else [value]:
-                    found = _indexed(element)
-                    if found is not None:
-                        values.append((namespace, key, *found, seq))
+            kinds[(namespace, key, _kind(value))] += 1
+            for element in value if isinstance(value, list) else [value]:
+                found = _indexed(element)
+                if found is not None:
+                    values.append((namespace, key, *found, seq))
         conn.executemany("INSERT OR IGNORE INTO item_values VALUES (?, ?, ?, ?, ?)", values)
+
+    @staticmethod
+    def _unindex_metadata(
+        conn: sqlite3.Connection, namespace: str, seqs: list[int], metadatas: list[dict[str, Any]], kinds: Counter
+    ) -> None:
+        """Take rows' metadata out of ``item_values`` and their keys' kinds out of ``kinds``."""
+        for metadata in metadatas:
+            for key, value in metadata.items():
+                kinds[(namespace, key, _kind(value))] -= 1
+        conn.execute(f"DELETE FROM item_values WHERE seq IN ({','.join('?' * len(seqs))})", seqs)
 
     @staticmethod
     def _count_kinds(conn: sqlite3.Connection, kinds: Counter) -> None:
@@ -515,17 +522,13 @@ class SQLiteStore(ClosingStore):
             [(*k, n) for k, n in kinds.items() if n],
         )
 
-    @staticmethod
-    def _remove_rows(conn: sqlite3.Connection, namespace: str, seqs: list[int], kinds: Counter) -> None:
+    def _remove_rows(self, conn: sqlite3.Connection, namespace: str, seqs: list[int], kinds: Counter) -> None:
         """Delete rows (their keyword entries, metadata values and, by cascade, text vectors)
         and log their seqs for the indexes."""
         for i in range(0, len(seqs), _CHUNK):
             chunk = seqs[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for r in conn.execute(f"SELECT metadata FROM items WHERE seq IN ({marks})", chunk):
-                for key, value in json.loads(r["metadata"]).items():
-                    kinds[(namespace, key, _kind(value))] -= 1
-            conn.execute(f"DELETE FROM item_values WHERE seq IN ({marks})", chunk)
+            rows = conn.execute(f"SELECT metadata FROM items WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+            self._unindex_metadata(conn, namespace, chunk, [json.loads(r["metadata"]) for r in rows], kinds)
         conn.executemany("DELETE FROM items_fts WHERE rowid = ?", [(s,) for s in seqs])
         conn.executemany("DELETE FROM items WHERE seq = ?", [(s,) for s in seqs])
         conn.executemany("INSERT INTO removals (namespace, seq) VALUES (?, ?)", [(namespace, s) for s in seqs])
@@ -783,7 +786,7 @@ class SQLiteStore(ClosingStore):
                 # another process rebuilt this IVF index (and removed the vector file this one
                 # appends to): use its build
                 self._indexes.pop((namespace, field), None)
-                return self._fresh_index(namespace, field, compact)
+                return self._fresh_index(namespace, field, compact, rebuild)
             index.state.generation, index.state.rebuild_generation = gen, rebuild_gen
             if index.state.live != count:
                 # a writer committed while we read; the next search will catch up
@@ -868,33 +871,27 @@ class SQLiteStore(ClosingStore):
         """``_filter_sql``, with the rows an equality condition names in ``item_values`` as a
         condition SQLite can start from (an index lookup, not a read of every row's JSON)."""
         where, params = self._filter_sql(filters, alias)
-        found, found_params = self._values_sql(namespace, filters) if filters else ("", [])
+        found, found_params, _ = self._values_sql(namespace, filters) if filters else ("", [], False)
         if found:
             where += f" AND {alias}seq IN ({found})"
             params = [*params, *found_params]
         return where, params
 
     @staticmethod
-    def _values_answer(filters: dict[str, Any]) -> bool:
-        """Whether ``item_values`` alone answers ``filters``: equality conditions only, each value
-        one it holds."""
-        return (
-            not filter_ranges(filters)
-            and not filter_folded(filters)
-            and all(_indexed(v) is not None for _, wanted in filter_values(filters) for v in wanted)
-        )
-
-    @staticmethod
-    def _values_sql(namespace: str, filters: dict[str, Any]) -> tuple[str, list[Any]]:
+    def _values_sql(namespace: str, filters: dict[str, Any]) -> tuple[str, list[Any], bool]:
         """A query for the seqs that the filters' equality conditions name, from ``item_values``
         (an index range per value: no JSON is read), or "" where none can be answered there (a
-        range only, or a text longer than it holds). Several keys: the rows they all name."""
+        range only, or a text longer than it holds). Several keys: the rows they all name. And
+        whether that query is the whole answer: equality conditions only, each answered there
+        (item_values holds exactly what the JSON rules compare: typed scalars, list elements)."""
         parts, params = [], []
+        complete = not filter_ranges(filters) and not filter_folded(filters)
         for key, wanted in filter_values(filters):
             by_kind: dict[str, list[Any]] = {}
             for v in wanted:
                 found = _indexed(v)
                 if found is None:
+                    complete = False
                     break
                 by_kind.setdefault(found[0], []).append(found[1])
             else:
@@ -903,7 +900,7 @@ class SQLiteStore(ClosingStore):
                 params += [namespace, key]
                 for kind, vs in by_kind.items():
                     params += [kind, *vs]
-        return " INTERSECT ".join(parts), params
+        return " INTERSECT ".join(parts), params, complete and bool(parts)
 
     def _allowed_seqs(self, namespace: str, filters: dict[str, Any]) -> np.ndarray:
         """The seqs of the rows ``filters`` lets through: with an equality condition, the rows it
@@ -914,21 +911,23 @@ class SQLiteStore(ClosingStore):
         this connection's own changes."""
 
         def compute() -> np.ndarray:
-            where, params = self._filter_sql(filters)
-            found, found_params = self._values_sql(namespace, filters)
-            if found and self._values_answer(filters):
-                # item_values holds exactly what the JSON rules compare (typed scalars, list
-                # elements): nothing to test again
-                rows = self._query(f"SELECT seq FROM ({found})", found_params)
-                return np.sort(np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows)))
-            if found:
-                # the rows an equality condition names, from item_values; every condition is
-                # still tested on them (CROSS JOIN: SQLite reads the few rows, not the table)
-                sql = f"SELECT i.seq FROM ({found}) v CROSS JOIN items i ON i.seq = v.seq WHERE i.namespace = ?{where}"
-                rows = self._query(sql, [*found_params, namespace, *params])
-                return np.sort(np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows)))
-            rows = self._query(f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params])
-            return np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
+            found, found_params, complete = self._values_sql(namespace, filters)
+            if complete:  # nothing to test again
+                sql, args = f"SELECT seq FROM ({found})", found_params
+            else:
+                where, params = self._filter_sql(filters)
+                if found:
+                    # the rows an equality condition names, from item_values, tested against every
+                    # condition (CROSS JOIN: SQLite reads those rows, not the table)
+                    sql = (
+                        f"SELECT i.seq FROM ({found}) v CROSS JOIN items i ON i.seq = v.seq "
+                        f"WHERE i.namespace = ?{where}"
+                    )
+                    args = [*found_params, namespace, *params]
+                else:
+                    sql, args = f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params]
+            rows = self._query(sql, args)
+            return np.sort(np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows)))
 
         key = ("allowed", namespace, json.dumps(filters, sort_keys=True, default=str))
         seqs = self._versioned(key, compute)
