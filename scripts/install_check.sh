@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a stranger gets: the wheel built from this checkout, installed into clean venvs with pip's
 # defaults (no local wheel folders, no constraints file), then used.
-#   1. the core (no torch), installed and started by scripts/container.sh (the Dockerfile's
+#   1. the core (no torch, no FAISS), installed and started by scripts/container.sh (the Dockerfile's
 #      steps): a model folder exported by the dev venv and moved, then ingest, text and image
 #      search, eval, watch, and serve answering the official openai client, in processes where an
 #      import of torch & co is blocked and recorded (none may be tried);
@@ -41,7 +41,7 @@ if [[ "$what" == core || "$what" == all ]]; then
     start=$SECONDS
     CLIPSEARCH_VENV="$work/core" CLIPSEARCH_EXTRAS="" sh scripts/container.sh install "$wheel"
     echo "core install: $((SECONDS - start)) s, $(du -sm "$work/core" | cut -f1) MB"
-    "$work/core/bin/python" -c "import importlib.util as u; assert not any(u.find_spec(m) for m in ('torch', 'open_clip', 'transformers')), 'the core pulled torch'"
+    "$work/core/bin/python" -c "import importlib.util as u; assert not any(u.find_spec(m) for m in ('torch', 'open_clip', 'transformers', 'faiss')), 'the core pulled torch or FAISS'"
     here="$PWD"
     cd "$work"
     export PYTHONPATH="$work/blocker" BLOCK_LOG="$work/blocked.log"

@@ -259,7 +259,8 @@ def cli(tiny_model, tmp_path):
 
 
 # -- processes without torch -------------------------------------------------------------------
-BLOCKED = ("torch", "open_clip", "transformers", "torchvision")
+# FAISS too: the core install has none, and its exact index must never ask for it
+BLOCKED = ("torch", "open_clip", "transformers", "torchvision", "faiss")
 
 # Installed as sitecustomize in the child processes: an import of a blocked package fails, and
 # is written to a file, so a test can assert that none was even tried.

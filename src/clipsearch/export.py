@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NamespaceNotFoundError
+from .errors import MissingExtraError, NamespaceNotFoundError
 from .store import Store
 
 
@@ -55,7 +55,10 @@ def export_seed_compatible(store: Store, namespace: str, out_dir: Path, hnsw_m: 
     (one object per row, in the same order, each with its ``id``), ``index.faiss`` (HNSW, inner
     product; FAISS ids are row numbers) with ``index_ids.json`` (row number -> id), and
     ``manifest.json`` (model, dimensions, count, metric)."""
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        raise MissingExtraError("the seed-compatible export (its index.faiss)", "faiss") from None
 
     info = store.namespace(namespace)
     if info is None:

@@ -1,11 +1,13 @@
-"""FAISS indexes: derived data, built from a store's vectors and kept beside it.
+"""Vector indexes: derived data, built from a store's vectors and kept beside it.
 
 Vectors are L2-normalised, so inner product is cosine similarity. The kind follows the vector
-count and a memory budget (``CLIPSEARCH_INDEX_MEMORY``), in autofaiss's spirit: exact
-(``IndexFlatIP``) below ``hnsw_threshold`` vectors; HNSW on inner product while its graph and
-fp32 vectors fit the budget; above that IVF-PQ with 4-bit fast-scan codes in memory (128 bytes a
-512-d vector), whose candidates are re-ranked exactly from a file of fp16 vectors beside it,
-memory-mapped (the page cache holds it, not the process).
+count and a memory budget (``CLIPSEARCH_INDEX_MEMORY``), in autofaiss's spirit: exact below
+``hnsw_threshold`` vectors (NumPy: every vector scored by one matrix product, as FAISS's
+``IndexFlatIP`` would, so the core install needs no FAISS); with FAISS (the ``faiss`` extra),
+HNSW on inner product while its graph and fp32 vectors fit the budget, and above that IVF-PQ with
+4-bit fast-scan codes in memory (128 bytes a 512-d vector), whose candidates are re-ranked
+exactly from a file of fp16 vectors beside it, memory-mapped (the page cache holds it, not the
+process). Without FAISS every collection is searched exactly, as long as it fits the budget.
 
 Each index file records the store generation it reflects, so a stale index is brought up to
 date on the next search: new rows are appended, removed rows leave it (exact and IVF indexes
@@ -16,6 +18,7 @@ rebuilt from scratch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import MissingExtraError, UsageError
 from .settings import parse_size
 
 if TYPE_CHECKING:
@@ -65,10 +68,21 @@ DEFAULT_RERANK = 256  # IVF-PQ candidates per query re-scored exactly from the f
 MAX_FILE_WASTE = 0.5
 
 
+def faiss_installed() -> bool:
+    """Whether FAISS can be imported (asked without importing it)."""
+    try:
+        return importlib.util.find_spec("faiss") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _faiss() -> Any:
-    """FAISS, imported when an index is first built, read or searched: commands that only read
-    the store (``info``, keyword search) never load it."""
-    import faiss
+    """FAISS, imported when an HNSW or IVF-PQ index is first built, read or searched: the exact
+    index and commands that only read the store (``info``, keyword search) never load it."""
+    try:
+        import faiss
+    except ImportError:
+        raise MissingExtraError("an HNSW or IVF-PQ index (FAISS)", "faiss") from None
 
     if not _MAX_THREADS:
         _MAX_THREADS.append(faiss.omp_get_max_threads())
@@ -81,6 +95,7 @@ EXACT_FILTER_ROWS = 100_000
 IVF_EXACT_FILTER_ROWS = 2_000
 MAX_FILTER_EF = 4096  # the widest walk a less selective filter gets before the exact fallback
 _EXACT_CHUNK = 8192  # ids scored at a time: 16 MiB of 512-d vectors
+_EXACT_QUERIES = 1024  # queries an exact index scores at a time
 _RERANK_QUERIES = 64  # queries re-ranked at a time: 32 MiB of 512-d candidates
 
 
@@ -155,15 +170,35 @@ class IndexSettings:
             memory=memory, nprobe=s.ivf_nprobe, rerank=s.ivf_rerank,
         )  # fmt: skip
 
-    def choose(self, count: int, dim: int, current: str | None = None) -> tuple[str, str]:
+    def choose(self, count: int, dim: int, current: str | None = None, faiss: bool | None = None) -> tuple[str, str]:
         """The kind of index for ``count`` vectors, and why. ``current``, the kind the namespace
         has now, is kept a little past the point where it would not be chosen, so that a few
-        deletions do not rebuild a large index as another kind."""
+        deletions do not rebuild a large index as another kind. ``faiss``: whether FAISS is
+        installed (asked when None); without it the index is exact while it fits the budget, and
+        beyond that this says which extra to install."""
+        if faiss is None:
+            faiss = faiss_installed()
         if self.kind != "auto":
+            if self.kind != "flat" and not faiss:
+                raise MissingExtraError(f"an index of kind {self.kind!r} (FAISS)", "faiss")
             return self.kind, "asked for (--kind or CLIPSEARCH_INDEX)"
         threshold = self.hnsw_threshold // 2 if current in ("hnsw", "ivfpq") else self.hnsw_threshold
         if count < threshold:
             return "flat", f"{count:,} vectors, fewer than {self.hnsw_threshold:,}: exact search"
+        if not faiss:
+            flat = estimate_memory("flat", count, dim)
+            if flat > self.memory:
+                raise MissingExtraError(
+                    f"searching {count:,} vectors within the memory budget of {format_size(self.memory)} "
+                    f"(CLIPSEARCH_INDEX_MEMORY; an exact index would hold ~{format_size(flat)}) takes an "
+                    "IVF-PQ index, which",
+                    "faiss",
+                )
+            return "flat", (
+                f"{count:,} vectors, searched exactly: FAISS is not installed "
+                "(pip install 'clipsearch[faiss]' for HNSW or IVF-PQ, faster past "
+                f"{self.hnsw_threshold:,})"
+            )
         hnsw = estimate_memory("hnsw", count, dim, self.hnsw_m)
         budget = self.memory // 2 if current == "ivfpq" else self.memory
         if hnsw <= budget:
@@ -291,8 +326,126 @@ class VectorFile:
                     old.unlink(missing_ok=True)
 
 
+class ExactIndex:
+    """The exact index: every vector (float32) with its seq, in seq order, scored by a matrix
+    product a bounded chunk at a time and a top-k, which is all FAISS's ``IndexFlatIP`` does
+    (both are BLAS's sgemm), in NumPy alone: the core install searches without FAISS. Saved as
+    two ``.npy`` arrays (seqs, then vectors) in one file, so that one rename replaces both."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.ntotal = 0
+        self._seqs = np.zeros(0, dtype=np.int64)
+        self._vectors = np.zeros((0, dim), dtype=np.float32)
+
+    @property
+    def seqs(self) -> np.ndarray:
+        return self._seqs[: self.ntotal]
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self._vectors[: self.ntotal]
+
+    def add(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
+        total = self.ntotal + len(seqs)
+        if total > len(self._seqs):
+            # room to grow by a quarter: a catch-up appends 50k rows a time, and a copy of the
+            # whole matrix for each would make building quadratic; doubling would hold up to
+            # twice the vectors' memory
+            capacity = max(total, len(self._seqs) * 5 // 4, 1024)
+            grown_seqs = np.empty(capacity, dtype=np.int64)
+            grown = np.empty((capacity, self.dim), dtype=np.float32)
+            grown_seqs[: self.ntotal], grown[: self.ntotal] = self.seqs, self.vectors
+            self._seqs, self._vectors = grown_seqs, grown
+        in_order = not self.ntotal or int(seqs.min()) > int(self._seqs[self.ntotal - 1])
+        self._seqs[self.ntotal : total] = seqs
+        self._vectors[self.ntotal : total] = vectors
+        self.ntotal = total
+        if not in_order or not np.all(np.diff(seqs) > 0):
+            order = np.argsort(self.seqs, kind="stable")
+            self._seqs[:total], self._vectors[:total] = self.seqs[order], self.vectors[order]
+
+    def remove(self, seqs: np.ndarray) -> int:
+        keep = ~np.isin(self.seqs, seqs)
+        kept = int(keep.sum())
+        removed = self.ntotal - kept
+        if removed:
+            self._seqs[:kept], self._vectors[:kept] = self.seqs[keep], self.vectors[keep]
+            self.ntotal = kept
+        return removed
+
+    def rows(self, seqs: np.ndarray) -> np.ndarray:
+        """The rows of those of ``seqs`` this index holds."""
+        rows = np.minimum(np.searchsorted(self.seqs, seqs), max(self.ntotal - 1, 0))
+        return rows[self.seqs[rows] == seqs] if self.ntotal else rows[:0]
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if len(queries) > _EXACT_QUERIES:  # bounded score matrices however many queries come
+            step = _EXACT_QUERIES
+            parts = [self.search(queries[i : i + step], k, allowed) for i in range(0, len(queries), step)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if allowed is None:
+            # contiguous slices of the matrix: scored in place, nothing gathered
+            step = _exact_step(len(queries), self.dim)
+            chunks: Iterable[tuple[np.ndarray, np.ndarray]] = (
+                (self.seqs[i : i + step], self.vectors[i : i + step]) for i in range(0, self.ntotal, step)
+            )
+        else:
+            rows = self.rows(np.asarray(allowed, dtype=np.int64))
+            step = _exact_step(len(queries), self.dim, gathered=True)
+            chunks = (
+                (self.seqs[rows[i : i + step]], self.vectors[rows[i : i + step]]) for i in range(0, len(rows), step)
+            )
+        return top_k(queries, k, chunks)
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.save(f, self.seqs)
+            np.save(f, self.vectors)
+
+    @classmethod
+    def read(cls, path: Path, dim: int) -> ExactIndex:
+        """Raises ValueError for a file that is not one (an index FAISS wrote, before the exact
+        index was NumPy's: it is rebuilt)."""
+        with open(path, "rb") as f:
+            seqs = np.load(f, allow_pickle=False)
+            vectors = np.load(f, allow_pickle=False)
+        if seqs.dtype != np.int64 or vectors.dtype != np.float32 or vectors.shape != (len(seqs), dim):
+            raise ValueError(f"{path} is not an exact index of {dim}-d vectors")
+        index = cls(dim)
+        index._seqs, index._vectors, index.ntotal = seqs, vectors, len(seqs)
+        return index
+
+
+def _exact_step(queries: int, dim: int, gathered: bool = False) -> int:
+    """Rows scored at a time: a score matrix of at most 4M floats (16 MiB), and, where rows are
+    gathered (copied) rather than sliced, at most ``_EXACT_CHUNK`` of them."""
+    step = max(1024, 4_000_000 // max(queries, 1))
+    return min(step, _EXACT_CHUNK) if gathered else step
+
+
+def top_k(
+    queries: np.ndarray, k: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best (score, seq) of each query over ``chunks`` of (seqs, vectors), by exact
+    inner product, best first, ties by seq; seq -1 (score -inf) where fewer than k rows came."""
+    n = len(queries)
+    best_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    best_seqs = np.full((n, k), -1, dtype=np.int64)
+    for seqs, vectors in chunks:
+        if not len(seqs) or not k:
+            continue
+        scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
+        ids = np.concatenate([best_seqs, np.broadcast_to(seqs, (n, len(seqs)))], axis=1)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # k kept + a non-empty chunk: more than k
+        best_scores = np.take_along_axis(scores, top, axis=1)
+        best_seqs = np.take_along_axis(ids, top, axis=1)
+    return _sorted(best_scores, best_seqs)
+
+
 class VectorIndex:
-    """A FAISS index over (int64 sequence number -> vector)."""
+    """An index over (int64 sequence number -> vector): an ``ExactIndex``, or FAISS's HNSW or
+    IVF-PQ."""
 
     def __init__(self, index: Any, state: IndexState, settings: IndexSettings, file: VectorFile | None = None):
         self.index = index
@@ -318,8 +471,10 @@ class VectorIndex:
     ) -> VectorIndex:
         """A new, empty index. IVF-PQ is trained first, on ``sample(n)`` (n vectors drawn from
         the ``count`` it is built for), and keeps its fp16 vectors beside ``path``."""
-        faiss = _faiss()
         state = IndexState(kind=kind, dim=dim, count=0, generation=0, rebuild_generation=0, max_seq=0)
+        if kind == "flat":
+            return cls(ExactIndex(dim), state, settings)
+        faiss = _faiss()
         if kind == "ivfpq":
             if count < IVF_MIN_VECTORS or sample is None or path is None:
                 raise UsageError(
@@ -335,11 +490,8 @@ class VectorIndex:
             file = VectorFile.create(path, dim)
             state.vector_file = file.token
             return cls(index, state, settings, file)
-        if kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = settings.ef_construction
-        else:
-            inner = faiss.IndexFlatIP(dim)
+        inner = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = settings.ef_construction
         return cls(faiss.IndexIDMap2(inner), state, settings)
 
     def can_grow_to(self, count: int) -> bool:
@@ -352,14 +504,18 @@ class VectorIndex:
 
     def add(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
         if len(seqs):
-            # a search on this thread may have left FAISS at one thread (below): building an HNSW
-            # graph with it took 75 s instead of 45 s at 100k vectors on 2 cores
-            _faiss().omp_set_num_threads(_MAX_THREADS[0])
             seqs = seqs.astype(np.int64)
-            if self.file is not None:
-                self.file.append(seqs, vectors)
-                self.state.file_rows = self.file.rows
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), seqs)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            if isinstance(self.index, ExactIndex):
+                self.index.add(seqs, vectors)
+            else:
+                # a search on this thread may have left FAISS at one thread (below): building an
+                # HNSW graph with it took 75 s instead of 45 s at 100k vectors on 2 cores
+                _faiss().omp_set_num_threads(_MAX_THREADS[0])
+                if self.file is not None:
+                    self.file.append(seqs, vectors)
+                    self.state.file_rows = self.file.rows
+                self.index.add_with_ids(vectors, seqs)
             self.unsaved += len(seqs)
             self.state.count = int(self.index.ntotal)
             self.state.max_seq = max(self.state.max_seq, int(seqs.max()))
@@ -375,6 +531,11 @@ class VectorIndex:
         seqs = np.unique(np.asarray(seqs, dtype=np.int64))
         if not len(seqs) or not self.state.count:
             return 0
+        if isinstance(self.index, ExactIndex):
+            removed = self.index.remove(seqs)
+            self.state.count = int(self.index.ntotal)
+            self.unsaved += removed
+            return removed
         faiss = _faiss()
         if self.state.kind != "hnsw":
             removed = int(self.index.remove_ids(faiss.IDSelectorBatch(seqs)))
@@ -433,6 +594,8 @@ class VectorIndex:
         return scores, seqs
 
     def _vectors(self, seqs: np.ndarray) -> np.ndarray:
+        if isinstance(self.index, ExactIndex):
+            return self.index.vectors[self.index.rows(seqs)]
         if self.file is not None:
             return self.file.read(seqs)
         return self.index.reconstruct_batch(seqs)
@@ -440,18 +603,8 @@ class VectorIndex:
     def exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The top ``k`` of ``ids`` for each query by exact inner product, from the stored vectors
         (the index's own, or IVF-PQ's fp16 file), a bounded chunk at a time."""
-        n = len(queries)
-        best_scores = np.full((n, k), -np.inf, dtype=np.float32)
-        best_seqs = np.full((n, k), -1, dtype=np.int64)
-        for start in range(0, len(ids), _EXACT_CHUNK):
-            chunk = np.ascontiguousarray(ids[start : start + _EXACT_CHUNK])
-            scores = queries @ self._vectors(chunk).T
-            scores = np.concatenate([best_scores, scores], axis=1)
-            seqs = np.concatenate([best_seqs, np.broadcast_to(chunk, (n, len(chunk)))], axis=1)
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # k kept + a non-empty chunk: more than k
-            best_scores = np.take_along_axis(scores, top, axis=1)
-            best_seqs = np.take_along_axis(seqs, top, axis=1)
-        return _sorted(best_scores, best_seqs)
+        chunks = (np.ascontiguousarray(ids[i : i + _EXACT_CHUNK]) for i in range(0, len(ids), _EXACT_CHUNK))
+        return top_k(queries, k, ((chunk, self._vectors(chunk)) for chunk in chunks))
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top ``k`` of each query's IVF-PQ candidates by exact score from the fp16 vectors
@@ -495,11 +648,13 @@ class VectorIndex:
     def _search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None, ef: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        faiss = _faiss()
         n = len(queries)
         if self.state.live <= 0:
             return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
         k = max(1, min(k, self.state.live))
+        if isinstance(self.index, ExactIndex):
+            return self.index.search(queries, k, allowed)
+        faiss = _faiss()
         params = None
         if self.state.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
@@ -528,7 +683,10 @@ class VectorIndex:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        _faiss().write_index(self.index, str(tmp))
+        if isinstance(self.index, ExactIndex):
+            self.index.save(tmp)
+        else:
+            _faiss().write_index(self.index, str(tmp))
         os.replace(tmp, path)  # readers never see a half-written index
         meta = path.with_suffix(".json")
         meta_tmp = meta.with_suffix(".json.tmp")
@@ -565,7 +723,12 @@ class VectorIndex:
                 file = None
                 if state.kind == "ivfpq":
                     file = VectorFile.open(path, state.vector_file, state.dim, state.file_rows)
-                index = _faiss().read_index(str(path)) if state.kind != "ivfpq" or file is not None else None
+                if state.kind == "flat":
+                    index: Any = ExactIndex.read(path, state.dim)
+                elif not faiss_installed():
+                    return None  # built where FAISS was installed: rebuilt as this install can
+                else:
+                    index = _faiss().read_index(str(path)) if state.kind != "ivfpq" or file is not None else None
                 if index is not None and int(index.ntotal) == state.count:
                     return cls(index, state, settings, file)
                 # another process may have saved a new build between our reads (and removed the
@@ -587,5 +750,7 @@ def _bitmap(ids: np.ndarray) -> np.ndarray:
 
 
 def _sorted(scores: np.ndarray, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-scores, axis=1, kind="stable")
+    """Best score first; equal scores (a photo stored twice) by seq, so that every run and every
+    index kind ranks them alike."""
+    order = np.lexsort((seqs, -scores), axis=-1)
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(seqs, order, axis=1)

@@ -1,6 +1,6 @@
 """The torch-free core: tower folders (Immich's layout) exported by ``clipsearch models export``,
-moved, and run by processes in which torch, open_clip, transformers and torchvision cannot be
-imported at all (a meta-path blocker records any attempt); their vectors against open_clip's own.
+moved, and run by processes in which torch, open_clip, transformers, torchvision and FAISS cannot
+be imported at all (a meta-path blocker records any attempt); their vectors against open_clip's own.
 Also a folder as Immich's exporter writes it (fixed batch of one, int32 text ids, no
 ``clipsearch.json``), the multilingual (XLM-RoBERTa) family, and the one-line error when a
 command needs the torch extra."""
@@ -111,6 +111,12 @@ def test_commands_run_without_torch(exported, blocker, tmp_path):
         blocker, log, "eval", "zero-shot", str(dataset), "--weights", str(exported), "--json", "--template", "a {}"
     )
     assert json.loads(evaluated.stdout.splitlines()[-1])["n"] == 4
+    # the exact index is NumPy's; an approximate one asks for the faiss extra, in one line
+    status = json.loads(torch_free(blocker, log, "index", "status", "--db", db, "--json").stdout)
+    assert status["kind"] == "flat" and status["fresh"]
+    built = torch_free(blocker, log, "index", "build", "--kind", "hnsw", "--db", db, check=False)
+    assert built.returncode == 2 and built.stderr.count("\n") == 1, built.stderr
+    assert "pip install 'clipsearch[faiss]'" in built.stderr
     assert not log.exists(), f"tried to import: {log.read_text()}"
 
 
@@ -268,8 +274,8 @@ def test_transformers_families_export_and_run_without_torch(make, blocker, cli, 
 
 
 def test_serve_without_torch(exported, blocker, tmp_path):
-    """``serve`` on the moved export in a process without torch: the official openai client for
-    texts, an image as a data URI, Prometheus metrics, the access log, and exit 0 on SIGTERM."""
+    """``serve`` on the moved export in a process without torch or FAISS: the official openai
+    client for texts, an image as a data URI, a search, Prometheus metrics, the access log, and exit 0 on SIGTERM."""
     import base64
     import signal
     import time
@@ -320,6 +326,8 @@ def test_serve_without_torch(exported, blocker, tmp_path):
         assert 'clipsearch_embeddings_total{kind="image"} 1.0' in metrics
         assert 'clipsearch_requests_total{method="POST",route="/v1/embeddings",status="200"} 2.0' in metrics
         assert "clipsearch_queue_depth" in metrics and "clipsearch_batch_size_bucket" in metrics
+        found = httpx.post(f"{base}/api/v1/search", json={"text": "a photo", "limit": 5}).json()
+        assert len(found["results"]) == 2  # the exact index, NumPy's: FAISS is blocked too
     finally:
         # the --watch pass logs a line once it is done
         deadline = time.monotonic() + 60

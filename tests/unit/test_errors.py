@@ -63,3 +63,14 @@ def test_failure_kinds_name_what_to_do(reason, kind):
     from clipsearch.errors import failure_kind
 
     assert failure_kind(reason) == kind
+
+
+def test_http_words_a_missing_extra_as_the_servers_lack():
+    """A request the server's own install cannot serve (an HNSW index asked for by its settings,
+    without FAISS) is 501, not a client error."""
+    from clipsearch.errors import MissingExtraError
+    from clipsearch.server.app import _status
+
+    lack = MissingExtraError("an HNSW or IVF-PQ index (FAISS)", "faiss")
+    assert _status(lack) == (501, "server_error", "missing_extra")
+    assert _status(UsageError("no")) == (400, "invalid_request_error", None)

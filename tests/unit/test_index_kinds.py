@@ -1,7 +1,9 @@
 """The index kind follows the vector count and the memory budget (flat, HNSW, then IVF-PQ with
 exact re-ranking from an fp16 file); an IVF-PQ index takes real deletes and adds without
 retraining until it has outgrown its training, keeps its vector file consistent across
-processes and rebuilds, and filtered searches on it return the exact top k."""
+processes and rebuilds, and filtered searches on it return the exact top k. The exact index is
+NumPy's (the core install has no FAISS): without FAISS every collection is exact while it fits
+the budget, and what needs FAISS says so."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import numpy as np
 import pytest
 
 from clipsearch.encoders import ModelIdentity
-from clipsearch.errors import UsageError
-from clipsearch.index import IVF_REGROW, IndexSettings, VectorFile, estimate_memory
+from clipsearch.errors import MissingExtraError, UsageError
+from clipsearch.index import IVF_REGROW, ExactIndex, IndexSettings, VectorFile, VectorIndex, estimate_memory
 from clipsearch.settings import Settings, parse_size
 from clipsearch.store import NewItem, SQLiteStore
 
@@ -62,6 +64,76 @@ def test_the_kind_follows_count_and_memory_budget():
     assert IndexSettings(kind="ivfpq").choose(10, 512) == ("ivfpq", "asked for (--kind or CLIPSEARCH_INDEX)")
     with pytest.raises(UsageError, match="unknown index kind 'ivf'"):
         IndexSettings(kind="ivf")
+
+
+def test_without_faiss_the_index_is_exact_while_it_fits():
+    s = IndexSettings(hnsw_threshold=50_000, memory=4 << 30)
+    assert s.choose(10_000, 512, faiss=False)[0] == "flat"
+    kind, reason = s.choose(1_000_000, 512, faiss=False)  # 2 GB of fp32 vectors: within 4 GiB
+    assert kind == "flat" and "FAISS is not installed" in reason and "pip install 'clipsearch[faiss]'" in reason
+    with pytest.raises(MissingExtraError, match=r"3,000,000 vectors within the memory budget of 4\.0 GiB") as err:
+        s.choose(3_000_000, 512, faiss=False)
+    assert err.value.extra == "faiss" and "pip install 'clipsearch[faiss]'" in str(err.value)
+    for kind in ("hnsw", "ivfpq"):
+        with pytest.raises(MissingExtraError, match=f"an index of kind '{kind}'"):
+            IndexSettings(kind=kind).choose(10, 512, faiss=False)
+    assert IndexSettings(kind="flat").choose(10_000_000, 512, faiss=False)[0] == "flat"
+
+
+def test_the_exact_index_keeps_seq_order_filters_and_ranks_ties_by_seq(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = _clustered(3000, seed=3)
+    seqs = rng.permutation(np.arange(1, 3001) * 7)  # added out of order, in uneven batches
+    index = ExactIndex(DIM)
+    for part in np.array_split(np.arange(3000), [5, 900, 901, 2500]):
+        index.add(seqs[part], vectors[part])
+    order = np.argsort(seqs)
+    assert np.array_equal(index.seqs, seqs[order]) and np.array_equal(index.vectors, vectors[order])
+    gone = seqs[:1000]
+    assert index.remove(np.concatenate([gone, [5, 6]])) == 1000  # seqs it never held are ignored
+    live, live_vectors = seqs[1000:], vectors[1000:]
+    queries = _clustered(20, seed=4)
+    scores, got = index.search(queries, 10)
+    exact = np.argsort(-(queries @ live_vectors.T), axis=1)[:, :10]
+    assert np.array_equal(got, live[exact])
+    assert np.allclose(scores, np.take_along_axis(queries @ live_vectors.T, exact, axis=1), atol=1e-6)
+    many = _clustered(2500, seed=6)  # scored 1024 queries at a time: the same answers
+    assert np.array_equal(index.search(many, 5)[1][2000:], index.search(many[2000:], 5)[1])
+    # a filter: its rows only, the removed ones and unknown seqs skipped, -1 past what it allows
+    allowed = np.sort(np.concatenate([live[:4], gone[:3], [999_999]]))
+    scores, got = index.search(queries, 10, allowed)
+    assert {*got[0][:4]} == {*live[:4]} and (got[:, 4:] == -1).all() and np.isneginf(scores[:, 4:]).all()
+    # the same vector twice: equal scores, the older row first, whichever order they came in
+    twin = ExactIndex(DIM)
+    twin.add(np.array([9, 4]), np.stack([vectors[0], vectors[0]]))
+    assert twin.search(vectors[:1], 2)[1].tolist() == [[4, 9]]
+    path = tmp_path / "exact.faiss"
+    index.save(path)
+    back = ExactIndex.read(path, DIM)
+    assert np.array_equal(back.seqs, index.seqs) and np.array_equal(back.vectors, index.vectors)
+    back.add(np.array([10**6]), vectors[:1])  # what was read grows like what was built
+    assert back.search(vectors[:1], 1)[1].tolist() == [[10**6]]  # vectors[0] itself was removed
+    with pytest.raises(ValueError):
+        ExactIndex.read(path, DIM * 2)
+
+
+def test_an_exact_index_faiss_wrote_is_rebuilt(tmp_path):
+    """Before the exact index was NumPy's it was FAISS's IndexFlatIP: such a file is derived
+    data in a format no longer read, so the next search rebuilds it."""
+    import faiss
+
+    store = _store(tmp_path)
+    vectors = _clustered(300, seed=5)
+    _write(store, 0, vectors)
+    store.search("default", vectors[:1], 1)
+    path = store._index_path("default")
+    old = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    old.add_with_ids(vectors, np.arange(1, 301, dtype=np.int64))
+    faiss.write_index(old, str(path))
+    assert VectorIndex.load(path, IndexSettings()) is None
+    fresh = _store(tmp_path)
+    assert [h.item.id for h in fresh.search("default", vectors[7:8], 1)[0]] == ["id7"]
+    assert isinstance(VectorIndex.load(path, IndexSettings()).index, ExactIndex)
 
 
 def test_memory_budget_setting():

@@ -183,10 +183,11 @@ def index_build(
         ),
     ] = "auto",
 ) -> None:
-    """Build (or bring up to date) the namespace's vector index: FAISS beside SQLite, an HNSW
-    index (vector_ip_ops) in PostgreSQL. On SQLite this also compacts an HNSW index (the vectors
-    of deleted or replaced items, skipped by searches until now, leave the graph) and retrains an
-    IVF-PQ index on the vectors it holds now. HNSW settings come from CLIPSEARCH_HNSW_M and
+    """Build (or bring up to date) the namespace's vector index: a file beside SQLite (exact,
+    or FAISS's HNSW or IVF-PQ with the faiss extra), an HNSW index (vector_ip_ops) in
+    PostgreSQL. On SQLite this also compacts an HNSW index (the vectors of deleted or replaced
+    items, skipped by searches until now, leave the graph) and retrains an IVF-PQ index on the
+    vectors it holds now. HNSW settings come from CLIPSEARCH_HNSW_M and
     CLIPSEARCH_EF_CONSTRUCTION."""
     from .. import collection as lib
     from ..store import is_postgres_url

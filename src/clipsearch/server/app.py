@@ -32,6 +32,7 @@ from ..errors import (
     DeviceUnavailableError,
     ForbiddenURLError,
     ImageError,
+    MissingExtraError,
     MissingWeightsError,
     ModelMismatchError,
     NamespaceNotFoundError,
@@ -84,6 +85,8 @@ def _status(e: ClipsearchError) -> tuple[int, str, str | None]:
         return 400, "invalid_request_error", "invalid_image"
     if isinstance(e, ModelMismatchError):
         return 400, "invalid_request_error", "model_mismatch"
+    if isinstance(e, MissingExtraError):  # this server's install lacks it: not the request's fault
+        return 501, "server_error", "missing_extra"
     return 400, "invalid_request_error", None
 
 
