@@ -79,6 +79,8 @@ class CollectionInfo:
     items: int
     failures: int
     index: IndexStatus
+    runtime: str = ""  # what an ingest here runs the model on now, and why (encoders.choose_runtime)
+    runtime_reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +95,8 @@ class CollectionInfo:
             "index_tombstones": self.index.tombstones,
             "index_reason": self.index.reason,
             "index_memory": self.index.memory,
+            "runtime": self.runtime,
+            "runtime_reason": self.runtime_reason,
             "identity": self.identity.as_dict(),
             "model_spec": self.model_spec,
         }
@@ -498,10 +502,16 @@ class Collection:
             # way that loads fastest; for metadata alone, when first needed (if ever)
             if found.to_embed:
                 self.encoder.prepare_images(found.to_embed)
-            return ingestor.run(plan, LocalExecutor(), progress)
+            return self._ran_on(ingestor.run(plan, LocalExecutor(), progress))
         from .distributed import RayExecutor
 
         return ingestor.run(plan, RayExecutor(ray, self.db), progress)
+
+    def _ran_on(self, report: IngestReport) -> IngestReport:
+        """``report`` with the runtime the model ran on in this process, if it was loaded at all."""
+        if self._encoder is not None:
+            report.runtime = self._encoder.identity.runtime
+        return report
 
     @staticmethod
     def parse_sources(
@@ -643,7 +653,13 @@ class Collection:
         if ns is None:
             raise NamespaceNotFoundError(self.namespace, self.store.location)
         status = self.store.index_status(self.namespace)
-        return CollectionInfo(ns.name, self.store.location, ns.identity, ns.model_spec, ns.items, ns.failures, status)
+        from .encoders import choose_runtime
+
+        runnable, why = choose_runtime(self.choice.resolve(ns.model_spec), self.choice.runtime is not None)
+        return CollectionInfo(
+            ns.name, self.store.location, ns.identity, ns.model_spec, ns.items, ns.failures, status,
+            runtime=runnable.runtime, runtime_reason=why,
+        )  # fmt: skip
 
     def build_index(self, kind: str | None = "auto") -> IndexStatus:
         """Build the vector index, or bring it up to date (``index build``): ``auto`` chooses the

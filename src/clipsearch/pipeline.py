@@ -94,6 +94,7 @@ class IngestReport:
     moved: int = 0  # prune: items whose file was renamed or moved, kept with their vector
     seconds: float = 0.0
     interrupted: bool = False
+    runtime: str = ""  # what the model ran on (torch, onnx); "" when none was loaded
     failures: list[FailureRecord] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

@@ -468,3 +468,34 @@ def test_search_in_a_folder_keeps_it_current_and_prints_paths(tiny_model, tmp_pa
     assert code == 0 and out.splitlines() == [str(trips / "new.jpg")]
     code, _, err = search("a photo", "--in", str(tmp_path / "nowhere"))
     assert code == 2 and "nowhere" in err
+
+
+def test_ingest_runs_on_the_export_once_it_is_made(cli, tmp_path):
+    """On the CPU an open_clip model in fp32 runs on its ONNX export once there is one (the same
+    vectors, without PyTorch's seconds of start-up). The first ingest runs PyTorch and makes
+    the export; `info` says which runtime an ingest takes and why; `--runtime torch` is obeyed."""
+    weights = make_tiny_openclip(tmp_path / "fresh-model", seed=7)  # weights of its own: no export yet
+    write_photos(tmp_path / "a", SAMPLE_PHOTOS[:2])
+
+    def ingest(folder: str, *extra: str) -> dict:
+        code, out, err = cli("ingest", tmp_path / folder, "--weights", weights, "--json", *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    assert ingest("a")["runtime"] == "torch"
+    info = json.loads(cli("info", "--json")[1])["namespaces"][0]
+    assert info["runtime"] == "onnx" and "ONNX export is made" in info["runtime_reason"]
+    _, shown, _ = cli("info")
+    assert "default: ingest runs on onnx: the model's ONNX export is made" in " ".join(shown.split())
+    (new,) = write_photos(tmp_path / "b", SAMPLE_PHOTOS[2:3])
+    report = ingest("b")
+    assert report["runtime"] == "onnx" and report["embedded"] == 1
+    again = ingest("b")  # nothing new: no model loaded at all
+    assert again["runtime"] == "" and again["embedded"] == 0 and again["skipped"] == 1
+    # the export's vector lives in the PyTorch vectors' space: the photo finds itself first
+    code, out, _ = cli("search", "--image", new, "--json", "--limit", "1")
+    top = json.loads(out.splitlines()[0])
+    assert top["path"] == str(new) and top["score"] > 0.9999
+    write_photos(tmp_path / "d", SAMPLE_PHOTOS[4:5])
+    assert ingest("d", "--runtime", "torch")["runtime"] == "torch"
+    assert json.loads(cli("info", "--json")[1])["namespaces"][0]["runtime"] == "onnx"

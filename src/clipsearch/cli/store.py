@@ -33,8 +33,9 @@ def info(
     namespace: NamespaceOpt = "default",
     as_json: JsonOpt = False,
 ) -> None:
-    """Per namespace: model, dimensions, items, failures, index kind and freshness; with --by KEY,
-    the items of one namespace counted by each value of KEY."""
+    """Per namespace: model, dimensions, items, failures, index kind and freshness, and the
+    runtime an ingest would run the model on here, with why; with --by KEY, the items of one
+    namespace counted by each value of KEY."""
     from .. import collection as lib
 
     if by is not None:
@@ -47,16 +48,19 @@ def info(
         return
     out.print(f"database: {location}", highlight=False)
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("namespace", "model", "dim", "items", "failures", "index"):
+    for col in ("namespace", "model", "dim", "items", "failures", "index", "runtime"):
         table.add_column(col)
     for r in rows:
         index = "none" if r["index"] == "none" else f"{r['index']} ({'fresh' if r['index_fresh'] else 'stale'})"
         if r.get("index_tombstones"):
             index += f", {r['index_tombstones']} removed"
         table.add_row(
-            r["namespace"], f"{r['backend']} {r['model']}", str(r["dim"]), str(r["items"]), str(r["failures"]), index
-        )
+            r["namespace"], f"{r['backend']} {r['model']}", str(r["dim"]), str(r["items"]), str(r["failures"]), index,
+            r["runtime"],
+        )  # fmt: skip
     print_table(table)
+    for r in rows:  # why, in words the table has no room for
+        out.print(f"{r['namespace']}: ingest runs on {r['runtime']}: {r['runtime_reason']}", highlight=False)
 
 
 def print_counts(db: str, namespace: str, key: str, as_json: bool) -> None:

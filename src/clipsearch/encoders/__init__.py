@@ -43,21 +43,63 @@ def require_torch(what: str, hint: str = "") -> None:
         raise MissingExtraError(what, "torch", hint=hint)
 
 
+def gpu_present() -> bool:
+    """Whether ``--device auto`` would likely find a GPU here (NVIDIA's driver, or Apple
+    silicon's MPS), asked without importing torch, whose import alone takes seconds."""
+    import os
+    import platform
+    import shutil
+    import sys
+
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
+def choose_runtime(spec: ModelSpec, runtime_asked: bool) -> tuple[ModelSpec, str]:
+    """``spec`` as this install runs it, and why. A runtime that was asked for stays. An
+    open_clip model in fp32 on the CPU gives the same vectors on PyTorch and on its ONNX export
+    (cosine >= 0.9999), so there the runtime is chosen per run rather than taken from the
+    namespace: ONNX Runtime once the towers are exported (it starts in a fraction of a second,
+    PyTorch and open_clip take about 5 s to import and build; per image they are level), else
+    PyTorch, whose ingest then exports the towers for the runs after it; without the torch
+    extra, the export (loading then says which extra is missing). A GPU keeps PyTorch; a
+    namespace ingested on ONNX Runtime stays on it."""
+    if runtime_asked:
+        if spec.runtime == "torch":
+            require_torch(f"the torch runtime for {spec.label}")
+        return spec, "asked for"
+    if spec.backend == "onnx":
+        return spec, "the model is an ONNX tower folder"
+    if spec.backend != "open_clip":
+        return spec, "as recorded with the namespace"
+    if spec.precision != "fp32":
+        return spec, f"{spec.precision} runs on ONNX Runtime only"
+    if spec.device not in ("auto", "cpu"):
+        return dataclasses.replace(spec, runtime="torch"), f"the device asked for is {spec.device}"
+    if spec.runtime == "onnx":
+        return spec, "as recorded with the namespace"
+    if not torch_installed():
+        return dataclasses.replace(spec, runtime="onnx", device="cpu"), (
+            "the torch extra is not installed: the model's ONNX export runs without it"
+        )
+    if spec.device == "auto" and gpu_present():
+        return dataclasses.replace(spec, runtime="torch"), "this machine has a GPU"
+    from .towers import find_export
+
+    if find_export(spec, "fp32") is not None:
+        return dataclasses.replace(spec, runtime="onnx", device="cpu"), (
+            "the model's ONNX export is made: ONNX Runtime starts in under a second where PyTorch "
+            "takes about 5 s, for the same vectors"
+        )
+    return dataclasses.replace(spec, runtime="torch"), (
+        "no ONNX export of the model yet; an ingest on PyTorch exports it for the runs after it"
+    )
+
+
 def runnable_spec(spec: ModelSpec, runtime_asked: bool) -> ModelSpec:
-    """``spec`` as this install can run it: without the torch extra, an open_clip model whose
-    runtime was not asked for runs on its exported towers (the same vectors in fp32); without an
-    export, loading then says which extra is missing. A runtime that was asked for stays."""
-    if (
-        not runtime_asked
-        and spec.backend == "open_clip"
-        and spec.runtime == "torch"
-        and spec.device in ("auto", "cpu")
-        and not torch_installed()
-    ):
-        return dataclasses.replace(spec, runtime="onnx", device="cpu")
-    if runtime_asked and spec.runtime == "torch":
-        require_torch(f"the torch runtime for {spec.label}")
-    return spec
+    """``spec`` as this install runs it (see ``choose_runtime``)."""
+    return choose_runtime(spec, runtime_asked)[0]
 
 
 def check_runtime(spec: ModelSpec) -> None:
@@ -148,6 +190,8 @@ __all__ = [
     "ModelIdentity",
     "ModelSpec",
     "check_runtime",
+    "choose_runtime",
+    "gpu_present",
     "load_encoder",
     "require_torch",
     "resolve_device",
