@@ -472,8 +472,9 @@ def test_search_in_a_folder_keeps_it_current_and_prints_paths(tiny_model, tmp_pa
 
 def test_ingest_runs_on_the_export_once_it_is_made(cli, tmp_path):
     """On the CPU an open_clip model in fp32 runs on its ONNX export once there is one (the same
-    vectors, without PyTorch's seconds of start-up). The first ingest runs PyTorch and makes
-    the export; `info` says which runtime an ingest takes and why; `--runtime torch` is obeyed."""
+    vectors, without PyTorch's seconds of start-up, and without importing it). The first ingest
+    runs PyTorch and makes the export; `info` says which runtime an ingest takes and why;
+    `--runtime torch` is obeyed."""
     weights = make_tiny_openclip(tmp_path / "fresh-model", seed=7)  # weights of its own: no export yet
     write_photos(tmp_path / "a", SAMPLE_PHOTOS[:2])
 
@@ -488,8 +489,21 @@ def test_ingest_runs_on_the_export_once_it_is_made(cli, tmp_path):
     _, shown, _ = cli("info")
     assert "default: ingest runs on onnx: the model's ONNX export is made" in " ".join(shown.split())
     (new,) = write_photos(tmp_path / "b", SAMPLE_PHOTOS[2:3])
-    report = ingest("b")
-    assert report["runtime"] == "onnx" and report["embedded"] == 1
+    # in a process of its own: the ingest on the export imports no torch, though it is installed
+    code = f"""
+import json, sys
+from typer.testing import CliRunner
+import clipsearch.cli
+args = ["ingest", {str(tmp_path / "b")!r}, "--weights", {str(weights)!r}, "--db", {str(cli.db)!r}, "--json"]
+result = CliRunner().invoke(clipsearch.cli.app, args)
+assert result.exit_code == 0, result.output
+report = json.loads(result.stdout)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "transformers", "faiss"))
+print(json.dumps([report["runtime"], report["embedded"], loaded]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["onnx", 1, []]
     again = ingest("b")  # nothing new: no model loaded at all
     assert again["runtime"] == "" and again["embedded"] == 0 and again["skipped"] == 1
     # the export's vector lives in the PyTorch vectors' space: the photo finds itself first
