@@ -79,8 +79,8 @@ class CollectionInfo:
     items: int
     failures: int
     index: IndexStatus
-    runtime: str = ""  # what an ingest here runs the model on now, and why (encoders.choose_runtime)
-    runtime_reason: str = ""
+    runtime: str  # what an ingest here runs the model on now, and why (encoders.choose_runtime)
+    runtime_reason: str
 
     def as_dict(self) -> dict[str, Any]:
         return {

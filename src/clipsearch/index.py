@@ -308,8 +308,8 @@ class VectorFile:
         finds its row), as float32."""
         if not len(seqs):
             return np.zeros((0, self.dim), dtype=np.float32)
-        rows = np.minimum(np.searchsorted(self.seqs, seqs), max(self.rows - 1, 0))
-        if not self.rows or not np.array_equal(self.seqs[rows], seqs):
+        rows, found = _positions(self.seqs, seqs)
+        if not found.all():
             raise RuntimeError(f"{self.paths(self.base, self.token)[0]} lacks vectors its index holds")
         return np.asarray(self.vectors[rows], dtype=np.float32)
 
@@ -376,8 +376,8 @@ class ExactIndex:
 
     def rows(self, seqs: np.ndarray) -> np.ndarray:
         """The rows of those of ``seqs`` this index holds."""
-        rows = np.minimum(np.searchsorted(self.seqs, seqs), max(self.ntotal - 1, 0))
-        return rows[self.seqs[rows] == seqs] if self.ntotal else rows[:0]
+        rows, found = _positions(self.seqs, seqs)
+        return rows[found]
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if len(queries) > _EXACT_QUERIES:  # bounded score matrices however many queries come
@@ -415,6 +415,14 @@ class ExactIndex:
         index = cls(dim)
         index._seqs, index._vectors, index.ntotal = seqs, vectors, len(seqs)
         return index
+
+
+def _positions(held: np.ndarray, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``seqs`` would sit in ``held`` (sorted seqs), and whether it is there."""
+    if not len(held):
+        return np.zeros(len(seqs), dtype=np.int64), np.zeros(len(seqs), dtype=bool)
+    rows = np.minimum(np.searchsorted(held, seqs), len(held) - 1)
+    return rows, held[rows] == seqs
 
 
 def _exact_step(queries: int, dim: int, gathered: bool = False) -> int:
@@ -531,18 +539,15 @@ class VectorIndex:
         seqs = np.unique(np.asarray(seqs, dtype=np.int64))
         if not len(seqs) or not self.state.count:
             return 0
-        if isinstance(self.index, ExactIndex):
-            removed = self.index.remove(seqs)
-            self.state.count = int(self.index.ntotal)
-            self.unsaved += removed
-            return removed
-        faiss = _faiss()
         if self.state.kind != "hnsw":
-            removed = int(self.index.remove_ids(faiss.IDSelectorBatch(seqs)))
+            if isinstance(self.index, ExactIndex):
+                removed = self.index.remove(seqs)
+            else:
+                removed = int(self.index.remove_ids(_faiss().IDSelectorBatch(seqs)))
             self.state.count = int(self.index.ntotal)
             self.unsaved += removed
             return removed
-        held = faiss.vector_to_array(self.index.id_map)
+        held = _faiss().vector_to_array(self.index.id_map)
         new = np.setdiff1d(seqs[np.isin(seqs, held)], np.asarray(self.state.dead, dtype=np.int64))
         if len(new):
             self.state.dead = sorted({*self.state.dead, *new.tolist()})
@@ -594,8 +599,6 @@ class VectorIndex:
         return scores, seqs
 
     def _vectors(self, seqs: np.ndarray) -> np.ndarray:
-        if isinstance(self.index, ExactIndex):
-            return self.index.vectors[self.index.rows(seqs)]
         if self.file is not None:
             return self.file.read(seqs)
         return self.index.reconstruct_batch(seqs)
