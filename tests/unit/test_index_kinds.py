@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clipsearch import index as index_module
 from clipsearch.encoders import ModelIdentity
 from clipsearch.errors import MissingExtraError, UsageError
 from clipsearch.index import IVF_REGROW, ExactIndex, IndexSettings, VectorFile, VectorIndex, estimate_memory
@@ -181,6 +182,49 @@ def test_a_filter_on_ivfpq_returns_the_exact_top_k(tmp_path, exact_rows):
                 sorted((q @ vectors[allowed[want]].T).tolist(), reverse=True), abs=1e-3
             )
     assert len(store.search("default", queries[:1], 500, {"client": "Small"})[0]) == 100
+
+
+def _topics(n: int, seed: int, topics: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(topics, DIM))
+    topic = rng.integers(0, topics, n)
+    x = centres[topic] + 0.35 * rng.normal(size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), topic
+
+
+@pytest.mark.parametrize("follows", ["topics", "random"])
+def test_a_wide_filter_on_ivfpq_visits_the_lists_it_lives_in(tmp_path, monkeypatch, follows):
+    """Above the exact path, a filtered IVF-PQ search visits lists that hold allowed rows: the
+    nearest until enough allowed rows (a filter at random has them near every query), and every
+    list the filter is dense in (one that follows topics: a query about another topic finds its
+    top 10 spread over all of them, and the nearest lists that held any found a fraction)."""
+    monkeypatch.setattr(index_module, "FILTER_MIN_ROWS", 256)  # stop well before the filter's 2,000 rows
+    n = 20_000
+    vectors, topic = _topics(n, seed=11)
+    chosen = [3, 17, 29, 41, 48]  # five whole topics: ~10%
+    member = np.isin(topic, chosen) if follows == "topics" else np.random.default_rng(12).random(n) < 0.1
+    store = _store(tmp_path, kind="ivfpq", exact_filter_rows=50, rerank=64)
+    _write(store, 0, vectors, lambda i: {"part": "in" if member[i] else "out"})
+    store.build_index("default")
+    queries, query_topic = _topics(200, seed=13)
+    if follows == "topics":
+        queries = queries[~np.isin(query_topic, chosen)][:100]  # about other topics
+    allowed = np.flatnonzero(member)
+    expected = allowed[np.argsort(-(queries @ vectors[allowed].T), axis=1)[:, :10]]
+    found = store.search("default", queries, 10, {"part": "in"})
+    assert all(len(hits) == 10 and all(member[int(h.item.id[2:])] for h in hits) for hits in found)
+    recall = np.mean(
+        [
+            len({int(h.item.id[2:]) for h in hits} & set(e.tolist())) / 10
+            for hits, e in zip(found, expected, strict=True)
+        ]
+    )
+    assert recall >= 0.95
+    index = store._indexes[("default", "image")]
+    view = next(iter(index._allowed.values()))
+    assert view.per_list.sum() == len(allowed)  # the allowed rows in each list, kept for the next search
+    if follows == "topics":  # the lists this filter lives in, not all of them
+        assert (view.per_list > 0).sum() < index.state.nlist / 2
 
 
 def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path):
