@@ -468,6 +468,7 @@ class VectorIndex:
         self.state = state
         self.settings = settings
         self.file = file  # IVF-PQ's fp16 vectors
+        self.mapped: Path | None = None  # HNSW read memory-mapped from this file (see _own)
         self.unsaved = 0  # rows added or removed since the file was written (or read)
         self._dead_selector: tuple[Any, ...] | None = None  # HNSW: built once per set of tombstones
         self._allowed: dict[int, _Allowed] = {}  # per allow-list, while this index is unchanged
@@ -528,6 +529,8 @@ class VectorIndex:
             if isinstance(self.index, ExactIndex):
                 self.index.add(seqs, vectors)
             else:
+                if self.mapped is not None:
+                    self._own()
                 # a search on this thread may have left FAISS at one thread (below): building an
                 # HNSW graph with it took 75 s instead of 45 s at 100k vectors on 2 cores
                 _faiss().omp_set_num_threads(_MAX_THREADS[0])
@@ -539,6 +542,20 @@ class VectorIndex:
             self.state.count = int(self.index.ntotal)
             self.state.max_seq = max(self.state.max_seq, int(seqs.max()))
             self._changed()
+
+    def _own(self) -> None:
+        """Read a memory-mapped HNSW index into this process's memory, before it grows: FAISS
+        cannot grow a mapped one (it aborts the process). Read from a copy of what this process
+        maps: another process may have replaced the file with its own build since."""
+        assert self.mapped is not None
+        faiss = _faiss()
+        copy = self.mapped.with_name(f"{self.mapped.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            faiss.write_index(self.index, str(copy))
+            self.index = faiss.read_index(str(copy))
+        finally:
+            copy.unlink(missing_ok=True)
+        self.mapped = None
 
     def _changed(self) -> None:
         """Forget what was derived from the index's contents (bitmaps, lists' shares)."""
@@ -824,17 +841,25 @@ class VectorIndex:
             try:
                 text = meta.read_text()
                 state = IndexState(**json.loads(text))
-                file = None
+                file, flags = None, 0
                 if state.kind == "ivfpq":
                     file = VectorFile.open(path, state.vector_file, state.dim, state.file_rows)
                 if state.kind == "flat":
                     index: Any = ExactIndex.read(path, state.dim)
                 elif not faiss_installed():
                     return None  # built where FAISS was installed: rebuilt as this install can
+                elif state.kind == "hnsw":
+                    # memory-mapped: the vectors (2 KB each at 512-d) stay in the page cache,
+                    # shared and evictable, not in this process's memory; read in only to grow
+                    # (FAISS before 1.11 has no such flag: it reads the whole file)
+                    flags = getattr(_faiss(), "IO_FLAG_MMAP_IFC", 0)
+                    index = _faiss().read_index(str(path), flags)
                 else:
-                    index = _faiss().read_index(str(path)) if state.kind != "ivfpq" or file is not None else None
+                    index = _faiss().read_index(str(path)) if file is not None else None
                 if index is not None and int(index.ntotal) == state.count:
-                    return cls(index, state, settings, file)
+                    loaded = cls(index, state, settings, file)
+                    loaded.mapped = path if state.kind == "hnsw" and flags else None
+                    return loaded
                 # another process may have saved a new build between our reads (and removed the
                 # vector file this state names): read it again rather than rebuild it
                 if meta.read_text() == text:

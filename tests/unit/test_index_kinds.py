@@ -227,6 +227,30 @@ def test_a_wide_filter_on_ivfpq_visits_the_lists_it_lives_in(tmp_path, monkeypat
         assert (view.per_list > 0).sum() < index.state.nlist / 2
 
 
+def test_an_hnsw_index_is_opened_memory_mapped_and_read_in_to_grow(tmp_path):
+    """A process that opens an HNSW index maps its file (the page cache holds the vectors, not
+    the process); deletes leave it mapped (tombstones), and the first rows it must append read it
+    into memory first, from what this process maps, even after another process replaced the file
+    (FAISS aborts the process that grows a mapped index)."""
+    vectors = _clustered(3000, seed=21)
+    writer = _store(tmp_path, kind="hnsw")
+    _write(writer, 0, vectors[:2000])
+    writer.build_index("default")
+    reader = SQLiteStore(tmp_path / "s.db", IndexSettings(kind="hnsw"))
+    queries = _clustered(20, seed=22)
+    assert _recall(reader, vectors[:2000], queries) >= 0.95
+    index = reader._indexes[("default", "image")]
+    assert index.mapped == tmp_path / "s.db-index" / "default.faiss"
+    writer.delete_items("default", ["id0", "id1"])
+    assert "id0" not in {h.item.id for h in reader.search("default", vectors[:1], 5)[0]}
+    assert reader._indexes[("default", "image")] is index and index.mapped and index.state.dead
+    _write(writer, 2000, vectors[2000:])
+    writer.search("default", queries, 10)  # the writer's catch-up replaces the file
+    hits = reader.search("default", vectors[2500:2501], 1)[0]
+    assert hits[0].item.id == "id2500" and reader._indexes[("default", "image")].mapped is None
+    assert sorted(p.name for p in (tmp_path / "s.db-index").iterdir()) == ["default.faiss", "default.json"]
+
+
 def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path):
     vectors = _clustered(4000, seed=6)
     store = _store(tmp_path, kind="ivfpq")
