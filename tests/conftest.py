@@ -3,10 +3,12 @@ loading code), generated images, and a CLI runner."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,9 +20,10 @@ from PIL import Image
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Queries export ONNX towers on first use, and model loads keep their oneDNN verdicts: the
-# suite's caches live and die with the run.
-os.environ["CLIPSEARCH_ONNX_CACHE"] = tempfile.mkdtemp(prefix="clipsearch-test-onnx-")
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="clipsearch-test-cache-")
+# suite's caches live and die with the run (each process's own: 450 runs had left ~25 GB).
+for _name, _kind in (("CLIPSEARCH_ONNX_CACHE", "onnx"), ("XDG_CACHE_HOME", "cache")):
+    os.environ[_name] = tempfile.mkdtemp(prefix=f"clipsearch-test-{_kind}-")
+    atexit.register(shutil.rmtree, os.environ[_name], ignore_errors=True)
 
 TINY_OPENCLIP_CFG = {
     "embed_dim": 32,
