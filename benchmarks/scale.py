@@ -24,12 +24,15 @@ timed to the first answer that reflects it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +243,8 @@ print(json.dumps(out))
 """
 
 
-def serve(db: Path, queries_path: Path, filters: list[str], phase: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+def serve(db: Path, queries_path: Path, filters: list[str], phase: str, extra: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), **(extra or {})}
     cmd = [sys.executable, "-c", SERVE, str(db), str(queries_path), json.dumps(filters), phase]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -273,6 +276,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", help="a folder to build in (default: a temporary one, removed after)")
     ap.add_argument("--skip-updates", action="store_true", help="stop after the serving measurements")
+    ap.add_argument("--keep", action="store_true", help="keep the built store (for --reuse)")
+    ap.add_argument("--reuse", help="serve from a store --keep left, without building it again")
+    ap.add_argument(
+        "--rerank",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="also measure unfiltered queries with CLIPSEARCH_IVF_RERANK at each value (0: by size)",
+    )
     ap.add_argument(
         "--deletes",
         type=lambda v: [float(x) for x in v.split(",")],
@@ -286,37 +297,51 @@ def main() -> None:
     import clipsearch
     from clipsearch.identity import ModelIdentity
 
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        work = Path(tmp)
-        data = make_data(work, args)
-        n, dim, queries = data["n"], data["dim"], data["queries"]
-        vectors = np.load(data["vectors"], mmap_mode="r")
-        model = ModelIdentity("open_clip", "synthetic", "", dim, {})
-        db = work / "scale.db"
-        phases = [["generate vectors and metadata", f"{data['seconds']:.0f} s"]]
-        c = clipsearch.open(db)
-        t = time.perf_counter()
-        done = c.import_vectors(data["vectors"], data["meta"], model=model)  # what `clipsearch import` runs
-        phases.append(
-            [
-                f"import {done:,} vectors (Collection.import_vectors, 10k a transaction)",
-                f"{time.perf_counter() - t:.0f} s",
-            ]
-        )
-        t = time.perf_counter()
-        status = c.build_index(args.kind)
-        phases.append([f"build the index: {status.kind}", f"{time.perf_counter() - t:.0f} s"])
-        c.close()
+    with folder(args) as work:
+        db, qpath = work / "scale.db", work / "queries.npy"
+        model = ModelIdentity("open_clip", "synthetic", "", args.dim, {})
+        if args.reuse:  # a store --keep left: straight to serving
+            vectors = np.load(work / "vectors.npy", mmap_mode="r")
+            n, dim, queries = len(vectors), vectors.shape[1], np.load(qpath)
+            with (work / "filters.pkl").open("rb") as f:
+                data = {"n": n, "dim": dim, "queries": queries, **pickle.load(f)}
+            with (work / "truth.pkl").open("rb") as f:
+                filter_truth = pickle.load(f)
+            truth = filter_truth.pop("")
+            phases = [["(a store built before: --reuse)", ""]]
+            status = clipsearch.open(db, create=False).info().index
+        else:
+            data = make_data(work, args)
+            n, dim, queries = data["n"], data["dim"], data["queries"]
+            vectors = np.load(data["vectors"], mmap_mode="r")
+            phases = [["generate vectors and metadata", f"{data['seconds']:.0f} s"]]
+            c = clipsearch.open(db)
+            t = time.perf_counter()
+            done = c.import_vectors(data["vectors"], data["meta"], model=model)  # what `clipsearch import` runs
+            phases.append(
+                [
+                    f"import {done:,} vectors (Collection.import_vectors, 10k a transaction)",
+                    f"{time.perf_counter() - t:.0f} s",
+                ]
+            )
+            t = time.perf_counter()
+            status = c.build_index(args.kind)
+            phases.append([f"build the index: {status.kind}", f"{time.perf_counter() - t:.0f} s"])
+            c.close()
+            t = time.perf_counter()
+            truth = exact_top(vectors, queries, None)
+            filter_truth = {name: exact_top(vectors, queries, rows) for name, rows in data["filters"].items()}
+            phases.append(["exact answers (numpy, for recall)", f"{time.perf_counter() - t:.0f} s"])
+            if args.keep:
+                with (work / "filters.pkl").open("wb") as f:
+                    pickle.dump({"filters": data["filters"], "kinds": data["kinds"]}, f)
+                with (work / "truth.pkl").open("wb") as f:
+                    pickle.dump({"": truth, **filter_truth}, f)
         index_files = sorted((work / "scale.db-index").glob("*"))
         sizes = [
             ["database (SQLite: metadata, fp32 vectors, keywords)", mb(size_of([db, Path(f"{db}-wal")]))],
             *[[f"index file {p.name}", mb(p.stat().st_size)] for p in index_files if p.is_file()],
         ]
-        qpath = work / "queries.npy"
-        t = time.perf_counter()
-        truth = exact_top(vectors, queries, None)
-        filter_truth = {name: exact_top(vectors, queries, rows) for name, rows in data["filters"].items()}
-        phases.append(["exact answers (numpy, for recall)", f"{time.perf_counter() - t:.0f} s"])
         s = serve(db, qpath, list(data["filters"]), "serve")
         kinds = np.array(data["kinds"])
         rows = []
@@ -342,6 +367,21 @@ def main() -> None:
                 f"{len(two) / s['two_clients_wall']:.0f} q/s",
             ]
         )
+        reranked = []
+        for value in args.rerank:
+            r = serve(db, qpath, [], "after", {"CLIPSEARCH_IVF_RERANK": str(value)})
+            for kind in sorted(set(kinds)):
+                sel = np.flatnonzero(kinds == kind)
+                times = [r["times"][i] for i in sel]
+                reranked.append(
+                    [
+                        str(value) if value else f"0: by size ({rerank_by_size(n, status.lists)})",
+                        kind,
+                        f"{pct(times, 50) * 1000:.1f}",
+                        f"{pct(times, 99) * 1000:.1f}",
+                        f"{recall([r['ids'][i] for i in sel], [truth[i] for i in sel]):.3f}",
+                    ]
+                )
         frows = []
         for name, rows_allowed in data["filters"].items():
             f = s["filters"][name]
@@ -426,8 +466,36 @@ def main() -> None:
         ["filter", "rows", "recall@10", "queries short of min(10, rows)", "p50 (ms)", "p99 (ms)", "first (ms)"],
         frows,
     )
+    if reranked:
+        print_table(
+            "Unfiltered search by CLIPSEARCH_IVF_RERANK (candidates re-scored from fp16)",
+            ["rerank", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
+            reranked,
+        )
     if updates:
         print_table("Updates", ["change", "time", "after"], updates)
+
+
+def rerank_by_size(n: int, lists: int) -> int:
+    """What CLIPSEARCH_IVF_RERANK=0 gives an IVF-PQ index of ``n`` vectors (VectorIndex.rerank)."""
+    from clipsearch.index import DEFAULT_RERANK, RERANK_SHARE
+
+    return max(DEFAULT_RERANK, n * max(16, lists // 32) // max(1, lists) // RERANK_SHARE) if lists else 0
+
+
+@contextlib.contextmanager
+def folder(args: argparse.Namespace) -> Iterator[Path]:
+    """Where the store is built: a temporary folder, removed after; kept with --keep (its path
+    printed), or one --keep left (--reuse)."""
+    if args.reuse:
+        yield Path(args.reuse)
+    elif args.keep:
+        work = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
+        print(f"keeping the store in {work} (--reuse {work})", file=sys.stderr)
+        yield work
+    else:
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            yield Path(tmp)
 
 
 if __name__ == "__main__":

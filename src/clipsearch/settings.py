@@ -67,7 +67,7 @@ class Settings:
     ef_construction: int = 128  # CLIPSEARCH_EF_CONSTRUCTION
     ef_search: int = 128  # CLIPSEARCH_EF_SEARCH
     ivf_nprobe: int = 0  # CLIPSEARCH_IVF_NPROBE: IVF lists a query visits (0: 1/32 of them, at least 16)
-    ivf_rerank: int = 256  # CLIPSEARCH_IVF_RERANK: IVF-PQ candidates re-scored from the fp16 vectors
+    ivf_rerank: int = 0  # CLIPSEARCH_IVF_RERANK: IVF-PQ candidates re-scored from the fp16 vectors; 0: by size
     query_runtime: str = "auto"  # CLIPSEARCH_QUERY_RUNTIME: auto | torch (see Collection)
 
     @classmethod

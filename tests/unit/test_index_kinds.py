@@ -13,7 +13,16 @@ import pytest
 from clipsearch import index as index_module
 from clipsearch.encoders import ModelIdentity
 from clipsearch.errors import MissingExtraError, UsageError
-from clipsearch.index import IVF_REGROW, ExactIndex, IndexSettings, VectorFile, VectorIndex, estimate_memory
+from clipsearch.index import (
+    IVF_REGROW,
+    RERANK_SHARE,
+    ExactIndex,
+    IndexSettings,
+    IndexState,
+    VectorFile,
+    VectorIndex,
+    estimate_memory,
+)
 from clipsearch.settings import Settings, parse_size
 from clipsearch.store import NewItem, SQLiteStore
 
@@ -135,6 +144,19 @@ def test_an_exact_index_faiss_wrote_is_rebuilt(tmp_path):
     fresh = _store(tmp_path)
     assert [h.item.id for h in fresh.search("default", vectors[7:8], 1)[0]] == ["id7"]
     assert isinstance(VectorIndex.load(path, IndexSettings()).index, ExactIndex)
+
+
+def test_ivfpq_reranks_more_candidates_as_its_lists_grow():
+    def index(count: int, nlist: int, **settings) -> VectorIndex:
+        state = IndexState(kind="ivfpq", dim=512, count=count, generation=0, rebuild_generation=0, max_seq=count)
+        state.nlist = nlist
+        return VectorIndex(None, state, IndexSettings(**settings))
+
+    assert index(1_000_000, 2048).rerank == 256  # 64 lists of ~490 codes: 31k scanned
+    assert index(10_000_000, 4096).nprobe == 128
+    assert index(10_000_000, 4096).rerank == 10_000_000 * 128 // 4096 // RERANK_SHARE  # 312k scanned
+    assert index(10_000_000, 4096, rerank=300).rerank == 300  # CLIPSEARCH_IVF_RERANK
+    assert Settings.from_env({"CLIPSEARCH_IVF_RERANK": "512"}).ivf_rerank == 512
 
 
 def test_memory_budget_setting():
