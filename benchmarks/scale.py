@@ -285,6 +285,12 @@ def main() -> None:
         help="also measure unfiltered queries with CLIPSEARCH_IVF_RERANK at each value (0: by size)",
     )
     ap.add_argument(
+        "--nprobe",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="also measure unfiltered queries with CLIPSEARCH_IVF_NPROBE at each value",
+    )
+    ap.add_argument(
         "--deletes",
         type=lambda v: [float(x) for x in v.split(",")],
         default=[0.01, 0.25],
@@ -368,14 +374,18 @@ def main() -> None:
             ]
         )
         reranked = []
-        for value in args.rerank:
-            r = serve(db, qpath, [], "after", {"CLIPSEARCH_IVF_RERANK": str(value)})
+        variants = [("CLIPSEARCH_IVF_RERANK", v) for v in args.rerank]
+        variants += [("CLIPSEARCH_IVF_NPROBE", v) for v in args.nprobe]
+        for name, value in variants:
+            r = serve(db, qpath, [], "after", {name: str(value)})
+            probe = value if name == "CLIPSEARCH_IVF_NPROBE" else 0
             for kind in sorted(set(kinds)):
                 sel = np.flatnonzero(kinds == kind)
                 times = [r["times"][i] for i in sel]
                 reranked.append(
                     [
-                        str(value) if value else f"0: by size ({rerank_by_size(n, status.lists)})",
+                        f"{name[len('CLIPSEARCH_IVF_') :].lower()}={value}"
+                        + ("" if value and probe == 0 else f" (rerank {rerank_by_size(n, status.lists, probe)})"),
                         kind,
                         f"{pct(times, 50) * 1000:.1f}",
                         f"{pct(times, 99) * 1000:.1f}",
@@ -468,19 +478,20 @@ def main() -> None:
     )
     if reranked:
         print_table(
-            "Unfiltered search by CLIPSEARCH_IVF_RERANK (candidates re-scored from fp16)",
-            ["rerank", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
+            "Unfiltered search by CLIPSEARCH_IVF_RERANK (candidates re-scored) and _NPROBE (lists visited)",
+            ["setting", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
             reranked,
         )
     if updates:
         print_table("Updates", ["change", "time", "after"], updates)
 
 
-def rerank_by_size(n: int, lists: int) -> int:
+def rerank_by_size(n: int, lists: int, nprobe: int = 0) -> int:
     """What CLIPSEARCH_IVF_RERANK=0 gives an IVF-PQ index of ``n`` vectors (VectorIndex.rerank)."""
     from clipsearch.index import DEFAULT_RERANK, RERANK_SHARE
 
-    return max(DEFAULT_RERANK, n * max(16, lists // 32) // max(1, lists) // RERANK_SHARE) if lists else 0
+    nprobe = nprobe or max(16, lists // 32)
+    return max(DEFAULT_RERANK, n * nprobe // max(1, lists) // RERANK_SHARE) if lists else 0
 
 
 @contextlib.contextmanager
