@@ -676,12 +676,12 @@ class VectorIndex:
             faiss = _faiss()
             invlists = self.index.invlists
             owner = np.full(self.state.max_seq + 1, -1, dtype=np.int16)
+            sizes = np.zeros(self.index.nlist, dtype=np.int64)
             for number in range(self.index.nlist):
-                size = invlists.list_size(number)
-                if size:
-                    owner[faiss.rev_swig_ptr(invlists.get_ids(number), size)] = number
-            self._list_of = owner
-            self._sizes = np.array([invlists.list_size(i) for i in range(self.index.nlist)], dtype=np.int64)
+                sizes[number] = invlists.list_size(number)
+                if sizes[number]:
+                    owner[faiss.rev_swig_ptr(invlists.get_ids(number), int(sizes[number]))] = number
+            self._list_of, self._sizes = owner, sizes
         return self._list_of
 
     def _search_lists(self, queries: np.ndarray, k: int, view: _Allowed) -> tuple[np.ndarray, np.ndarray]:
