@@ -17,8 +17,14 @@ apart from the page cache (`RssAnon`, `RssFile` in /proc/self/status). Then the 
 added (10% more; the index appends without retraining) and deleted (1%, then 25% in all), each
 timed to the first answer that reflects it.
 
+On PostgreSQL (`--db postgresql://...`, an empty database on a server with pgvector 0.8) the
+same set goes into a halfvec table with its HNSW index, and the serving process asks the server;
+`--bq` also builds a binary-quantised HNSW index on the same table and measures it with each
+re-ranked inner LIMIT (the other index choice for large tables).
+
     python benchmarks/scale.py [--n 1000000] [--queries 200] [--index-memory 6G] [--kind auto]
     python benchmarks/scale.py --vectors mine.npy --queries-file texts.npy
+    python benchmarks/scale.py --n 1000000 --db postgresql://localhost/scale --bq 40,100,200 --skip-updates
 """
 
 from __future__ import annotations
@@ -209,7 +215,7 @@ def rss():
 
 c = clipsearch.open(db, create=False)
 first = c.search(vector=queries[0], limit=10)
-out = {"cold_s": time.perf_counter() - started, "phase": phase}
+out = {"cold_s": time.perf_counter() - started, "phase": phase, "paths": {}}
 def run(qs, flt=None):
     times, ids = [], []
     for q in qs:
@@ -235,15 +241,18 @@ if phase == "serve":
     for name in filters:
         key, value = name.split("=")
         first = run(queries[:1], {key: value})[0][0]  # finds the filter's rows, kept after
+        before = dict(getattr(c.store, "search_paths", {}))
         t, i = run(queries, {key: value})
         out["filters"][name] = {"times": t, "ids": i, "first": first}
+        after = getattr(c.store, "search_paths", {})  # PostgreSQL: which plan answered
+        out["paths"][name] = {p: n - before.get(p, 0) for p, n in after.items() if n > before.get(p, 0)}
 out["rss"] = rss()
 out["index"] = c.info().index.__dict__
 print(json.dumps(out))
 """
 
 
-def serve(db: Path, queries_path: Path, filters: list[str], phase: str, extra: dict | None = None) -> dict:
+def serve(db: Path | str, queries_path: Path, filters: list[str], phase: str, extra: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), **(extra or {})}
     cmd = [sys.executable, "-c", SERVE, str(db), str(queries_path), json.dumps(filters), phase]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -290,6 +299,13 @@ def main() -> None:
         default=[],
         help="also measure unfiltered queries with CLIPSEARCH_IVF_NPROBE at each value",
     )
+    ap.add_argument("--db", help="a postgresql:// URL (an empty database) instead of a SQLite file in the folder")
+    ap.add_argument(
+        "--bq",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="PostgreSQL: also measure a binary-quantised HNSW index, re-ranking each inner LIMIT",
+    )
     ap.add_argument(
         "--deletes",
         type=lambda v: [float(x) for x in v.split(",")],
@@ -304,7 +320,8 @@ def main() -> None:
     from clipsearch.identity import ModelIdentity
 
     with folder(args) as work:
-        db, qpath = work / "scale.db", work / "queries.npy"
+        db, qpath = args.db or work / "scale.db", work / "queries.npy"
+        postgres = bool(args.db)
         model = ModelIdentity("open_clip", "synthetic", "", args.dim, {})
         if args.reuse:  # a store --keep left: straight to serving
             vectors = np.load(work / "vectors.npy", mmap_mode="r")
@@ -343,11 +360,14 @@ def main() -> None:
                     pickle.dump({"filters": data["filters"], "kinds": data["kinds"]}, f)
                 with (work / "truth.pkl").open("wb") as f:
                     pickle.dump({"": truth, **filter_truth}, f)
-        index_files = sorted((work / "scale.db-index").glob("*"))
-        sizes = [
-            ["database (SQLite: metadata, fp32 vectors, keywords)", mb(size_of([db, Path(f"{db}-wal")]))],
-            *[[f"index file {p.name}", mb(p.stat().st_size)] for p in index_files if p.is_file()],
-        ]
+        if postgres:
+            sizes = postgres_sizes(str(db))
+        else:
+            index_files = sorted((work / "scale.db-index").glob("*"))
+            sizes = [
+                ["database (SQLite: metadata, fp32 vectors, keywords)", mb(size_of([db, Path(f"{db}-wal")]))],
+                *[[f"index file {p.name}", mb(p.stat().st_size)] for p in index_files if p.is_file()],
+            ]
         s = serve(db, qpath, list(data["filters"]), "serve")
         kinds = np.array(data["kinds"])
         rows = []
@@ -406,13 +426,18 @@ def main() -> None:
                     f"{pct(f['times'], 50) * 1000:.1f}",
                     f"{pct(f['times'], 99) * 1000:.1f}",
                     f"{f['first'] * 1000:.0f}",
+                    *([", ".join(f"{p} {n}" for p, n in sorted(s["paths"][name].items()))] if postgres else []),
                 ]
             )
         memory = [
             ["open to first answer (new process: imports, store, index)", f"{s['cold_s']:.2f} s"],
-            ["anonymous memory (RssAnon) after the queries", mb(s["rss"]["RssAnon"])],
+            [
+                "anonymous memory (RssAnon) after the queries" + (" (the client's)" if postgres else ""),
+                mb(s["rss"]["RssAnon"]),
+            ],
             ["file pages mapped (RssFile: page cache, shared)", mb(s["rss"]["RssFile"])],
         ]
+        bq = postgres_bq(str(db), queries, kinds, truth, args.bq, phases) if args.bq else []
         updates = []
         if not args.skip_updates:
             gen = Synthetic(dim, n, args.seed + 1)
@@ -473,9 +498,16 @@ def main() -> None:
     )
     print_table(
         "Filtered search, k=10 (client: at random; category: whole topics)",
-        ["filter", "rows", "recall@10", "queries short of min(10, rows)", "p50 (ms)", "p99 (ms)", "first (ms)"],
+        ["filter", "rows", "recall@10", "queries short of min(10, rows)", "p50 (ms)", "p99 (ms)", "first (ms)"]
+        + (["plan (queries)"] if postgres else []),
         frows,
     )
+    if bq:
+        print_table(
+            "PostgreSQL: binary-quantised HNSW (bit_hamming_ops), inner LIMIT re-ranked by halfvec <#>",
+            ["inner LIMIT", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
+            bq,
+        )
     if reranked:
         print_table(
             "Unfiltered search by CLIPSEARCH_IVF_RERANK (candidates re-scored) and _NPROBE (lists visited)",
@@ -484,6 +516,83 @@ def main() -> None:
         )
     if updates:
         print_table("Updates", ["change", "time", "after"], updates)
+
+
+def postgres_sizes(url: str) -> list[list[str]]:
+    """The namespace table's heap (with TOAST) and each of its indexes, as PostgreSQL counts them."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        table = conn.execute("SELECT items_table FROM clipsearch_namespaces WHERE name = 'default'").fetchone()[0]
+        heap = conn.execute("SELECT pg_table_size(%s::regclass)", (table,)).fetchone()[0]
+        indexes = conn.execute(
+            "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index "
+            "WHERE indrelid = %s::regclass ORDER BY 1",
+            (table,),
+        ).fetchall()
+        vtype = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass "
+            "AND attname = 'embedding'",
+            (table,),
+        ).fetchone()[0]
+    return [[f"table (PostgreSQL: metadata, {vtype} vectors, keywords)", mb(heap)]] + [
+        [f"index {name}", mb(size)] for name, size in indexes
+    ]
+
+
+def postgres_bq(url: str, queries: np.ndarray, kinds: list[str], truth: list[set[int]], limits: list[int],
+                phases: list[list[str]]) -> list[list[str]]:  # fmt: skip
+    """Binary quantisation, the other index choice for a large table: an HNSW index on each
+    vector's signs (``binary_quantize``, 1 bit a dimension, Hamming distance), whose inner LIMIT
+    is re-ranked by the halfvec vectors (pgvector's documented recipe). Built and queried here
+    with SQL, beside the library's halfvec index, to choose between them."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    rows = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_vector(conn)
+        table, dim = conn.execute(
+            "SELECT items_table, dim FROM clipsearch_namespaces WHERE name = 'default'"
+        ).fetchone()
+        workers = conn.execute("SHOW max_parallel_workers").fetchone()[0]
+        conn.execute(f"SET max_parallel_maintenance_workers = {int(workers)}")
+        conn.execute("SET maintenance_work_mem = '2GB'")
+        t = time.perf_counter()
+        conn.execute(
+            f'CREATE INDEX IF NOT EXISTS "{table}_bq" ON "{table}" USING hnsw '
+            f"((binary_quantize(embedding)::bit({dim})) bit_hamming_ops) WITH (m = 32, ef_construction = 128)"
+        )
+        phases.append(["PostgreSQL: binary-quantised HNSW index (--bq)", f"{time.perf_counter() - t:.0f} s"])
+        size = conn.execute("SELECT pg_relation_size(%s::regclass)", (f"{table}_bq",)).fetchone()[0]
+        phases.append(["  its size", mb(size)])
+        kinds_a = np.array(kinds)
+        for limit in limits:
+            conn.execute(f"SET hnsw.ef_search = {max(40, limit)}")
+            sql = (
+                f'SELECT id FROM (SELECT id, embedding FROM "{table}" ORDER BY binary_quantize(embedding)::bit({dim}) '
+                f"<~> binary_quantize(%s::halfvec)::bit({dim}) LIMIT {int(limit)}) AS near "
+                "ORDER BY embedding <#> %s::halfvec LIMIT 10"
+            )
+            times, ids = [], []
+            for q in queries:
+                t = time.perf_counter()
+                found = conn.execute(sql, (q, q)).fetchall()
+                times.append(time.perf_counter() - t)
+                ids.append([int(r[0][1:]) for r in found])
+            for kind in sorted(set(kinds)):
+                sel = np.flatnonzero(kinds_a == kind)
+                rows.append(
+                    [
+                        str(limit),
+                        kind,
+                        f"{pct([times[i] for i in sel], 50) * 1000:.1f}",
+                        f"{pct([times[i] for i in sel], 99) * 1000:.1f}",
+                        f"{recall([ids[i] for i in sel], [truth[i] for i in sel]):.3f}",
+                    ]
+                )
+        conn.execute(f'DROP INDEX "{table}_bq"')  # the library's index stays the only one
+    return rows
 
 
 def rerank_by_size(n: int, lists: int, nprobe: int = 0) -> int:

@@ -536,13 +536,81 @@ def image_server():
     server.close()
 
 
-# -- PostgreSQL with pgvector (pgserver ships both) --------------------------------------------
+# -- PostgreSQL with pgvector ------------------------------------------------------------------
+class SystemPostgres:
+    """A throw-away cluster of the machine's PostgreSQL (``pg_config`` on PATH or Debian's
+    /usr/lib/postgresql/<n>/bin): initdb into a temp folder, a free port on 127.0.0.1, trust
+    authentication. PostgreSQL refuses to run as root, so a root test run starts it as the
+    ``postgres`` user (which Debian's package creates)."""
+
+    def __init__(self, bindir: Path):
+        import pwd
+        import socket
+        import subprocess
+
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="clipsearch-pg-"))
+        self.data = self.root / "data"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        run = functools.partial(subprocess.run, check=True, capture_output=True)
+        run([*self._as, str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+             "-E", "UTF8", "--locale=C"])  # fmt: skip
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        run([*self._as, str(bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"),
+             "-w", "start"])  # fmt: skip
+
+    def get_uri(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    def cleanup(self) -> None:
+        import subprocess
+
+        subprocess.run([*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def system_postgres_bindir() -> Path | None:
+    """The bin folder of a PostgreSQL on this machine whose share folder has pgvector."""
+    import subprocess
+
+    candidates = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir", "--sharedir"], capture_output=True, text=True).stdout.split()
+        if len(out) == 2:
+            candidates.append((Path(out[0]), Path(out[1])))
+    for bindir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        candidates.append((bindir, Path("/usr/share/postgresql") / bindir.parent.name))
+    for bindir, share in candidates:
+        if (bindir / "initdb").exists() and (share / "extension" / "vector.control").exists():
+            return bindir
+    return None
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    """A real PostgreSQL 16 server with the vector extension, started once for the session."""
-    import pgserver
+    """A real PostgreSQL server with the vector extension, started once for the session.
+    ``CLIPSEARCH_TEST_POSTGRES``: ``system`` (the machine's PostgreSQL and pgvector, as
+    scripts/pgvector.sh installs them; CI asks for it, so a missing install fails rather than
+    falls back), ``pgserver`` (the pgserver wheel: PostgreSQL 16, pgvector 0.6), or unset: the
+    system one when there is one."""
+    wanted = os.environ.get("CLIPSEARCH_TEST_POSTGRES", "")
+    bindir = system_postgres_bindir() if wanted in ("", "system") else None
+    if wanted == "system" and bindir is None:
+        pytest.fail("CLIPSEARCH_TEST_POSTGRES=system, but no PostgreSQL with pgvector here: run scripts/pgvector.sh")
+    if bindir is not None:
+        server = SystemPostgres(bindir)
+    else:
+        import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+        server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
     yield server
     server.cleanup()
 

@@ -205,6 +205,8 @@ class Collection:
         self._towers: Encoder | None = None  # the torch-free query encoder, loaded on demand
         self._spec: ModelSpec | None = spec
         self._lock = threading.Lock()
+        # the metadata keys check_filter last read: on PostgreSQL a read scans every row's metadata
+        self._keys: dict[str, dict[str, int]] | None = None
         self.notice = notice
         self.loading = loading
         self.few_calls = few_calls
@@ -875,20 +877,31 @@ class Collection:
         if not filter:
             return
         matcher(filter)  # its shape first
-        keys = self.store.metadata_keys(self.namespace)
-        if not keys:  # nothing stored: nothing to tell a typo by
-            return
-        missing = [key for key in filter if key not in keys]
-        if missing:
-            raise UsageError(
-                f"no item has the metadata key {missing[0]!r} to filter on; their keys: {', '.join(sorted(keys))}",
-                param="filter",
-            )
-        for r in filter_ranges(filter):
-            if r.number is None and set(keys[r.key]) <= {"number", "null"}:
-                raise UsageError(
-                    f"{r.key} is a number in every item, and the bound {r.text!r} is no number", param="filter"
+
+        def problem(keys: dict[str, dict[str, int]]) -> UsageError | None:
+            if not keys:  # nothing stored: nothing to tell a typo by
+                return None
+            missing = [key for key in filter if key not in keys]
+            if missing:
+                return UsageError(
+                    f"no item has the metadata key {missing[0]!r} to filter on; their keys: {', '.join(sorted(keys))}",
+                    param="filter",
                 )
+            for r in filter_ranges(filter):
+                if r.number is None and set(keys[r.key]) <= {"number", "null"}:
+                    return UsageError(
+                        f"{r.key} is a number in every item, and the bound {r.text!r} is no number", param="filter"
+                    )
+            return None
+
+        # the keys read before pass a filter; a refusal (or an empty store) is decided on the keys
+        # read now, as this or another process may have written since
+        if self._keys and problem(self._keys) is None:
+            return
+        self._keys = self.store.metadata_keys(self.namespace)
+        error = problem(self._keys)
+        if error is not None:
+            raise error
 
     def folders(self) -> list[tuple[str, int]]:
         """(folder, items) for each folder that holds stored files, in name order."""

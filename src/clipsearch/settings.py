@@ -58,6 +58,8 @@ class Settings:
     onednn: bool = True  # CLIPSEARCH_ONEDNN=0: keep PyTorch's own CPU matrix products
     max_text_batch: int = 16  # CLIPSEARCH_MAX_TEXT_BATCH: texts per model call in the server
     pg_pool: int = 8  # CLIPSEARCH_PG_POOL: PostgreSQL connections per process
+    pg_build_workers: int = 0  # CLIPSEARCH_PG_BUILD_WORKERS: parallel workers of an HNSW build; 0: the server's
+    pg_exact_filter_rows: int = 10_000  # CLIPSEARCH_PG_EXACT_FILTER_ROWS: filters with fewer rows are exact
     index: str = "auto"  # CLIPSEARCH_INDEX: auto | flat | hnsw | ivfpq
     # CLIPSEARCH_INDEX_MEMORY: what an index may hold in memory (6G, 512M); auto picks IVF-PQ for a
     # namespace whose HNSW index would need more. Empty: a quarter of this machine's memory.

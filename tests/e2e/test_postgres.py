@@ -31,9 +31,9 @@ def lines(out: str) -> list[dict]:
 
 def test_migrate_an_empty_database_then_nothing_to_do(cli, pg_url):
     code, out, _ = cli("db", "migrate", "--db", pg_url)
-    assert code == 0 and "schema (none) -> 3" in out and ":***@" not in out
+    assert code == 0 and "schema (none) -> 4" in out and ":***@" not in out
     code, out, _ = cli("db", "migrate", "--db", pg_url)
-    assert code == 0 and "schema 3, up to date" in out
+    assert code == 0 and "schema 4, up to date" in out
     with psycopg.connect(pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'clipsearch_%'")}
         assert {"clipsearch_schema", "clipsearch_namespaces", "clipsearch_failures", "clipsearch_claims"} <= tables
@@ -371,8 +371,125 @@ def test_schema_1_keyword_columns_are_reindexed_for_cjk_and_folders(pg_url):
         conn.execute("DELETE FROM clipsearch_schema WHERE version > 1")
     store = PostgresStore(pg_url)
     try:
-        assert store.schema_version_before == 1 and store.schema_version() == 3
+        assert store.schema_version_before == 1 and store.schema_version() == 4
         assert [h.item.id for h in store.keyword_search("default", "財布", 5)] == ["a"]
         assert [h.item.id for h in store.keyword_search("default", "wallets", 5)] == ["a"]
+    finally:
+        store.close()
+
+
+def _topic_vectors(n: int, dim: int = 32, topics: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors around a few topics (as CLIP's are), and each one's topic."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((topics, dim))
+    topic = rng.integers(0, topics, n)
+    v = centres[topic] + 0.6 * rng.standard_normal((n, dim))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32), topic
+
+
+def test_vectors_are_kept_as_halfvec_and_old_vector_tables_keep_working(pg_url):
+    """pgvector >= 0.7 stores new namespaces as halfvec (half the bytes); a table made as
+    vector(d) before (and a schema-3 database without the metadata index) migrates and works:
+    writes, searches, filters and its HNSW index with vector_ip_ops."""
+    from clipsearch.encoders import ModelIdentity
+    from clipsearch.index import IndexSettings
+    from clipsearch.store import NewItem
+    from clipsearch.store.postgres import PostgresStore
+
+    vecs, topic = _topic_vectors(300)
+    items = [NewItem(f"i{i}", {"topic": int(t)}, f"h{i}") for i, t in enumerate(topic)]
+    store = PostgresStore(pg_url)
+    if store.pgvector < (0, 7):
+        store.close()
+        pytest.skip(f"pgvector {store.pgvector} has no halfvec (scripts/pgvector.sh installs 0.8)")
+    for ns in ("new", "old"):
+        store.bind_namespace(ns, ModelIdentity("open_clip", "tiny", "", 32, {}), {})
+    assert store.vector_type("new") == "halfvec"
+    table = store.items_table("old")
+    store.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{table}" ALTER COLUMN embedding TYPE vector(32)')
+        conn.execute(f'ALTER TABLE "{table}" ALTER COLUMN text_embedding TYPE vector(32)')
+        conn.execute(f'DROP INDEX "{table}_metadata"')
+        conn.execute("DELETE FROM clipsearch_schema WHERE version > 3")
+    store = PostgresStore(pg_url, IndexSettings(exact_filter_rows=10))
+    try:
+        assert store.schema_version_before == 3 and store.vector_type("old") == "vector"
+        for ns in ("new", "old"):
+            store.write_batch(ns, items, vecs)
+            store.build_index(ns, kind="hnsw")
+            assert store.index_status(ns).reason.startswith(f"HNSW on {store.vector_type(ns)}")
+            got = store.get_vectors(ns, ["i7"])["i7"]
+            assert np.allclose(got, vecs[7], atol=1e-3 if ns == "new" else 1e-7)
+            hits = store.search(ns, vecs[:3], k=5, filters={"topic": int(topic[0])})
+            truth = np.argsort(-(vecs[topic == topic[0]] @ vecs[0]))[:5]
+            assert [h.item.id for h in hits[0]] == [f"i{i}" for i in np.flatnonzero(topic == topic[0])[truth]]
+        with psycopg.connect(pg_url) as conn:
+            ops = dict(
+                conn.execute(
+                    "SELECT c.relname, o.opcname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "JOIN pg_opclass o ON o.oid = i.indclass[0] WHERE c.relname LIKE '%embedding_hnsw'"
+                ).fetchall()
+            )
+            assert sorted(ops.values()) == ["halfvec_ip_ops", "vector_ip_ops"]
+            # schema 4's metadata index, on the old table too, without GIN's pending list
+            options = conn.execute("SELECT reloptions FROM pg_class WHERE relname = %s", (f"{table}_metadata",))
+            assert options.fetchone()[0] == ["fastupdate=off"]
+    finally:
+        store.close()
+
+
+def test_filters_on_an_hnsw_index_return_min_k_hits_on_every_path(pg_url):
+    """A filter counts its rows first: few are scored exactly, many walk the HNSW index with an
+    iterative scan, and a walk that comes back short is redone exactly. Every path returns
+    min(k, matching rows) hits, best first; the exact path the exact top k."""
+    from clipsearch.encoders import ModelIdentity
+    from clipsearch.index import IndexSettings
+    from clipsearch.store import NewItem
+    from clipsearch.store.postgres import PostgresStore
+
+    vecs, topic = _topic_vectors(3000, seed=1)
+    rng = np.random.default_rng(2)
+    client = np.where(rng.random(3000) < 0.05, "small", "big")
+    client[:3] = "tiny"
+    items = [
+        NewItem(f"i{i}", {"topic": int(t), "client": c}, f"h{i}")
+        for i, (t, c) in enumerate(zip(topic, client, strict=True))
+    ]
+    store = PostgresStore(pg_url, IndexSettings(exact_filter_rows=100, ef_search=40))
+    if store.pgvector < (0, 8):
+        store.close()
+        pytest.skip(f"pgvector {store.pgvector} has no iterative scans (scripts/pgvector.sh installs 0.8)")
+    try:
+        store.bind_namespace("default", ModelIdentity("open_clip", "tiny", "", 32, {}), {})
+        store.write_batch("default", items, vecs)
+        store.build_index("default", kind="hnsw")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'ANALYZE "{store.items_table("default")}"')
+        queries = vecs[rng.choice(3000, 12, replace=False)] + 0.05
+
+        # the order PostgreSQL computes: stored vectors and the query are both halfvec
+        kept, asked = (x.astype(np.float16).astype(np.float32) for x in (vecs, queries))
+
+        def check(filters: dict, allowed: np.ndarray, k: int) -> float:
+            """Every query gets min(k, rows) hits, sorted; the share of the true top k found."""
+            found = 0
+            for q, got in zip(asked, store.search("default", queries, k=k, filters=filters), strict=True):
+                rows = np.flatnonzero(allowed)
+                want = rows[np.argsort(-(kept[rows] @ q), kind="stable")[:k]]
+                scores = [h.score for h in got]
+                assert len(got) == min(k, len(rows)) and scores == sorted(scores, reverse=True)
+                assert {h.item.metadata["client"] for h in got} <= set(client[allowed])
+                found += len({h.item.id for h in got} & {f"i{i}" for i in want})
+            return found / (len(queries) * min(k, int(allowed.sum())))
+
+        assert check({"client": "tiny"}, client == "tiny", 10) == 1.0  # 3 rows: exact
+        assert store.search_paths == {"exact": 12}
+        assert check({"client": "small"}, client == "small", 10) >= 0.9  # ~150 rows: the walk
+        assert store.search_paths["index"] == 12
+        store.max_scan_tuples = 1  # the walk stops after its first ef_search tuples: short
+        assert check({"client": "small"}, client == "small", 30) >= 0.9
+        assert store.search_paths["index+exact"] >= 6
+        assert check({"client": "big", "topic": 3}, (client == "big") & (topic == 3), 10) >= 0.9
     finally:
         store.close()

@@ -117,6 +117,7 @@ def test_ray_ingest_writes_postgres_from_the_workers(cli, ray_cluster, library, 
     assert (report["embedded"], report["failed"]) == (24, 2)
     code, out, _ = cli("ingest", folder, "--db", tmp_path / "local.db", "--json")
     expected, got = stored_vectors(tmp_path / "local.db"), stored_vectors(pg_url)
-    assert sorted(got) == sorted(expected) and min(float(np.dot(expected[i], got[i])) for i in got) >= 0.9999
+    # PostgreSQL keeps halfvec (fp16): a vector read back scores ~0.9998 against the fp32 one
+    assert sorted(got) == sorted(expected) and min(float(np.dot(expected[i], got[i])) for i in got) >= 0.999
     code, out, _ = cli("ingest", folder, "--db", pg_url, "--ray", "local", "--json")
     assert json.loads(out)["skipped"] == 24

@@ -49,6 +49,19 @@ def test_filters_limit_and_sample(collection, photos):
     assert other.ingest([photos], IngestOptions(sample=4, seed=1)).embedded == 4
 
 
+def test_a_filter_key_written_by_another_process_is_accepted_at_once(collection, photos):
+    """The keys a filter was checked against are kept (on PostgreSQL a fresh read scans every
+    row); a key they lack is looked up again before a filter on it is refused."""
+    collection.ingest([photos])
+    assert collection.search("red", filter={"width": {"gte": 1}}, limit=1)
+    with pytest.raises(UsageError, match="no item has the metadata key 'colour'"):
+        collection.search("red", filter={"colour": "red"}, limit=1)
+    with collection.make() as other:  # another writer, on its own store connection
+        other.add_vectors(["painted"], other.embed_texts(["red"]), [{"colour": "red"}])
+    hits = collection.search("red", filter={"colour": "red"}, limit=5)
+    assert [h.id for h in hits] == ["painted"]
+
+
 def test_similar_duplicates_and_delete(collection, photos):
     collection.ingest([photos])
     red = collection.search("red", limit=1)[0]

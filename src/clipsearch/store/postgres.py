@@ -7,17 +7,24 @@ Layout (all names start with ``clipsearch_``, so the tables sit beside an applic
 - ``clipsearch_namespaces``: name, model identity and load spec (jsonb), dimensions, and the
   namespace's own items table;
 - ``clipsearch_items_<n>`` per namespace: id, content hash, file state, fingerprint, text,
-  ``metadata jsonb``, ``embedding vector(d)``, an optional ``text_embedding vector(d)``, and a
-  generated ``tsvector`` (GIN-indexed) for keyword search. One table per namespace gives each its
-  own ``vector(d)`` type and HNSW index (``vector_ip_ops``, built by ``clipsearch index build``);
+  ``metadata jsonb`` (GIN-indexed, ``jsonb_path_ops``: equality filters are index lookups),
+  ``embedding halfvec(d)``, an optional ``text_embedding halfvec(d)``, and a generated
+  ``tsvector`` (GIN-indexed) for keyword search. One table per namespace gives each its own
+  vector type and HNSW index (``halfvec_ip_ops``, built by ``clipsearch index build``). Vectors
+  are stored as ``halfvec`` (2 bytes a dimension) from pgvector 0.7 on; tables made before, or on
+  an older pgvector, keep ``vector`` and work as they did;
 - ``clipsearch_failures`` and ``clipsearch_claims`` (which ingest process works on which item).
 
 Vectors are L2-normalised, so ``<#>`` (negative inner product) orders by cosine similarity.
+Filtered searches count their rows first (``_search_plan``): few rows are scored exactly, many
+walk the HNSW index with pgvector 0.8's iterative scans, and a walk that comes back short is
+redone exactly, so a filter always returns min(k, matching rows) hits.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,7 +61,11 @@ from .base import (
     validate_namespace,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# pgvector releases: halfvec (and its HNSW operator classes) came in 0.7, iterative index scans in 0.8
+HALFVEC_SINCE = (0, 7, 0)
+ITERATIVE_SINCE = (0, 8, 0)
+SCAN_SLACK = 8  # see PostgresStore._scan_budget
 _LOCK_KEY = 0x636C6970  # pg_advisory_xact_lock key for schema changes ("clip")
 _COLUMNS = {"image": "embedding", "text": "text_embedding"}
 # jsonb_typeof's types as the kinds of KEY_KINDS
@@ -111,8 +122,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     text_words text NOT NULL DEFAULT '',
     keywords text NOT NULL DEFAULT '',
     metadata jsonb NOT NULL,
-    embedding vector({dim}) NOT NULL,
-    text_embedding vector({dim}),
+    embedding {vtype}({dim}) NOT NULL,
+    text_embedding {vtype}({dim}),
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     tsv tsvector GENERATED ALWAYS AS (
@@ -120,7 +131,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     ) STORED
 );
 CREATE INDEX IF NOT EXISTS {table}_tsv ON {table} USING gin (tsv);
-CREATE INDEX IF NOT EXISTS {table}_sha256 ON {table} (sha256)
+CREATE INDEX IF NOT EXISTS {table}_sha256 ON {table} (sha256);
+CREATE INDEX IF NOT EXISTS {table}_metadata ON {table} USING gin (metadata jsonb_path_ops) WITH (fastupdate = off)
 """
 _ITEM_COLS = "seq, id, metadata, sha256, created_at, updated_at"
 
@@ -150,8 +162,38 @@ def _reindex_keywords(conn: Any) -> None:
             )
 
 
+def _index_metadata(conn: Any) -> None:
+    """Schema 4: a GIN index on every namespace's metadata, so that an equality filter's rows are
+    counted and found through it (filtered searches count their rows before they choose a plan).
+    Without fastupdate: GIN's pending list (4 MB of entries not yet merged) is read whole by every
+    lookup until a vacuum merges it, 9 ms a filter at 1M rows after an import, against 0.1 ms."""
+    from psycopg import sql
+
+    for (table,) in conn.execute("SELECT items_table FROM clipsearch_namespaces").fetchall():
+        conn.execute(
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON {} USING gin (metadata jsonb_path_ops) WITH (fastupdate = off)"
+            ).format(sql.Identifier(f"{table}_metadata"), sql.Identifier(table))
+        )
+
+
 # version -> the statements (or the function) that bring version - 1 to it
-_MIGRATIONS: dict[int, str | Callable[[Any], None]] = {1: _SCHEMA_1, 2: _reindex_keywords, 3: _reindex_keywords}
+_MIGRATIONS: dict[int, str | Callable[[Any], None]] = {
+    1: _SCHEMA_1, 2: _reindex_keywords, 3: _reindex_keywords, 4: _index_metadata
+}  # fmt: skip
+
+
+def build_memory(rows: int, dim: int, vtype: str, m: int, budget: int) -> int:
+    """``maintenance_work_mem`` for an HNSW build: pgvector's graph in memory (each element its
+    vector, 2m neighbour slots on layer 0 and a few above, and its header), with a quarter spare,
+    at least 64 MB and at most ``budget`` bytes."""
+    per_row = dim * (2 if vtype == "halfvec" else 4) + (2 * m + m // 2) * 16 + 128
+    return int(min(budget, max(64 << 20, rows * per_row * 1.25)))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``0.8.0`` -> (0, 8, 0)."""
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
 def load_psycopg():
@@ -207,8 +249,10 @@ class PostgresStore(ClosingStore):
             with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
                 self.schema_version_before = self._schema_version(conn)
                 self._migrate(conn)
+                row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
         except psycopg.OperationalError as e:
             raise UsageError(f"cannot connect to {self.location}: {str(e).strip().splitlines()[0]}") from None
+        self.pgvector = _version(row[0])  # the extension's version in this database
 
         def configure(conn: Any) -> None:
             register_vector(conn)
@@ -216,6 +260,13 @@ class PostgresStore(ClosingStore):
 
         self._pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=pool_size, configure=configure, open=True)
         self._tables: dict[str, tuple[str, int]] = {}
+        self._vtypes: dict[str, str] = {}  # items table -> its vectors' type (halfvec or vector)
+        # filtered searches by the plan they took (exact, index, index+exact): what the tests and
+        # benchmarks/scale.py read to see which path answered
+        self.search_paths: Counter[str] = Counter()
+        # the index tuples an iterative filtered walk may visit; None: by the filter's share of
+        # the rows (_scan_budget)
+        self.max_scan_tuples: int | None = None
 
     # -- schema ------------------------------------------------------------------------
     @staticmethod
@@ -265,7 +316,18 @@ class PostgresStore(ClosingStore):
             if row is None:
                 raise NotFoundError(f"namespace {namespace!r} does not exist in {self.location}; ingest into it first")
             self._tables[namespace] = (row[0], row[1])
+            self._vtypes[row[0]] = conn.execute(
+                "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = %s::regclass "
+                "AND attname = 'embedding'",
+                (row[0],),
+            ).fetchone()[0]
         return self._tables[namespace]
+
+    def vector_type(self, namespace: str) -> str:
+        """``halfvec`` or ``vector``: how the namespace's table keeps its vectors."""
+        with self._conn() as conn:
+            table, _ = self._table(conn, namespace)
+            return self._vtypes[table]
 
     def _ident(self, name: str) -> Any:
         return self._psycopg.sql.Identifier(name)
@@ -329,8 +391,9 @@ class PostgresStore(ClosingStore):
                 ).fetchone()[0]
                 table = f"clipsearch_items_{ns_id}"
                 # both made of integers here: nothing to quote
+                vtype = "halfvec" if self.pgvector >= HALFVEC_SINCE else "vector"
                 for statement in _ITEMS_TABLE.split(";\n"):
-                    conn.execute(statement.format(table=table, dim=int(identity.dim)))
+                    conn.execute(statement.format(table=table, dim=int(identity.dim), vtype=vtype))
                 conn.execute("UPDATE clipsearch_namespaces SET items_table = %s WHERE id = %s", (table, ns_id))
             else:
                 check_same_model(name, ModelIdentity.from_dict(row[0]), identity)
@@ -605,16 +668,18 @@ class PostgresStore(ClosingStore):
 
     # -- search ------------------------------------------------------------------------
     def _filter_sql(self, filters: dict[str, Any] | None) -> tuple[str, list[Any]]:
-        """`` AND ...`` clauses for the filters, by the rules of ``clipsearch.filters``: a JSON
-        path per condition (lax mode tests each element of a list value), its values passed as
-        variables. Silent, so that ``.double()`` of a text that is no number is no match rather
-        than an error."""
+        """`` AND ...`` clauses for the filters, by the rules of ``clipsearch.filters``. An
+        equality is containment (``metadata @> {"key": v}`` for a value, ``{"key": [v]}`` for a
+        list holding it, as SQLite's ``json_each`` reads one level), which the GIN index on
+        ``metadata`` answers; ranges and folded texts are a JSON path per condition (lax mode
+        tests each element of a list value), its values passed as variables. Silent, so that
+        ``.double()`` of a text that is no number is no match rather than an error."""
+        Jsonb = self._psycopg.types.json.Jsonb
         clauses, params = [], []
         for key, wanted in filter_values(filters):
-            names = {f"v{i}": v for i, v in enumerate(wanted)}
-            test = " || ".join(f"@ == ${name}" for name in names)
-            clauses.append("jsonb_path_exists(metadata, %s::jsonpath, %s::jsonb, true)")
-            params += [f'$."{key}" ? ({test})', json.dumps(names)]
+            shapes = [Jsonb({key: shape}) for v in wanted for shape in (v, [v])]
+            clauses.append("(" + " OR ".join(["metadata @> %s"] * len(shapes)) + ")")
+            params += shapes
         for r in filter_ranges(filters):
             if r.number is None:
                 test = f'@.type() == "string" && @ {r.sql} $t'
@@ -646,7 +711,7 @@ class PostgresStore(ClosingStore):
         with self._conn() as conn:
             table, dim = self._table(conn, namespace)
             queries = checked_queries(namespace, dim, queries)
-            sql = self._sql(
+            nearest = self._sql(
                 f"SELECT {_ITEM_COLS}, -({column} <#> %s) AS score FROM {{t}} WHERE {column} IS NOT NULL{where} "
                 f"ORDER BY {column} <#> %s LIMIT %s",
                 table,
@@ -655,14 +720,80 @@ class PostgresStore(ClosingStore):
                 conn.execute(
                     "SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.index_settings.ef_search, k)),)
                 )
-                if filters:
-                    # pgvector 0.6 filters HNSW candidates after the index scan, which can return
-                    # fewer than k rows: filtered searches are exact
+                plan, rows_matching = self._search_plan(conn, table, field, where, params) if filters else ("", 0)
+                if plan == "exact":
                     conn.execute("SET LOCAL enable_indexscan = off")
+                elif plan == "index":
+                    # the plan is chosen: the HNSW walk, not the planner's guess from the filter's
+                    # estimated rows. Relaxed order: the walk goes on past ef_search until it has k
+                    # allowed rows or has looked at max_scan_tuples; the outer ORDER BY restores
+                    # the exact order
+                    nearest = self._psycopg.sql.SQL("SELECT * FROM ({}) AS found ORDER BY score DESC").format(nearest)
+                    # a table not yet analysed has no estimate: share 1, a short budget, and
+                    # a walk that comes back short is redone exactly
+                    share = min(1.0, rows_matching / max(1, self._estimated_rows(conn, table)))
+                    budget = self.max_scan_tuples or self._scan_budget(k, share)
+                    walk = {"hnsw.iterative_scan": "relaxed_order", "hnsw.max_scan_tuples": str(budget),
+                            "enable_seqscan": "off", "enable_bitmapscan": "off"}  # fmt: skip
+                    for name, value in walk.items():
+                        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+                # a filtered query is planned with its values: a generic plan (what psycopg's
+                # prepared statements get from the sixth run on) cannot tell a filter of 12 rows,
+                # found through the GIN index in a millisecond, from one that scans the table
+                custom = {"prepare": False} if filters else {}
                 for q in queries:
-                    rows = conn.execute(sql, [q, *params, q, k]).fetchall()
+                    rows = conn.execute(nearest, [q, *params, q, k], **custom).fetchall()
+                    taken = plan or "unfiltered"
+                    if plan == "index" and len(rows) < k:  # the filter was expected to pass > k rows
+                        # the walk ran out before it found k allowed rows: score the filter's rows
+                        conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_seqscan = on; "
+                                     "SET LOCAL enable_bitmapscan = on")  # fmt: skip
+                        rows = conn.execute(nearest, [q, *params, q, k], prepare=False).fetchall()
+                        conn.execute("SET LOCAL enable_indexscan = on; SET LOCAL enable_seqscan = off; "
+                                     "SET LOCAL enable_bitmapscan = off")  # fmt: skip
+                        taken = "index+exact"
+                    self.search_paths[taken] += 1
                     results.append([Hit(self._item(namespace, r), float(r[6])) for r in rows])
         return results
+
+    def _search_plan(self, conn: Any, table: str, field: str, where: str, params: list[Any]) -> tuple[str, int]:
+        """How a filtered search runs, and how many rows the planner expects the filter to pass.
+        ``exact``: the filter's rows are scored one by one (no HNSW index, a pgvector without
+        iterative scans, or an estimate of no more than ``pg_exact_filter_rows`` rows: found
+        through the metadata index, an exact scan costs less than a walk and is right);
+        ``index``: an iterative HNSW scan. The planner's estimate (from the GIN index's and the
+        table's statistics, ~0.5 ms) decides rather than a count, which reads every row it counts
+        (40 ms for 10,000 at 1M rows: GIN's jsonb_path_ops keys are hashes, so each row is
+        rechecked). A wrong estimate costs time, never hits: an exact scan of more rows than
+        expected is still exact, and a walk that comes back short is redone exactly."""
+        if self.pgvector < ITERATIVE_SINCE or not self._has_index(conn, table, field):
+            return "exact", 0
+        column = _COLUMNS[field]
+        plan = conn.execute(
+            self._sql(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {{t}} WHERE {column} IS NOT NULL{where}", table),
+            params,
+            prepare=False,
+        ).fetchone()[0]
+        expected = int(plan[0]["Plan"]["Plan Rows"])
+        limit = min(self.index_settings.exact_filter_rows, self.index_settings.pg_exact_filter_rows)
+        return ("exact" if expected <= limit else "index"), expected
+
+    def _scan_budget(self, k: int, share: float) -> int:
+        """Index tuples a filtered walk may visit: SCAN_SLACK times the k / share a walk needs
+        where the filter is as dense around the query as in the whole table. A filter that is
+        much sparser there (a category about another topic than the query's) runs out and comes
+        back short, and is then scored exactly: walks that find their k rows in the budget found
+        0.84-0.98 of the exact top 10 on benchmarks/scale.py's set, the ones that went on far
+        past it as little as 0.36, because relaxed-order walks stop at the first k rows they meet."""
+        return int(max(self.index_settings.ef_search, min(10**9, SCAN_SLACK * k / max(share, 1e-9))))
+
+    def _has_index(self, conn: Any, table: str, field: str) -> bool:
+        return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._index_name(table, field),)).fetchone()[0]
+
+    def _estimated_rows(self, conn: Any, table: str) -> int:
+        """The table's rows as the planner's statistics know them (no count of a large table)."""
+        row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
+        return max(0, int(row[0] or 0))
 
     def count_by(self, namespace: str, key: str) -> list[tuple[Any, int]]:
         with self._conn() as conn:
@@ -767,33 +898,56 @@ class PostgresStore(ClosingStore):
     def index_status(self, namespace: str, field: str = "image") -> IndexStatus:
         with self._conn() as conn:
             table, _ = self._table(conn, namespace)
-            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._index_name(table, field),)).fetchone()[0]
+            exists = self._has_index(conn, table, field)
+            vtype = self._vtypes[table]
+        filtered = (
+            f"a filter of more than {self.index_settings.pg_exact_filter_rows:,} rows walks it (iterative scan), "
+            "fewer are scored exactly"
+            if self.pgvector >= ITERATIVE_SINCE
+            else f"filters are exact scans (pgvector {'.'.join(map(str, self.pgvector))}; 0.8 walks the index)"
+        )
+        reason = (
+            f"HNSW on {vtype} ({'halfvec_ip_ops' if vtype == 'halfvec' else 'vector_ip_ops'}); {filtered}"
+            if exists
+            else f"exact scans of the {vtype} column (`clipsearch index build` makes an HNSW index)"
+        )
         # PostgreSQL keeps an index in step with its table: it is never stale
-        return IndexStatus(kind="hnsw" if exists else "none", fresh=True, vectors=self.count(namespace))
+        return IndexStatus(kind="hnsw" if exists else "none", fresh=True, vectors=self.count(namespace), reason=reason)
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
-        """HNSW indexes (``vector_ip_ops``) on the image vectors, and on the text vectors when
-        there are any. ``kind`` None (ingest's call): only from ``hnsw_threshold`` vectors on;
-        below, an exact scan is fast enough. ``kind="hnsw"``: now."""
+        """HNSW indexes (``halfvec_ip_ops``, or ``vector_ip_ops`` on a table that keeps
+        ``vector``) on the image vectors, and on the text vectors when there are any. ``kind``
+        None (ingest's call): only from ``hnsw_threshold`` vectors on; below, an exact scan is
+        fast enough. ``kind="hnsw"``: now."""
         settings = self.index_settings
         if kind not in (None, "hnsw", "auto"):
             raise UsageError(f"PostgreSQL stores build hnsw indexes, not {kind!r}")
         if kind != "hnsw" and self.count(namespace) < settings.hnsw_threshold:
             return self.index_status(namespace)
         fields = ["image", "text"] if self.has_text_vectors(namespace) else ["image"]
+        rows = self.count(namespace)
         with self._conn() as conn:
-            table, _ = self._table(conn, namespace)
+            table, dim = self._table(conn, namespace)
+            vtype = self._vtypes[table]
             conn.autocommit = True  # CREATE INDEX CONCURRENTLY cannot run in a transaction
             try:
+                # pgvector builds fast while the graph fits maintenance_work_mem, and slowly on
+                # disk after: room for the graph (within the index memory budget), and the
+                # server's parallel workers
+                memory = build_memory(rows, dim, vtype, settings.hnsw_m, settings.memory)
+                conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{memory // 1024}kB",))
+                workers = settings.pg_build_workers or int(conn.execute("SHOW max_parallel_workers").fetchone()[0])
+                conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, false)", (str(workers),))
                 for field in fields:
                     conn.execute(
                         self._psycopg.sql.SQL(
-                            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {i} ON {t} USING hnsw ({c} vector_ip_ops) "
+                            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {i} ON {t} USING hnsw ({c} {ops}) "
                             "WITH (m = {m}, ef_construction = {ef})"
                         ).format(
                             i=self._ident(self._index_name(table, field)),
                             t=self._ident(table),
                             c=self._ident(_COLUMNS[field]),
+                            ops=self._psycopg.sql.SQL("halfvec_ip_ops" if vtype == "halfvec" else "vector_ip_ops"),
                             m=self._psycopg.sql.Literal(int(settings.hnsw_m)),
                             ef=self._psycopg.sql.Literal(int(settings.ef_construction)),
                         )
@@ -801,6 +955,8 @@ class PostgresStore(ClosingStore):
             except self._psycopg.Error as e:
                 raise ClipsearchError(f"building the HNSW index failed: {str(e).strip().splitlines()[0]}") from None
             finally:
+                if not conn.closed:  # the pool lends this connection again: without the build's settings
+                    conn.execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers")
                 conn.autocommit = False
         return self.index_status(namespace)
 
