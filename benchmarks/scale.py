@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +273,11 @@ def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"
 
 
+def numbers(kind: type) -> Callable[[str], list]:
+    """An argparse type: ``256,0,2048`` -> [256, 0, 2048]."""
+    return lambda text: [kind(x) for x in text.split(",")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
@@ -289,26 +294,26 @@ def main() -> None:
     ap.add_argument("--reuse", help="serve from a store --keep left, without building it again")
     ap.add_argument(
         "--rerank",
-        type=lambda v: [int(x) for x in v.split(",")],
+        type=numbers(int),
         default=[],
         help="also measure unfiltered queries with CLIPSEARCH_IVF_RERANK at each value (0: by size)",
     )
     ap.add_argument(
         "--nprobe",
-        type=lambda v: [int(x) for x in v.split(",")],
+        type=numbers(int),
         default=[],
         help="also measure unfiltered queries with CLIPSEARCH_IVF_NPROBE at each value",
     )
     ap.add_argument("--db", help="a postgresql:// URL (an empty database) instead of a SQLite file in the folder")
     ap.add_argument(
         "--bq",
-        type=lambda v: [int(x) for x in v.split(",")],
+        type=numbers(int),
         default=[],
         help="PostgreSQL: also measure a binary-quantised HNSW index, re-ranking each inner LIMIT",
     )
     ap.add_argument(
         "--deletes",
-        type=lambda v: [float(x) for x in v.split(",")],
+        type=numbers(float),
         default=[0.01, 0.25],
         help="shares deleted in turn, each in all (default 0.01,0.25)",
     )

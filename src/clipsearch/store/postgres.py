@@ -183,6 +183,18 @@ _MIGRATIONS: dict[int, str | Callable[[Any], None]] = {
 }  # fmt: skip
 
 
+# planner settings of a filtered search's two plans: only the HNSW walk, or no index scan (the
+# GIN index still serves the exact plan through a bitmap scan)
+_WALK = {"enable_indexscan": "on", "enable_seqscan": "off", "enable_bitmapscan": "off"}
+_EXACT = {"enable_indexscan": "off", "enable_seqscan": "on", "enable_bitmapscan": "on"}
+
+
+def _set_local(conn: Any, settings: dict[str, str]) -> None:
+    """Settings for the rest of the transaction (``SET LOCAL``, with values as parameters)."""
+    for name, value in settings.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+
+
 def build_memory(rows: int, dim: int, vtype: str, m: int, budget: int) -> int:
     """``maintenance_work_mem`` for an HNSW build: pgvector's graph in memory (each element its
     vector, 2m neighbour slots on layer 0 and a few above, and its header), with a quarter spare,
@@ -720,9 +732,9 @@ class PostgresStore(ClosingStore):
                 conn.execute(
                     "SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.index_settings.ef_search, k)),)
                 )
-                plan, rows_matching = self._search_plan(conn, table, field, where, params) if filters else ("", 0)
+                plan, expected_rows = self._search_plan(conn, table, field, where, params) if filters else ("", 0)
                 if plan == "exact":
-                    conn.execute("SET LOCAL enable_indexscan = off")
+                    _set_local(conn, _EXACT)
                 elif plan == "index":
                     # the plan is chosen: the HNSW walk, not the planner's guess from the filter's
                     # estimated rows. Relaxed order: the walk goes on past ef_search until it has k
@@ -731,12 +743,11 @@ class PostgresStore(ClosingStore):
                     nearest = self._psycopg.sql.SQL("SELECT * FROM ({}) AS found ORDER BY score DESC").format(nearest)
                     # a table not yet analysed has no estimate: share 1, a short budget, and
                     # a walk that comes back short is redone exactly
-                    share = min(1.0, rows_matching / max(1, self._estimated_rows(conn, table)))
+                    share = min(1.0, expected_rows / max(1, self._estimated_rows(conn, table)))
                     budget = self.max_scan_tuples or self._scan_budget(k, share)
-                    walk = {"hnsw.iterative_scan": "relaxed_order", "hnsw.max_scan_tuples": str(budget),
-                            "enable_seqscan": "off", "enable_bitmapscan": "off"}  # fmt: skip
-                    for name, value in walk.items():
-                        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+                    _set_local(
+                        conn, {**_WALK, "hnsw.iterative_scan": "relaxed_order", "hnsw.max_scan_tuples": str(budget)}
+                    )
                 # a filtered query is planned with its values: a generic plan (what psycopg's
                 # prepared statements get from the sixth run on) cannot tell a filter of 12 rows,
                 # found through the GIN index in a millisecond, from one that scans the table
@@ -746,11 +757,9 @@ class PostgresStore(ClosingStore):
                     taken = plan or "unfiltered"
                     if plan == "index" and len(rows) < k:  # the filter was expected to pass > k rows
                         # the walk ran out before it found k allowed rows: score the filter's rows
-                        conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_seqscan = on; "
-                                     "SET LOCAL enable_bitmapscan = on")  # fmt: skip
+                        _set_local(conn, _EXACT)
                         rows = conn.execute(nearest, [q, *params, q, k], prepare=False).fetchall()
-                        conn.execute("SET LOCAL enable_indexscan = on; SET LOCAL enable_seqscan = off; "
-                                     "SET LOCAL enable_bitmapscan = off")  # fmt: skip
+                        _set_local(conn, _WALK)
                         taken = "index+exact"
                     self.search_paths[taken] += 1
                     results.append([Hit(self._item(namespace, r), float(r[6])) for r in rows])
@@ -784,7 +793,7 @@ class PostgresStore(ClosingStore):
         much sparser there (a category about another topic than the query's) runs out and comes
         back short, and is then scored exactly: walks that find their k rows in the budget found
         0.84-0.98 of the exact top 10 on benchmarks/scale.py's set, the ones that went on far
-        past it as little as 0.36, because relaxed-order walks stop at the first k rows they meet."""
+        past it as little as 0.33, because relaxed-order walks stop at the first k rows they meet."""
         return int(max(self.index_settings.ef_search, min(10**9, SCAN_SLACK * k / max(share, 1e-9))))
 
     def _has_index(self, conn: Any, table: str, field: str) -> bool:
@@ -907,7 +916,7 @@ class PostgresStore(ClosingStore):
             else f"filters are exact scans (pgvector {'.'.join(map(str, self.pgvector))}; 0.8 walks the index)"
         )
         reason = (
-            f"HNSW on {vtype} ({'halfvec_ip_ops' if vtype == 'halfvec' else 'vector_ip_ops'}); {filtered}"
+            f"HNSW on {vtype} ({vtype}_ip_ops); {filtered}"
             if exists
             else f"exact scans of the {vtype} column (`clipsearch index build` makes an HNSW index)"
         )
@@ -947,7 +956,7 @@ class PostgresStore(ClosingStore):
                             i=self._ident(self._index_name(table, field)),
                             t=self._ident(table),
                             c=self._ident(_COLUMNS[field]),
-                            ops=self._psycopg.sql.SQL("halfvec_ip_ops" if vtype == "halfvec" else "vector_ip_ops"),
+                            ops=self._psycopg.sql.Identifier(f"{vtype}_ip_ops"),  # halfvec_ip_ops, vector_ip_ops
                             m=self._psycopg.sql.Literal(int(settings.hnsw_m)),
                             ef=self._psycopg.sql.Literal(int(settings.ef_construction)),
                         )
