@@ -93,6 +93,7 @@ class CollectionInfo:
             "index": self.index.kind,
             "index_fresh": self.index.fresh,
             "index_tombstones": self.index.tombstones,
+            "deleted_unpurged": self.index.unpurged,
             "index_reason": self.index.reason,
             "index_memory": self.index.memory,
             "runtime": self.runtime,

@@ -308,7 +308,7 @@ def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("7",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("8",)
     SQLiteStore(path).close()  # opening a migrated file again changes nothing
 
 
@@ -491,7 +491,7 @@ def test_iter_items_lists_what_iter_vectors_lists(make_store):
 
 def test_equality_filters_and_key_kinds_follow_every_write(tmp_path):
     """SQLite answers an equality filter from ``item_values`` and ``metadata_keys`` from
-    ``key_kinds``, both kept by each write: new, replaced, touched and deleted rows. Checked
+    ``key_kinds``, both kept by each write: new, replaced, touched, deleted and purged rows. Checked
     against the Python rules over what the table holds."""
     from clipsearch.filters import matches
 
@@ -512,6 +512,8 @@ def test_equality_filters_and_key_kinds_follow_every_write(tmp_path):
         current.update({t.id: t.metadata for t in touched})
         gone = list(current)[-3:]
         store.delete_items("default", gone)
+        if step % 2:  # marked rows purged at some steps, left marked (and some written again) at others
+            store.purge_deleted("default")
         for i in gone:
             del current[i]
         stored = {it.id: it.metadata for it in store.get_items("default", list(current))}
@@ -537,6 +539,75 @@ def test_equality_filters_and_key_kinds_follow_every_write(tmp_path):
     # the whole answer only where every condition is an equality it holds
     assert store._values_sql("default", {"c": "red", "n": [0, 9]})[2]
     assert not store._values_sql("default", {"c": "red", "n": {"gte": 1}})[2]
+    store.close()
+
+
+def test_a_delete_is_a_mark_every_read_honours_until_index_build_purges_it(tmp_path):
+    """SQLite deletes by marking: the rows stay in the file (a delete reads none of them) and
+    every read skips them at once; writing a deleted id again makes a new item; `index build`
+    purges the rows with their keywords, metadata values and key counts."""
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "s.db")
+    store.bind_namespace("default", IDENT, {})
+    image, text = _vectors(6), _vectors(6, seed=7)
+    metadata = [{"label": "red" if i < 3 else "blue", "path": f"/p/{i}.jpg"} for i in range(6)]
+    metadata[1]["gone"] = 1  # a key only a deleted item has
+    items = [
+        NewItem(f"id{i}", metadata[i], sha256="same" if i in (1, 4, 5) else f"h{i}", text=f"word{i} shared",
+                text_vector=text[i])
+        for i in range(6)
+    ]  # fmt: skip
+    store.write_batch("default", items, image)
+    store.search("default", image[:1], 1)  # an index built before the delete drops the rows too
+    created = {it.id: it.created_at for it in store.get_items("default", ["id1"])}
+
+    assert store.delete_items("default", ["id1", "id2", "id1", "nope"]) == 2
+    assert store.delete_items("default", ["id2"]) == 0  # already gone
+    raw = sqlite3.connect(tmp_path / "s.db")
+    assert raw.execute("SELECT count(*) FROM items").fetchone()[0] == 6  # marked, not removed
+    assert store.pending_purge("default") == 2
+
+    live = ["id0", "id3", "id4", "id5"]
+    assert store.count("default") == 4 and store.namespace("default").items == 4
+    assert [it.id for it in store.get_items("default", [f"id{i}" for i in range(6)])] == live
+    assert set(store.get_vectors("default", ["id1", "id3"])) == {"id3"}
+    assert set(store.file_states("default", ["id1", "id2", "id3"])) == {"id3"}
+    assert [it.id for batch in store.iter_items("default") for it in batch] == live
+    assert [it.id for batch, _ in store.iter_vectors("default") for it in batch] == live
+    for field, vecs in (("image", image), ("text", text)):
+        hits = store.search("default", vecs, 6, field=field)
+        assert all({h.item.id for h in row} == set(live) for row in hits)
+    assert [h.item.id for h in store.search("default", image[:3], 6, {"label": "red"})[0]] == ["id0"]
+    assert store.search("default", image[:1], 6, {"gone": 1}) == [[]]
+    assert {h.item.id for h in store.keyword_search("default", "shared", 10)} == set(live)
+    assert store.keyword_search("default", "word1", 10) == []
+    page, total = store.list_items("default", limit=10, order="oldest")
+    assert [it.id for it in page] == live and total == 4
+    assert store.count_by("default", "label") == [("blue", 3), ("red", 1)]
+    assert store.metadata_keys("default") == {"label": {"text": 4}, "path": {"text": 4}}
+    assert [[it.id for it in g] for g in store.hash_groups("default")] == [["id4", "id5"]]
+
+    # the id written again: a new item under a new seq, the marked row purged with it
+    store.write_batch("default", [NewItem("id1", {"label": "red"}, "h1")], image[1:2])
+    again = store.get_items("default", ["id1"])[0]
+    assert again.created_at >= created["id1"] and again.metadata == {"label": "red"}
+    assert store.pending_purge("default") == 1 and store.count("default") == 5
+    assert store.search("default", image[1:2], 1)[0][0].item.id == "id1"
+    assert store.metadata_keys("default") == {"label": {"text": 5}, "path": {"text": 4}}
+
+    store.build_index("default")
+    assert store.pending_purge("default") == 0
+    assert raw.execute("SELECT count(*) FROM items").fetchone()[0] == 5
+    assert raw.execute("SELECT count(*) FROM item_values WHERE seq NOT IN (SELECT seq FROM items)").fetchone() == (0,)
+    assert raw.execute("SELECT count(*) FROM items_fts").fetchone()[0] == 5
+    assert raw.execute("SELECT count(*) FROM text_vectors").fetchone()[0] == 4  # id1 came back without one
+    assert dict(((k, kind), n) for k, kind, n in raw.execute("SELECT key, kind, n FROM key_kinds WHERE n > 0")) == {
+        ("label", "text"): 5, ("path", "text"): 4
+    }  # fmt: skip
+    assert store.metadata_keys("default") == {"label": {"text": 5}, "path": {"text": 4}}
+    assert {h.item.id for h in store.search("default", image, 6)[0]} == {"id0", "id1", "id3", "id4", "id5"}
+    raw.close()
     store.close()
 
 

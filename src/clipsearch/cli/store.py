@@ -229,6 +229,8 @@ def print_index_status(namespace: str, status: IndexStatus) -> None:
         facts.append(f"{status.lists:,} lists")
     if status.tombstones:
         facts.append(f"{status.tombstones:,} removed vectors left until `index build`")
+    if status.unpurged:
+        facts.append(f"{status.unpurged:,} deleted rows whose space `index build` reclaims")
     out.print(f"{namespace}: {status.kind} index, {', '.join(facts)}")
     if status.reason:
         out.print(f"  why {status.kind}: {status.reason}")

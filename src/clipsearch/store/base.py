@@ -315,6 +315,7 @@ class IndexStatus:
     reason: str = ""  # why this kind
     memory: int = 0  # bytes the index holds in memory (an estimate)
     lists: int = 0  # IVF-PQ's lists
+    unpurged: int = 0  # rows deleted (skipped by every read) whose space `index build` reclaims (SQLite)
 
 
 class Store(Protocol):

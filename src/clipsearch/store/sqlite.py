@@ -55,7 +55,7 @@ from .base import (
     validate_namespace,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 _ALLOWED_CACHE_ENTRIES = 16  # results of _versioned kept (filters' allowed ids)
 _ALLOWED_CACHE_IDS = 2_000_000  # larger allow-lists (16 MB each) are found again each time
 
@@ -170,6 +170,12 @@ CREATE TABLE IF NOT EXISTS key_kinds (
     n INTEGER NOT NULL,
     PRIMARY KEY (namespace, key, kind)
 ) WITHOUT ROWID;
+-- rows deleted and not yet purged: a delete is a mark here (and an entry in removals, through
+-- which the indexes drop them), honoured at once by every read (the live_* views). The rows,
+-- their keywords and metadata values go when `index build` purges them or their id is written
+-- again. A row's pages are not read to delete it: at 10M rows most are on disk, not in memory
+CREATE TABLE IF NOT EXISTS deleted (seq INTEGER PRIMARY KEY, namespace TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS deleted_namespace ON deleted (namespace);
 CREATE TABLE IF NOT EXISTS claims (
     namespace TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -200,7 +206,7 @@ class SQLiteStore(ClosingStore):
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
         # what _versioned keeps: ("allowed", namespace, filters) -> (the database's version then,
-        # the ids they let through)
+        # the ids they let through), and ("keys", namespace) -> metadata_keys
         self._versions: OrderedDict[tuple[str, ...], tuple[tuple[int, int], Any]] = OrderedDict()
         self._id: str | None = None
         try:
@@ -217,6 +223,12 @@ class SQLiteStore(ClosingStore):
             self._conn.create_function("cs_number", 1, as_number, deterministic=True)
             self._conn.create_function("cs_fold", 1, _fold_text, deterministic=True)
             self._migrate()
+            # per connection (TEMP), so that they always have the tables' current columns
+            for view, table in (("live_items", "items"), ("live_text_vectors", "text_vectors")):
+                self._conn.execute(
+                    f"CREATE TEMP VIEW {view} AS SELECT * FROM main.{table} "
+                    "WHERE seq NOT IN (SELECT seq FROM main.deleted)"
+                )
         except sqlite3.DatabaseError as e:
             raise UsageError(f"{self.path} is not a clipsearch database ({e})") from None
 
@@ -298,7 +310,8 @@ class SQLiteStore(ClosingStore):
         )
 
     _NS_SELECT = """
-        SELECT n.*, (SELECT count(*) FROM items i WHERE i.namespace = n.name) AS items,
+        SELECT n.*, (SELECT count(*) FROM items i WHERE i.namespace = n.name)
+                    - (SELECT count(*) FROM deleted d WHERE d.namespace = n.name) AS items,
                (SELECT count(*) FROM failures f WHERE f.namespace = n.name) AS failures
         FROM namespaces n
     """
@@ -345,6 +358,7 @@ class SQLiteStore(ClosingStore):
 
     # -- writing -----------------------------------------------------------------------
     def _states(self, table: str, namespace: str, ids: list[str]) -> dict[str, FileState]:
+        table = "live_items" if table == "items" else table
         reason = "reason" if table == "failures" else "NULL AS reason"
         sql = (
             f"SELECT id, sha256, size, mtime_ns, fingerprint, {reason} FROM {table} "
@@ -396,13 +410,19 @@ class SQLiteStore(ClosingStore):
                 blob = vec.astype("<f4").tobytes()
                 meta = json.dumps(item.metadata, ensure_ascii=False)
                 row = conn.execute(
-                    "SELECT seq, created_at FROM items WHERE namespace = ? AND id = ?", (namespace, item.id)
+                    "SELECT seq, created_at, seq IN (SELECT seq FROM deleted) AS gone FROM items "
+                    "WHERE namespace = ? AND id = ?",
+                    (namespace, item.id),
                 ).fetchone()
                 if row is not None:
                     # a new vector takes a new seq: the indexes drop the old one and append this one,
-                    # where rewriting a vector in place would mean rebuilding them
-                    self._remove_rows(conn, namespace, [row["seq"]], kinds)
-                    removed = True
+                    # where rewriting a vector in place would mean rebuilding them. A deleted row of
+                    # this id is purged now (the indexes dropped it when it was deleted), and this
+                    # one is a new item
+                    self._remove_rows(conn, namespace, [row["seq"]], kinds, purge=bool(row["gone"]))
+                    removed |= not row["gone"]
+                    if row["gone"]:
+                        row = None
                 seq = conn.execute(
                     "INSERT INTO items (namespace, id, sha256, size, mtime_ns, metadata, vector, "
                     "created_at, updated_at, fingerprint, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -426,7 +446,7 @@ class SQLiteStore(ClosingStore):
                 text_changed |= item.text_vector is not None
             for t in touched:
                 row = conn.execute(
-                    "SELECT seq, metadata FROM items WHERE namespace = ? AND id = ?", (namespace, t.id)
+                    "SELECT seq, metadata FROM live_items WHERE namespace = ? AND id = ?", (namespace, t.id)
                 ).fetchone()
                 if row is None:
                     continue
@@ -522,34 +542,43 @@ class SQLiteStore(ClosingStore):
             [(*k, n) for k, n in kinds.items() if n],
         )
 
-    def _remove_rows(self, conn: sqlite3.Connection, namespace: str, seqs: list[int], kinds: Counter) -> None:
+    def _remove_rows(
+        self, conn: sqlite3.Connection, namespace: str, seqs: list[int], kinds: Counter, purge: bool = False
+    ) -> None:
         """Delete rows (their keyword entries, metadata values and, by cascade, text vectors)
-        and log their seqs for the indexes."""
+        and log their seqs for the indexes; ``purge``: rows marked deleted, whose seqs were
+        logged when they were marked."""
         for i in range(0, len(seqs), _CHUNK):
             chunk = seqs[i : i + _CHUNK]
             rows = conn.execute(f"SELECT metadata FROM items WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
             self._unindex_metadata(conn, namespace, chunk, [json.loads(r["metadata"]) for r in rows], kinds)
         conn.executemany("DELETE FROM items_fts WHERE rowid = ?", [(s,) for s in seqs])
         conn.executemany("DELETE FROM items WHERE seq = ?", [(s,) for s in seqs])
-        conn.executemany("INSERT INTO removals (namespace, seq) VALUES (?, ?)", [(namespace, s) for s in seqs])
+        if purge:
+            conn.executemany("DELETE FROM deleted WHERE seq = ?", [(s,) for s in seqs])
+        else:
+            conn.executemany("INSERT INTO removals (namespace, seq) VALUES (?, ?)", [(namespace, s) for s in seqs])
 
     def delete_items(self, namespace: str, ids: list[str]) -> int:
+        """Mark the items deleted (``deleted``) and log them for the indexes: every read skips
+        them from this commit on, and ``purge_deleted`` removes their rows later. Nothing of the
+        rows is read or written here: a delete costs the id lookups, in id order."""
         self._require(namespace)
         deleted = 0
-        kinds: Counter = Counter()
+        ids = sorted(set(ids))
         with self._tx() as conn:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i : i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
                 seqs = [
-                    r["seq"]
+                    (r["seq"], namespace)
                     for r in conn.execute(
-                        f"SELECT seq FROM items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
+                        f"SELECT seq FROM live_items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
                     )
                 ]
-                self._remove_rows(conn, namespace, seqs, kinds)
+                conn.executemany("INSERT INTO deleted (seq, namespace) VALUES (?, ?)", seqs)
+                conn.executemany("INSERT INTO removals (seq, namespace) VALUES (?, ?)", seqs)
                 deleted += len(seqs)
-            self._count_kinds(conn, kinds)
             if deleted:
                 # the indexes apply the logged removals: no rebuild
                 conn.execute(
@@ -558,6 +587,31 @@ class SQLiteStore(ClosingStore):
                     (namespace,),
                 )
         return deleted
+
+    def purge_deleted(self, namespace: str, batch: int = 10_000) -> int:
+        """Remove the rows marked deleted (their rows, keywords, metadata values and key counts),
+        ``batch`` rows a transaction so that readers and writers wait no longer than one batch;
+        returns how many. `index build` runs it."""
+        self._require(namespace)
+        purged = 0
+        while True:
+            kinds: Counter = Counter()
+            with self._tx() as conn:
+                seqs = [
+                    r["seq"]
+                    for r in conn.execute(
+                        "SELECT seq FROM deleted WHERE namespace = ? ORDER BY seq LIMIT ?", (namespace, batch)
+                    )
+                ]
+                if not seqs:
+                    return purged
+                self._remove_rows(conn, namespace, seqs, kinds, purge=True)
+                self._count_kinds(conn, kinds)
+            purged += len(seqs)
+
+    def pending_purge(self, namespace: str) -> int:
+        """How many rows are marked deleted and not yet purged."""
+        return int(self._query("SELECT count(*) AS n FROM deleted WHERE namespace = ?", (namespace,))[0]["n"])
 
     def claim(self, namespace: str, ids: list[str], owner: str, lease_seconds: float = 600) -> set[str]:
         if not ids:
@@ -620,19 +674,19 @@ class SQLiteStore(ClosingStore):
     _ITEM_COLS = "seq, id, namespace, metadata, sha256, created_at, updated_at"
 
     def get_items(self, namespace: str, ids: list[str]) -> list[Item]:
-        sql = f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ? AND id IN ({{marks}})"
+        sql = f"SELECT {self._ITEM_COLS} FROM live_items WHERE namespace = ? AND id IN ({{marks}})"
         found = {r["id"]: self._item(r) for r in self._select_in(sql, [namespace], ids)}
         return [found[i] for i in ids if i in found]
 
     def get_vectors(self, namespace: str, ids: list[str]) -> dict[str, np.ndarray]:
-        sql = "SELECT id, vector FROM items WHERE namespace = ? AND id IN ({marks})"
+        sql = "SELECT id, vector FROM live_items WHERE namespace = ? AND id IN ({marks})"
         return {
             r["id"]: np.frombuffer(r["vector"], dtype="<f4").astype(np.float32)
             for r in self._select_in(sql, [namespace], ids)
         }
 
     def count(self, namespace: str) -> int:
-        return int(self._query("SELECT count(*) AS n FROM items WHERE namespace = ?", (namespace,))[0]["n"])
+        return self._count(namespace, "image")
 
     def failures(self, namespace: str | None = None) -> list[Failure]:
         sql = "SELECT * FROM failures"
@@ -662,9 +716,9 @@ class SQLiteStore(ClosingStore):
         self, namespace: str, after_seq: int, batch_size: int, with_items: bool, field: str = "image"
     ) -> Iterator[tuple]:
         if field == "text":
-            table, cols = "text_vectors", "seq, vector"
+            table, cols = "live_text_vectors", "seq, vector"
         else:
-            table, cols = "items", (self._ITEM_COLS + ", vector" if with_items else "seq, vector")
+            table, cols = "live_items", (self._ITEM_COLS + ", vector" if with_items else "seq, vector")
         for rows in self._pages(table, cols, namespace, after_seq, batch_size):
             seqs = np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r["vector"] for r in rows), dtype="<f4").reshape(len(rows), -1)
@@ -687,7 +741,7 @@ class SQLiteStore(ClosingStore):
 
     def iter_items(self, namespace: str, batch_size: int = 10_000) -> Iterator[list[Item]]:
         self._require(namespace)
-        for rows in self._pages("items", self._ITEM_COLS, namespace, 0, batch_size):
+        for rows in self._pages("live_items", self._ITEM_COLS, namespace, 0, batch_size):
             yield [self._item(r) for r in rows]
 
     def iter_vectors(self, namespace: str, batch_size: int = 10_000) -> Iterator[tuple[list[Item], np.ndarray]]:
@@ -697,8 +751,8 @@ class SQLiteStore(ClosingStore):
 
     def hash_groups(self, namespace: str) -> list[list[Item]]:
         rows = self._query(
-            f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ? AND sha256 IN ("
-            "SELECT sha256 FROM items WHERE namespace = ? AND sha256 IS NOT NULL "
+            f"SELECT {self._ITEM_COLS} FROM live_items WHERE namespace = ? AND sha256 IN ("
+            "SELECT sha256 FROM live_items WHERE namespace = ? AND sha256 IS NOT NULL "
             "GROUP BY sha256 HAVING count(*) > 1) ORDER BY sha256, seq",
             (namespace, namespace),
         )
@@ -813,7 +867,7 @@ class SQLiteStore(ClosingStore):
         """``n`` of the namespace's vectors drawn at random (the same ones each time): what an
         IVF-PQ index is trained on. Random, not the first ``n``: a catalog is often stored by
         topic."""
-        table = "text_vectors" if field == "text" else "items"
+        table = "live_text_vectors" if field == "text" else "live_items"
         rows = self._query(f"SELECT seq FROM {table} WHERE namespace = ?", (namespace,))
         seqs = np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows))
         picked = np.sort(np.random.default_rng(0).choice(seqs, min(n, len(seqs)), replace=False))
@@ -822,8 +876,16 @@ class SQLiteStore(ClosingStore):
         return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32)
 
     def _count(self, namespace: str, field: str) -> int:
+        """The namespace's live rows of ``field``: all of them less those marked deleted (two
+        index counts, where counting through live_* would test every row)."""
         table = "text_vectors" if field == "text" else "items"
-        return int(self._query(f"SELECT count(*) AS n FROM {table} WHERE namespace = ?", (namespace,))[0]["n"])
+        return int(
+            self._query(
+                f"SELECT (SELECT count(*) FROM {table} WHERE namespace = ?) - (SELECT count(*) FROM deleted d "
+                f"JOIN {table} t ON t.seq = d.seq WHERE d.namespace = ?) AS n",
+                (namespace, namespace),
+            )[0]["n"]
+        )
 
     @staticmethod
     def _filter_sql(filters: dict[str, Any] | None, alias: str = "") -> tuple[str, list[Any]]:
@@ -913,19 +975,19 @@ class SQLiteStore(ClosingStore):
         def compute() -> np.ndarray:
             found, found_params, complete = self._values_sql(namespace, filters)
             if complete:  # nothing to test again
-                sql, args = f"SELECT seq FROM ({found})", found_params
+                sql, args = f"SELECT seq FROM ({found}) WHERE seq NOT IN (SELECT seq FROM deleted)", found_params
             else:
                 where, params = self._filter_sql(filters)
                 if found:
                     # the rows an equality condition names, from item_values, tested against every
                     # condition (CROSS JOIN: SQLite reads those rows, not the table)
                     sql = (
-                        f"SELECT i.seq FROM ({found}) v CROSS JOIN items i ON i.seq = v.seq "
+                        f"SELECT i.seq FROM ({found}) v CROSS JOIN live_items i ON i.seq = v.seq "
                         f"WHERE i.namespace = ?{where}"
                     )
                     args = [*found_params, namespace, *params]
                 else:
-                    sql, args = f"SELECT seq FROM items WHERE namespace = ?{where}", [namespace, *params]
+                    sql, args = f"SELECT seq FROM live_items WHERE namespace = ?{where}", [namespace, *params]
             rows = self._query(sql, args)
             return np.sort(np.fromiter((r["seq"] for r in rows), dtype=np.int64, count=len(rows)))
 
@@ -937,7 +999,7 @@ class SQLiteStore(ClosingStore):
         return seqs
 
     def _items_by_seq(self, seqs: set[int]) -> dict[int, Item]:
-        sql = f"SELECT {self._ITEM_COLS} FROM items WHERE seq IN ({{marks}})"
+        sql = f"SELECT {self._ITEM_COLS} FROM live_items WHERE seq IN ({{marks}})"
         return {r["seq"]: self._item(r) for r in self._select_in(sql, [], sorted(seqs))}
 
     def search(
@@ -967,13 +1029,14 @@ class SQLiteStore(ClosingStore):
         path = '$."' + key.replace('"', '""') + '"'
         # json_each walks a list's elements, and yields a scalar as itself
         rows = self._query(
-            "SELECT j.value AS value, count(*) AS n FROM items i, json_each(i.metadata, ?) j "
+            "SELECT j.value AS value, count(*) AS n FROM live_items i, json_each(i.metadata, ?) j "
             "WHERE i.namespace = ? AND j.type NOT IN ('object', 'array', 'null') "
             "GROUP BY j.value ORDER BY n DESC, value",
             (path, namespace),
         )
         missing = self._query(
-            "SELECT count(*) AS n FROM items WHERE namespace = ? AND coalesce(json_type(metadata, ?), 'null') = 'null'",
+            "SELECT count(*) AS n FROM live_items WHERE namespace = ? "
+            "AND coalesce(json_type(metadata, ?), 'null') = 'null'",
             (namespace, path),
         )[0]["n"]
         counts = [(r["value"], int(r["n"])) for r in rows]
@@ -998,14 +1061,25 @@ class SQLiteStore(ClosingStore):
     def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
         self._require(namespace)
 
-        # kept by every write (key_kinds): a filter's keys are checked on every search
-        rows = self._query(
-            "SELECT key, kind, n FROM key_kinds WHERE namespace = ? AND n > 0 ORDER BY key", (namespace,)
-        )
-        keys: dict[str, dict[str, int]] = {}
-        for r in rows:
-            keys.setdefault(r["key"], {})[r["kind"]] = int(r["n"])
-        return keys
+        def compute() -> dict[str, dict[str, int]]:
+            # kept by every write (key_kinds), less the rows marked deleted and not yet purged
+            # (which key_kinds still counts: their rows are not read when they are deleted)
+            counts = Counter(
+                {(r["key"], r["kind"]): int(r["n"]) for r in self._query(
+                    "SELECT key, kind, n FROM key_kinds WHERE namespace = ? AND n > 0", (namespace,)
+                )}
+            )  # fmt: skip
+            sql = "SELECT i.metadata FROM deleted d JOIN items i ON i.seq = d.seq WHERE d.namespace = ?"
+            for r in self._query(sql, (namespace,)):
+                for key, value in json.loads(r["metadata"]).items():
+                    counts[(key, _kind(value))] -= 1
+            keys: dict[str, dict[str, int]] = {}
+            for (key, kind), n in sorted(counts.items()):
+                if n > 0:
+                    keys.setdefault(key, {})[kind] = n
+            return keys
+
+        return {key: dict(kinds) for key, kinds in self._versioned(("keys", namespace), compute).items()}
 
     def list_items(
         self,
@@ -1030,10 +1104,10 @@ class SQLiteStore(ClosingStore):
             "seq DESC",
         }[order]
         rows = self._query(
-            f"SELECT {self._ITEM_COLS} FROM items WHERE namespace = ?{where} ORDER BY {sort} LIMIT ? OFFSET ?",
+            f"SELECT {self._ITEM_COLS} FROM live_items WHERE namespace = ?{where} ORDER BY {sort} LIMIT ? OFFSET ?",
             [namespace, *params, limit, offset],
         )
-        total = self._query(f"SELECT count(*) AS n FROM items WHERE namespace = ?{where}", [namespace, *params])
+        total = self._query(f"SELECT count(*) AS n FROM live_items WHERE namespace = ?{where}", [namespace, *params])
         return [self._item(r) for r in rows], int(total[0]["n"])
 
     def keyword_search(self, namespace: str, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
@@ -1044,7 +1118,7 @@ class SQLiteStore(ClosingStore):
         where, params = self._indexed_filter_sql(namespace, filters, "i.")
         rows = self._query(
             "SELECT f.rowid AS seq, bm25(items_fts, 2.0, 1.0) AS rank FROM items_fts f "
-            f"JOIN items i ON i.seq = f.rowid WHERE items_fts MATCH ? AND i.namespace = ?{where} "
+            f"JOIN live_items i ON i.seq = f.rowid WHERE items_fts MATCH ? AND i.namespace = ?{where} "
             "ORDER BY rank LIMIT ?",
             [match, namespace, *params, k],
         )
@@ -1053,7 +1127,7 @@ class SQLiteStore(ClosingStore):
         return [Hit(by_seq[r["seq"]], -float(r["rank"])) for r in rows if r["seq"] in by_seq]
 
     def has_text_vectors(self, namespace: str) -> bool:
-        return bool(self._query("SELECT 1 FROM text_vectors WHERE namespace = ? LIMIT 1", (namespace,)))
+        return bool(self._query("SELECT 1 FROM live_text_vectors WHERE namespace = ? LIMIT 1", (namespace,)))
 
     def index_status(self, namespace: str, field: str = "image") -> IndexStatus:
         ns = self._require(namespace)
@@ -1061,13 +1135,15 @@ class SQLiteStore(ClosingStore):
             loaded = self._indexes.get((namespace, field))
         # the state file says what the index holds; the index itself need not be loaded
         state = loaded.state if loaded else VectorIndex.read_state(self._index_path(namespace, field))
+        unpurged = self.pending_purge(namespace) if field == "image" else 0
         if state is None or state.owner != self._index_owner(ns):
-            return IndexStatus(kind="none", fresh=False, vectors=0)
+            return IndexStatus(kind="none", fresh=False, vectors=0, unpurged=unpurged)
         gen_col, rebuild_col = _COUNTERS[field]
         fresh = state.generation == ns[gen_col] and state.rebuild_generation == ns[rebuild_col]
         return IndexStatus(
             kind=state.kind, fresh=fresh, vectors=state.live, tombstones=len(state.dead),
             reason=state.reason, memory=state.memory, lists=state.nlist,
+            unpurged=unpurged,
         )  # fmt: skip
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
@@ -1078,8 +1154,9 @@ class SQLiteStore(ClosingStore):
             self.index_settings = dataclasses.replace(self.index_settings, kind=kind)
             self._indexes.pop((namespace, "image"), None)
             self._indexes.pop((namespace, "text"), None)
-        # a build also compacts: tombstones left by deletions go with the rebuild; `index build`
-        # (a kind given, auto included) retrains an IVF-PQ index too
+        # a build also compacts: the rows marked deleted are purged, tombstones left by deletions
+        # go with the rebuild; `index build` (a kind given, auto included) retrains an IVF-PQ index too
+        self.purge_deleted(namespace)
         rebuild = kind is not None
         marks = [self._fresh_index(namespace, compact=True, rebuild=rebuild).state.removal_mark]
         if self.has_text_vectors(namespace):

@@ -1,0 +1,163 @@
+"""Deletes at catalog scale, on a store that ``benchmarks/scale.py --keep`` left: how long
+deleting a share of the items takes and the first answer after it, beside an earlier revision,
+and what the deleted rows cost the searches after them.
+
+    python benchmarks/scale.py --n 10000000 --queries 200 --keep --skip-updates   # once (an hour)
+    python benchmarks/delete_scale.py --reuse DIR [--baseline REV] [--share 0.01] [--upto 0.25]
+
+In order, on the same store: ``--baseline`` (a git revision checked out into a temporary worktree
+and run on this virtual environment, before this tree opens the file, since it cannot read a
+newer schema) deletes ``--share`` of the items and answers one query; this tree measures p50 and
+recall@10 of the queries against an exact scan of the rows left, deletes another ``--share`` of
+them and answers one query, deletes more until ``--upto`` of the items are gone, and measures
+p50 and recall@10 again. Each side deletes its own random items (disjoint), 50,000 a call, as
+``scale.py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import pct, print_table, source_trees
+
+HERE = Path(__file__).resolve().parent
+
+DELETE = r"""
+import json, sys, time
+import numpy as np
+import clipsearch
+db, rows, query = sys.argv[1], np.load(sys.argv[2]), np.load(sys.argv[3])
+c = clipsearch.open(db, create=False)
+c.search(vector=query, limit=10)  # the index loaded and fresh: what is timed is the delete
+t = time.perf_counter()
+gone = 0
+for start in range(0, len(rows), 50_000):
+    gone += c.delete([f"i{i}" for i in rows[start : start + 50_000]])
+deleted = time.perf_counter() - t
+c.search(vector=query, limit=10)
+print(json.dumps({"deleted": deleted, "answered": time.perf_counter() - t, "gone": gone}))
+"""
+
+
+def delete_with(src: Path, db: Path, rows: np.ndarray, query: np.ndarray, work: Path) -> dict:
+    """Delete ``rows`` with the clipsearch of source tree ``src``, in a process of its own."""
+    np.save(work / "rows.npy", rows)
+    np.save(work / "query.npy", query)
+    cmd = [sys.executable, "-c", DELETE, str(db), str(work / "rows.npy"), str(work / "query.npy")]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr)
+    return json.loads(done.stdout)
+
+
+def open_as(src: Path, db: Path) -> None:
+    """Let the clipsearch of ``src`` open ``db``: a store written by this tree has schema 8, whose
+    only change from 7 is the ``deleted`` table; with that table empty, an older revision reads
+    the file as its own, and this tree migrates it back (adding nothing) when it opens it next."""
+    import re
+    import sqlite3
+
+    theirs = int(re.search(r"SCHEMA_VERSION = (\d+)", (src / "clipsearch/store/sqlite.py").read_text())[1])
+    with sqlite3.connect(db) as conn:
+        ours = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if theirs < ours:
+            if ours != 8 or theirs != 7 or conn.execute("SELECT count(*) FROM deleted").fetchone()[0]:
+                sys.exit(f"the baseline reads schema {theirs}, the store is schema {ours}")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(theirs),))
+
+
+def exact(vectors: np.ndarray, queries: np.ndarray, live: np.ndarray) -> list[set[int]]:
+    """Each query's true top 10 among the ``live`` rows (a boolean mask), a chunk at a time."""
+    best_s = np.full((len(queries), 10), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 10), np.int64)
+    for start in range(0, len(vectors), 200_000):
+        chunk = np.asarray(vectors[start : start + 200_000], dtype=np.float32)
+        scores = queries @ chunk.T
+        scores[:, ~live[start : start + len(chunk)]] = -np.inf
+        top = np.argpartition(-scores, 10, axis=1)[:, :10]
+        s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
+        i = np.concatenate([best_i, top + start], 1)
+        order = np.argsort(-s, 1)[:, :10]
+        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return [set(row.tolist()) for row in best_i]
+
+
+def measure(c, queries: np.ndarray, truth: list[set[int]]) -> tuple[float, float, float]:
+    """p50 and p99 (ms) of one client's queries, and their recall@10."""
+    times, found = [], []
+    for q in queries:
+        t = time.perf_counter()
+        hits = c.search(vector=q, limit=10)
+        times.append(time.perf_counter() - t)
+        found.append({int(h.id[1:]) for h in hits})
+    got = np.mean([len(f & t) / 10 for f, t in zip(found, truth, strict=True)])
+    return pct(times, 50) * 1000, pct(times, 99) * 1000, float(got)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reuse", required=True, help="the folder `scale.py --keep` left")
+    ap.add_argument("--baseline", default="", help="a git revision to delete with first, beside this tree")
+    ap.add_argument("--share", type=float, default=0.01, help="the share of the items each side deletes")
+    ap.add_argument("--upto", type=float, default=0.25, help="then this tree deletes until this share is gone")
+    ap.add_argument("--seed", type=int, default=6)
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE.parent / "src"))
+    work = Path(args.reuse)
+    db, vectors = work / "scale.db", np.load(work / "vectors.npy", mmap_mode="r")
+    queries = np.load(work / "queries.npy").astype(np.float32)
+    n = len(vectors)
+    order = np.random.default_rng(args.seed).permutation(n)
+    step = int(args.share * n)
+    live = np.ones(n, dtype=bool)
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as tmp, source_trees(args.baseline, Path(tmp)) as trees:
+        taken = 0
+        for side, src in trees.items():  # "before" first: it cannot open the file once "after" has
+            gone = np.sort(order[taken : taken + step])
+            taken += step
+            if side == "after":
+                import clipsearch
+
+                c = clipsearch.open(db, create=False)
+                c.search(vector=queries[0], limit=10)
+                p50, p99, got = measure(c, queries, exact(vectors, queries, live))
+                rows.append([f"after: before its deletes ({int(live.sum()):,} items)", "", "",
+                             f"{p50:.1f} / {p99:.1f}", f"{got:.3f}"])  # fmt: skip
+                c.close()
+            if side == "before":
+                open_as(src, db)
+            r = delete_with(src, db, gone, queries[0], Path(tmp))
+            live[gone] = False
+            rows.append([f"{side}: delete {r['gone']:,}", f"{r['deleted']:.1f} s", f"{r['answered']:.1f} s", "", ""])
+        more = np.sort(order[taken : int(args.upto * n)])
+        r = delete_with(trees["after"], db, more, queries[0], Path(tmp))
+        live[more] = False
+        import clipsearch
+
+        c = clipsearch.open(db, create=False)
+        c.search(vector=queries[0], limit=10)
+        p50, p99, got = measure(c, queries, exact(vectors, queries, live))
+        label = f"after: delete {r['gone']:,} more ({int((~live).sum()) / n:.0%} of the items in all)"
+        rows.append([label, f"{r['deleted']:.1f} s", f"{r['answered']:.1f} s", f"{p50:.1f} / {p99:.1f}", f"{got:.3f}"])
+        status = c.info().index
+        c.close()
+    print_table(
+        f"Deletes on {n:,} x {vectors.shape[1]} ({status.kind} index, {status.unpurged:,} deleted rows unpurged)",
+        ["step", "deleted in", "first answer after", "p50 / p99 (ms)", "recall@10"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
