@@ -899,7 +899,8 @@ class Collection:
         # read now, as this or another process may have written since
         if self._keys and problem(self._keys) is None:
             return
-        self._keys = self.store.metadata_keys(self.namespace)
+        # which keys there are: counts that may include deleted items not yet purged will do
+        self._keys = self.store.metadata_keys(self.namespace, exact=False)
         error = problem(self._keys)
         if error is not None:
             raise error

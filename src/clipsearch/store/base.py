@@ -385,9 +385,10 @@ class Store(Protocol):
         most items first, then (None, items without the key), if any."""
         ...
 
-    def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
+    def metadata_keys(self, namespace: str, exact: bool = True) -> dict[str, dict[str, int]]:
         """Each metadata key of the namespace's items: how many items have it, by the kind of
-        value (``KEY_KINDS``)."""
+        value (``KEY_KINDS``). ``exact=False`` may also count items deleted and not yet purged
+        (SQLite), which costs nothing to leave in: for a caller that asks which keys there are."""
         ...
 
     def list_items(

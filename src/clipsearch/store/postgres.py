@@ -832,7 +832,7 @@ class PostgresStore(ClosingStore):
         with self._conn() as conn:
             self._table(conn, namespace)
 
-    def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
+    def metadata_keys(self, namespace: str, exact: bool = True) -> dict[str, dict[str, int]]:
         with self._conn() as conn:
             table, _ = self._table(conn, namespace)
             rows = conn.execute(

@@ -206,8 +206,8 @@ class SQLiteStore(ClosingStore):
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
         # what _versioned keeps: ("allowed", namespace, filters) -> (the database's version then,
-        # the ids they let through), and ("keys", namespace) -> metadata_keys
-        self._versions: OrderedDict[tuple[str, ...], tuple[tuple[int, int], Any]] = OrderedDict()
+        # the ids they let through), and ("keys", namespace, exact) -> metadata_keys
+        self._versions: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], Any]] = OrderedDict()
         self._id: str | None = None
         try:
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -1058,19 +1058,20 @@ class SQLiteStore(ClosingStore):
                 self._versions.popitem(last=False)
         return value
 
-    def metadata_keys(self, namespace: str) -> dict[str, dict[str, int]]:
+    def metadata_keys(self, namespace: str, exact: bool = True) -> dict[str, dict[str, int]]:
         self._require(namespace)
 
         def compute() -> dict[str, dict[str, int]]:
             # kept by every write (key_kinds), less the rows marked deleted and not yet purged
-            # (which key_kinds still counts: their rows are not read when they are deleted)
+            # (which key_kinds still counts: their rows are not read when they are deleted, and
+            # reading them here costs a page each; a filter's check asks without: exact=False)
             counts = Counter(
                 {(r["key"], r["kind"]): int(r["n"]) for r in self._query(
                     "SELECT key, kind, n FROM key_kinds WHERE namespace = ? AND n > 0", (namespace,)
                 )}
             )  # fmt: skip
             sql = "SELECT i.metadata FROM deleted d JOIN items i ON i.seq = d.seq WHERE d.namespace = ?"
-            for r in self._query(sql, (namespace,)):
+            for r in self._query(sql, (namespace,)) if exact else []:
                 for key, value in json.loads(r["metadata"]).items():
                     counts[(key, _kind(value))] -= 1
             keys: dict[str, dict[str, int]] = {}
@@ -1079,7 +1080,7 @@ class SQLiteStore(ClosingStore):
                     keys.setdefault(key, {})[kind] = n
             return keys
 
-        return {key: dict(kinds) for key, kinds in self._versioned(("keys", namespace), compute).items()}
+        return {key: dict(kinds) for key, kinds in self._versioned(("keys", namespace, exact), compute).items()}
 
     def list_items(
         self,
