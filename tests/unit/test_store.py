@@ -613,6 +613,19 @@ def test_a_delete_is_a_mark_every_read_honours_until_index_build_purges_it(tmp_p
     store.close()
 
 
+def test_a_namespace_is_read_in_stored_order_by_an_index_range(tmp_path):
+    """Index builds, exports and folder syncs read a namespace's rows a page at a time in seq
+    order: each page must be one range of an index, not a sort of every row after its start."""
+    store = SQLiteStore(tmp_path / "s.db")
+    _fill(store, 20)
+    for table in ("live_items", "live_text_vectors"):
+        sql = f"SELECT seq, vector FROM {table} WHERE namespace = ? AND seq > ? ORDER BY seq LIMIT ?"
+        plan = " / ".join(r[3] for r in store._conn.execute("EXPLAIN QUERY PLAN " + sql, ("default", 5, 10)))
+        assert "TEMP B-TREE" not in plan and "USING INDEX" in plan, plan
+    assert [it.id for page in store.iter_items("default", batch_size=7) for it in page] == [f"id{i}" for i in range(20)]
+    store.close()
+
+
 def test_export_streams_and_stays_consistent_when_rows_change_meanwhile(tmp_path):
     """``export`` writes a chunk at a time, sized by the count when it starts; a row deleted
     while it runs leaves a matrix and metadata that still agree row for row."""
