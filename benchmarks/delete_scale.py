@@ -111,6 +111,10 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.01, help="the share of the items each side deletes")
     ap.add_argument("--upto", type=float, default=0.25, help="then this tree deletes until this share is gone")
     ap.add_argument("--seed", type=int, default=6)
+    ap.add_argument(
+        "--since", type=float, default=0.0,
+        help="the store already lost the first SINCE of the items an earlier run (same seed) deleted: go on from there",
+    )  # fmt: skip
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
     work = Path(args.reuse)
@@ -120,9 +124,10 @@ def main() -> None:
     order = np.random.default_rng(args.seed).permutation(n)
     step = int(args.share * n)
     live = np.ones(n, dtype=bool)
+    live[order[: int(args.since * n)]] = False
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp, source_trees(args.baseline, Path(tmp)) as trees:
-        taken = 0
+        taken = int(args.since * n)
         for side, src in trees.items():  # "before" first: it cannot open the file once "after" has
             gone = np.sort(order[taken : taken + step])
             taken += step
@@ -132,7 +137,7 @@ def main() -> None:
                 c = clipsearch.open(db, create=False)
                 c.search(vector=queries[0], limit=10)
                 p50, p99, got = measure(c, queries, exact(vectors, queries, live))
-                rows.append([f"after: before its deletes ({int(live.sum()):,} items)", "", "",
+                rows.append([f"after: before its deletes ({int(live.sum()):,} items left)", "", "",
                              f"{p50:.1f} / {p99:.1f}", f"{got:.3f}"])  # fmt: skip
                 c.close()
             if side == "before":

@@ -623,6 +623,16 @@ def test_a_namespace_is_read_in_stored_order_by_an_index_range(tmp_path):
         plan = " / ".join(r[3] for r in store._conn.execute("EXPLAIN QUERY PLAN " + sql, ("default", 5, 10)))
         assert "TEMP B-TREE" not in plan and "USING INDEX" in plan, plan
     assert [it.id for page in store.iter_items("default", batch_size=7) for it in page] == [f"id{i}" for i in range(20)]
+    # and the live rows are counted from indexes alone: a marked row's page is never read
+    calls = []
+    store._conn.set_trace_callback(calls.append)
+    assert store._count("default", "image") == 20 and store._count("default", "text") == 0
+    store._conn.set_trace_callback(None)
+    assert calls
+    for sql in calls:
+        args = ("default",) * sql.count("'default'")
+        plan = [r[3] for r in store._conn.execute("EXPLAIN QUERY PLAN " + sql.replace("'default'", "?"), args)]
+        assert all("COVERING INDEX" in step or "SUBQUERY" in step or "SCAN CONSTANT" in step for step in plan), plan
     store.close()
 
 

@@ -880,16 +880,21 @@ class SQLiteStore(ClosingStore):
         return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32)
 
     def _count(self, namespace: str, field: str) -> int:
-        """The namespace's live rows of ``field``: all of them less those marked deleted (two
-        index counts, where counting through live_* would test every row)."""
-        table = "text_vectors" if field == "text" else "items"
-        return int(
-            self._query(
-                f"SELECT (SELECT count(*) FROM {table} WHERE namespace = ?) - (SELECT count(*) FROM deleted d "
-                f"JOIN {table} t ON t.seq = d.seq WHERE d.namespace = ?) AS n",
-                (namespace, namespace),
-            )[0]["n"]
-        )
+        """The namespace's live rows of ``field``: all of them less those marked deleted, counted
+        from indexes alone (through live_* every row would be tested; a join on the tables reads
+        each marked row's page: 20 s for 100,000 marks at 10M rows, from disk). Every marked seq
+        has its row in ``items`` (both go in one transaction); ``text_vectors`` holds only some."""
+        if field == "text":
+            marked = (
+                "SELECT count(*) FROM deleted d WHERE d.namespace = ? AND EXISTS "
+                "(SELECT 1 FROM text_vectors t INDEXED BY text_vectors_namespace "
+                "WHERE t.namespace = d.namespace AND t.seq = d.seq)"
+            )
+            table = "text_vectors"
+        else:
+            marked, table = "SELECT count(*) FROM deleted WHERE namespace = ?", "items"
+        sql = f"SELECT (SELECT count(*) FROM {table} WHERE namespace = ?) - ({marked}) AS n"
+        return int(self._query(sql, (namespace, namespace))[0]["n"])
 
     @staticmethod
     def _filter_sql(filters: dict[str, Any] | None, alias: str = "") -> tuple[str, list[Any]]:
