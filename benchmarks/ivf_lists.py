@@ -1,0 +1,94 @@
+"""How many IVF lists a collection needs: the share of each query's true top 10 that lies in the
+lists it visits (the ceiling that codes and re-ranking cannot lift), for several list counts,
+on a store that ``benchmarks/scale.py --keep`` left (its fp16 vectors and queries).
+
+    python benchmarks/ivf_lists.py --reuse DIR [--lists 4096,16384] [--threads 1]
+
+Each list count's centroids are trained as FAISS trains an IVF index (k-means on a random sample,
+``--per`` vectors a list); above 4,096 lists k-means assigns the sample through an HNSW graph of
+the centroids (what FAISS's ``IVF..._HNSW32`` does), which keeps 16,384 lists to minutes. Only
+the true neighbours are assigned to lists, so no index is built; the codes scanned are estimated
+from the lists' sizes in a 500,000-vector sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table
+
+
+def true_top(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), k), np.int64)
+    for start in range(0, len(vectors), 200_000):
+        scores = queries @ np.asarray(vectors[start : start + 200_000], dtype=np.float32).T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
+        i = np.concatenate([best_i, top + start], 1)
+        order = np.argsort(-s, 1)[:, :k]
+        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return best_i
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reuse", required=True, help="the folder `scale.py --keep` left")
+    ap.add_argument("--lists", default="4096,16384")
+    ap.add_argument("--per", type=int, default=0, help="training vectors a list (default: 40 to 4,096 lists, else 20)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    work = Path(args.reuse)
+    vectors = np.load(work / "vectors.npy", mmap_mode="r")
+    queries = np.load(work / "queries.npy").astype(np.float32)
+    n, dim = vectors.shape
+    half = len(queries) // 2  # scale.py: text queries first, then image queries
+    t = time.perf_counter()
+    truth = true_top(vectors, queries)
+    print(f"exact top 10 of {len(queries)} queries: {time.perf_counter() - t:.0f} s", flush=True)
+    rows_needed = np.unique(truth)
+    neighbours = np.asarray(vectors[rows_needed], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    rows = []
+    for nlist in (int(v) for v in args.lists.split(",")):
+        per = args.per or (40 if nlist <= 4096 else 20)
+        t = time.perf_counter()
+        sample = np.asarray(vectors[np.sort(rng.choice(n, min(n, nlist * per), replace=False))], dtype=np.float32)
+        cp = faiss.ClusteringParameters()
+        cp.niter, cp.max_points_per_centroid = (25, per) if nlist <= 4096 else (10, per)
+        clustering = faiss.Clustering(dim, nlist, cp)
+        hnsw = nlist > 4096
+        assign = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(dim)
+        clustering.train(sample, assign)
+        trained = time.perf_counter() - t
+        centroids = faiss.IndexFlatIP(dim)
+        centroids.add(faiss.vector_float_to_array(clustering.centroids).reshape(nlist, dim))
+        list_of = dict(zip(rows_needed.tolist(), centroids.search(neighbours, 1)[1].ravel().tolist(), strict=True))
+        probe_sample = np.asarray(vectors[: min(n, 500_000)], dtype=np.float32)
+        sizes = np.bincount(centroids.search(probe_sample, 1)[1].ravel(), minlength=nlist) * (n / len(probe_sample))
+        for nprobe in (nlist // 128, nlist // 64, nlist // 32, nlist // 16):
+            _, probed = centroids.search(queries, nprobe)
+            inside = np.array([[list_of[int(r)] in set(probed[q]) for r in truth[q]] for q in range(len(queries))])
+            scanned = np.mean([sizes[probed[q]].sum() for q in range(len(queries))])
+            how = f"{len(sample):,} x{cp.niter} ({'HNSW' if hnsw else 'flat'})"
+            text, image = inside[:half].mean(), inside[half:].mean()
+            row = [f"{nlist:,}", how, f"{trained:.0f} s", f"{nprobe:,}", f"{scanned:,.0f}"]
+            rows.append([*row, f"{text:.3f}", f"{image:.3f}"])
+    print_table(
+        f"Coarse recall@10 of IVF lists, {n:,} x {dim}",
+        ["lists", "trained on", "training", "lists visited", "codes scanned", "text", "image"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
