@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_sha256 ON items (namespace, sha256);
 -- (namespace, seq): a namespace's rows in the order they were stored, read a page at a time
 -- (_pages) by one range of this index. Without it SQLite took the sha256 index and sorted all
--- the rows after the page's start for each page (2.8 s a page at 10M rows, against 1.2)
+-- the rows after the page's start for each page: 2.8 s a page at 10M rows, 1.2 s read by rowid
 CREATE INDEX IF NOT EXISTS items_namespace ON items (namespace);
 CREATE TABLE IF NOT EXISTS text_vectors (
     seq INTEGER PRIMARY KEY REFERENCES items(seq) ON DELETE CASCADE,
