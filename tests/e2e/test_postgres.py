@@ -255,7 +255,9 @@ def worker_process(pg_url, tiny_openclip, *extra):
 
 
 def test_two_workers_share_a_table_and_write_each_row_once(pg_url, image_server, tiny_openclip):
-    make_table(pg_url, [{"image_url": f"{image_server.url}/noise/{700 + i}.png"} for i in range(60)])
+    # each image answered after 0.5 s: one worker alone needs several seconds for the 60, more than
+    # the two take to start one after the other, so that both get rows however the machine is loaded
+    make_table(pg_url, [{"image_url": f"{image_server.url}/noise/{700 + i}.png?s=0.5"} for i in range(60)])
     procs = [worker_process(pg_url, tiny_openclip, "--batch-size", "4") for _ in range(2)]
     reports = []
     for proc in procs:
