@@ -24,11 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import pct, print_table, source_trees
+from scale import exact_top
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,24 +78,14 @@ def open_as(src: Path, db: Path) -> None:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(theirs),))
 
 
-def exact(vectors: np.ndarray, queries: np.ndarray, live: np.ndarray) -> list[set[int]]:
-    """Each query's true top 10 among the ``live`` rows (a boolean mask), a chunk at a time."""
-    best_s = np.full((len(queries), 10), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), 10), np.int64)
-    for start in range(0, len(vectors), 200_000):
-        chunk = np.asarray(vectors[start : start + 200_000], dtype=np.float32)
-        scores = queries @ chunk.T
-        scores[:, ~live[start : start + len(chunk)]] = -np.inf
-        top = np.argpartition(-scores, 10, axis=1)[:, :10]
-        s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
-        i = np.concatenate([best_i, top + start], 1)
-        order = np.argsort(-s, 1)[:, :10]
-        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-    return [set(row.tolist()) for row in best_i]
+def measure(db: Path, vectors: np.ndarray, queries: np.ndarray, live: np.ndarray) -> tuple[float, float, float, Any]:
+    """p50 and p99 (ms) of one client's queries (the index loaded first), their recall@10 against
+    an exact scan of the ``live`` rows, and the index's status."""
+    import clipsearch
 
-
-def measure(c, queries: np.ndarray, truth: list[set[int]]) -> tuple[float, float, float]:
-    """p50 and p99 (ms) of one client's queries, and their recall@10."""
+    truth = exact_top(vectors, queries, np.flatnonzero(live))
+    c = clipsearch.open(db, create=False)
+    c.search(vector=queries[0], limit=10)
     times, found = [], []
     for q in queries:
         t = time.perf_counter()
@@ -101,7 +93,9 @@ def measure(c, queries: np.ndarray, truth: list[set[int]]) -> tuple[float, float
         times.append(time.perf_counter() - t)
         found.append({int(h.id[1:]) for h in hits})
     got = np.mean([len(f & t) / 10 for f, t in zip(found, truth, strict=True)])
-    return pct(times, 50) * 1000, pct(times, 99) * 1000, float(got)
+    status = c.info().index
+    c.close()
+    return pct(times, 50) * 1000, pct(times, 99) * 1000, float(got), status
 
 
 def main() -> None:
@@ -132,14 +126,9 @@ def main() -> None:
             gone = np.sort(order[taken : taken + step])
             taken += step
             if side == "after":
-                import clipsearch
-
-                c = clipsearch.open(db, create=False)
-                c.search(vector=queries[0], limit=10)
-                p50, p99, got = measure(c, queries, exact(vectors, queries, live))
+                p50, p99, got, _ = measure(db, vectors, queries, live)
                 rows.append([f"after: before its deletes ({int(live.sum()):,} items left)", "", "",
                              f"{p50:.1f} / {p99:.1f}", f"{got:.3f}"])  # fmt: skip
-                c.close()
             if side == "before":
                 open_as(src, db)
             r = delete_with(src, db, gone, queries[0], Path(tmp))
@@ -148,15 +137,9 @@ def main() -> None:
         more = np.sort(order[taken : int(args.upto * n)])
         r = delete_with(trees["after"], db, more, queries[0], Path(tmp))
         live[more] = False
-        import clipsearch
-
-        c = clipsearch.open(db, create=False)
-        c.search(vector=queries[0], limit=10)
-        p50, p99, got = measure(c, queries, exact(vectors, queries, live))
+        p50, p99, got, status = measure(db, vectors, queries, live)
         label = f"after: delete {r['gone']:,} more ({int((~live).sum()) / n:.0%} of the items in all)"
         rows.append([label, f"{r['deleted']:.1f} s", f"{r['answered']:.1f} s", f"{p50:.1f} / {p99:.1f}", f"{got:.3f}"])
-        status = c.info().index
-        c.close()
     print_table(
         f"Deletes on {n:,} x {vectors.shape[1]} ({status.kind} index, {status.unpurged:,} deleted rows unpurged)",
         ["step", "deleted in", "first answer after", "p50 / p99 (ms)", "recall@10"],

@@ -22,25 +22,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table
-
-
-def true_top(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
-    best_s = np.full((len(queries), k), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), k), np.int64)
-    for start in range(0, len(vectors), 200_000):
-        scores = queries @ np.asarray(vectors[start : start + 200_000], dtype=np.float32).T
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
-        i = np.concatenate([best_i, top + start], 1)
-        order = np.argsort(-s, 1)[:, :k]
-        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-    return best_i
+from scale import exact_top, numbers
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reuse", required=True, help="the folder `scale.py --keep` left")
-    ap.add_argument("--lists", default="4096,16384")
+    ap.add_argument("--lists", type=numbers(int), default=[4096, 16384])
     ap.add_argument("--per", type=int, default=0, help="training vectors a list (default: 40 to 4,096 lists, else 20)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -53,20 +41,21 @@ def main() -> None:
     n, dim = vectors.shape
     half = len(queries) // 2  # scale.py: text queries first, then image queries
     t = time.perf_counter()
-    truth = true_top(vectors, queries)
+    truth = exact_top(vectors, queries, None)
     print(f"exact top 10 of {len(queries)} queries: {time.perf_counter() - t:.0f} s", flush=True)
-    rows_needed = np.unique(truth)
+    rows_needed = np.array(sorted(set().union(*truth)))
     neighbours = np.asarray(vectors[rows_needed], dtype=np.float32)
     rng = np.random.default_rng(0)
     rows = []
-    for nlist in (int(v) for v in args.lists.split(",")):
-        per = args.per or (40 if nlist <= 4096 else 20)
+    for nlist in args.lists:
+        hnsw = nlist > 4096
+        per = args.per or (20 if hnsw else 40)
         t = time.perf_counter()
         sample = np.asarray(vectors[np.sort(rng.choice(n, min(n, nlist * per), replace=False))], dtype=np.float32)
         cp = faiss.ClusteringParameters()
-        cp.niter, cp.max_points_per_centroid = (25, per) if nlist <= 4096 else (10, per)
+        cp.niter, cp.max_points_per_centroid = 10 if hnsw else 25, per
         clustering = faiss.Clustering(dim, nlist, cp)
-        hnsw = nlist > 4096
+        how = f"{len(sample):,} x{cp.niter} ({'HNSW' if hnsw else 'flat'})"
         assign = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(dim)
         clustering.train(sample, assign)
         trained = time.perf_counter() - t
@@ -77,9 +66,8 @@ def main() -> None:
         sizes = np.bincount(centroids.search(probe_sample, 1)[1].ravel(), minlength=nlist) * (n / len(probe_sample))
         for nprobe in (nlist // 128, nlist // 64, nlist // 32, nlist // 16):
             _, probed = centroids.search(queries, nprobe)
-            inside = np.array([[list_of[int(r)] in set(probed[q]) for r in truth[q]] for q in range(len(queries))])
+            inside = np.array([[list_of[r] in lists for r in truth[q]] for q, lists in enumerate(map(set, probed))])
             scanned = np.mean([sizes[probed[q]].sum() for q in range(len(queries))])
-            how = f"{len(sample):,} x{cp.niter} ({'HNSW' if hnsw else 'flat'})"
             text, image = inside[:half].mean(), inside[half:].mean()
             row = [f"{nlist:,}", how, f"{trained:.0f} s", f"{nprobe:,}", f"{scanned:,.0f}"]
             rows.append([*row, f"{text:.3f}", f"{image:.3f}"])

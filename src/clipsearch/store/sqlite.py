@@ -362,7 +362,6 @@ class SQLiteStore(ClosingStore):
 
     # -- writing -----------------------------------------------------------------------
     def _states(self, table: str, namespace: str, ids: list[str]) -> dict[str, FileState]:
-        table = "live_items" if table == "items" else table
         reason = "reason" if table == "failures" else "NULL AS reason"
         sql = (
             f"SELECT id, sha256, size, mtime_ns, fingerprint, {reason} FROM {table} "
@@ -374,7 +373,7 @@ class SQLiteStore(ClosingStore):
         }
 
     def file_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
-        return self._states("items", namespace, ids)
+        return self._states("live_items", namespace, ids)
 
     def failure_states(self, namespace: str, ids: list[str]) -> dict[str, FileState]:
         return self._states("failures", namespace, ids)
