@@ -5,6 +5,11 @@ over what the table holds after every step of a seeded random history."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
+
 import numpy as np
 import pytest
 
@@ -198,12 +203,71 @@ def test_a_large_index_is_written_only_once_enough_changed(tmp_path, monkeypatch
     other.close()
     store.delete_items("default", ["id5"])  # 4 changes: 1% of 396 live
     store.search("default", vectors[5:6], 1)
+    store.wait_for_saves()  # written after the answer (the next test)
     assert state_file.read_text() != written and store.index_status("default").fresh
     assert _open(tmp_path, kind="hnsw").index_status("default").tombstones == 4
     # compaction also drops the removal log both indexes have applied
     store.build_index("default")
     assert store._query("SELECT count(*) AS n FROM removals")[0]["n"] == 0
     store.close()
+
+
+def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypatch):
+    """At 10M vectors the IVF-PQ file is 1.3 GB: the first search after a large delete answers
+    while the caught-up index is written beside it, other searches go on, the next change waits
+    for the write, and a process that answered and exits has written it."""
+    monkeypatch.setattr("clipsearch.index.SAVE_ALWAYS_BELOW", 0)
+    store = _open(tmp_path, kind="hnsw")
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    vectors = _unit(np.random.default_rng(9), 400)
+    _write(store, [f"id{i}" for i in range(400)], vectors)
+    store.build_index("default")
+    state_file = tmp_path / "s.db-index" / "default.json"
+    written = state_file.read_text()
+    writing, release = threading.Event(), threading.Event()
+    save = VectorIndex.save
+
+    def held_save(index, path):
+        writing.set()
+        assert release.wait(30)
+        save(index, path)
+
+    monkeypatch.setattr(VectorIndex, "save", held_save)
+    store.delete_items("default", [f"id{i}" for i in range(10)])
+    hits = {h.item.id for h in store.search("default", vectors[0:1], 3)[0]}
+    assert len(hits) == 3 and not hits & {f"id{i}" for i in range(10)}
+    assert writing.wait(10) and state_file.read_text() == written  # answered; the file is being written
+    assert store.search("default", vectors[20:21], 1)[0][0].item.id == "id20"
+    changed = threading.Thread(
+        target=lambda: (store.delete_items("default", ["id20"]), store.search("default", vectors[20:21], 1))
+    )
+    changed.start()
+    changed.join(0.5)
+    assert changed.is_alive()  # the next change to the index waits for its file
+    release.set()
+    changed.join(30)
+    store.wait_for_saves()
+    assert json.loads(state_file.read_text())["dead"] == list(range(1, 11))
+    monkeypatch.setattr(VectorIndex, "save", save)
+    store.close()
+
+    # a process that answers and exits has written the file, and left no orphans
+    orphan = tmp_path / "s.db-index" / "default.faiss.4194305.tmp"  # past Linux's largest pid
+    orphan.write_bytes(b"left by a killed process")
+    code = (
+        "import sys; import clipsearch.index as i; i.SAVE_ALWAYS_BELOW = 0\n"
+        "import numpy as np; from clipsearch.index import IndexSettings; from clipsearch.store import SQLiteStore\n"
+        "s = SQLiteStore(sys.argv[1], IndexSettings(kind='hnsw'))\n"
+        "s.delete_items('default', ['id%d' % k for k in range(30, 40)])\n"
+        "print(s.search('default', np.load(sys.argv[2])[None], 1)[0][0].item.id)\n"
+    )
+    np.save(tmp_path / "q.npy", vectors[50])
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "s.db"), str(tmp_path / "q.npy")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "id50"
+    assert len(json.loads(state_file.read_text())["dead"]) == 21 and not orphan.exists()
 
 
 def test_building_after_a_search_uses_every_faiss_thread(tmp_path):

@@ -22,6 +22,7 @@ from clipsearch.index import (
     VectorFile,
     VectorIndex,
     estimate_memory,
+    ivf_shape,
 )
 from clipsearch.settings import Settings, parse_size
 from clipsearch.store import NewItem, SQLiteStore
@@ -152,6 +153,10 @@ def test_ivfpq_reranks_more_candidates_as_its_lists_grow():
         state.nlist = nlist
         return VectorIndex(None, state, IndexSettings(**settings))
 
+    # about 4·sqrt(n) lists, and lists of ~600 rows above ~6M (16,384 at 10M: 4,096 lists held
+    # only 0.90 of text queries' true top 10 in the lists they visit)
+    assert ivf_shape(1_000_000, 512) == (2048, 256) and ivf_shape(3_000_000, 512) == (4096, 256)
+    assert ivf_shape(10_000_000, 512) == (16384, 256) and ivf_shape(10**9, 512)[0] == 16384
     assert index(1_000_000, 2048).rerank == 256  # 64 lists of ~490 codes: 31k scanned
     assert index(10_000_000, 4096).nprobe == 128
     assert index(10_000_000, 4096).rerank == 10_000_000 * 128 // 4096 // RERANK_SHARE  # 312k scanned
@@ -169,13 +174,28 @@ def test_memory_budget_setting():
         Settings.from_env({"CLIPSEARCH_INDEX_MEMORY": "lots"})
 
 
-def test_over_the_budget_auto_builds_ivfpq_with_high_recall(tmp_path):
+def _assign_through_hnsw(monkeypatch, on: bool) -> None:
+    """Above this many lists the index assigns vectors to them through an HNSW graph of the
+    centroids (16,384 lists at 10M): made small here, so that a small index takes that path."""
+    if on:
+        monkeypatch.setattr(index_module, "HNSW_ASSIGN_LISTS", 8)
+
+
+@pytest.mark.parametrize("hnsw_assign", [False, True], ids=["flat-assign", "hnsw-assign"])
+def test_over_the_budget_auto_builds_ivfpq_with_high_recall(tmp_path, monkeypatch, hnsw_assign):
+    import faiss
+
+    _assign_through_hnsw(monkeypatch, hnsw_assign)
     vectors = _clustered(20_000, seed=1)
     store = _store(tmp_path, hnsw_threshold=1000, memory=1 << 20)  # HNSW would need ~6 MB
     _write(store, 0, vectors)
     status = store.build_index("default")
     assert status.kind == "ivfpq" and "over the memory budget of 1.0 MiB" in status.reason
     assert status.lists == 512 and status.memory < 1 << 20
+    built = store._indexes[("default", "image")]
+    assert (built._assigner is not None) == hnsw_assign
+    # what searches rank the lists with, and what the file keeps, is the exact quantiser
+    assert isinstance(faiss.downcast_index(built.index.quantizer), faiss.IndexFlat)
     queries = _clustered(100, seed=2)
     assert _recall(store, vectors, queries) >= 0.95
     # the scores are the vectors' cosines (from fp16: within 1e-3)
@@ -273,7 +293,9 @@ def test_an_hnsw_index_is_opened_memory_mapped_and_read_in_to_grow(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s.db-index").iterdir()) == ["default.faiss", "default.json"]
 
 
-def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path):
+@pytest.mark.parametrize("hnsw_assign", [False, True], ids=["flat-assign", "hnsw-assign"])
+def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path, monkeypatch, hnsw_assign):
+    _assign_through_hnsw(monkeypatch, hnsw_assign)
     vectors = _clustered(4000, seed=6)
     store = _store(tmp_path, kind="ivfpq")
     _write(store, 0, vectors[:1000])
@@ -293,6 +315,7 @@ def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path):
     _write(store, 3000, vectors[3000:])
     store.search("default", queries, 10)
     assert store._indexes[("default", "image")] is index and index.state.count == 3900 <= IVF_REGROW * 1000
+    assert _recall(store, vectors[:3900], queries) >= 0.9  # the appended rows were put in their lists
     _write(store, 4000, _clustered(200, seed=8))  # 4100: outgrown, retrained on what it holds now
     store.search("default", queries, 10)
     rebuilt = store._indexes[("default", "image")]

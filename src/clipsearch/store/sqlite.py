@@ -209,6 +209,7 @@ class SQLiteStore(ClosingStore):
             raise UsageError(f"cannot create the database {self.path}: folder {self.path.parent} does not exist")
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
+        self._saving: list[threading.Thread] = []  # index files being written (_save_later)
         # what _versioned keeps: ("allowed", namespace, filters) -> (the database's version then,
         # the ids they let through), and ("keys", namespace, exact) -> metadata_keys
         self._versions: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], Any]] = OrderedDict()
@@ -799,6 +800,7 @@ class SQLiteStore(ClosingStore):
             if index is not None and index.state.generation == gen and index.state.rebuild_generation == rebuild_gen:
                 self._indexes[(namespace, field)] = index
                 return index
+            self.wait_for_saves()  # an index is changed (or replaced) only once its file is written
             # read before the rows: a removal committed meanwhile is applied next time
             last_mark = self._query("SELECT max(mark) AS m FROM removals WHERE namespace = ?", (namespace,))[0]["m"]
             # counting rows is a scan (25 ms at 1M rows): only when the index must catch up
@@ -848,10 +850,28 @@ class SQLiteStore(ClosingStore):
             if index.state.live != count:
                 # a writer committed while we read; the next search will catch up
                 index.state.generation = -1
-            elif rebuilt or compact or index.worth_saving():
+            elif rebuilt or compact or index.small:
                 index.save(path)
+            elif index.worth_saving():
+                self._save_later(index, path)
             self._indexes[(namespace, field)] = index
             return index
+
+    def _save_later(self, index: VectorIndex, path: Path) -> None:
+        """Write a large index that was only caught up (rows added or removed since its file was
+        written) after the answer, not before it: at 10M vectors the IVF-PQ file is 1.3 GB, and
+        writing it made the first answer after deleting 100,000 rows ~5 s later. Searches go on
+        meanwhile (writing only reads the index); the next change to it waits (_fresh_index).
+        The thread is not a daemon: a process that answered and exits still leaves the file
+        written, so that the next process need not catch up again."""
+        thread = threading.Thread(target=index.save, args=(path,), name=f"clipsearch-save-{path.name}")
+        thread.start()
+        self._saving = [t for t in self._saving if t.is_alive()] + [thread]
+
+    def wait_for_saves(self) -> None:
+        """Return once the index files this store writes in the background are written."""
+        for thread in self._saving:
+            thread.join()
 
     def _index_owner(self, ns: sqlite3.Row) -> str:
         """What an index file must name to be this namespace's: the database's own id (written
@@ -1176,5 +1196,6 @@ class SQLiteStore(ClosingStore):
         return self.index_status(namespace)
 
     def close(self) -> None:
+        self.wait_for_saves()
         with self._lock:
             self._conn.close()
