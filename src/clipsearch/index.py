@@ -193,6 +193,7 @@ class IndexSettings:
     memory: int = 0  # bytes an index may hold in memory; 0: DEFAULT_MEMORY_SHARE of the machine's
     nprobe: int = 0  # IVF lists searched; 0: by the number of lists (see VectorIndex.nprobe)
     rerank: int = 0  # IVF-PQ candidates re-scored; 0: by the lists' size (see VectorIndex.rerank)
+    search_threads: int = 0  # threads one query's IVF-PQ scan may use; 0: FAISS's (see _split_scan)
     pg_build_workers: int = 0  # PostgreSQL parallel workers for an HNSW build; 0: the server's max_parallel_workers
     # a PostgreSQL filter's rows scored exactly at most (more walk the HNSW index): PostgreSQL scores
     # ~4.5 us a 512-d halfvec row (10,000 in ~45 ms on 2 cores), FAISS from memory ~20x faster
@@ -210,7 +211,8 @@ class IndexSettings:
         memory = parse_size(s.index_memory) if s.index_memory else 0
         return cls(
             s.index, s.hnsw_threshold, s.hnsw_m, s.ef_construction, s.ef_search,
-            memory=memory, nprobe=s.ivf_nprobe, rerank=s.ivf_rerank, pg_build_workers=s.pg_build_workers,
+            memory=memory, nprobe=s.ivf_nprobe, rerank=s.ivf_rerank, search_threads=s.search_threads,
+            pg_build_workers=s.pg_build_workers,
             pg_exact_filter_rows=s.pg_exact_filter_rows,
         )  # fmt: skip
 
@@ -821,6 +823,10 @@ class VectorIndex:
         """The codes an unfiltered IVF-PQ query scans, about (its lists' share of the vectors)."""
         return self.state.live * self.nprobe // max(1, self.state.nlist)
 
+    @property
+    def _scan_threads(self) -> int:
+        return min(self.settings.search_threads or _MAX_THREADS[0], _MAX_THREADS[0])
+
     def _split_scan(self, queries: np.ndarray, want: int, params: Any) -> np.ndarray:
         """The ``want`` best candidates by their codes of a few queries, their lists split over
         FAISS's threads, each scanning every other list (near and far alike). FAISS parallelises
@@ -829,7 +835,7 @@ class VectorIndex:
         spinning after the scan (FAISS's OpenMP threads spun, and took the cores the next text
         embedding needed)."""
         faiss = _faiss()
-        n, workers = len(queries), _MAX_THREADS[0]
+        n, workers = len(queries), self._scan_threads
         near, lists = self.index.quantizer.search(queries, self.nprobe)
 
         def scan(part: int) -> tuple[np.ndarray, np.ndarray]:
@@ -928,7 +934,7 @@ class VectorIndex:
         faiss.omp_set_num_threads(1 if n < _PARALLEL_QUERIES else _MAX_THREADS[0])
         if self.state.kind == "ivfpq":
             want = min(self.state.live, max(self.rerank, k))
-            if n < _PARALLEL_QUERIES and _MAX_THREADS[0] > 1 and self.scanned >= SPLIT_SCAN_CODES:
+            if n < _PARALLEL_QUERIES and self._scan_threads > 1 and self.scanned >= SPLIT_SCAN_CODES:
                 return self._rerank(queries, self._split_scan(queries, want, params), k)
             _, candidates = self.index.search(queries, want, params=params)
             return self._rerank(queries, candidates, k)

@@ -70,6 +70,9 @@ class Settings:
     ef_search: int = 128  # CLIPSEARCH_EF_SEARCH
     ivf_nprobe: int = 0  # CLIPSEARCH_IVF_NPROBE: IVF lists a query visits (0: 1/32 of them, at least 16)
     ivf_rerank: int = 0  # CLIPSEARCH_IVF_RERANK: IVF-PQ candidates re-scored from the fp16 vectors; 0: by size
+    # CLIPSEARCH_SEARCH_THREADS: threads one query's IVF-PQ scan may use (0: FAISS's, the cores);
+    # 1 leaves the other cores to other clients' queries
+    search_threads: int = 0
     query_runtime: str = "auto"  # CLIPSEARCH_QUERY_RUNTIME: auto | torch (see Collection)
 
     @classmethod

@@ -410,6 +410,12 @@ def test_a_few_queries_scan_their_ivf_lists_split_over_threads(tmp_path, monkeyp
     assert recall(whole[1]) >= 0.9 and recall(split_seqs) >= recall(whole[1]) - 0.02
     assert np.mean(split_seqs == whole[1]) >= 0.9
     assert np.all(np.diff(split_scores, axis=1) <= 0)  # best first, exact scores from the fp16 file
+    # CLIPSEARCH_SEARCH_THREADS=1: one thread a query, the other cores left to other clients
+    index.settings = IndexSettings.of(
+        Settings.from_env({"CLIPSEARCH_SEARCH_THREADS": "1", "CLIPSEARCH_IVF_NPROBE": "64"})
+    )
+    np.testing.assert_array_equal(index.search(queries, 10)[1], whole[1])
+    assert scans == [1]
 
 
 split = VectorIndex._split_scan
