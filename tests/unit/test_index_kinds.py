@@ -196,6 +196,9 @@ def test_over_the_budget_auto_builds_ivfpq_with_high_recall(tmp_path, monkeypatc
     assert (built._assigner is not None) == hnsw_assign
     # what searches rank the lists with, and what the file keeps, is the exact quantiser
     assert isinstance(faiss.downcast_index(built.index.quantizer), faiss.IndexFlat)
+    # whose centroids are their lists' means, inside the unit sphere, not scaled onto it
+    centroids = built.index.quantizer.reconstruct_n(0, built.index.nlist)
+    assert np.linalg.norm(centroids, axis=1).max() < 0.98
     queries = _clustered(100, seed=2)
     assert _recall(store, vectors, queries) >= 0.95
     # the scores are the vectors' cosines (from fp16: within 1e-3)
