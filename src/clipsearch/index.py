@@ -590,7 +590,7 @@ class VectorIndex:
     @contextlib.contextmanager
     def _assigning(self) -> Iterator[None]:
         """Within: the index assigns vectors to lists through an HNSW graph of its centroids (built
-        once, in ~2 s at 16,384 lists), when it has more than ``HNSW_ASSIGN_LISTS``. Searches
+        once a process, in a few seconds at 16,384 lists), when it has more than ``HNSW_ASSIGN_LISTS``. Searches
         rank the lists with the exact quantiser the file keeps, which is put back after."""
         if self.state.kind != "ivfpq" or self.index.nlist <= HNSW_ASSIGN_LISTS:
             yield

@@ -248,6 +248,16 @@ def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypa
     changed.join(30)
     store.wait_for_saves()
     assert json.loads(state_file.read_text())["dead"] == list(range(1, 11))
+
+    # a write that fails (a full disk) is said by the next wait, not lost in its thread
+    def full_disk(index, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(VectorIndex, "save", full_disk)
+    store.delete_items("default", [f"id{i}" for i in range(100, 110)])
+    assert len(store.search("default", vectors[50:51], 1)[0]) == 1
+    with pytest.raises(OSError, match="No space left"):
+        store.wait_for_saves()
     monkeypatch.setattr(VectorIndex, "save", save)
     store.close()
 
@@ -267,7 +277,8 @@ def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypa
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "id50"
-    assert len(json.loads(state_file.read_text())["dead"]) == 21 and not orphan.exists()
+    # caught up past the failed write: 10 + 1 + 10 + the subprocess's 10
+    assert len(json.loads(state_file.read_text())["dead"]) == 31 and not orphan.exists()
 
 
 def test_building_after_a_search_uses_every_faiss_thread(tmp_path):

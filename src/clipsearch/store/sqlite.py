@@ -210,6 +210,7 @@ class SQLiteStore(ClosingStore):
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
         self._saving: list[threading.Thread] = []  # index files being written (_save_later)
+        self._save_errors: list[OSError] = []
         # what _versioned keeps: ("allowed", namespace, filters) -> (the database's version then,
         # the ids they let through), and ("keys", namespace, exact) -> metadata_keys
         self._versions: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], Any]] = OrderedDict()
@@ -864,14 +865,26 @@ class SQLiteStore(ClosingStore):
         meanwhile (writing only reads the index); the next change to it waits (_fresh_index).
         The thread is not a daemon: a process that answered and exits still leaves the file
         written, so that the next process need not catch up again."""
-        thread = threading.Thread(target=index.save, args=(path,), name=f"clipsearch-save-{path.name}")
+
+        def write() -> None:
+            try:
+                index.save(path)
+            except OSError as error:  # a full disk: said by the next wait, not lost in a thread
+                self._save_errors.append(error)
+
+        thread = threading.Thread(target=write, name=f"clipsearch-save-{path.name}")
         thread.start()
         self._saving = [t for t in self._saving if t.is_alive()] + [thread]
 
     def wait_for_saves(self) -> None:
-        """Return once the index files this store writes in the background are written."""
+        """Return once the index files this store writes in the background are written; raise
+        the error that stopped one (the file stays as it was: the next process catches up)."""
         for thread in self._saving:
             thread.join()
+        if self._save_errors:
+            error = self._save_errors[0]
+            self._save_errors.clear()
+            raise error
 
     def _index_owner(self, ns: sqlite3.Row) -> str:
         """What an index file must name to be this namespace's: the database's own id (written
