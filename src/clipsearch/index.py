@@ -520,7 +520,8 @@ class VectorIndex:
         return self.state.live < SAVE_ALWAYS_BELOW
 
     def worth_saving(self) -> bool:
-        return self.small or self.unsaved >= SAVE_CHANGED_SHARE * self.state.live
+        """Whether a large index changed enough since its file was written (``SAVE_CHANGED_SHARE``)."""
+        return self.unsaved >= SAVE_CHANGED_SHARE * self.state.live
 
     @classmethod
     def empty(
@@ -554,9 +555,10 @@ class VectorIndex:
             train = np.ascontiguousarray(sample(min(count, want)), dtype=np.float32)
             faiss.omp_set_num_threads(_MAX_THREADS[0])
             state.trained_on, state.nlist = count, nlist
-            made = cls(index, state, settings, VectorFile.create(path, dim))
+            file = VectorFile.create(path, dim)
+            state.vector_file = file.token
+            made = cls(index, state, settings, file)
             made._train(train)
-            state.vector_file = made.file.token  # type: ignore[union-attr]
             return made
         inner = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = settings.ef_construction
@@ -803,26 +805,30 @@ class VectorIndex:
         width = max(1, int(taken.sum(axis=1).max()))
         front = np.argsort(~taken, axis=1, kind="stable")[:, :width]
         assign = np.where(np.take_along_axis(taken, front, axis=1), np.take_along_axis(order, front, axis=1), -1)
-        near = np.ascontiguousarray(np.take_along_axis(near, front, axis=1), dtype=np.float32)
+        near = np.take_along_axis(near, front, axis=1)
+        _, candidates = self._scan_lists(queries, min(total, max(self.rerank, k)), assign, near, view.selector)
+        return self._rerank(queries, candidates, k)
+
+    def _scan_lists(
+        self, queries: np.ndarray, want: int, assign: np.ndarray, near: np.ndarray, selector: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``want`` best codes' scores and seqs in the given lists of each query (``assign``,
+        -1 for none; ``near``, the query's inner product with each list's centroid), through
+        ``selector`` (None: every row)."""
+        faiss = _faiss()
         assign = np.ascontiguousarray(assign, dtype=np.int64)
-        n, wanted = len(queries), min(total, max(self.rerank, k))
-        scores = np.empty((n, wanted), dtype=np.float32)
-        candidates = np.empty((n, wanted), dtype=np.int64)
+        near = np.ascontiguousarray(near, dtype=np.float32)
+        n = len(queries)
+        scores = np.empty((n, want), dtype=np.float32)
+        seqs = np.empty((n, want), dtype=np.int64)
         params = faiss.SearchParametersIVF()
-        params.nprobe, params.sel = width, view.selector
+        params.nprobe, params.sel = assign.shape[1], selector
         # FAISS's Python search_preassigned takes no parameters (no selector); its C++ one does
         self.index.search_preassigned_c(
-            n,
-            faiss.swig_ptr(queries),
-            wanted,
-            faiss.swig_ptr(assign),
-            faiss.swig_ptr(near),
-            faiss.swig_ptr(scores),
-            faiss.swig_ptr(candidates),
-            False,
-            params,
-        )
-        return self._rerank(queries, candidates, k)
+            n, faiss.swig_ptr(queries), want, faiss.swig_ptr(assign), faiss.swig_ptr(near),
+            faiss.swig_ptr(scores), faiss.swig_ptr(seqs), False, params,
+        )  # fmt: skip
+        return scores, seqs
 
     @property
     def scanned(self) -> int:
@@ -833,30 +839,19 @@ class VectorIndex:
     def _scan_threads(self) -> int:
         return min(self.settings.search_threads or _MAX_THREADS[0], _MAX_THREADS[0])
 
-    def _split_scan(self, queries: np.ndarray, want: int, params: Any) -> np.ndarray:
+    def _split_scan(self, queries: np.ndarray, want: int, selector: Any) -> np.ndarray:
         """The ``want`` best candidates by their codes of a few queries, their lists split over
         FAISS's threads, each scanning every other list (near and far alike). FAISS parallelises
         a search over its queries, so one query scanned its ~0.5M codes at 16,384 lists on one
         core (~9 ms); these threads are Python's, each asking FAISS for one thread, so none is left
         spinning after the scan (FAISS's OpenMP threads spun, and took the cores the next text
         embedding needed)."""
-        faiss = _faiss()
-        n, workers = len(queries), self._scan_threads
+        workers = self._scan_threads
         near, lists = self.index.quantizer.search(queries, self.nprobe)
 
         def scan(part: int) -> tuple[np.ndarray, np.ndarray]:
-            faiss.omp_set_num_threads(1)
-            assign = np.ascontiguousarray(lists[:, part::workers])
-            dist = np.ascontiguousarray(near[:, part::workers])
-            scores = np.empty((n, want), dtype=np.float32)
-            seqs = np.empty((n, want), dtype=np.int64)
-            split = faiss.SearchParametersIVF()
-            split.nprobe, split.sel = assign.shape[1], params.sel
-            self.index.search_preassigned_c(
-                n, faiss.swig_ptr(queries), want, faiss.swig_ptr(assign), faiss.swig_ptr(dist),
-                faiss.swig_ptr(scores), faiss.swig_ptr(seqs), False, split,
-            )  # fmt: skip
-            return scores, seqs
+            _faiss().omp_set_num_threads(1)
+            return self._scan_lists(queries, want, lists[:, part::workers], near[:, part::workers], selector)
 
         parts = list(_scan_pool().map(scan, range(workers)))
         scores = np.concatenate([p[0] for p in parts], axis=1)
@@ -941,7 +936,7 @@ class VectorIndex:
         if self.state.kind == "ivfpq":
             want = min(self.state.live, max(self.rerank, k))
             if n < _PARALLEL_QUERIES and self._scan_threads > 1 and self.scanned >= SPLIT_SCAN_CODES:
-                return self._rerank(queries, self._split_scan(queries, want, params), k)
+                return self._rerank(queries, self._split_scan(queries, want, params.sel), k)
             _, candidates = self.index.search(queries, want, params=params)
             return self._rerank(queries, candidates, k)
         scores, seqs = self.index.search(queries, k, params=params)

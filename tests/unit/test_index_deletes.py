@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,17 +181,23 @@ def test_text_index_follows_replaced_and_deleted_items(tmp_path):
     assert store.index_status("default", "text").vectors == 19
 
 
+def _large_hnsw(tmp_path, monkeypatch, seed: int) -> tuple[SQLiteStore, np.ndarray, Path]:
+    """A built HNSW index of 400 vectors that counts as large (written once 1% changed), and its
+    state file."""
+    monkeypatch.setattr("clipsearch.index.SAVE_ALWAYS_BELOW", 0)
+    store = _open(tmp_path, kind="hnsw")
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    vectors = _unit(np.random.default_rng(seed), 400)
+    _write(store, [f"id{i}" for i in range(400)], vectors)
+    store.build_index("default")
+    return store, vectors, tmp_path / "s.db-index" / "default.json"
+
+
 def test_a_large_index_is_written_only_once_enough_changed(tmp_path, monkeypatch):
     """Catching an older index file up costs only what changed; writing one costs its whole size.
     So a large index is written once the changes pass 1% of it, and another process that reads
     the older file catches up the same way, to the same answers."""
-    monkeypatch.setattr("clipsearch.index.SAVE_ALWAYS_BELOW", 0)
-    store = _open(tmp_path, kind="hnsw")
-    store.bind_namespace("default", IDENT, {"model": "tiny"})
-    vectors = _unit(np.random.default_rng(8), 400)
-    _write(store, [f"id{i}" for i in range(400)], vectors)
-    store.build_index("default")
-    state_file = tmp_path / "s.db-index" / "default.json"
+    store, vectors, state_file = _large_hnsw(tmp_path, monkeypatch, seed=8)
     written = state_file.read_text()
     store.delete_items("default", ["id1", "id2", "id3"])  # 3 of 400: under 1%
     assert store.search("default", vectors[1:2], 1)[0][0].item.id != "id1"
@@ -216,13 +223,7 @@ def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypa
     """At 10M vectors the IVF-PQ file is 1.3 GB: the first search after a large delete answers
     while the caught-up index is written beside it, other searches go on, the next change waits
     for the write, and a process that answered and exits has written it."""
-    monkeypatch.setattr("clipsearch.index.SAVE_ALWAYS_BELOW", 0)
-    store = _open(tmp_path, kind="hnsw")
-    store.bind_namespace("default", IDENT, {"model": "tiny"})
-    vectors = _unit(np.random.default_rng(9), 400)
-    _write(store, [f"id{i}" for i in range(400)], vectors)
-    store.build_index("default")
-    state_file = tmp_path / "s.db-index" / "default.json"
+    store, vectors, state_file = _large_hnsw(tmp_path, monkeypatch, seed=9)
     written = state_file.read_text()
     writing, release = threading.Event(), threading.Event()
     save = VectorIndex.save
