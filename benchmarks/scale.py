@@ -293,6 +293,11 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the built store (for --reuse)")
     ap.add_argument("--reuse", help="serve from a store --keep left, without building it again")
     ap.add_argument(
+        "--import-only",
+        action="store_true",
+        help="stop after the import (implies --keep): build later with `clipsearch index build`, then --reuse",
+    )
+    ap.add_argument(
         "--rerank",
         type=numbers(int),
         default=[],
@@ -352,19 +357,23 @@ def main() -> None:
                     f"{time.perf_counter() - t:.0f} s",
                 ]
             )
-            t = time.perf_counter()
-            status = c.build_index(args.kind)
-            phases.append([f"build the index: {status.kind}", f"{time.perf_counter() - t:.0f} s"])
+            if not args.import_only:
+                t = time.perf_counter()
+                status = c.build_index(args.kind)
+                phases.append([f"build the index: {status.kind}", f"{time.perf_counter() - t:.0f} s"])
             c.close()
             t = time.perf_counter()
             truth = exact_top(vectors, queries, None)
             filter_truth = {name: exact_top(vectors, queries, rows) for name, rows in data["filters"].items()}
             phases.append(["exact answers (numpy, for recall)", f"{time.perf_counter() - t:.0f} s"])
-            if args.keep:
+            if args.keep or args.import_only:
                 with (work / "filters.pkl").open("wb") as f:
                     pickle.dump({"filters": data["filters"], "kinds": data["kinds"]}, f)
                 with (work / "truth.pkl").open("wb") as f:
                     pickle.dump({"": truth, **filter_truth}, f)
+            if args.import_only:
+                print_table(f"Import: {n:,} x {dim}", ["phase", "time"], phases)
+                return
         if postgres:
             sizes = postgres_sizes(str(db))
         else:
@@ -614,7 +623,7 @@ def folder(args: argparse.Namespace) -> Iterator[Path]:
     printed), or one --keep left (--reuse)."""
     if args.reuse:
         yield Path(args.reuse)
-    elif args.keep:
+    elif args.keep or args.import_only:
         work = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
         print(f"keeping the store in {work} (--reuse {work})", file=sys.stderr)
         yield work

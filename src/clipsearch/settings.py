@@ -68,7 +68,7 @@ class Settings:
     hnsw_m: int = 32  # CLIPSEARCH_HNSW_M
     ef_construction: int = 128  # CLIPSEARCH_EF_CONSTRUCTION
     ef_search: int = 128  # CLIPSEARCH_EF_SEARCH
-    ivf_nprobe: int = 0  # CLIPSEARCH_IVF_NPROBE: IVF lists a query visits (0: 1/32 of them, at least 16)
+    ivf_nprobe: int = 0  # CLIPSEARCH_IVF_NPROBE: IVF lists a query visits (0: 1/32 of them, 16 to 384)
     ivf_rerank: int = 0  # CLIPSEARCH_IVF_RERANK: IVF-PQ candidates re-scored from the fp16 vectors; 0: by size
     # CLIPSEARCH_SEARCH_THREADS: threads one query's IVF-PQ scan may use (0: FAISS's, the cores);
     # 1 leaves the other cores to other clients' queries

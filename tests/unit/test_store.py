@@ -542,11 +542,21 @@ def test_equality_filters_and_key_kinds_follow_every_write(tmp_path):
     store.close()
 
 
-def test_a_delete_is_a_mark_every_read_honours_until_index_build_purges_it(tmp_path):
+@pytest.mark.parametrize("read_ahead", [False, True], ids=["one-connection", "read-ahead"])
+def test_a_delete_is_a_mark_every_read_honours_until_index_build_purges_it(tmp_path, monkeypatch, read_ahead):
     """SQLite deletes by marking: the rows stay in the file (a delete reads none of them) and
     every read skips them at once; writing a deleted id again makes a new item; `index build`
-    purges the rows with their keywords, metadata values and key counts."""
+    purges the rows with their keywords, metadata values and key counts. A large delete reads
+    its id index pages ahead on several connections first (here every delete does)."""
     import sqlite3
+
+    from clipsearch.store import sqlite as sqlite_module
+
+    read = []
+    if read_ahead:
+        monkeypatch.setattr(sqlite_module, "_READ_AHEAD_IDS", 1)
+        real = SQLiteStore._read_ahead
+        monkeypatch.setattr(SQLiteStore, "_read_ahead", lambda self, ns, ids: (read.append(ids), real(self, ns, ids)))
 
     store = SQLiteStore(tmp_path / "s.db")
     store.bind_namespace("default", IDENT, {})
@@ -564,6 +574,7 @@ def test_a_delete_is_a_mark_every_read_honours_until_index_build_purges_it(tmp_p
 
     assert store.delete_items("default", ["id1", "id2", "id1", "nope"]) == 2
     assert store.delete_items("default", ["id2"]) == 0  # already gone
+    assert read == ([["id1", "id2", "nope"], ["id2"]] if read_ahead else [])
     raw = sqlite3.connect(tmp_path / "s.db")
     assert raw.execute("SELECT count(*) FROM items").fetchone()[0] == 6  # marked, not removed
     assert store.pending_purge("default") == 2
