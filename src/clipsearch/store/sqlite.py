@@ -577,7 +577,7 @@ class SQLiteStore(ClosingStore):
         self._require(namespace)
         deleted = 0
         ids = sorted(set(ids))
-        if len(ids) >= _READ_AHEAD_IDS:
+        if len(ids) >= _READ_AHEAD_IDS and str(self.path) != ":memory:":  # another connection sees a file
             self._read_ahead(namespace, ids)
         with self._tx() as conn:
             for i in range(0, len(ids), _CHUNK):
