@@ -14,10 +14,7 @@ after, before, so that neither side always finds the page cache the other warmed
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pickle
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,23 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import pct, print_table, source_trees
-from scale import exact_top, recall
-
-SERVE = r"""
-import json, sys, time
-import numpy as np
-import clipsearch
-queries = np.load(sys.argv[1])
-c = clipsearch.open(sys.argv[2], create=False)
-c.search(vector=queries[0], limit=10)
-times, ids = [], []
-for q in queries:
-    t = time.perf_counter()
-    hits = c.search(vector=q, limit=10)
-    times.append(time.perf_counter() - t)
-    ids.append([int(h.id[1:]) for h in hits])
-print(json.dumps({"times": times, "ids": ids}))
-"""
+from scale import exact_top, recall, serve
 
 
 def live_truth(work: Path, queries: np.ndarray, deleted: float) -> list[set[int]]:
@@ -81,9 +62,8 @@ def main() -> None:
         for side in args.order.split(","):
             if side not in trees:
                 continue
-            env = {**os.environ, "PYTHONPATH": str(trees[side])}
-            cmd = [sys.executable, "-c", SERVE, str(work / "queries.npy"), str(work / "scale.db")]
-            out = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+            # scale.py's serving process (one client, no filters), on this side's library
+            out = serve(work / "scale.db", work / "queries.npy", [], "after", {"PYTHONPATH": str(trees[side])})
             for kind in sorted(set(kinds)):
                 sel = np.flatnonzero(kinds == kind)
                 times = [out["times"][i] for i in sel]

@@ -31,12 +31,12 @@ DIM = 32
 IDENT = ModelIdentity("open_clip", "tiny", "", DIM, {"size": [224, 224]})
 
 
-def _clustered(n: int, seed: int, topics: int = 50) -> np.ndarray:
+def _clustered(n: int, seed: int, topics: int = 50, spread: float = 0.35) -> np.ndarray:
     """Vectors around topic centres, as image embeddings are (uniform random vectors have no
     neighbourhoods for an IVF index to find)."""
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(99).normal(size=(topics, DIM))
-    x = centres[rng.integers(0, topics, n)] + 0.35 * rng.normal(size=(n, DIM))
+    x = centres[rng.integers(0, topics, n)] + spread * rng.normal(size=(n, DIM))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -238,12 +238,10 @@ def test_the_fp16_file_reads_rows_ahead_while_its_reads_wait_on_the_disk(tmp_pat
 def test_ivfpq_codes_rank_the_near_ties_of_a_dense_topic(tmp_path):
     # 20 topics of ~1,000 vectors each, tight (a spread of 0.1), and queries next to stored rows:
     # the true top 10 are near ties among a topic. Codes of each vector's residual from its
-    # list's centroid find 0.92 of them after the re-ranking; codes of the vectors themselves
-    # found 0.54 (the same 4 bits spread over the whole sphere rank such ties coarsely).
-    rng = np.random.default_rng(3)
-    centres = np.random.default_rng(99).normal(size=(20, DIM))
-    x = centres[rng.integers(0, 20, 20_000)] + 0.1 * rng.normal(size=(20_000, DIM))
-    vectors = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    # list's centroid find 0.93 of them after the re-ranking; codes of the vectors themselves
+    # found 0.50 (the same 4 bits spread over the whole sphere rank such ties coarsely).
+    vectors = _clustered(20_000, seed=3, topics=20, spread=0.1)
+    rng = np.random.default_rng(4)
     q = vectors[rng.choice(20_000, 100, replace=False)] + 0.01 * rng.normal(size=(100, DIM))
     queries = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     store = _store(tmp_path, hnsw_threshold=1000, memory=1 << 20)

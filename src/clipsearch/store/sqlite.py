@@ -362,11 +362,18 @@ class SQLiteStore(ClosingStore):
             raise NotFoundError(f"namespace {namespace!r} does not exist in {self.location}; ingest into it first")
         return rows[0]
 
-    def _select_in(self, sql: str, params: list, values: list) -> Iterator[sqlite3.Row]:
-        """Run ``sql`` (ending in ``IN ({marks})``) over ``values`` in chunks."""
+    def _select_in(
+        self, sql: str, params: list, values: list, conn: sqlite3.Connection | None = None
+    ) -> Iterator[sqlite3.Row]:
+        """Run ``sql`` (ending in ``IN ({marks})``) over ``values`` in chunks, on ``conn`` (a
+        transaction's, or another connection's) or on the store's own."""
         for i in range(0, len(values), _CHUNK):
             chunk = values[i : i + _CHUNK]
-            yield from self._query(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
+            query = sql.format(marks=",".join("?" * len(chunk)))
+            if conn is None:
+                yield from self._query(query, [*params, *chunk])
+            else:
+                yield from conn.execute(query, [*params, *chunk]).fetchall()
 
     # -- writing -----------------------------------------------------------------------
     def _states(self, table: str, namespace: str, ids: list[str]) -> dict[str, FileState]:
@@ -575,23 +582,15 @@ class SQLiteStore(ClosingStore):
         them from this commit on, and ``purge_deleted`` removes their rows later. Nothing of the
         rows is read or written here: a delete costs the id lookups, in id order."""
         self._require(namespace)
-        deleted = 0
         ids = sorted(set(ids))
-        if len(ids) >= _READ_AHEAD_IDS and str(self.path) != ":memory:":  # another connection sees a file
+        if len(ids) >= _READ_AHEAD_IDS:
             self._read_ahead(namespace, ids)
         with self._tx() as conn:
-            for i in range(0, len(ids), _CHUNK):
-                chunk = ids[i : i + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                seqs = [
-                    (r["seq"], namespace)
-                    for r in conn.execute(
-                        f"SELECT seq FROM live_items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
-                    )
-                ]
-                conn.executemany("INSERT INTO deleted (seq, namespace) VALUES (?, ?)", seqs)
-                conn.executemany("INSERT INTO removals (seq, namespace) VALUES (?, ?)", seqs)
-                deleted += len(seqs)
+            sql = "SELECT seq FROM live_items WHERE namespace = ? AND id IN ({marks})"
+            seqs = [(r["seq"], namespace) for r in self._select_in(sql, [namespace], ids, conn)]
+            conn.executemany("INSERT INTO deleted (seq, namespace) VALUES (?, ?)", seqs)
+            conn.executemany("INSERT INTO removals (seq, namespace) VALUES (?, ?)", seqs)
+            deleted = len(seqs)
             if deleted:
                 # the indexes apply the logged removals: no rebuild
                 conn.execute(
@@ -605,17 +604,17 @@ class SQLiteStore(ClosingStore):
         """Bring the id index's pages for ``ids`` (sorted) into the page cache, a slice of them on
         each of several read connections at once, so that the disk serves many reads together
         instead of one at a time. The lookups that count run after, in the write transaction:
-        these only read (another writer may change the rows meanwhile)."""
+        these only read (another writer may change the rows meanwhile). A database in memory has
+        no pages to read ahead: another connection would open another, empty one."""
+        if str(self.path) == ":memory:":
+            return
+        sql = "SELECT seq FROM items WHERE namespace = ? AND id IN ({marks})"
 
         def read(part: list[str]) -> None:
             conn = sqlite3.connect(self.path, timeout=30)
             try:
-                for i in range(0, len(part), _CHUNK):
-                    chunk = part[i : i + _CHUNK]
-                    marks = ",".join("?" * len(chunk))
-                    conn.execute(
-                        f"SELECT seq FROM items WHERE namespace = ? AND id IN ({marks})", [namespace, *chunk]
-                    ).fetchall()
+                for _ in self._select_in(sql, [namespace], part, conn):
+                    pass
             finally:
                 conn.close()
 
