@@ -63,9 +63,10 @@ def delete_with(src: Path, db: Path, rows: np.ndarray, query: np.ndarray, work: 
 
 
 def open_as(src: Path, db: Path) -> None:
-    """Let the clipsearch of ``src`` open ``db``: a store written by this tree has schema 8, whose
-    only change from 7 is the ``deleted`` table; with that table empty, an older revision reads
-    the file as its own, and this tree migrates it back (adding nothing) when it opens it next."""
+    """Let the clipsearch of ``src`` open ``db``, a store this tree may have migrated. Schema 9
+    adds the live counts to the namespace rows: an older revision ignores them, and the version
+    set back to 8 has this tree count them again when it opens the file next. Schema 8 adds the
+    ``deleted`` table: with that table empty, schema 7 reads the file as its own."""
     import re
     import sqlite3
 
@@ -73,7 +74,7 @@ def open_as(src: Path, db: Path) -> None:
     with sqlite3.connect(db) as conn:
         ours = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
         if theirs < ours:
-            if ours != 8 or theirs != 7 or conn.execute("SELECT count(*) FROM deleted").fetchone()[0]:
+            if theirs < 7 or (theirs == 7 and conn.execute("SELECT count(*) FROM deleted").fetchone()[0]):
                 sys.exit(f"the baseline reads schema {theirs}, the store is schema {ours}")
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(theirs),))
 

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import pct, print_table, source_trees
+from delete_scale import open_as
 from scale import exact_top, recall, serve
 
 
@@ -62,6 +63,7 @@ def main() -> None:
         for side in args.order.split(","):
             if side not in trees:
                 continue
+            open_as(trees[side], work / "scale.db")  # an older side reads a store this tree migrated
             # scale.py's serving process (one client, no filters), on this side's library
             out = serve(work / "scale.db", work / "queries.npy", [], "after", {"PYTHONPATH": str(trees[side])})
             for kind in sorted(set(kinds)):

@@ -56,7 +56,7 @@ from .base import (
     validate_namespace,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 _ALLOWED_CACHE_ENTRIES = 16  # results of _versioned kept (filters' allowed ids)
 _ALLOWED_CACHE_IDS = 2_000_000  # larger allow-lists (16 MB each) are found again each time
 
@@ -108,7 +108,12 @@ CREATE TABLE IF NOT EXISTS namespaces (
     rebuild_generation INTEGER NOT NULL DEFAULT 0,
     text_generation INTEGER NOT NULL DEFAULT 0,
     text_rebuild_generation INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    -- live rows (items, and items with a text vector), kept by every write in its transaction:
+    -- counting them was an index scan of every row (~1 s at 10M rows, more from a cold disk)
+    -- each time an index caught up, and on every `info`
+    live_items INTEGER NOT NULL DEFAULT 0,
+    live_texts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -202,6 +207,8 @@ _ADDED_COLUMNS = (
     ("items", "fingerprint", "TEXT"),
     ("items", "text", "TEXT"),
     ("failures", "fingerprint", "TEXT"),
+    ("namespaces", "live_items", "INTEGER NOT NULL DEFAULT 0"),
+    ("namespaces", "live_texts", "INTEGER NOT NULL DEFAULT 0"),
 )
 _COUNTERS = {"image": ("generation", "rebuild_generation"), "text": ("text_generation", "text_rebuild_generation")}
 
@@ -287,6 +294,11 @@ class SQLiteStore(ClosingStore):
                 conn.execute("DELETE FROM items_fts")
                 for r in conn.execute("SELECT seq, metadata, text FROM items").fetchall():
                     self._set_keywords(conn, r["seq"], r["text"], json.loads(r["metadata"]))
+            if version is not None and version < 9:
+                # the live counts, counted once (schema 9 keeps them)
+                for (name,) in conn.execute("SELECT name FROM namespaces").fetchall():
+                    counts = (self._scan_count(conn, name, "image"), self._scan_count(conn, name, "text"))
+                    conn.execute("UPDATE namespaces SET live_items = ?, live_texts = ? WHERE name = ?", (*counts, name))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
 
@@ -322,8 +334,7 @@ class SQLiteStore(ClosingStore):
         )
 
     _NS_SELECT = """
-        SELECT n.*, (SELECT count(*) FROM items i WHERE i.namespace = n.name)
-                    - (SELECT count(*) FROM deleted d WHERE d.namespace = n.name) AS items,
+        SELECT n.*, n.live_items AS items,
                (SELECT count(*) FROM failures f WHERE f.namespace = n.name) AS failures
         FROM namespaces n
     """
@@ -423,13 +434,14 @@ class SQLiteStore(ClosingStore):
         now = utcnow()
         text_changed = text_replaced = removed = False
         kinds: Counter = Counter()
+        live = Counter()  # the namespace's live_items and live_texts, changed by this batch
         with self._tx() as conn:
             for item, vec in zip(items, vectors, strict=True):
                 blob = vec.astype("<f4").tobytes()
                 meta = json.dumps(item.metadata, ensure_ascii=False)
                 row = conn.execute(
-                    "SELECT seq, created_at, seq IN (SELECT seq FROM deleted) AS gone FROM items "
-                    "WHERE namespace = ? AND id = ?",
+                    "SELECT seq, created_at, seq IN (SELECT seq FROM deleted) AS gone, "
+                    "seq IN (SELECT seq FROM text_vectors) AS texted FROM items WHERE namespace = ? AND id = ?",
                     (namespace, item.id),
                 ).fetchone()
                 if row is not None:
@@ -440,7 +452,10 @@ class SQLiteStore(ClosingStore):
                     self._remove_rows(conn, namespace, [row["seq"]], kinds, purge=bool(row["gone"]))
                     removed |= not row["gone"]
                     if row["gone"]:
-                        row = None
+                        row = None  # counted out when it was marked
+                    else:
+                        live["items"] -= 1
+                        live["texts"] -= row["texted"]
                 seq = conn.execute(
                     "INSERT INTO items (namespace, id, sha256, size, mtime_ns, metadata, vector, "
                     "created_at, updated_at, fingerprint, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -462,6 +477,8 @@ class SQLiteStore(ClosingStore):
                 self._index_metadata(conn, namespace, seq, item.metadata, kinds)
                 self._set_text_vector(conn, namespace, seq, item.text_vector)
                 text_changed |= item.text_vector is not None
+                live["items"] += 1
+                live["texts"] += item.text_vector is not None
             for t in touched:
                 row = conn.execute(
                     "SELECT seq, metadata FROM live_items WHERE namespace = ? AND id = ?", (namespace, t.id)
@@ -487,6 +504,7 @@ class SQLiteStore(ClosingStore):
                 self._index_metadata(conn, namespace, row["seq"], metadata, kinds)
                 had_text = self._set_text_vector(conn, namespace, row["seq"], t.text_vector)
                 text_changed |= had_text or t.text_vector is not None
+                live["texts"] += (t.text_vector is not None) - had_text
                 # a text index can only be appended to in seq order: a changed or dropped text
                 # vector of a kept row means rebuilding it (the image index is untouched)
                 text_replaced |= had_text or t.text_vector is not None
@@ -515,6 +533,7 @@ class SQLiteStore(ClosingStore):
                     ),
                 )
             self._count_kinds(conn, kinds)
+            self._count_live(conn, namespace, live)
             if items or text_changed:
                 conn.execute(
                     "UPDATE namespaces SET generation = generation + ?, text_generation = text_generation + ?, "
@@ -551,6 +570,14 @@ class SQLiteStore(ClosingStore):
             for key, value in metadata.items():
                 kinds[(namespace, key, _kind(value))] -= 1
         conn.execute(f"DELETE FROM item_values WHERE seq IN ({','.join('?' * len(seqs))})", seqs)
+
+    @staticmethod
+    def _count_live(conn: sqlite3.Connection, namespace: str, live: Counter) -> None:
+        if live["items"] or live["texts"]:
+            conn.execute(
+                "UPDATE namespaces SET live_items = live_items + ?, live_texts = live_texts + ? WHERE name = ?",
+                (live["items"], live["texts"], namespace),
+            )
 
     @staticmethod
     def _count_kinds(conn: sqlite3.Connection, kinds: Counter) -> None:
@@ -591,6 +618,11 @@ class SQLiteStore(ClosingStore):
             conn.executemany("INSERT INTO deleted (seq, namespace) VALUES (?, ?)", seqs)
             conn.executemany("INSERT INTO removals (seq, namespace) VALUES (?, ?)", seqs)
             deleted = len(seqs)
+            texts = conn.execute("SELECT live_texts FROM namespaces WHERE name = ?", (namespace,)).fetchone()[0]
+            if texts and deleted:
+                sql = "SELECT count(*) AS n FROM text_vectors WHERE seq IN ({marks})"
+                texts = sum(r["n"] for r in self._select_in(sql, [], [s for s, _ in seqs], conn))
+            self._count_live(conn, namespace, Counter(items=-deleted, texts=-texts if deleted else 0))
             if deleted:
                 # the indexes apply the logged removals: no rebuild
                 conn.execute(
@@ -833,7 +865,6 @@ class SQLiteStore(ClosingStore):
             self.wait_for_saves()  # an index is changed (or replaced) only once its file is written
             # read before the rows: a removal committed meanwhile is applied next time
             last_mark = self._query("SELECT max(mark) AS m FROM removals WHERE namespace = ?", (namespace,))[0]["m"]
-            # counting rows is a scan (25 ms at 1M rows): only when the index must catch up
             count = self._count(namespace, field)
             asked = settings.kind != "auto"
             if not asked and previous is not None and previous.state.asked and not rebuild:
@@ -941,10 +972,18 @@ class SQLiteStore(ClosingStore):
         return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32)
 
     def _count(self, namespace: str, field: str) -> int:
-        """The namespace's live rows of ``field``: all of them less those marked deleted, counted
-        from indexes alone (through live_* every row would be tested; a join on the tables reads
-        each marked row's page: 20 s for 100,000 marks at 10M rows, from disk). Every marked seq
-        has its row in ``items`` (both go in one transaction); ``text_vectors`` holds only some."""
+        """The namespace's live rows of ``field`` (the counts every write keeps)."""
+        column = "live_texts" if field == "text" else "live_items"
+        rows = self._query(f"SELECT {column} AS n FROM namespaces WHERE name = ?", (namespace,))
+        return int(rows[0]["n"]) if rows else 0
+
+    @staticmethod
+    def _scan_count(conn: sqlite3.Connection, namespace: str, field: str) -> int:
+        """Count the live rows of ``field`` from the tables (a migration's one pass): all of them
+        less those marked deleted, from indexes alone (through live_* every row would be tested; a
+        join on the tables reads each marked row's page: 20 s for 100,000 marks at 10M rows, from
+        disk). Every marked seq has its row in ``items`` (both go in one transaction);
+        ``text_vectors`` holds only some."""
         if field == "text":
             marked = (
                 "SELECT count(*) FROM deleted d WHERE d.namespace = ? AND EXISTS "
@@ -955,7 +994,7 @@ class SQLiteStore(ClosingStore):
         else:
             marked, table = "SELECT count(*) FROM deleted WHERE namespace = ?", "items"
         sql = f"SELECT (SELECT count(*) FROM {table} WHERE namespace = ?) - ({marked}) AS n"
-        return int(self._query(sql, (namespace, namespace))[0]["n"])
+        return int(conn.execute(sql, (namespace, namespace)).fetchone()["n"])
 
     @staticmethod
     def _filter_sql(filters: dict[str, Any] | None, alias: str = "") -> tuple[str, list[Any]]:
@@ -1198,7 +1237,7 @@ class SQLiteStore(ClosingStore):
         return [Hit(by_seq[r["seq"]], -float(r["rank"])) for r in rows if r["seq"] in by_seq]
 
     def has_text_vectors(self, namespace: str) -> bool:
-        return bool(self._query("SELECT 1 FROM live_text_vectors WHERE namespace = ? LIMIT 1", (namespace,)))
+        return self._count(namespace, "text") > 0
 
     def index_status(self, namespace: str, field: str = "image") -> IndexStatus:
         ns = self._require(namespace)
