@@ -3,15 +3,17 @@ deleting a share of the items takes and the first answer after it, beside an ear
 and what the deleted rows cost the searches after them.
 
     python benchmarks/scale.py --n 10000000 --queries 200 --keep --skip-updates   # once (an hour)
-    python benchmarks/delete_scale.py --reuse DIR [--baseline REV] [--share 0.01] [--upto 0.25]
+    python benchmarks/delete_scale.py --reuse DIR [--baseline REV] [--share 0.01] [--upto 0.25] [--cold] [--rounds 1]
 
 In order, on the same store: ``--baseline`` (a git revision checked out into a temporary worktree
-and run on this virtual environment, before this tree opens the file, since it cannot read a
-newer schema) deletes ``--share`` of the items and answers one query; this tree measures p50 and
-recall@10 of the queries against an exact scan of the rows left, deletes another ``--share`` of
-them and answers one query, deletes more until ``--upto`` of the items are gone, and measures
+and run on this virtual environment; the file's schema version is set back for it where this
+tree's migration changed nothing it reads) deletes ``--share`` of the items and answers one
+query; this tree measures p50 and recall@10 of the queries against an exact scan of the rows
+left, deletes another ``--share`` of them and answers one query (``--rounds``: the two sides
+take turns that many times), deletes more until ``--upto`` of the items are gone, and measures
 p50 and recall@10 again. Each side deletes its own random items (disjoint), 50,000 a call, as
-``scale.py`` does.
+``scale.py`` does; ``--cold`` drops the database's pages from the page cache before each timed
+delete.
 """
 
 from __future__ import annotations
@@ -35,12 +37,19 @@ from scale import exact_top
 HERE = Path(__file__).resolve().parent
 
 DELETE = r"""
-import json, sys, time
+import json, os, sys, time
 import numpy as np
 import clipsearch
 db, rows, query = sys.argv[1], np.load(sys.argv[2]), np.load(sys.argv[3])
 c = clipsearch.open(db, create=False)
 c.search(vector=query, limit=10)  # the index loaded and fresh: what is timed is the delete
+if sys.argv[4] == "cold":  # the database's pages out of the page cache, as after a day of other work
+    os.sync()
+    for path in (db, db + "-wal"):
+        if os.path.exists(path):
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
 t = time.perf_counter()
 gone = 0
 for start in range(0, len(rows), 50_000):
@@ -51,11 +60,13 @@ print(json.dumps({"deleted": deleted, "answered": time.perf_counter() - t, "gone
 """
 
 
-def delete_with(src: Path, db: Path, rows: np.ndarray, query: np.ndarray, work: Path) -> dict:
-    """Delete ``rows`` with the clipsearch of source tree ``src``, in a process of its own."""
+def delete_with(src: Path, db: Path, rows: np.ndarray, query: np.ndarray, work: Path, cold: bool) -> dict:
+    """Delete ``rows`` with the clipsearch of source tree ``src``, in a process of its own
+    (``cold``: the database's pages dropped from the page cache first)."""
     np.save(work / "rows.npy", rows)
     np.save(work / "query.npy", query)
     cmd = [sys.executable, "-c", DELETE, str(db), str(work / "rows.npy"), str(work / "query.npy")]
+    cmd.append("cold" if cold else "warm")
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True)
     if done.returncode:
         sys.exit(done.stderr)
@@ -110,6 +121,12 @@ def main() -> None:
         "--since", type=float, default=0.0,
         help="the store already lost the first SINCE of the items an earlier run (same seed) deleted: go on from there",
     )  # fmt: skip
+    ap.add_argument(
+        "--cold", action="store_true",
+        help="drop the database's pages from the page cache before each timed delete (posix_fadvise), so "
+        "that no side reads pages another one left",
+    )  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=1, help="deletes of --share by each side in turn")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
     work = Path(args.reuse)
@@ -123,20 +140,22 @@ def main() -> None:
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp, source_trees(args.baseline, Path(tmp)) as trees:
         taken = int(args.since * n)
-        for side, src in trees.items():  # "before" first: it cannot open the file once "after" has
+        # before, after, before, after...: each side deletes in turn, so that whatever else the
+        # machine does falls on both alike
+        for turn, (side, src) in enumerate(list(trees.items()) * args.rounds):
             gone = np.sort(order[taken : taken + step])
             taken += step
-            if side == "after":
+            if side == "after" and turn < len(trees):
                 p50, p99, got, _ = measure(db, vectors, queries, live)
                 rows.append([f"after: before its deletes ({int(live.sum()):,} items left)", "", "",
                              f"{p50:.1f} / {p99:.1f}", f"{got:.3f}"])  # fmt: skip
             if side == "before":
-                open_as(src, db)
-            r = delete_with(src, db, gone, queries[0], Path(tmp))
+                open_as(src, db)  # this tree opens a file the baseline wrote, and migrates it
+            r = delete_with(src, db, gone, queries[0], Path(tmp), args.cold)
             live[gone] = False
             rows.append([f"{side}: delete {r['gone']:,}", f"{r['deleted']:.1f} s", f"{r['answered']:.1f} s", "", ""])
         more = np.sort(order[taken : int(args.upto * n)])
-        r = delete_with(trees["after"], db, more, queries[0], Path(tmp))
+        r = delete_with(trees["after"], db, more, queries[0], Path(tmp), args.cold)
         live[more] = False
         p50, p99, got, status = measure(db, vectors, queries, live)
         label = f"after: delete {r['gone']:,} more ({int((~live).sum()) / n:.0%} of the items in all)"
