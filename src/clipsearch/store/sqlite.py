@@ -618,11 +618,11 @@ class SQLiteStore(ClosingStore):
             conn.executemany("INSERT INTO deleted (seq, namespace) VALUES (?, ?)", seqs)
             conn.executemany("INSERT INTO removals (seq, namespace) VALUES (?, ?)", seqs)
             deleted = len(seqs)
-            texts = conn.execute("SELECT live_texts FROM namespaces WHERE name = ?", (namespace,)).fetchone()[0]
-            if texts and deleted:
+            texts = 0  # of the deleted rows, those with a text vector (looked up only where there are any)
+            if deleted and conn.execute("SELECT live_texts FROM namespaces WHERE name = ?", (namespace,)).fetchone()[0]:
                 sql = "SELECT count(*) AS n FROM text_vectors WHERE seq IN ({marks})"
                 texts = sum(r["n"] for r in self._select_in(sql, [], [s for s, _ in seqs], conn))
-            self._count_live(conn, namespace, Counter(items=-deleted, texts=-texts if deleted else 0))
+            self._count_live(conn, namespace, Counter(items=-deleted, texts=-texts))
             if deleted:
                 # the indexes apply the logged removals: no rebuild
                 conn.execute(
