@@ -150,7 +150,7 @@ def main() -> None:
                 rows.append([f"after: before its deletes ({int(live.sum()):,} items left)", "", "",
                              f"{p50:.1f} / {p99:.1f}", f"{got:.3f}"])  # fmt: skip
             if side == "before":
-                open_as(src, db)  # this tree opens a file the baseline wrote, and migrates it
+                open_as(src, db)  # the baseline opens a file this tree may have migrated
             r = delete_with(src, db, gone, queries[0], Path(tmp), args.cold)
             live[gone] = False
             rows.append([f"{side}: delete {r['gone']:,}", f"{r['deleted']:.1f} s", f"{r['answered']:.1f} s", "", ""])
