@@ -134,6 +134,24 @@ def source_trees(baseline: str, work: Path) -> Iterator[dict[str, Path]]:
             subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(worktree)])
 
 
+def open_as(src: Path, db: Path) -> None:
+    """Let the clipsearch of ``src`` open ``db``, a store this tree may have migrated. Schema 9
+    adds the live counts to the namespace rows: an older revision ignores them, and the version
+    set back to 8 has this tree count them again when it opens the file next. Schema 8 adds the
+    ``deleted`` table: with that table empty, schema 7 reads the file as its own."""
+    import re
+    import sqlite3
+    import sys
+
+    theirs = int(re.search(r"SCHEMA_VERSION = (\d+)", (src / "clipsearch/store/sqlite.py").read_text())[1])
+    with sqlite3.connect(db) as conn:
+        ours = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if theirs < ours:
+            if theirs < 7 or (theirs == 7 and conn.execute("SELECT count(*) FROM deleted").fetchone()[0]):
+                sys.exit(f"the baseline reads schema {theirs}, the store is schema {ours}")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(theirs),))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, print_table, source_trees
+from _common import open_as, pct, print_table, source_trees
 from scale import exact_top
 
 HERE = Path(__file__).resolve().parent
@@ -71,23 +71,6 @@ def delete_with(src: Path, db: Path, rows: np.ndarray, query: np.ndarray, work: 
     if done.returncode:
         sys.exit(done.stderr)
     return json.loads(done.stdout)
-
-
-def open_as(src: Path, db: Path) -> None:
-    """Let the clipsearch of ``src`` open ``db``, a store this tree may have migrated. Schema 9
-    adds the live counts to the namespace rows: an older revision ignores them, and the version
-    set back to 8 has this tree count them again when it opens the file next. Schema 8 adds the
-    ``deleted`` table: with that table empty, schema 7 reads the file as its own."""
-    import re
-    import sqlite3
-
-    theirs = int(re.search(r"SCHEMA_VERSION = (\d+)", (src / "clipsearch/store/sqlite.py").read_text())[1])
-    with sqlite3.connect(db) as conn:
-        ours = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-        if theirs < ours:
-            if theirs < 7 or (theirs == 7 and conn.execute("SELECT count(*) FROM deleted").fetchone()[0]):
-                sys.exit(f"the baseline reads schema {theirs}, the store is schema {ours}")
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(theirs),))
 
 
 def measure(db: Path, vectors: np.ndarray, queries: np.ndarray, live: np.ndarray) -> tuple[float, float, float, Any]:

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, print_table, source_trees
-from delete_scale import open_as
+from _common import open_as, pct, print_table, source_trees
 from scale import exact_top, recall, serve
 
 
