@@ -208,6 +208,41 @@ def test_over_the_budget_auto_builds_ivfpq_with_high_recall(tmp_path, monkeypatc
     assert again.index_status("default").kind == "ivfpq" and _recall(again, vectors, queries) >= 0.95
 
 
+def test_reranking_scores_each_querys_candidates_from_their_fp16_rows(tmp_path, monkeypatch):
+    """FAISS scores the fp16 rows as stored; the result is numpy's exact ranking of each query's
+    own candidates, best first, whatever their count (-1: no candidate; a query with fewer than
+    k, or none, is padded with -1 and -inf), and, on the exact path, of the ids asked for."""
+    vectors = _clustered(5_000, seed=21)
+    store = _store(tmp_path, kind="ivfpq")
+    _write(store, 0, vectors)
+    store.build_index("default")
+    index = store._indexes[("default", "image")]
+    queries = _clustered(70, seed=22)  # more than one block of _RERANK_QUERIES
+    rng = np.random.default_rng(23)
+    candidates = np.stack([rng.choice(np.arange(1, 5001), 40, replace=False) for _ in queries])
+    candidates[::3, 30:] = -1  # a short list
+    candidates[5, 5:] = -1  # fewer than k
+    candidates[6] = -1  # none
+    scores, seqs = index._rerank(queries, candidates, 10)
+    rows = vectors.astype(np.float16).astype(np.float32)
+    for q, cand, got_scores, got_seqs in zip(queries, candidates, scores, seqs, strict=True):
+        cand = cand[cand >= 0]
+        exact = rows[cand - 1] @ q
+        order = np.argsort(-exact)[:10]
+        assert got_seqs[: len(order)].tolist() == cand[order].tolist()
+        np.testing.assert_allclose(got_scores[: len(order)], exact[order], rtol=1e-5, atol=1e-6)
+        assert (got_seqs[len(order) :] == -1).all() and np.isneginf(got_scores[len(order) :]).all()
+    # the exact path (a selective filter) scores its ids from the same rows, a chunk at a time,
+    # a last chunk shorter than k among them
+    monkeypatch.setattr(index_module, "_EXACT_CHUNK", 300)
+    ids = np.sort(rng.choice(np.arange(1, 5001), 905, replace=False))
+    scores, seqs = index.exact(queries, 10, ids)
+    exact = queries @ rows[ids - 1].T
+    order = np.argsort(-exact, axis=1)[:, :10]
+    assert (seqs == ids[order]).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, order, axis=1), rtol=1e-5, atol=1e-6)
+
+
 def test_the_fp16_file_reads_rows_ahead_while_its_reads_wait_on_the_disk(tmp_path, monkeypatch):
     file = VectorFile.create(tmp_path / "i.faiss", DIM)
     vectors = _clustered(1000, seed=5)
@@ -220,19 +255,31 @@ def test_the_fp16_file_reads_rows_ahead_while_its_reads_wait_on_the_disk(tmp_pat
     positions = np.concatenate([[1, 2, 499, 500, 998], np.arange(50, 150)])
     # a new file's first large read asks for its rows first; a read of a few rows never does
     monkeypatch.setattr(index_module, "COLD_ROW_SECONDS", 0.0)  # every read waited, as on a cold disk
-    assert file._cold and np.allclose(file.read(want), vectors[positions], atol=1e-3) and advised == [len(want)]
-    assert np.allclose(file.read(want[:3]), vectors[positions[:3]], atol=1e-3) and len(advised) == 1
-    file.read(want)
-    assert file._cold and len(advised) == 2
-    # a read that did not wait (under a second a row, here) stops the advice; a slow one restarts it
+    monkeypatch.setattr(index_module, "FAST_READS_TO_STOP", 3)
+    assert file.reads_ahead and np.allclose(file.read16(want), vectors[positions], atol=1e-3)
+    assert advised == [len(want)]
+    assert np.allclose(file.read16(want[:3]), vectors[positions[:3]], atol=1e-3) and len(advised) == 1
+    file.read16(want)
+    assert file.reads_ahead and len(advised) == 2
+    # reads that did not wait (under a second a row, here) stop the advice after three in a row;
+    # one slow read restarts it
     monkeypatch.setattr(index_module, "COLD_ROW_SECONDS", 1.0)
-    file.read(want)
-    assert not file._cold and len(advised) == 3
-    assert np.allclose(file.read(want), vectors[positions], atol=1e-3) and len(advised) == 3
+    for number in range(3):
+        assert file.reads_ahead
+        assert np.allclose(file.read16(want), vectors[positions], atol=1e-3) and len(advised) == 3 + number
+    assert not file.reads_ahead
+    file.read16(want)
+    assert len(advised) == 5
     monkeypatch.setattr(index_module, "COLD_ROW_SECONDS", 0.0)
-    file.read(want)
-    assert file._cold and len(advised) == 3
-    assert np.allclose(file.read(want), vectors[positions], atol=1e-3) and len(advised) == 4
+    file.read16(want)
+    assert file.reads_ahead and len(advised) == 5
+    assert np.allclose(file.read16(want), vectors[positions], atol=1e-3) and len(advised) == 6
+    # a fast read between slow ones does not stop it
+    monkeypatch.setattr(index_module, "COLD_ROW_SECONDS", 1.0)
+    file.read16(want)
+    monkeypatch.setattr(index_module, "COLD_ROW_SECONDS", 0.0)
+    file.read16(want)
+    assert file.reads_ahead and len(advised) == 8
 
 
 def test_ivfpq_codes_rank_the_near_ties_of_a_dense_topic(tmp_path):
@@ -444,6 +491,7 @@ def test_a_few_queries_scan_their_ivf_lists_split_over_threads(tmp_path, monkeyp
     whole = index.search(queries, 10)
     scans = []
     monkeypatch.setattr(index_module, "SPLIT_SCAN_CODES", 0)
+    monkeypatch.setattr(index_module, "SPLIT_CENTROIDS", 0)  # the centroids' scan split too
     monkeypatch.setattr(VectorIndex, "_split_scan", lambda self, *a: scans.append(1) or split(self, *a))
     split_scores, split_seqs = index.search(queries, 10)
     assert scans == [1]
@@ -455,6 +503,11 @@ def test_a_few_queries_scan_their_ivf_lists_split_over_threads(tmp_path, monkeyp
     assert recall(whole[1]) >= 0.9 and recall(split_seqs) >= recall(whole[1]) - 0.02
     assert np.mean(split_seqs == whole[1]) >= 0.9
     assert np.all(np.diff(split_scores, axis=1) <= 0)  # best first, exact scores from the fp16 file
+    # the lists found by halves of the centroids are the quantiser's own nearest ones
+    near, lists = index._nearest_lists(queries, 2)
+    whole_near, whole_lists = index.index.quantizer.search(queries, index.nprobe)
+    assert [set(r) for r in lists] == [set(r) for r in whole_lists]
+    np.testing.assert_allclose(np.sort(near, axis=1), np.sort(whole_near, axis=1), rtol=1e-5)
     # CLIPSEARCH_SEARCH_THREADS=1: one thread a query, the other cores left to other clients
     index.settings = IndexSettings.of(
         Settings.from_env({"CLIPSEARCH_SEARCH_THREADS": "1", "CLIPSEARCH_IVF_NPROBE": "64"})
