@@ -923,8 +923,8 @@ class VectorIndex:
 
     def _nearest_lists(self, queries: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray]:
         """Each query's ``nprobe`` nearest lists (inner products, list numbers): with many lists
-        their centroids are split over the scan threads (at 16,384 lists, 2.2 ms of a 10.7 ms
-        query on one core)."""
+        their centroids are split over the scan threads (16,384 x 512 floats, 32 MB read for
+        each query: 2.6 ms on one core, 1.8 ms on two)."""
         faiss = _faiss()
         nprobe, quantizer = self.nprobe, faiss.downcast_index(self.index.quantizer)
         flat_ip = isinstance(quantizer, faiss.IndexFlat) and quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
