@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import open_as, print_table, source_trees
+from _common import open_as, pct, print_table, source_trees
+from scale import recall
 
 SERVE = r"""
 import json, os, sys, time
@@ -90,21 +91,18 @@ def main() -> None:
                 sys.exit(done.stderr)
             out = json.loads(done.stdout.strip().splitlines()[-1])
             for number, p in enumerate(out["passes"]):
-                times = sorted(p["times"])
-                got = {
-                    kind: [
-                        len(set(ids) & t) / 10 for ids, t, k in zip(p["ids"], truth, kinds, strict=True) if k == kind
-                    ]
-                    for kind in ("text", "image")
-                }
+                found = []
+                for kind in ("text", "image"):
+                    sel = [i for i, k in enumerate(kinds) if k == kind]
+                    found.append(f"{recall([p['ids'][i] for i in sel], [truth[i] for i in sel]):.3f}")
                 rows.append([
                     side if number == 0 else "",
                     f"{out['first']:.2f} s" if number == 0 else "",
                     f"{out['rss_anon'] / 1e9:.2f} GB" if number == 0 else "",
                     number + 1,
-                    f"{times[len(times) // 2] * 1e3:.1f}",
-                    f"{times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3:.1f}",
-                    " / ".join(f"{sum(v) / max(1, len(v)):.3f}" for v in got.values()),
+                    f"{pct(p['times'], 50) * 1e3:.1f}",
+                    f"{pct(p['times'], 99) * 1e3:.1f}",
+                    " / ".join(found),
                 ])  # fmt: skip
     print_table(
         f"Unfiltered queries, new serving processes{' (store out of the page cache before each)' if args.cold else ''}",

@@ -538,13 +538,20 @@ def top_k(
     """The ``k`` best (score, seq) of each query over ``chunks`` of (seqs, vectors), by exact
     inner product, best first, ties by seq; seq -1 (score -inf) where fewer than k rows came."""
     n = len(queries)
+    scored = ((queries @ vectors.T, np.broadcast_to(seqs, (n, len(seqs)))) for seqs, vectors in chunks)
+    return _best_of(n, k, scored)
+
+
+def _best_of(n: int, k: int, scored: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best (score, seq) of each of ``n`` queries over ``scored`` chunks of (scores,
+    seqs), each (n, rows), best first, ties by seq; seq -1 (score -inf) where fewer than k came."""
     best_scores = np.full((n, k), -np.inf, dtype=np.float32)
     best_seqs = np.full((n, k), -1, dtype=np.int64)
-    for seqs, vectors in chunks:
-        if not len(seqs) or not k:
+    for scores, seqs in scored:
+        if not seqs.shape[1] or not k:
             continue
-        scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
-        ids = np.concatenate([best_seqs, np.broadcast_to(seqs, (n, len(seqs)))], axis=1)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        ids = np.concatenate([best_seqs, seqs], axis=1)
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # k kept + a non-empty chunk: more than k
         best_scores = np.take_along_axis(scores, top, axis=1)
         best_seqs = np.take_along_axis(ids, top, axis=1)
@@ -963,17 +970,15 @@ class VectorIndex:
         faiss = _faiss()
         faiss.omp_set_num_threads(1 if len(queries) < _PARALLEL_QUERIES else _MAX_THREADS[0])
         scorer = self._fp16_scorer()
-        best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        best_seqs = np.full((len(queries), k), -1, dtype=np.int64)
-        for chunk in chunks:
-            scorer.reset()
-            scorer.add_sa_codes(self.file.read16(chunk).view(np.uint8))
-            scores, at = scorer.search(queries, min(k, len(chunk)))
-            scores = np.concatenate([best_scores, scores], axis=1)
-            seqs = np.concatenate([best_seqs, chunk[at]], axis=1)  # every row found: k <= len(chunk)
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            best_scores, best_seqs = np.take_along_axis(scores, top, axis=1), np.take_along_axis(seqs, top, axis=1)
-        return _sorted(best_scores, best_seqs)
+
+        def scored() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for chunk in chunks:
+                scorer.reset()
+                scorer.add_sa_codes(self.file.read16(chunk).view(np.uint8))
+                scores, at = scorer.search(queries, min(k, len(chunk)))
+                yield scores, chunk[at]  # every row found: at most len(chunk) asked for
+
+        return _best_of(len(queries), k, scored())
 
     def _fp16_scorer(self) -> Any:
         """A FAISS index that scores fp16 rows as stored, by inner product (F16C)."""
@@ -998,8 +1003,8 @@ class VectorIndex:
             found = cand >= 0
             rows = self.file.read16(cand[found]).view(np.uint8)  # each query's rows in turn
             ends = np.cumsum(found.sum(axis=1))
-            for j, (mine, end) in enumerate(zip(cand, ends.tolist(), strict=True)):
-                mine = mine[mine >= 0]
+            for j, (row, held, end) in enumerate(zip(cand, found, ends.tolist(), strict=True)):
+                mine = row[held]
                 if not len(mine):
                     continue
                 scorer.reset()
