@@ -2,15 +2,20 @@
 store that ``benchmarks/scale.py --keep`` (or ``--import-only`` and ``clipsearch index build``)
 left, its first pass over the queries and the passes after it.
 
-    python benchmarks/serve_passes.py --reuse DIR [--baseline REV] [--cold] [--passes 3] [--rounds 2]
+    python benchmarks/serve_passes.py --reuse DIR [--baseline REV] [--lock] [--cold] [--idle 120]
+                                      [--passes 3] [--rounds 2]
 
 Each side (``--baseline``, a git revision checked out into a temporary worktree and run on this
 virtual environment, then this tree; ``--rounds``: in turn that many times) opens the store in a
 new process, answers the first query, and asks all the queries ``--passes`` times. ``--cold``
 drops the store's files from the page cache first (posix_fadvise), as a kernel that pages out
 idle file pages leaves them: the first pass then reads its re-ranked rows from disk, and the
-passes after it find them in the page cache and mapped. Recall@10 is against the exact answers
-``scale.py`` saved.
+passes after it find them in the page cache and mapped. ``--lock`` adds a side: this tree with
+``CLIPSEARCH_LOCK_VECTORS=1``: the first search starts locking the vectors file in memory and
+answers meanwhile; the process then waits until they are locked, as ``serve`` does before it
+says it is healthy, and that time is the "ready" column. ``--idle S``: each process waits S
+seconds before every pass after the first, as a server does between its busy hours (this
+machine's kernel pages out file pages idle for a minute). Recall@10 is against the exact answers ``scale.py`` saved.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ SERVE = r"""
 import json, os, sys, time
 from pathlib import Path
 import numpy as np
-work, passes, cold = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "cold"
+work, passes, cold, idle = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "cold", float(sys.argv[4])
 if cold:
     for p in [*work.glob("scale.db*"), *work.glob("scale.db-index/*")]:
         if p.is_file():
@@ -45,7 +50,12 @@ import clipsearch
 c = clipsearch.open(work / "scale.db", create=False)
 c.search(vector=queries[0], limit=10)
 out = {"first": time.perf_counter() - started, "passes": []}
-for _ in range(passes):
+if os.environ.get("CLIPSEARCH_LOCK_VECTORS"):  # as `serve` does before it says it is healthy
+    c.store.keep_resident(c.namespace)
+out["ready"] = time.perf_counter() - started
+for number in range(passes):
+    if number:
+        time.sleep(idle)
     times, ids = [], []
     for q in queries:
         t = time.perf_counter()
@@ -53,8 +63,9 @@ for _ in range(passes):
         times.append(time.perf_counter() - t)
         ids.append([int(h.id[1:]) for h in hits])
     out["passes"].append({"times": times, "ids": ids})
-status = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith("RssAnon"))
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith(("RssAnon", "VmLck")))
 out["rss_anon"] = int(status["RssAnon"].split()[0]) * 1024
+out["locked"] = int(status["VmLck"].split()[0]) * 1024
 print(json.dumps(out))
 """
 
@@ -68,6 +79,8 @@ def main() -> None:
     ap.add_argument(
         "--cold", action="store_true", help="drop the store's files from the page cache before each process"
     )
+    ap.add_argument("--lock", action="store_true", help="add a side: this tree with CLIPSEARCH_LOCK_VECTORS=1")
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds idle before every pass after the first")
     args = ap.parse_args()
     work = Path(args.reuse)
     with (work / "truth.pkl").open("rb") as f:
@@ -76,13 +89,16 @@ def main() -> None:
         kinds = pickle.load(f)["kinds"]
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as tmp, source_trees(args.baseline, Path(tmp)) as trees:
-        for side, src in list(trees.items()) * args.rounds:
+        sides = [(side, src, {}) for side, src in trees.items()]
+        if args.lock:
+            sides.append(("locked", trees["after"], {"CLIPSEARCH_LOCK_VECTORS": "1"}))
+        for side, src, extra in sides * args.rounds:
             if side == "before":
                 open_as(src, work / "scale.db")
-            env = {**os.environ, "PYTHONPATH": str(src)}
+            env = {**os.environ, "PYTHONPATH": str(src), **extra}
             mode = "cold" if args.cold else "warm"
             done = subprocess.run(
-                [sys.executable, "-c", SERVE, str(work), str(args.passes), mode],
+                [sys.executable, "-c", SERVE, str(work), str(args.passes), mode, str(args.idle)],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -97,16 +113,18 @@ def main() -> None:
                     found.append(f"{recall([p['ids'][i] for i in sel], [truth[i] for i in sel]):.3f}")
                 rows.append([
                     side if number == 0 else "",
-                    f"{out['first']:.2f} s" if number == 0 else "",
-                    f"{out['rss_anon'] / 1e9:.2f} GB" if number == 0 else "",
+                    f"{out['first']:.2f} / {out['ready']:.2f} s" if number == 0 else "",
+                    f"{out['rss_anon'] / 1e9:.2f} / {out['locked'] / 1e9:.2f} GB" if number == 0 else "",
                     number + 1,
                     f"{pct(p['times'], 50) * 1e3:.1f}",
                     f"{pct(p['times'], 99) * 1e3:.1f}",
                     " / ".join(found),
                 ])  # fmt: skip
     print_table(
-        f"Unfiltered queries, new serving processes{' (store out of the page cache before each)' if args.cold else ''}",
-        ["side", "open to first answer", "RssAnon", "pass", "p50 (ms)", "p99 (ms)", "recall@10 text / image"],
+        "Unfiltered queries, new serving processes"
+        + (" (store out of the page cache before each)" if args.cold else "")
+        + (f", {args.idle:g} s idle before each pass after the first" if args.idle else ""),
+        ["side", "first answer / ready", "RssAnon / VmLck", "pass", "p50 (ms)", "p99 (ms)", "recall@10 text / image"],
         rows,
     )
 

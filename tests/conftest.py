@@ -20,10 +20,14 @@ from PIL import Image
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Queries export ONNX towers on first use, and model loads keep their oneDNN verdicts: the
-# suite's caches live and die with the run (each process's own: 450 runs had left ~25 GB).
-for _name, _kind in (("CLIPSEARCH_ONNX_CACHE", "onnx"), ("XDG_CACHE_HOME", "cache")):
-    os.environ[_name] = tempfile.mkdtemp(prefix=f"clipsearch-test-{_kind}-")
-    atexit.register(shutil.rmtree, os.environ[_name], ignore_errors=True)
+# suite's caches live and die with the run (450 runs had left ~25 GB). A process this one starts
+# that imports the tests again (a Ray worker unpickling a test's function) inherits them: it is
+# killed, not ended, so caches of its own outlived it.
+if os.environ.get("CLIPSEARCH_TEST_CACHES_OF") is None:
+    os.environ["CLIPSEARCH_TEST_CACHES_OF"] = str(os.getpid())
+    for _name, _kind in (("CLIPSEARCH_ONNX_CACHE", "onnx"), ("XDG_CACHE_HOME", "cache")):
+        os.environ[_name] = tempfile.mkdtemp(prefix=f"clipsearch-test-{_kind}-")
+        atexit.register(shutil.rmtree, os.environ[_name], ignore_errors=True)
 
 TINY_OPENCLIP_CFG = {
     "embed_dim": 32,

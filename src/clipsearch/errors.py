@@ -113,6 +113,35 @@ class ModelMismatchError(ClipsearchError):
         )
 
 
+class MemoryLockError(ClipsearchError):
+    """Vectors asked to stay in memory (``CLIPSEARCH_LOCK_VECTORS``) could not be locked there.
+
+    ``path``: their file; ``size``: its bytes; ``limit``: this process's locked-memory limit in
+    bytes (None: unlimited, or no such limit on this platform); ``reason``: what the system said.
+    """
+
+    exit_code = 1
+
+    def __init__(self, path: str, size: int, limit: int | None, reason: str):
+        self.path, self.size, self.limit, self.reason = path, size, limit, reason
+        what = f"cannot keep the {_size(size)} of vectors in {path} in memory (CLIPSEARCH_LOCK_VECTORS): {reason}"
+        if limit is None:
+            fix = "free memory for them, or leave CLIPSEARCH_LOCK_VECTORS unset"
+        else:
+            fix = (
+                f"this process may lock {_size(limit)}; raise that limit (ulimit -l unlimited; LimitMEMLOCK=infinity "
+                "under systemd; docker run --ulimit memlock=-1) or leave CLIPSEARCH_LOCK_VECTORS unset"
+            )
+        super().__init__(f"{what}; {fix}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
+
+
 class DimensionError(ClipsearchError):
     """A vector has the wrong length for the namespace or model."""
 

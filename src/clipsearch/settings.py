@@ -73,6 +73,10 @@ class Settings:
     # CLIPSEARCH_SEARCH_THREADS: threads one query's IVF-PQ scan may use (0: FAISS's, the cores);
     # 1 leaves the other cores to other clients' queries
     search_threads: int = 0
+    # CLIPSEARCH_LOCK_VECTORS: a serving process keeps its index's vectors in memory: IVF-PQ's fp16
+    # file locked there (mlock), HNSW read in rather than memory-mapped, so that no query waits on
+    # the disk for them (a kernel may page out file pages it sees idle; this machine's did after a minute)
+    lock_vectors: bool = False
     query_runtime: str = "auto"  # CLIPSEARCH_QUERY_RUNTIME: auto | torch (see Collection)
 
     @classmethod

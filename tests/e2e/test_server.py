@@ -468,6 +468,36 @@ def test_load_failure_is_reported(library, tmp_path):
     assert failures == ["no weights for ViT-X; pass --weights"]
 
 
+def test_with_lock_vectors_the_server_is_healthy_once_its_vectors_are_in_memory(library, tmp_path):
+    """CLIPSEARCH_LOCK_VECTORS: the default namespace's index is read and its vectors locked
+    before /health says healthy, so that no client's query waits on the disk for them."""
+    import sqlite3
+
+    from clipsearch.index import IndexSettings
+    from clipsearch.store import NewItem
+
+    db = tmp_path / "locked.db"
+    with sqlite3.connect(library["db"]) as source, sqlite3.connect(db) as copy:
+        source.backup(copy)
+    rng = np.random.default_rng(7)
+    extra = rng.normal(size=(400, 32)).astype(np.float32)
+    store = SQLiteStore(db)
+    store.write_batch(
+        "default", [NewItem(f"x{i}", {}) for i in range(400)], extra / np.linalg.norm(extra, axis=1)[:, None]
+    )
+    store.close()
+    locked = SQLiteStore(db, IndexSettings(kind="ivfpq", lock_vectors=True))
+    spec = library["spec"]
+    app = create_app(ServerSettings(db=str(db)), lambda: (load_encoder(spec), spec), store=locked)
+    with RunningServer(app) as srv:
+        srv.wait_ready()
+        index = locked._indexes[("default", "image")]
+        assert index.state.kind == "ivfpq" and index.file.locked and index.file.rows == 406
+        query = {"embedding": (extra[3] / np.linalg.norm(extra[3])).tolist(), "limit": 3}
+        found = httpx.post(srv.url + "/api/v1/vectors/search", json=query).json()
+        assert found["results"][0]["id"] == "x3"
+
+
 def test_cli_serve_with_missing_weights_exits_with_one_line(cli, tmp_path):
     code, _, stderr = cli("serve", "--weights", str(tmp_path / "missing"), "--port", "0")
     assert code == 2

@@ -7,6 +7,13 @@ the budget, and what needs FAISS says so."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -170,6 +177,8 @@ def test_memory_budget_setting():
     settings = Settings.from_env({"CLIPSEARCH_INDEX_MEMORY": "2G", "CLIPSEARCH_IVF_NPROBE": "8"})
     assert IndexSettings.of(settings).memory == 2 << 30 and IndexSettings.of(settings).nprobe == 8
     assert IndexSettings.of(Settings.from_env({})).memory > 0  # a share of this machine's memory
+    assert IndexSettings.of(Settings.from_env({"CLIPSEARCH_LOCK_VECTORS": "1"})).lock_vectors
+    assert not IndexSettings.of(Settings.from_env({"CLIPSEARCH_LOCK_VECTORS": "0"})).lock_vectors
     with pytest.raises(UsageError, match="CLIPSEARCH_INDEX_MEMORY='lots' is not a size"):
         Settings.from_env({"CLIPSEARCH_INDEX_MEMORY": "lots"})
 
@@ -383,6 +392,103 @@ def test_an_hnsw_index_is_opened_memory_mapped_and_read_in_to_grow(tmp_path):
     hits = reader.search("default", vectors[2500:2501], 1)[0]
     assert hits[0].item.id == "id2500" and reader._indexes[("default", "image")].mapped is None
     assert sorted(p.name for p in (tmp_path / "s.db-index").iterdir()) == ["default.faiss", "default.json"]
+
+
+def _locked_bytes() -> int:
+    return int(re.search(r"^VmLck:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)[1]) * 1024
+
+
+def _pages(n: int) -> int:
+    return -(-n // os.sysconf("SC_PAGE_SIZE")) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmLck from /proc")
+def test_lock_vectors_keeps_the_fp16_rows_in_memory(tmp_path, monkeypatch):
+    """CLIPSEARCH_LOCK_VECTORS: opening an IVF-PQ index for search locks its fp16 file in memory,
+    through the mapping searches read; an append maps it anew, and the next search locks that
+    one; rows locked are never read ahead. HNSW is read in instead of memory-mapped."""
+    vectors = _clustered(3000, seed=31)
+    writer = _store(tmp_path, kind="ivfpq")
+    _write(writer, 0, vectors[:2000])
+    writer.build_index("default")
+    base = _locked_bytes()
+    plain = SQLiteStore(tmp_path / "s.db", IndexSettings(kind="ivfpq"))
+    locked = SQLiteStore(tmp_path / "s.db", IndexSettings(kind="ivfpq", lock_vectors=True))
+    plain.prepare_search("default")
+    assert not plain._indexes[("default", "image")].file.locked and _locked_bytes() == base
+    locked.keep_resident("default")  # what a server does before it says it is healthy
+    index = locked._indexes[("default", "image")]
+    assert index.file.locked and _locked_bytes() - base == _pages(2000 * DIM * 2)
+    advised = []
+    monkeypatch.setattr(VectorFile, "_read_ahead", lambda self, rows: advised.append(len(rows)))
+    queries = _clustered(20, seed=32)
+    got = [[h.item.id for h in row] for row in locked.search("default", queries, 10)]
+    assert advised == [] and _recall(locked, vectors[:2000], queries) >= 0.95
+    assert got == [[h.item.id for h in row] for row in plain.search("default", queries, 10)]
+    assert advised  # the mapped file's reads, read ahead
+    _write(writer, 2000, vectors[2000:])
+    assert _recall(locked, vectors, queries) >= 0.95  # caught up: 1,000 rows appended, mapped anew
+    locked.keep_resident("default")  # the search started locking them, and did not wait for it
+    assert locked._indexes[("default", "image")] is index and index.file.rows == 3000 and index.file.locked
+    # the new mapping locked, the one before let go
+    assert _locked_bytes() - base == _pages(3000 * DIM * 2)
+    # a process's first search starts the lock on a thread of its own and answers meanwhile
+    lazy = SQLiteStore(tmp_path / "s.db", IndexSettings(kind="ivfpq", lock_vectors=True))
+    assert len(lazy.search("default", queries[:1], 10)[0]) == 10
+    started = lazy._indexes[("default", "image")]
+    assert started._locking is not None or started.file.locked
+    lazy.keep_resident("default")
+    assert started.file.locked and started._locking is None
+    hnsw = _store(tmp_path, "h.db", kind="hnsw")
+    _write(hnsw, 0, vectors[:1000])
+    hnsw.build_index("default")
+    reader = SQLiteStore(tmp_path / "h.db", IndexSettings(kind="hnsw", lock_vectors=True))
+    assert _recall(reader, vectors[:1000], queries) >= 0.95
+    assert reader._indexes[("default", "image")].mapped is None
+
+
+def test_postgresql_refuses_lock_vectors():
+    from clipsearch.store.postgres import PostgresStore
+
+    with pytest.raises(UsageError, match="PostgreSQL keeps its own pages"):  # before it connects
+        PostgresStore("postgresql://nobody@127.0.0.1:9/none", IndexSettings(lock_vectors=True))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="drops CAP_IPC_LOCK with setpriv")
+def test_a_lock_the_system_refuses_says_what_to_do(tmp_path):
+    store = _store(tmp_path, kind="ivfpq")
+    _write(store, 0, _clustered(1000, seed=33))
+    store.build_index("default")
+    code = """
+import resource, sys
+import numpy as np
+from clipsearch.errors import MemoryLockError
+from clipsearch.index import IndexSettings
+from clipsearch.store import SQLiteStore
+
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (8192, 8192))
+store = SQLiteStore(sys.argv[1], IndexSettings(kind="ivfpq", lock_vectors=True))
+try:
+    store.keep_resident("default")
+except MemoryLockError as e:
+    first = e
+    print(e.limit, e.size, store._indexes[("default", "image")].file.locked)
+    print(e)
+try:  # and every search after, rather than going on from the disk
+    store.search("default", np.ones((1, 32), dtype=np.float32) / 32**0.5, 10)
+except MemoryLockError as again:
+    print(again is first)
+"""
+    cmd = [sys.executable, "-c", code, str(tmp_path / "s.db")]
+    if os.geteuid() == 0:  # root locks past any limit (CAP_IPC_LOCK): the child runs without it
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to run a child without CAP_IPC_LOCK")
+        cmd = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", *cmd]
+    lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0] == f"8192 {1000 * DIM * 2} False"
+    assert lines[1].startswith("cannot keep the 62.5 KiB of vectors in ") and "(CLIPSEARCH_LOCK_VECTORS)" in lines[1]
+    assert "this process may lock 8.0 KiB; raise that limit (ulimit -l unlimited" in lines[1]
+    assert lines[2] == "True"
 
 
 @pytest.mark.parametrize("hnsw_assign", [False, True], ids=["flat-assign", "hnsw-assign"])

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..collection import Collection
 from ..decode_stage import DecodeSettings, decode_crop
-from ..errors import ClipsearchError, ImageError, TooLargeError
+from ..errors import ClipsearchError, ImageError, NotFoundError, TooLargeError
 from ..fetch import FetchPolicy, load_image_ref
 from ..identity import ModelSpec
 from ..imaging import DEFAULT_MAX_MEGAPIXELS, DecodedImage
@@ -286,6 +286,8 @@ class Service:
             self.on_load_failure(message)
 
     def _load_and_warm(self) -> tuple[Encoder, ModelSpec]:
+        # the vectors are read in beside the model's loading (the text thread has nothing to do yet)
+        resident = self._text_thread.submit(self._keep_vectors_resident)
         encoder, spec = self._loader()
         for note in encoder.notes:
             log.warning("%s", note)
@@ -293,7 +295,17 @@ class Service:
         encoder.embed_texts(["warm up"])
         h, w = encoder.preprocess_spec.size
         encoder.embed_crops(np.zeros((1, h, w, 3), dtype=np.uint8))
+        resident.result()
         return encoder, spec
+
+    def _keep_vectors_resident(self) -> None:
+        """``CLIPSEARCH_LOCK_VECTORS``: the default namespace's index is read and its vectors
+        locked in memory before the server says it is healthy (another namespace's when it is
+        first searched); a MemoryLockError fails the start as a model that cannot load does."""
+        if not self.store.index_settings.lock_vectors:
+            return
+        with contextlib.suppress(NotFoundError):  # no such namespace yet: locked once searched
+            self.store.keep_resident(self.settings.namespace)
 
     async def close(self) -> None:
         if self._load_task is not None and not self._load_task.done():

@@ -13,13 +13,16 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..errors import DimensionError, ModelMismatchError, UsageError
 from ..filters import Range, as_number, filter_folded, filter_ranges, filter_values, fold, typed_variants
 from ..identity import ModelIdentity
+
+if TYPE_CHECKING:
+    from ..index import IndexSettings
 
 __all__ = ["Range", "as_number", "filter_folded", "filter_ranges", "filter_values", "fold", "typed_variants"]
 
@@ -322,6 +325,7 @@ class Store(Protocol):
     """Backend-neutral store; every method is safe to call from one thread at a time."""
 
     location: str
+    index_settings: IndexSettings  # the index part of the settings it was opened with
 
     # -- namespaces --------------------------------------------------------------------
     def namespace(self, name: str) -> NamespaceInfo | None:
@@ -409,6 +413,12 @@ class Store(Protocol):
     def prepare_search(self, namespace: str, field: str = "image") -> None:
         """Load what a search of ``field`` vectors needs (an index file), so that a caller can
         do it while something else loads; a search does it anyway."""
+        ...
+
+    def keep_resident(self, namespace: str, field: str = "image") -> None:
+        """``prepare_search``, and with ``CLIPSEARCH_LOCK_VECTORS`` return once the vectors a
+        search reads are locked in memory (``prepare_search`` and searches start that, and go on
+        meanwhile); MemoryLockError where the system refuses."""
         ...
 
     def search(

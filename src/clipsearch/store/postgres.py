@@ -252,10 +252,16 @@ def _folded_pattern(text: str) -> str:
 
 class PostgresStore(ClosingStore):
     def __init__(self, url: str, index_settings: IndexSettings | None = None, *, pool_size: int = 8):
-        psycopg, psycopg_pool, register_vector = load_psycopg()
-        self.url = url
         self.location = redact(url)
         self.index_settings = index_settings or IndexSettings()
+        if self.index_settings.lock_vectors:
+            # not ignored: a user who asked for vectors in memory would wait on the disk unknowing
+            raise UsageError(
+                "CLIPSEARCH_LOCK_VECTORS keeps a SQLite store's index in this process's memory; PostgreSQL keeps "
+                f"its own pages ({self.location}: shared_buffers, pg_prewarm), so leave it unset for PostgreSQL"
+            )
+        psycopg, psycopg_pool, register_vector = load_psycopg()
+        self.url = url
         self._psycopg = psycopg
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
@@ -825,6 +831,9 @@ class PostgresStore(ClosingStore):
             ).fetchone()[0]
         counts = [(value, int(n)) for value, n in rows]
         return counts + ([(None, int(missing))] if missing else [])
+
+    def keep_resident(self, namespace: str, field: str = "image") -> None:
+        self.prepare_search(namespace, field)  # the server keeps its pages (lock_vectors is refused)
 
     def prepare_search(self, namespace: str, field: str = "image") -> None:
         # pgvector's index lives in the database: nothing to load here, but the namespace must exist

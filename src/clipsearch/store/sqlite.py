@@ -830,7 +830,11 @@ class SQLiteStore(ClosingStore):
     # -- search ------------------------------------------------------------------------
     def prepare_search(self, namespace: str, field: str = "image") -> None:
         self._require(namespace)
-        self._fresh_index(namespace, field)
+        self._fresh_index(namespace, field).keep_resident()
+
+    def keep_resident(self, namespace: str, field: str = "image") -> None:
+        self._require(namespace)
+        self._fresh_index(namespace, field).keep_resident(wait=True)
 
     def _fresh_index(
         self, namespace: str, field: str = "image", compact: bool = False, rebuild: bool = False
