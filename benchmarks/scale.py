@@ -496,7 +496,7 @@ def main() -> None:
                 c.search(vector=queries[0], limit=10)
                 answered = time.perf_counter() - t
                 left = np.setdiff1d(np.arange(n), gone)
-                after = serve(db, qpath, [], "after")
+                after = serve(db, qpath, [], "after", lock)
                 live_truth = exact_top(vectors, queries, left, extra=added)
                 updates.append(
                     [

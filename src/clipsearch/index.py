@@ -324,6 +324,7 @@ class VectorFile:
     def __init__(self, base: Path, token: str, dim: int, rows: int):
         self.base, self.token, self.dim, self.rows = base, token, dim, rows
         self._mmap: mmap.mmap | None = None
+        self._mapped: tuple[mmap.mmap, np.ndarray] | None = None  # the mapping and its rows (see lock)
         self._fast = 0  # large reads in a row that did not wait on the disk (see read16)
         self._locks: list[mmap.mmap] = []  # the mapping whose pages are locked in memory (see lock)
         self._locked_bytes = 0  # ... its size
@@ -360,6 +361,7 @@ class VectorFile:
                 pages = mmap.mmap(f.fileno(), self.rows * self.dim * 2, access=mmap.ACCESS_READ)
             self.vectors = np.frombuffer(pages, dtype=np.float16).reshape(self.rows, self.dim)
             self._mmap = pages
+            self._mapped = (pages, self.vectors)  # one assignment: what lock takes while an append remaps
             self.seqs = np.memmap(seq, dtype=np.int64, mode="r", shape=(self.rows,))
             # rows appended without a gap in their seqs (a build, adds): a seq's row is its offset
             # from the first, found without a binary search (~1 ms for 700 rows at 10M)
@@ -368,6 +370,7 @@ class VectorFile:
         else:  # mmap cannot map nothing
             self._mmap = None
             self.vectors = np.zeros((0, self.dim), dtype=np.float16)
+            self._mapped = None
             self.seqs = np.zeros(0, dtype=np.int64)
 
     def append(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
@@ -444,9 +447,10 @@ class VectorFile:
         memory by then: ~0.5 s at 10M). Safe beside searches and an append on other threads.
         Returns the seconds it took; MemoryLockError where the system refuses (what this call
         locked is then let go)."""
-        vectors, pages = self.vectors, self._mmap  # held here: an append may replace them meanwhile
-        if pages is None or any(held is pages for held in self._locks):
+        mapped = self._mapped  # held here: an append may replace it meanwhile
+        if mapped is None or any(held is mapped[0] for held in self._locks):
             return 0.0
+        pages, vectors = mapped
         started = time.perf_counter()
         path, size = str(self.paths(self.base, self.token)[0]), len(pages)
         libc = _libc()
