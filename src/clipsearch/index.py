@@ -442,11 +442,11 @@ class VectorFile:
         reads them in, a piece at a time with the next asked for ahead (``LOCK_PIECE``), and
         maps each in this process: no search then waits on the disk for a row, nor faults one in
         (through a mapping whose pages are in memory but not mapped, a query's 585 rows took 2.3
-        ms to gather the first time, against 1.45 ms through the locked one). An append maps the file anew; the mapping locked before
-        holds the pages in memory until the next call has locked the new one (those pages are in
-        memory by then: ~0.5 s at 10M). Safe beside searches and an append on other threads.
-        Returns the seconds it took; MemoryLockError where the system refuses (what this call
-        locked is then let go)."""
+        ms to gather the first time, against 1.45 ms through the locked one). An append maps the
+        file anew; the mapping locked before holds the pages in memory until the next call has
+        locked the new one (those pages are in memory by then: ~0.5 s at 10M). Safe beside
+        searches and an append on other threads. Returns the seconds it took; MemoryLockError
+        where the system refuses (what this call locked is then let go)."""
         mapped = self._mapped  # held here: an append may replace it meanwhile
         if mapped is None or any(held is mapped[0] for held in self._locks):
             return 0.0
