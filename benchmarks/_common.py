@@ -152,6 +152,19 @@ def open_as(src: Path, db: Path) -> None:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(theirs),))
 
 
+def drop_from_page_cache(db: Path) -> None:
+    """Drop a SQLite store's files (the database, its WAL, its index folder) from the page cache
+    (posix_fadvise), as a kernel that pages out idle file pages leaves them: a process started
+    after reads them from disk."""
+    for p in [*db.parent.glob(f"{db.name}*"), *db.parent.glob(f"{db.name}-index/*")]:
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,8 @@ index the memory budget chooses (`--index-memory`, `--kind`), and a separate ser
 opens the store cold and measures: open to first answer, p50/p99 of one client and of two, recall@10
 against an exact scan, hits returned and recall under each filter, and its anonymous memory
 apart from the page cache (`RssAnon`, `RssFile` in /proc/self/status; `--lock-vectors` serves with
-`CLIPSEARCH_LOCK_VECTORS=1` and adds what it locked, `VmLck`). Then the updates: rows
+`CLIPSEARCH_LOCK_VECTORS=1` and adds what it locked, `VmLck`; `--cold` first drops the store's files
+from the page cache). Then the updates: rows
 added (10% more; the index appends without retraining) and deleted (1%, then 25% in all), each
 timed to the first answer that reflects it.
 
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, print_table
+from _common import drop_from_page_cache, pct, print_table
 
 HERE = Path(__file__).resolve().parent
 SHARES = {"10%": 0.10, "1%": 0.01, "0.1%": 0.001, "0.01%": 0.0001}
@@ -314,6 +315,9 @@ def main() -> None:
         help="also measure unfiltered queries with CLIPSEARCH_IVF_NPROBE at each value",
     )
     ap.add_argument(
+        "--cold", action="store_true", help="drop the store's files from the page cache before the serving process"
+    )
+    ap.add_argument(
         "--lock-vectors", action="store_true", help="serve with CLIPSEARCH_LOCK_VECTORS=1 (vectors locked in memory)"
     )
     ap.add_argument("--db", help="a postgresql:// URL (an empty database) instead of a SQLite file in the folder")
@@ -390,6 +394,8 @@ def main() -> None:
                 *[[f"index file {p.name}", mb(p.stat().st_size)] for p in index_files if p.is_file()],
             ]
         lock = {"CLIPSEARCH_LOCK_VECTORS": "1"} if args.lock_vectors else {}
+        if args.cold and not postgres:
+            drop_from_page_cache(Path(db))
         s = serve(db, qpath, list(data["filters"]), "serve", lock)
         kinds = np.array(data["kinds"])
         rows = []

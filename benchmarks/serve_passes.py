@@ -30,20 +30,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import open_as, pct, print_table, source_trees
+from _common import drop_from_page_cache, open_as, pct, print_table, source_trees
 from scale import recall
 
 SERVE = r"""
 import json, os, sys, time
 from pathlib import Path
 import numpy as np
-work, passes, cold, idle = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "cold", float(sys.argv[4])
-if cold:
-    for p in [*work.glob("scale.db*"), *work.glob("scale.db-index/*")]:
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+work, passes, idle = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 queries = np.load(work / "queries.npy").astype(np.float32)
 started = time.perf_counter()
 import clipsearch
@@ -96,9 +90,10 @@ def main() -> None:
             if side == "before":
                 open_as(src, work / "scale.db")
             env = {**os.environ, "PYTHONPATH": str(src), **extra}
-            mode = "cold" if args.cold else "warm"
+            if args.cold:
+                drop_from_page_cache(work / "scale.db")
             done = subprocess.run(
-                [sys.executable, "-c", SERVE, str(work), str(args.passes), mode, str(args.idle)],
+                [sys.executable, "-c", SERVE, str(work), str(args.passes), str(args.idle)],
                 env=env,
                 capture_output=True,
                 text=True,

@@ -323,11 +323,10 @@ class VectorFile:
 
     def __init__(self, base: Path, token: str, dim: int, rows: int):
         self.base, self.token, self.dim, self.rows = base, token, dim, rows
-        self._mmap: mmap.mmap | None = None
-        self._mapped: tuple[mmap.mmap, np.ndarray] | None = None  # the mapping and its rows (see lock)
+        # the mapping (None: no rows) and its rows, one attribute: what lock takes while an append remaps
+        self._mapped: tuple[mmap.mmap | None, np.ndarray] = (None, np.zeros((0, dim), dtype=np.float16))
         self._fast = 0  # large reads in a row that did not wait on the disk (see read16)
-        self._locks: list[mmap.mmap] = []  # the mapping whose pages are locked in memory (see lock)
-        self._locked_bytes = 0  # ... its size
+        self._locked: mmap.mmap | None = None  # the mapping whose pages are locked in memory (see lock)
         self._first, self._dense = 0, False
         self._map()
 
@@ -359,19 +358,24 @@ class VectorFile:
         if self.rows:
             with vec.open("rb") as f:  # the mapping outlives the descriptor
                 pages = mmap.mmap(f.fileno(), self.rows * self.dim * 2, access=mmap.ACCESS_READ)
-            self.vectors = np.frombuffer(pages, dtype=np.float16).reshape(self.rows, self.dim)
-            self._mmap = pages
-            self._mapped = (pages, self.vectors)  # one assignment: what lock takes while an append remaps
+            self._mapped = (pages, np.frombuffer(pages, dtype=np.float16).reshape(self.rows, self.dim))
             self.seqs = np.memmap(seq, dtype=np.int64, mode="r", shape=(self.rows,))
             # rows appended without a gap in their seqs (a build, adds): a seq's row is its offset
             # from the first, found without a binary search (~1 ms for 700 rows at 10M)
             self._first = int(self.seqs[0])
             self._dense = int(self.seqs[-1]) - self._first + 1 == self.rows
         else:  # mmap cannot map nothing
-            self._mmap = None
-            self.vectors = np.zeros((0, self.dim), dtype=np.float16)
-            self._mapped = None
+            self._mapped = (None, np.zeros((0, self.dim), dtype=np.float16))
             self.seqs = np.zeros(0, dtype=np.int64)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The rows, memory-mapped float16 (rows x dim)."""
+        return self._mapped[1]
+
+    @property
+    def _mmap(self) -> mmap.mmap | None:
+        return self._mapped[0]
 
     def append(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
         vec, seq = self.paths(self.base, self.token)
@@ -399,7 +403,7 @@ class VectorFile:
             rows, found = _positions(self.seqs, seqs)
         if not found.all():
             raise RuntimeError(f"{self.paths(self.base, self.token)[0]} lacks vectors its index holds")
-        if len(rows) < READ_AHEAD_ROWS or (self._locks and self.locked):
+        if len(rows) < READ_AHEAD_ROWS or self.locked:
             return self.vectors.take(rows, axis=0)
         if self.reads_ahead:
             self._read_ahead(rows)
@@ -431,11 +435,11 @@ class VectorFile:
     @property
     def locked(self) -> bool:
         """Whether the rows are locked in memory through the mapping searches read (see ``lock``)."""
-        return self._mmap is None or any(pages is self._mmap for pages in self._locks)
+        return self._mmap is None or self._locked is self._mmap
 
     @property
     def locked_bytes(self) -> int:
-        return self._locked_bytes
+        return 0 if self._locked is None else len(self._locked)
 
     def lock(self) -> float:
         """Keep every row in memory: lock the pages of the mapping searches read (mlock), which
@@ -447,10 +451,9 @@ class VectorFile:
         locked the new one (those pages are in memory by then: ~0.5 s at 10M). Safe beside
         searches and an append on other threads. Returns the seconds it took; MemoryLockError
         where the system refuses (what this call locked is then let go)."""
-        mapped = self._mapped  # held here: an append may replace it meanwhile
-        if mapped is None or any(held is mapped[0] for held in self._locks):
+        pages, vectors = self._mapped  # held here: an append may replace them meanwhile
+        if pages is None or pages is self._locked:
             return 0.0
-        pages, vectors = mapped
         started = time.perf_counter()
         path, size = str(self.paths(self.base, self.token)[0]), len(pages)
         libc = _libc()
@@ -466,8 +469,7 @@ class VectorFile:
                 reason = os.strerror(ctypes.get_errno())
                 libc.munlock(ctypes.c_void_p(address), at + n)
                 raise MemoryLockError(path, size, limit, f"the system refused to lock them ({reason})")
-        # the mappings locked before let their pages go: this one holds them now
-        self._locks, self._locked_bytes = [pages], size
+        self._locked = pages  # the mapping locked before lets its pages go: this one holds them now
         return time.perf_counter() - started
 
     @classmethod
@@ -637,6 +639,16 @@ def top_k(
     n = len(queries)
     scored = ((queries @ vectors.T, np.broadcast_to(seqs, (n, len(seqs)))) for seqs, vectors in chunks)
     return _best_of(n, k, scored)
+
+
+def _best_of_parts(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best (score, id) of each row over the threads' ``parts`` of (scores, ids), each
+    (n, k or more between them), in no order."""
+    parts = list(parts)
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
 
 
 def _best_of(n: int, k: int, scored: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -910,8 +922,6 @@ class VectorIndex:
                             "locked %s of vectors in memory in %.1f s (%s)",
                             format_size(locking.bytes), locking.seconds, file.paths(file.base, file.token)[0],
                         )  # fmt: skip
-            if isinstance(locking.error, FileNotFoundError):
-                return  # a build in another process replaced the file: the next search loads that one
             if locking.error is not None:
                 raise locking.error
             if not wait:
@@ -1062,14 +1072,11 @@ class VectorIndex:
 
         def scan(part: int) -> tuple[np.ndarray, np.ndarray]:
             _faiss().omp_set_num_threads(1)
-            return self._scan_lists(queries, want, lists[:, part::workers], near[:, part::workers], selector)
+            scores, seqs = self._scan_lists(queries, want, lists[:, part::workers], near[:, part::workers], selector)
+            scores[seqs < 0] = -np.inf
+            return scores, seqs
 
-        parts = list(_scan_pool().map(scan, range(workers)))
-        scores = np.concatenate([p[0] for p in parts], axis=1)
-        seqs = np.concatenate([p[1] for p in parts], axis=1)
-        scores[seqs < 0] = -np.inf
-        best = np.argpartition(-scores, want - 1, axis=1)[:, :want]
-        return np.take_along_axis(seqs, best, axis=1)
+        return _best_of_parts(_scan_pool().map(scan, range(workers)), want)[1]
 
     def _nearest_lists(self, queries: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray]:
         """Each query's ``nprobe`` nearest lists (inner products, list numbers): with many lists
@@ -1096,11 +1103,7 @@ class VectorIndex:
             )  # fmt: skip
             return scores, lists + lo
 
-        parts = list(_scan_pool().map(nearest, range(workers)))
-        scores = np.concatenate([p[0] for p in parts], axis=1)
-        lists = np.concatenate([p[1] for p in parts], axis=1)
-        best = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe]
-        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(lists, best, axis=1)
+        return _best_of_parts(_scan_pool().map(nearest, range(workers)), nprobe)
 
     def exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The top ``k`` of ``ids`` for each query by exact inner product, from the stored vectors
@@ -1116,9 +1119,7 @@ class VectorIndex:
 
         def scored() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for chunk in chunks:
-                scorer.reset()
-                scorer.add_sa_codes(self.file.read16(chunk).view(np.uint8))
-                scores, at = scorer.search(queries, min(k, len(chunk)))
+                scores, at = _top16(scorer, self.file.read16(chunk), queries, min(k, len(chunk)))
                 yield scores, chunk[at]  # every row found: at most len(chunk) asked for
 
         return _best_of(len(queries), k, scored())
@@ -1144,16 +1145,14 @@ class VectorIndex:
         for start in range(0, len(queries), _RERANK_QUERIES):
             cand = candidates[start : start + _RERANK_QUERIES]
             found = cand >= 0
-            rows = self.file.read16(cand[found]).view(np.uint8)  # each query's rows in turn
+            rows = self.file.read16(cand[found])  # each query's rows in turn
             ends = np.cumsum(found.sum(axis=1))
             for j, (row, held, end) in enumerate(zip(cand, found, ends.tolist(), strict=True)):
                 mine = row[held]
                 if not len(mine):
                     continue
-                scorer.reset()
-                scorer.add_sa_codes(rows[end - len(mine) : end])
                 top = min(k, len(mine))
-                scores, at = scorer.search(queries[start + j : start + j + 1], top)
+                scores, at = _top16(scorer, rows[end - len(mine) : end], queries[start + j : start + j + 1], top)
                 out_scores[start + j, :top], out_seqs[start + j, :top] = scores[0], mine[at[0]]
         return _sorted(out_scores, out_seqs)
 
@@ -1277,6 +1276,14 @@ class VectorIndex:
             except (OSError, ValueError, TypeError, RuntimeError):
                 return None  # unreadable derived data is simply rebuilt
         return None
+
+
+def _top16(scorer: Any, rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of fp16 ``rows`` for each query, scored as stored by ``scorer`` (a FAISS
+    fp16 scalar quantiser, emptied first): scores and positions in ``rows``."""
+    scorer.reset()
+    scorer.add_sa_codes(np.ascontiguousarray(rows).view(np.uint8))
+    return scorer.search(queries, k)
 
 
 class _Locking:
