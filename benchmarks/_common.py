@@ -43,7 +43,7 @@ def photos(n: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
     if sample.is_dir():
         files = sorted(sample.glob("*.JPEG"))
         if files:
-            return (files * (n // len(files) + 1))[:n]
+            return files[:n] + _variants(files, n - len(files))
     import skimage.data
     from PIL import Image
 
@@ -60,6 +60,33 @@ def photos(n: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
             Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
         out.append(path)
     return out
+
+
+def _variants(files: list[Path], n: int) -> list[Path]:
+    """``n`` more distinct photos past the sample's end (a repeated path would be ingested once):
+    the sample's photos again, each round a little brighter. Written once, on every core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    if n <= 0:
+        return []
+    folder = CACHE / f"variants-of-{files[0].parent.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(files[i % len(files)], folder / f"{i:06d}.jpg", 1 + i // len(files)) for i in range(n)]
+    missing = [job for job in jobs if not job[1].is_file()]
+    if missing:
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(_write_variant, missing, chunksize=16))
+    return [job[1] for job in jobs]
+
+
+def _write_variant(job: tuple[Path, Path, int]) -> None:
+    from PIL import Image
+
+    src, path, shift = job
+    arr = np.asarray(Image.open(src).convert("RGB"), dtype=np.int16) + shift
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=90)
+    tmp.replace(path)
 
 
 def large_photos(n: int, size: tuple[int, int] = (3000, 2000), quality: int = 90) -> list[Path]:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one run of about 5 minutes, for the device tool (or any
+# The checks that need a CUDA GPU, in one run of about 6 minutes, for the device tool (or any
 # CUDA machine): the CUDA tests (tests/e2e/test_gpu.py: fp16 vs fp32, pinned batches, decode
 # processes beside a GPU model, Ray actors with --gpus-per-actor), then the ingest and server
-# benchmarks on the GPU, and ONNX Runtime's ingest on the same machine's CPUs beside them.
+# benchmarks on the GPU (PyTorch runs fp16 there), and ONNX Runtime's ingest on the same machine's
+# CPUs beside them.
 # Writes $OUT/gpu_check.md (a table) and $OUT/gpu_check.log.
 #
 #   bash benchmarks/gpu_prepare.sh          # here: .whl/ and .gpu-data/ to carry
 #   bash benchmarks/gpu_check.sh            # there, in the repository root
-#   DEVICE=cpu COUNT=40 bash benchmarks/gpu_check.sh  # a rehearsal without a GPU
+#   DEVICE=cpu SMALL=60 LARGE=20 CPU_SMALL=60 bash benchmarks/gpu_check.sh  # a rehearsal, no GPU
 #
 # The device machine has Python with PyTorch (CUDA) but no package index and no ../shared: the
 # other dependencies travel as wheels in .whl/ (installed into /tmp/site first) and the photos
@@ -16,7 +17,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-out}"
 DEVICE="${DEVICE:-cuda}"
-COUNT="${COUNT:-300}"  # photos per set (fewer for a rehearsal on 2 cores)
+# photos per run (fewer for a rehearsal on 2 cores); past the 300 carried ones, brightened copies
+SMALL="${SMALL:-3000}" LARGE="${LARGE:-300}" CPU_SMALL="${CPU_SMALL:-1000}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 PY="${PYTHON:-python3}"
@@ -50,13 +52,16 @@ step() {  # step NAME TIMEOUT COMMAND...: one row of the table
     echo "| $name | $result | $(( $(date +%s) - started )) |" >>"$OUT/gpu_check.md"
 }
 
-# the tests first: their fixtures write the model checkpoints the encoders load
-step "CUDA tests (tests/e2e/test_gpu.py)" 150 "$PY" -m pytest -q -p no:cacheprovider tests/e2e/test_gpu.py -rs
-step "ingest benchmark, ViT-B-32, PyTorch on $DEVICE" 100 "$PY" benchmarks/ingest.py --count "$COUNT" --plain 60 \
-    --runtimes "torch fp32" --ingest-args "--device $DEVICE"
-step "ingest benchmark, ViT-B-32 on ONNX Runtime, the CPUs" 90 "$PY" benchmarks/ingest.py --count "$COUNT" --plain 60 \
-    --runtimes "onnx fp32"
-step "server benchmark, ViT-B-32, PyTorch on $DEVICE" 75 env CLIPSEARCH_DEVICE="$DEVICE" "$PY" benchmarks/server.py \
+# the tests first: their fixtures write the model checkpoints the encoders load. A run of 300
+# photos on the GPU is mostly its start (decode processes, CUDA, cuDNN): 3000 show its pace.
+step "CUDA tests (tests/e2e/test_gpu.py)" 120 "$PY" -m pytest -q -p no:cacheprovider tests/e2e/test_gpu.py -rs
+step "ingest benchmark, $SMALL photos, PyTorch on $DEVICE" 150 "$PY" benchmarks/ingest.py --count "$SMALL" \
+    --plain 30 --sets small --runtimes "torch fp32" --ingest-args "--device $DEVICE"
+step "ingest benchmark, $LARGE 3000x2000 photos, PyTorch on $DEVICE" 100 "$PY" benchmarks/ingest.py \
+    --count "$LARGE" --plain 30 --sets large --runtimes "torch fp32" --ingest-args "--device $DEVICE"
+step "ingest benchmark, $CPU_SMALL photos, ONNX Runtime on the CPUs" 100 "$PY" benchmarks/ingest.py \
+    --count "$CPU_SMALL" --plain 30 --sets small --runtimes "onnx fp32"
+step "server benchmark, PyTorch on $DEVICE" 75 env CLIPSEARCH_DEVICE="$DEVICE" "$PY" benchmarks/server.py \
     --seconds 5 --runtimes torch
 {
     echo

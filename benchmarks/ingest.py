@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--plain", type=int, default=60, help="images for the plain loop (it is slow)")
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated: " + ", ".join(RUNTIMES))
+    ap.add_argument("--sets", default="small,large", help="of the default sets: small (the photos), large (3000x2000)")
     ap.add_argument("--ingest-args", default="", help="extra flags for every `clipsearch ingest`")
     ap.add_argument("--plain-loop", type=Path, help=argparse.SUPPRESS)  # internal: run the baseline
     args = ap.parse_args()
@@ -129,7 +130,11 @@ def main() -> None:
     else:
         small = photos(args.count)
         where = "imagenet-sample" if (SHARED / "imagenet-sample").is_dir() else "generated"
-        sets = {f"{where} (~500x375)": small, "3000x2000 re-encodes (~1.4 MB)": large_photos(args.count)}
+        sets = {}
+        if "small" in args.sets:
+            sets[f"{where} (~500x375)"] = small
+        if "large" in args.sets:
+            sets["3000x2000 re-encodes (~1.4 MB)"] = large_photos(args.count)
 
     env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(weights)}
     exe = [sys.executable, "-m", "clipsearch.cli"]
