@@ -138,58 +138,59 @@ def main() -> None:
 
     env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(weights)}
     exe = [sys.executable, "-m", "clipsearch.cli"]
-    tmp = Path(tempfile.mkdtemp(prefix="clipsearch-bench-ingest-"))
-    rows = []
-    for set_name, files in sets.items():
-        listing = tmp / "list.txt"
-        listing.write_text("".join(f"{f}\n" for f in files))
-        plain_list = tmp / "plain.txt"
-        plain_list.write_text("".join(f"{f}\n" for f in files[: args.plain]))
-        base, peak = run_measured([sys.executable, __file__, "--plain-loop", str(plain_list)], env)
-        base_rate = base["embedded"] / base["seconds"]
-        rows.append(
-            [
-                set_name,
-                "plain loop (torch, 1 at a time)",
-                base["embedded"],
-                f"{base_rate:.1f}",
-                "1.0x",
-                f"{peak / 2**20:.0f}",
-                "-",
-            ]
-        )
-        reference: dict[str, np.ndarray] | None = None
-        for name in args.runtimes.split(","):
-            name = name.strip()
-            db = tmp / f"{name.replace(' ', '-')}-{len(rows)}.db"
-            cmd = [*exe, "ingest", f"image-list:{listing}", "--db", str(db), "--json", *RUNTIMES[name]]
-            report, peak = run_measured(cmd + args.ingest_args.split(), env)
-            rate = report["embedded"] / report["seconds"]
-            got = vectors(db)
-            if reference is None and name == "torch fp32":
-                reference, cosine = got, "1 (reference)"
-            elif reference is not None:
-                common = sorted(set(got) & set(reference))
-                cos = np.array([float(got[k] @ reference[k]) for k in common])
-                cosine = f"min {cos.min():.5f}"
-            else:
-                cosine = "-"
+    with tempfile.TemporaryDirectory(prefix="clipsearch-bench-ingest-") as work:
+        tmp = Path(work)
+        rows = []
+        for set_name, files in sets.items():
+            listing = tmp / "list.txt"
+            listing.write_text("".join(f"{f}\n" for f in files))
+            plain_list = tmp / "plain.txt"
+            plain_list.write_text("".join(f"{f}\n" for f in files[: args.plain]))
+            base, peak = run_measured([sys.executable, __file__, "--plain-loop", str(plain_list)], env)
+            base_rate = base["embedded"] / base["seconds"]
             rows.append(
                 [
                     set_name,
-                    f"clipsearch ingest, {name}",
-                    report["embedded"],
-                    f"{rate:.1f}",
-                    f"{rate / base_rate:.1f}x",
+                    "plain loop (torch, 1 at a time)",
+                    base["embedded"],
+                    f"{base_rate:.1f}",
+                    "1.0x",
                     f"{peak / 2**20:.0f}",
-                    cosine,
+                    "-",
                 ]
             )
-    print_table(
-        f"ingest: {args.model} (random weights), {os.cpu_count()} CPUs",
-        ["images", "pipeline", "n", "images/s", "vs plain", "peak MiB", "cosine to torch fp32"],
-        rows,
-    )
+            reference: dict[str, np.ndarray] | None = None
+            for name in args.runtimes.split(","):
+                name = name.strip()
+                db = tmp / f"{name.replace(' ', '-')}-{len(rows)}.db"
+                cmd = [*exe, "ingest", f"image-list:{listing}", "--db", str(db), "--json", *RUNTIMES[name]]
+                report, peak = run_measured(cmd + args.ingest_args.split(), env)
+                rate = report["embedded"] / report["seconds"]
+                got = vectors(db)
+                if reference is None and name == "torch fp32":
+                    reference, cosine = got, "1 (reference)"
+                elif reference is not None:
+                    common = sorted(set(got) & set(reference))
+                    cos = np.array([float(got[k] @ reference[k]) for k in common])
+                    cosine = f"min {cos.min():.5f}"
+                else:
+                    cosine = "-"
+                rows.append(
+                    [
+                        set_name,
+                        f"clipsearch ingest, {name}",
+                        report["embedded"],
+                        f"{rate:.1f}",
+                        f"{rate / base_rate:.1f}x",
+                        f"{peak / 2**20:.0f}",
+                        cosine,
+                    ]
+                )
+        print_table(
+            f"ingest: {args.model} (random weights), {os.cpu_count()} CPUs",
+            ["images", "pipeline", "n", "images/s", "vs plain", "peak MiB", "cosine to torch fp32"],
+            rows,
+        )
 
 
 if __name__ == "__main__":

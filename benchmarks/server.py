@@ -90,23 +90,24 @@ def main() -> None:
     checkpoint = random_checkpoint(args.model)
     files = photos(args.images)
     blobs = [base64.b64encode(p.read_bytes()).decode() for p in files]
-    tmp = Path(tempfile.mkdtemp(prefix="clipsearch-bench-"))
-    db = tmp / "bench.db"
-    listing = tmp / "list.csv"
-    listing.write_text("".join(f"{p}\n" for p in files))
-    env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(checkpoint)}
-    exe = [sys.executable, "-m", "clipsearch.cli"]
-    subprocess.run(
-        [*exe, "ingest", f"image-list:{listing}", "--db", str(db)], env=env, check=True, stdout=subprocess.DEVNULL
-    )
-    rows = []
-    for runtime in args.runtimes.split(","):
-        rows += bench_runtime(runtime.strip(), exe, env, db, blobs, args)
-    print_table(
-        f"clipsearch serve: {args.model} (random weights), {os.cpu_count()} CPUs, {args.seconds:g} s per load",
-        ["runtime", "load", "requests", "p50 ms", "p99 ms", "throughput", "client CPU"],
-        rows,
-    )
+    with tempfile.TemporaryDirectory(prefix="clipsearch-bench-") as work:
+        tmp = Path(work)
+        db = tmp / "bench.db"
+        listing = tmp / "list.csv"
+        listing.write_text("".join(f"{p}\n" for p in files))
+        env = {**os.environ, "CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_WEIGHTS": str(checkpoint)}
+        exe = [sys.executable, "-m", "clipsearch.cli"]
+        subprocess.run(
+            [*exe, "ingest", f"image-list:{listing}", "--db", str(db)], env=env, check=True, stdout=subprocess.DEVNULL
+        )
+        rows = []
+        for runtime in args.runtimes.split(","):
+            rows += bench_runtime(runtime.strip(), exe, env, db, blobs, args)
+        print_table(
+            f"clipsearch serve: {args.model} (random weights), {os.cpu_count()} CPUs, {args.seconds:g} s per load",
+            ["runtime", "load", "requests", "p50 ms", "p99 ms", "throughput", "client CPU"],
+            rows,
+        )
 
 
 def bench_runtime(runtime: str, exe: list[str], env: dict, db: Path, blobs: list[str], args) -> list[list[object]]:
