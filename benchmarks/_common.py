@@ -69,7 +69,7 @@ def _variants(files: list[Path], n: int) -> list[Path]:
 
     if n <= 0:
         return []
-    folder = CACHE / f"variants-of-{files[0].parent.name}"
+    folder = CACHE / f"variants-of-{len(files)}-{files[0].parent.name}"  # another sample, other variants
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(files[i % len(files)], folder / f"{i:06d}.jpg", 1 + i // len(files)) for i in range(n)]
     missing = [job for job in jobs if not job[1].is_file()]
