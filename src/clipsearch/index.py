@@ -50,7 +50,10 @@ KINDS = ("flat", "hnsw", "ivfpq")
 DEFAULT_HNSW_THRESHOLD = 50_000
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 128
-DEFAULT_EF_SEARCH = 128
+DEFAULT_EF_SEARCH = 128  # PostgreSQL's, and HNSW's up to EF_BY_SIZE_BASE vectors (see hnsw_ef)
+EF_BY_SIZE_BASE = 100_000
+EF_BY_SIZE_POWER = 0.8
+MAX_EF_BY_SIZE = 2048
 # the share of this machine's memory an index may take when CLIPSEARCH_INDEX_MEMORY says nothing
 DEFAULT_MEMORY_SHARE = 0.25
 _PARALLEL_QUERIES = 16  # fewer queries than this are searched on the calling thread alone
@@ -209,7 +212,7 @@ class IndexSettings:
     hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD
     hnsw_m: int = DEFAULT_HNSW_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
-    ef_search: int = DEFAULT_EF_SEARCH
+    ef_search: int = 0  # HNSW's efSearch; 0: by the index's size (hnsw_ef), PostgreSQL's DEFAULT_EF_SEARCH
     exact_filter_rows: int = EXACT_FILTER_ROWS  # see _search_allowed
     memory: int = 0  # bytes an index may hold in memory; 0: DEFAULT_MEMORY_SHARE of the machine's
     nprobe: int = 0  # IVF lists searched; 0: by the number of lists (see VectorIndex.nprobe)
@@ -237,6 +240,24 @@ class IndexSettings:
             pg_build_workers=s.pg_build_workers,
             pg_exact_filter_rows=s.pg_exact_filter_rows, lock_vectors=s.lock_vectors,
         )  # fmt: skip
+
+    def hnsw_ef(self, count: int) -> int:
+        """The efSearch of a walk over an HNSW graph of ``count`` vectors: ``ef_search`` where set,
+        else 128 up to 100,000 vectors, growing as count^0.8 above (807 at 1M, 2,048 at most). A
+        graph ten times larger needs a longer walk for the same recall, and text queries, which
+        lie far from every image, most: at 1M on benchmarks/scale.py's set efSearch 128 found
+        0.846 of text queries' true top 10 (0.928 of image queries'), 512 found 0.945 (0.979),
+        768 0.975 (0.985) in ~3 ms, where 128 was enough at 100k (0.982)."""
+        if self.ef_search:
+            return self.ef_search
+        grown = DEFAULT_EF_SEARCH * (max(count, 1) / EF_BY_SIZE_BASE) ** EF_BY_SIZE_POWER
+        return int(min(MAX_EF_BY_SIZE, max(DEFAULT_EF_SEARCH, grown)))
+
+    @property
+    def pg_ef_search(self) -> int:
+        """PostgreSQL's ``hnsw.ef_search``: ``ef_search`` where set, else 128 (pgvector found 0.905 /
+        0.949 of the true top 10 at 1M with it; hnsw_ef's rule is FAISS's, measured there)."""
+        return self.ef_search or DEFAULT_EF_SEARCH
 
     def choose(self, count: int, dim: int, current: str | None = None, faiss: bool | None = None) -> tuple[str, str]:
         """The kind of index for ``count`` vectors, and why. ``current``, the kind the namespace
@@ -681,6 +702,7 @@ class VectorIndex:
         self._dead_selector: tuple[Any, ...] | None = None  # HNSW: built once per set of tombstones
         self._allowed: dict[int, _Allowed] = {}  # per allow-list, while this index is unchanged
         self._list_of: np.ndarray | None = None  # IVF-PQ: the list each seq is in (-1: none)
+        self._held: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None  # HNSW: _held_seqs
         self._sizes = np.zeros(0, dtype=np.int64)  # IVF-PQ: rows in each list, with _list_of
         self._assigner: Any = None  # IVF-PQ with many lists: an HNSW graph of its centroids (_assigning)
         self._locking: _Locking | None = None  # lock_vectors: the lock of the fp16 file under way
@@ -837,6 +859,7 @@ class VectorIndex:
         """Forget what was derived from the index's contents (bitmaps, lists' shares)."""
         self._allowed.clear()
         self._list_of = None
+        self._held = None
 
     def add_batches(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
         for seqs, vectors in batches:
@@ -874,8 +897,7 @@ class VectorIndex:
     def nprobe(self) -> int:
         """IVF lists a query visits: 1/32 of them, at least 16 and at most ``MAX_NPROBE`` (384 of
         16,384 at 10M)."""
-        nlist = self.state.nlist or 1
-        return min(nlist, self.settings.nprobe or min(MAX_NPROBE, max(16, nlist // 32)))
+        return _nprobe(self.state, self.settings)
 
     @property
     def rerank(self) -> int:
@@ -883,9 +905,7 @@ class VectorIndex:
         codes an unfiltered query scans where that is more. The lists grow with the collection
         (at most 16,384 of them), so a query scans more codes, and 4-bit codes rank the many near
         ties among them coarsely: at 10M vectors, 256 candidates found 0.81 of the true top 10."""
-        if self.settings.rerank:
-            return self.settings.rerank
-        return max(DEFAULT_RERANK, self.scanned // RERANK_SHARE)
+        return _rerank(self.state, self.settings)
 
     def keep_resident(self, wait: bool = False) -> None:
         """With ``lock_vectors``, lock IVF-PQ's fp16 vectors in memory (``VectorFile.lock``) on a
@@ -956,7 +976,10 @@ class VectorIndex:
             scores, seqs = self._search_lists(queries, want, view)
         else:
             widen = -(-self.state.live // len(allowed))  # 1 / selectivity, rounded up
-            ef = min(MAX_FILTER_EF, max(self.settings.ef_search, want) * widen)
+            # widened from 128, not from the unfiltered walk's size-grown effort: at 1M a filter
+            # passing 10% at random found 0.984 of its true top 10 with 1,280 (7.5 ms p50), 0.992
+            # with 4,096 (29 ms)
+            ef = min(MAX_FILTER_EF, max(self.settings.ef_search or DEFAULT_EF_SEARCH, want) * widen)
             scores, seqs = self._search(queries, want, view.selector, ef=ef)
         short = np.flatnonzero((seqs >= 0).sum(axis=1) < want)
         if len(short):
@@ -1054,7 +1077,7 @@ class VectorIndex:
     @property
     def scanned(self) -> int:
         """The codes an unfiltered IVF-PQ query scans, about (its lists' share of the vectors)."""
-        return self.state.live * self.nprobe // max(1, self.state.nlist)
+        return _scanned(self.state, self.settings)
 
     @property
     def _scan_threads(self) -> int:
@@ -1108,6 +1131,8 @@ class VectorIndex:
     def exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The top ``k`` of ``ids`` for each query by exact inner product, from the stored vectors
         (the index's own, or IVF-PQ's fp16 file), a bounded chunk at a time."""
+        if self.state.kind == "hnsw":
+            return self._exact_hnsw(queries, k, ids)
         chunks = (np.ascontiguousarray(ids[i : i + _EXACT_CHUNK]) for i in range(0, len(ids), _EXACT_CHUNK))
         if self.file is None:
             return top_k(queries, k, ((chunk, self.index.reconstruct_batch(chunk)) for chunk in chunks))
@@ -1123,6 +1148,52 @@ class VectorIndex:
                 yield scores, chunk[at]  # every row found: at most len(chunk) asked for
 
         return _best_of(len(queries), k, scored())
+
+    def _exact_hnsw(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW's exact path: FAISS scores the rows where its graph keeps them, by their
+        positions, on the scan threads. Copying them out first (``reconstruct_batch``, then a
+        product) took ~80 ms for a filter passing 83,000 of 1M rows, over the 50 ms a filtered
+        query may take; scored in place, ~20 ms."""
+        faiss = _faiss()
+        storage = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)
+        rows = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d)
+        held, order, by_row = self._held_seqs()
+        at, found = _positions(held, ids)
+        at = at[found] if order is None else order[at[found]]
+        n, k = len(queries), min(k, len(at))
+        if not k:
+            return np.full((n, 0), -np.inf, dtype=np.float32), np.full((n, 0), -1, dtype=np.int64)
+        workers = max(1, min(self._scan_threads, len(at) // _EXACT_CHUNK))
+
+        def score(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            faiss.omp_set_num_threads(1)
+            top = min(k, len(part))
+            scores = np.empty((n, top), dtype=np.float32)
+            found = np.empty((n, top), dtype=np.int64)
+            # ld_ids 0: every query scores the same rows
+            faiss.knn_inner_products_by_idx(
+                faiss.swig_ptr(queries), faiss.swig_ptr(rows), faiss.swig_ptr(part), storage.d, n,
+                storage.ntotal, len(part), top, faiss.swig_ptr(scores), faiss.swig_ptr(found), 0,
+            )  # fmt: skip
+            return scores, found
+
+        parts = [np.ascontiguousarray(part) for part in np.array_split(at, workers)]
+        scored = [score(parts[0])] if workers == 1 else list(_scan_pool().map(score, parts))
+        scores, found = _best_of_parts(scored, k)
+        return _sorted(scores, by_row[found])
+
+    def _held_seqs(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """HNSW: the seqs it holds, sorted, with the order that sorts its rows (None where they
+        were added in seq order, as every write adds them), and each row's seq; kept until the
+        index changes (1M seqs: 8 MB, ~2 ms to read)."""
+        if self._held is None:
+            by_row = _faiss().vector_to_array(self.index.id_map)
+            if np.all(by_row[1:] > by_row[:-1]):
+                self._held = (by_row, None, by_row)
+            else:
+                order = np.argsort(by_row, kind="stable")
+                self._held = (by_row[order], order, by_row)
+        return self._held
 
     def _fp16_scorer(self) -> Any:
         """A FAISS index that scores fp16 rows as stored, by inner product (F16C)."""
@@ -1184,7 +1255,7 @@ class VectorIndex:
         params = None
         if self.state.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
-            params.efSearch = max(ef or self.settings.ef_search, k)
+            params.efSearch = max(ef or self.settings.hnsw_ef(self.state.count), k)
         elif self.state.kind == "ivfpq":
             params = faiss.SearchParametersIVF()
             params.nprobe = self.nprobe
@@ -1317,6 +1388,28 @@ class _Allowed:
     selector: Any
     bits: np.ndarray
     per_list: np.ndarray | None
+
+
+def _nprobe(state: IndexState, settings: IndexSettings) -> int:
+    nlist = state.nlist or 1
+    return min(nlist, settings.nprobe or min(MAX_NPROBE, max(16, nlist // 32)))
+
+
+def _scanned(state: IndexState, settings: IndexSettings) -> int:
+    return state.live * _nprobe(state, settings) // max(1, state.nlist)
+
+
+def _rerank(state: IndexState, settings: IndexSettings) -> int:
+    return settings.rerank or max(DEFAULT_RERANK, _scanned(state, settings) // RERANK_SHARE)
+
+
+def search_effort(state: IndexState, settings: IndexSettings) -> str:
+    """What an unfiltered query does on this index, in its own terms (``index status``)."""
+    if state.kind == "hnsw":
+        return f"efSearch {settings.hnsw_ef(state.count)}"
+    if state.kind == "ivfpq":
+        return f"{_nprobe(state, settings):,} lists visited, {_rerank(state, settings):,} candidates re-ranked"
+    return "exact"
 
 
 def _remove_orphans(path: Path) -> None:

@@ -67,7 +67,7 @@ class Settings:
     hnsw_threshold: int = 50_000  # CLIPSEARCH_HNSW_THRESHOLD: vectors from which auto picks HNSW
     hnsw_m: int = 32  # CLIPSEARCH_HNSW_M
     ef_construction: int = 128  # CLIPSEARCH_EF_CONSTRUCTION
-    ef_search: int = 128  # CLIPSEARCH_EF_SEARCH
+    ef_search: int = 0  # CLIPSEARCH_EF_SEARCH: HNSW search effort; 0: by the index's size (128 on PostgreSQL)
     ivf_nprobe: int = 0  # CLIPSEARCH_IVF_NPROBE: IVF lists a query visits (0: 1/32 of them, 16 to 384)
     ivf_rerank: int = 0  # CLIPSEARCH_IVF_RERANK: IVF-PQ candidates re-scored from the fp16 vectors; 0: by size
     # CLIPSEARCH_SEARCH_THREADS: threads one query's IVF-PQ scan may use (0: FAISS's, the cores);

@@ -241,11 +241,13 @@ def test_index_build_builds_the_kind_asked_for(cli, photos):
     assert cli("ingest", photos)[0] == 0  # a fresh flat index
     code, out, _ = cli("index", "build", "--kind", "hnsw")
     assert code == 0 and "default: hnsw index, 6 vectors, fresh" in out and "why hnsw: asked for" in out
+    assert "a query: efSearch 128" in out
     assert json.loads(cli("info", "--json")[1])["namespaces"][0]["index"] == "hnsw"
     code, out, _ = cli("index", "build", "--kind", "flat")
     assert code == 0 and "flat index, 6 vectors" in out
     code, out, _ = cli("index", "status", "--json")
     assert code == 0 and json.loads(out)["kind"] == "flat" and json.loads(out)["vectors"] == 6
+    assert json.loads(out)["search"] == "exact"
     code, out, _ = cli("index", "build")  # auto: chosen by size again
     assert "why flat: 6 vectors, fewer than 50,000: exact search" in cli("index", "status")[1]
     code, _, err = cli("index", "build", "--kind", "ivfpq")

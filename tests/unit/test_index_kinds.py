@@ -202,6 +202,7 @@ def test_over_the_budget_auto_builds_ivfpq_with_high_recall(tmp_path, monkeypatc
     assert status.kind == "ivfpq" and "over the memory budget of 1.0 MiB" in status.reason
     assert status.lists == 512 and status.memory < 1 << 20
     built = store._indexes[("default", "image")]
+    assert status.search == f"16 lists visited, {built.rerank} candidates re-ranked" and built.nprobe == 16
     assert (built._assigner is not None) == hnsw_assign
     # what searches rank the lists with, and what the file keeps, is the exact quantiser
     assert isinstance(faiss.downcast_index(built.index.quantizer), faiss.IndexFlat)
@@ -623,3 +624,37 @@ def test_a_few_queries_scan_their_ivf_lists_split_over_threads(tmp_path, monkeyp
 
 
 split = VectorIndex._split_scan
+
+
+def test_hnsw_exact_path_scores_rows_in_place_in_any_order(tmp_path):
+    """A filter's exact path on HNSW scores the allowed rows where the graph keeps them, split
+    over the scan threads: the same top k as a brute-force scan, also where rows were added out
+    of seq order, for several queries at once, and where fewer rows are allowed than asked."""
+    vectors = _clustered(40_000, seed=31)
+    index = VectorIndex.empty("hnsw", DIM, IndexSettings(hnsw_m=8, ef_construction=16))
+    # the second half first: the graph's rows are not in seq order
+    index.add(np.arange(20_000, 40_000), vectors[20_000:])
+    index.add(np.arange(20_000), vectors[:20_000])
+    allowed = np.sort(np.random.default_rng(32).choice(40_000, 25_000, replace=False))  # parts on each thread
+    queries = _clustered(5, seed=33)
+    scores, seqs = index.exact(queries, 10, allowed)
+    truth = queries @ vectors[allowed].T
+    best = np.argsort(-truth, axis=1)[:, :10]
+    assert seqs.tolist() == allowed[best].tolist()
+    assert scores == pytest.approx(np.take_along_axis(truth, best, axis=1), abs=1e-5)
+    few = allowed[:3]
+    scores, seqs = index.exact(queries[:1], 10, few)
+    assert sorted(seqs[0].tolist()) == few.tolist() and scores.shape == (1, 3)
+
+
+def test_hnsw_search_effort_grows_with_the_graph():
+    """efSearch 128 found 0.846 of text queries' true top 10 at 1M (benchmarks/scale.py's set):
+    unless CLIPSEARCH_EF_SEARCH says otherwise, the walk lengthens with the graph; PostgreSQL
+    keeps pgvector's 128."""
+    auto = IndexSettings()
+    assert auto.hnsw_ef(50_000) == auto.hnsw_ef(100_000) == 128
+    assert 700 <= auto.hnsw_ef(1_000_000) <= 900
+    assert auto.hnsw_ef(300_000) < auto.hnsw_ef(1_000_000) < auto.hnsw_ef(3_000_000) <= 2048
+    assert auto.pg_ef_search == 128
+    fixed = IndexSettings.of(Settings(ef_search=64))
+    assert fixed.hnsw_ef(1_000_000) == 64 and fixed.pg_ef_search == 64

@@ -232,6 +232,8 @@ def print_index_status(namespace: str, status: IndexStatus) -> None:
     if status.unpurged:
         facts.append(f"{status.unpurged:,} deleted rows whose space `index build` reclaims")
     out.print(f"{namespace}: {status.kind} index, {', '.join(facts)}")
+    if status.search:
+        out.print(f"  a query: {status.search}")
     if status.reason:
         out.print(f"  why {status.kind}: {status.reason}")
 

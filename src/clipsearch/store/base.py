@@ -319,6 +319,7 @@ class IndexStatus:
     memory: int = 0  # bytes the index holds in memory (an estimate)
     lists: int = 0  # IVF-PQ's lists
     unpurged: int = 0  # rows deleted (skipped by every read) whose space `index build` reclaims (SQLite)
+    search: str = ""  # what an unfiltered query does: "efSearch 807", "384 lists visited, 585 candidates re-ranked"
 
 
 class Store(Protocol):

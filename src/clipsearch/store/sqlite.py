@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import NotFoundError, UsageError
 from ..identity import ModelIdentity
-from ..index import KINDS, MAX_DEAD_SHARE, IndexSettings, VectorIndex
+from ..index import KINDS, MAX_DEAD_SHARE, IndexSettings, VectorIndex, search_effort
 from ..keywords import index_text, query_terms
 from .base import (
     ClosingStore,
@@ -1257,7 +1257,7 @@ class SQLiteStore(ClosingStore):
         return IndexStatus(
             kind=state.kind, fresh=fresh, vectors=state.live, tombstones=len(state.dead),
             reason=state.reason, memory=state.memory, lists=state.nlist,
-            unpurged=unpurged,
+            unpurged=unpurged, search=search_effort(state, self.index_settings),
         )  # fmt: skip
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
