@@ -247,7 +247,7 @@ class IndexSettings:
         graph ten times larger needs a longer walk for the same recall, and text queries, which
         lie far from every image, most: at 1M on benchmarks/scale.py's set efSearch 128 found
         0.846 of text queries' true top 10 (0.928 of image queries'), 512 found 0.945 (0.979),
-        768 0.975 (0.985) in ~3 ms, where 128 was enough at 100k (0.982)."""
+        807 0.975 (0.988) in ~5 ms, where 128 was enough at 100k (0.982)."""
         if self.ef_search:
             return self.ef_search
         grown = DEFAULT_EF_SEARCH * (max(count, 1) / EF_BY_SIZE_BASE) ** EF_BY_SIZE_POWER
@@ -1152,8 +1152,8 @@ class VectorIndex:
     def _exact_hnsw(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """HNSW's exact path: FAISS scores the rows where its graph keeps them, by their
         positions, on the scan threads. Copying them out first (``reconstruct_batch``, then a
-        product) took ~80 ms for a filter passing 83,000 of 1M rows, over the 50 ms a filtered
-        query may take; scored in place, ~20 ms."""
+        product) took 65 ms (p50) for a filter passing 83,403 of 1M rows, over the 50 ms a
+        filtered query may take; scored in place, 22 ms (benchmarks/scale.py)."""
         faiss = _faiss()
         storage = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)
         rows = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d)
@@ -1169,18 +1169,18 @@ class VectorIndex:
             faiss.omp_set_num_threads(1)
             top = min(k, len(part))
             scores = np.empty((n, top), dtype=np.float32)
-            found = np.empty((n, top), dtype=np.int64)
+            positions = np.empty((n, top), dtype=np.int64)  # rows of the graph's storage
             # ld_ids 0: every query scores the same rows
             faiss.knn_inner_products_by_idx(
                 faiss.swig_ptr(queries), faiss.swig_ptr(rows), faiss.swig_ptr(part), storage.d, n,
-                storage.ntotal, len(part), top, faiss.swig_ptr(scores), faiss.swig_ptr(found), 0,
+                storage.ntotal, len(part), top, faiss.swig_ptr(scores), faiss.swig_ptr(positions), 0,
             )  # fmt: skip
-            return scores, found
+            return scores, positions
 
         parts = [np.ascontiguousarray(part) for part in np.array_split(at, workers)]
         scored = [score(parts[0])] if workers == 1 else list(_scan_pool().map(score, parts))
-        scores, found = _best_of_parts(scored, k)
-        return _sorted(scores, by_row[found])
+        scores, positions = _best_of_parts(scored, k)
+        return _sorted(scores, by_row[positions])
 
     def _held_seqs(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """HNSW: the seqs it holds, sorted, with the order that sorts its rows (None where they
