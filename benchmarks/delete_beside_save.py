@@ -9,8 +9,8 @@ alone or while a thread of the same process writes the index file (what a catch-
 add does in the background, ``SQLiteStore._save_later``), and times the first answer after each.
 Each delete waits first for the index file that the answer before it began writing (its
 catch-up changed more than 1% of the index).
-The ids come from the second half of a random order of the 10M rows: a delete of an id already
-deleted is a no-op, so a store other runs deleted from counts a little less.
+The ids come from the second half of a random order of the stored items' numbers: a delete of
+an id already deleted is a no-op, so a store other runs deleted from counts a little less.
 """
 
 from __future__ import annotations

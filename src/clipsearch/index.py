@@ -254,9 +254,10 @@ class IndexSettings:
         return int(min(MAX_EF_BY_SIZE, max(DEFAULT_EF_SEARCH, grown)))
 
     @property
-    def pg_ef_search(self) -> int:
-        """PostgreSQL's ``hnsw.ef_search``: ``ef_search`` where set, else 128 (pgvector found 0.905 /
-        0.949 of the true top 10 at 1M with it; hnsw_ef's rule is FAISS's, measured there)."""
+    def fixed_ef(self) -> int:
+        """``ef_search`` where set, else 128, whatever the size: PostgreSQL's ``hnsw.ef_search``
+        (pgvector found 0.905 / 0.949 of the true top 10 at 1M with it; hnsw_ef's rule is FAISS's,
+        measured there), and what a filtered FAISS walk widens from (see _search_allowed)."""
         return self.ef_search or DEFAULT_EF_SEARCH
 
     def choose(self, count: int, dim: int, current: str | None = None, faiss: bool | None = None) -> tuple[str, str]:
@@ -979,7 +980,7 @@ class VectorIndex:
             # widened from 128, not from the unfiltered walk's size-grown effort: at 1M a filter
             # passing 10% at random found 0.984 of its true top 10 with 1,280 (7.5 ms p50), 0.992
             # with 4,096 (29 ms)
-            ef = min(MAX_FILTER_EF, max(self.settings.ef_search or DEFAULT_EF_SEARCH, want) * widen)
+            ef = min(MAX_FILTER_EF, max(self.settings.fixed_ef, want) * widen)
             scores, seqs = self._search(queries, want, view.selector, ef=ef)
         short = np.flatnonzero((seqs >= 0).sum(axis=1) < want)
         if len(short):

@@ -655,6 +655,6 @@ def test_hnsw_search_effort_grows_with_the_graph():
     assert auto.hnsw_ef(50_000) == auto.hnsw_ef(100_000) == 128
     assert 700 <= auto.hnsw_ef(1_000_000) <= 900
     assert auto.hnsw_ef(300_000) < auto.hnsw_ef(1_000_000) < auto.hnsw_ef(3_000_000) <= 2048
-    assert auto.pg_ef_search == 128
+    assert auto.fixed_ef == 128
     fixed = IndexSettings.of(Settings(ef_search=64))
-    assert fixed.hnsw_ef(1_000_000) == 64 and fixed.pg_ef_search == 64
+    assert fixed.hnsw_ef(1_000_000) == 64 and fixed.fixed_ef == 64

@@ -736,7 +736,7 @@ class PostgresStore(ClosingStore):
             )
             with conn.transaction():
                 conn.execute(
-                    "SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.index_settings.pg_ef_search, k)),)
+                    "SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.index_settings.fixed_ef, k)),)
                 )
                 plan, expected_rows = self._search_plan(conn, table, field, where, params) if filters else ("", 0)
                 if plan == "exact":
@@ -800,7 +800,7 @@ class PostgresStore(ClosingStore):
         back short, and is then scored exactly: walks that find their k rows in the budget found
         0.84-0.98 of the exact top 10 on benchmarks/scale.py's set, the ones that went on far
         past it as little as 0.33, because relaxed-order walks stop at the first k rows they meet."""
-        return int(max(self.index_settings.pg_ef_search, min(10**9, SCAN_SLACK * k / max(share, 1e-9))))
+        return int(max(self.index_settings.fixed_ef, min(10**9, SCAN_SLACK * k / max(share, 1e-9))))
 
     def _has_index(self, conn: Any, table: str, field: str) -> bool:
         return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._index_name(table, field),)).fetchone()[0]
@@ -930,7 +930,7 @@ class PostgresStore(ClosingStore):
             else f"exact scans of the {vtype} column (`clipsearch index build` makes an HNSW index)"
         )
         # PostgreSQL keeps an index in step with its table: it is never stale
-        search = f"hnsw.ef_search {self.index_settings.pg_ef_search}" if exists else ""
+        search = f"hnsw.ef_search {self.index_settings.fixed_ef}" if exists else ""
         return IndexStatus(
             kind="hnsw" if exists else "none", fresh=True, vectors=self.count(namespace), reason=reason, search=search
         )
