@@ -9,13 +9,14 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clipsearch.encoders import ModelIdentity
-from clipsearch.index import IndexSettings, VectorIndex
+from clipsearch.index import IndexSettings, SaveCancelled, VectorIndex
 from clipsearch.store import NewItem, SQLiteStore
 
 DIM = 16
@@ -219,19 +220,71 @@ def test_a_large_index_is_written_only_once_enough_changed(tmp_path, monkeypatch
     store.close()
 
 
+def _removed_stopped_writes() -> None:
+    """Wait for the removal of what stopped writes left (done beside whatever stopped them)."""
+    for thread in threading.enumerate():
+        if thread.name == "clipsearch-unlink":
+            thread.join()
+
+
+class _SetAfter(threading.Event):
+    """An event that reads as set from its ``n``-th question on: a write stopped part-way."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.asked, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.n
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_an_index_file_is_written_in_pieces_and_a_stopped_write_leaves_the_old_one(tmp_path, monkeypatch, kind):
+    """The file goes to disk a piece at a time (here 4 KiB) and reads back whole; a write stopped
+    part-way raises SaveCancelled, leaves no temporary file, and the file it was to replace is
+    the one read back."""
+    monkeypatch.setattr("clipsearch.index.SAVE_PIECE", 4096)
+    vectors = _unit(np.random.default_rng(12), 300)
+    index = VectorIndex.empty(kind, vectors.shape[1], IndexSettings())
+    index.add(np.arange(1, 201, dtype=np.int64), vectors[:200])
+    path = tmp_path / "ix" / "default.faiss"
+    index.save(path)
+    index.add(np.arange(201, 301, dtype=np.int64), vectors[200:])
+    with pytest.raises(SaveCancelled):
+        index.save(path, _SetAfter(3))  # the third write of several
+    _removed_stopped_writes()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["default.faiss", "default.json"]
+    old = VectorIndex.load(path, IndexSettings())
+    assert old is not None and old.state.count == 200 and index.unsaved == 100
+    index.save(path, threading.Event())
+    new = VectorIndex.load(path, IndexSettings())
+    assert new is not None and new.state.count == 300 and index.unsaved == 0
+    _, seqs = new.search(vectors[250:251], 1)
+    assert seqs[0][0] == 251
+
+
 def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypatch):
     """At 10M vectors the IVF-PQ file is 1.3 GB: the first search after a large delete answers
-    while the caught-up index is written beside it, other searches go on, the next change waits
-    for the write, and a process that answered and exits has written it."""
+    while the caught-up index is written beside it, other searches go on, and the next delete
+    stops the write instead of waiting for it (its lookups would share the disk with it, and the
+    file would be out of date on arrival); the answer after that delete writes the file again."""
     store, vectors, state_file = _large_hnsw(tmp_path, monkeypatch, seed=9)
     written = state_file.read_text()
     writing, release = threading.Event(), threading.Event()
     save = VectorIndex.save
+    outcomes: list[str] = []
 
-    def held_save(index, path):
+    def held_save(index, path, cancel=None):
         writing.set()
-        assert release.wait(30)
-        save(index, path)
+        while not release.is_set() and not (cancel is not None and cancel.is_set()):
+            time.sleep(0.01)
+        try:
+            save(index, path, cancel)
+        except SaveCancelled:
+            outcomes.append("stopped")
+            raise
+        outcomes.append("written")
 
     monkeypatch.setattr(VectorIndex, "save", held_save)
     store.delete_items("default", [f"id{i}" for i in range(10)])
@@ -239,19 +292,35 @@ def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypa
     assert len(hits) == 3 and not hits & {f"id{i}" for i in range(10)}
     assert writing.wait(10) and state_file.read_text() == written  # answered; the file is being written
     assert store.search("default", vectors[20:21], 1)[0][0].item.id == "id20"
-    changed = threading.Thread(
-        target=lambda: (store.delete_items("default", ["id20"]), store.search("default", vectors[20:21], 1))
-    )
-    changed.start()
-    changed.join(0.5)
-    assert changed.is_alive()  # the next change to the index waits for its file
+    writing.clear()
+    store.delete_items("default", ["id20"])  # returns without the release: the write was stopped
+    assert outcomes == ["stopped"] and state_file.read_text() == written
+    _removed_stopped_writes()
+    assert not list(state_file.parent.glob("*.tmp"))
+    assert store.search("default", vectors[20:21], 1)[0][0].item.id != "id20"
+    assert writing.wait(10)  # the answer after the delete writes the file again
     release.set()
-    changed.join(30)
     store.wait_for_saves()
-    assert json.loads(state_file.read_text())["dead"] == list(range(1, 11))
+    assert outcomes == ["stopped", "written"]
+    assert json.loads(state_file.read_text())["dead"] == [*range(1, 11), 21]  # id0..id9, id20
+
+    # a delete that deletes nothing stops the write too; the next answer, with nothing to change,
+    # writes the file all the same
+    release.clear()
+    store.delete_items("default", [f"id{i}" for i in range(200, 210)])
+    store.search("default", vectors[50:51], 1)
+    assert writing.wait(10)
+    store.delete_items("default", ["no such id"])
+    assert outcomes[-1] == "stopped"
+    store.search("default", vectors[50:51], 1)
+    release.set()
+    store.wait_for_saves()
+    assert outcomes[-1] == "written" and len(json.loads(state_file.read_text())["dead"]) == 21
+    store.search("default", vectors[50:51], 1)
+    assert len(outcomes) == 4  # a written index is not written again
 
     # a write that fails (a full disk) is said by the next wait, not lost in its thread
-    def full_disk(index, path):
+    def full_disk(index, path, cancel=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(VectorIndex, "save", full_disk)
@@ -263,7 +332,7 @@ def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypa
     store.close()
 
     # a process that answers and exits has written the file, and left no orphans
-    orphan = tmp_path / "s.db-index" / "default.faiss.4194305.tmp"  # past Linux's largest pid
+    orphan = tmp_path / "s.db-index" / "default.faiss.4194305-0badc0de.tmp"  # past Linux's largest pid
     orphan.write_bytes(b"left by a killed process")
     code = (
         "import sys; import clipsearch.index as i; i.SAVE_ALWAYS_BELOW = 0\n"
@@ -278,8 +347,8 @@ def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypa
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "id50"
-    # caught up past the failed write: 10 + 1 + 10 + the subprocess's 10
-    assert len(json.loads(state_file.read_text())["dead"]) == 31 and not orphan.exists()
+    # caught up past the failed write: 10 + 1 + 10 + 10 + the subprocess's 10
+    assert len(json.loads(state_file.read_text())["dead"]) == 41 and not orphan.exists()
 
 
 def test_building_after_a_search_uses_every_faiss_thread(tmp_path):

@@ -126,7 +126,8 @@ def test_the_exact_index_keeps_seq_order_filters_and_ranks_ties_by_seq(tmp_path)
     twin.add(np.array([9, 4]), np.stack([vectors[0], vectors[0]]))
     assert twin.search(vectors[:1], 2)[1].tolist() == [[4, 9]]
     path = tmp_path / "exact.faiss"
-    index.save(path)
+    with open(path, "wb") as f:
+        index.save(f)
     back = ExactIndex.read(path, DIM)
     assert np.array_equal(back.seqs, index.seqs) and np.array_equal(back.vectors, index.vectors)
     back.add(np.array([10**6]), vectors[:1])  # what was read grows like what was built

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import NotFoundError, UsageError
 from ..identity import ModelIdentity
-from ..index import KINDS, MAX_DEAD_SHARE, IndexSettings, VectorIndex, search_effort
+from ..index import KINDS, MAX_DEAD_SHARE, IndexSettings, SaveCancelled, VectorIndex, search_effort
 from ..keywords import index_text, query_terms
 from .base import (
     ClosingStore,
@@ -56,7 +56,7 @@ from .base import (
     validate_namespace,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 _ALLOWED_CACHE_ENTRIES = 16  # results of _versioned kept (filters' allowed ids)
 _ALLOWED_CACHE_IDS = 2_000_000  # larger allow-lists (16 MB each) are found again each time
 
@@ -66,11 +66,13 @@ def _fold_text(value: Any) -> Any:
 
 
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
-# A delete of this many ids or more first reads their id index pages on _READ_AHEAD connections at
-# once: at 10M rows, 100,000 ids looked up from a cold page cache took 2.3-3.7 s on one
-# connection (a page read at a time) and 1.1-1.4 s on 8 (`benchmarks/scale.py`'s store)
-_READ_AHEAD_IDS = 5_000
-_READ_AHEAD = 8
+# A delete of this many ids or more looks them up on _LOOKUP_APART connections at once: at 10M
+# rows, 100,000 ids looked up from a cold page cache took 2.3-3.7 s on one connection (a page read
+# at a time) and 1.1-1.4 s on 8 (`benchmarks/scale.py`'s store), 4.2-4.8 s on 8 or 16 on a day when
+# this disk served 8,500-10,500 random reads a second at those depths
+_LOOKUP_APART_IDS = 5_000
+_LOOKUP_APART = 8
+_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the write-ahead log that a commit checkpoints
 _MAX_INDEXED_TEXT = 200  # longer text values (captions, paths) are filtered from the JSON
 
 
@@ -159,13 +161,13 @@ CREATE TABLE IF NOT EXISTS failures (
     PRIMARY KEY (namespace, id)
 );
 -- the rows that left each namespace (deleted, or re-embedded under a new seq), in order: an index
--- built up to mark M applies the entries after M instead of being rebuilt
+-- built up to mark M applies the entries after M instead of being rebuilt. Read by ranges of
+-- marks, so no index by namespace: each would cost every delete a B-tree insert a row (schema 10)
 CREATE TABLE IF NOT EXISTS removals (
     mark INTEGER PRIMARY KEY AUTOINCREMENT,
     namespace TEXT NOT NULL,
     seq INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS removals_namespace ON removals (namespace, mark);
 -- the metadata's scalar values (a list's elements one by one, text up to _MAX_INDEXED_TEXT
 -- characters): an equality filter finds its rows here instead of reading every row's JSON
 CREATE TABLE IF NOT EXISTS item_values (
@@ -188,9 +190,10 @@ CREATE TABLE IF NOT EXISTS key_kinds (
 -- rows deleted and not yet purged: a delete is a mark here (and an entry in removals, through
 -- which the indexes drop them), honoured at once by every read (the live_* views). The rows,
 -- their keywords and metadata values go when `index build` purges them or their id is written
--- again. A row's pages are not read to delete it: at 10M rows most are on disk, not in memory
+-- again. A row's pages are not read to delete it: at 10M rows most are on disk, not in memory.
+-- Counted and purged by scans in seq order (no index by namespace, see removals: the two took
+-- 100,000 deletes at 10M rows from 2.0-2.3 s of inserts and commit to 1.2-1.5 s)
 CREATE TABLE IF NOT EXISTS deleted (seq INTEGER PRIMARY KEY, namespace TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS deleted_namespace ON deleted (namespace);
 CREATE TABLE IF NOT EXISTS claims (
     namespace TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -222,7 +225,11 @@ class SQLiteStore(ClosingStore):
             raise UsageError(f"cannot create the database {self.path}: folder {self.path.parent} does not exist")
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
-        self._saving: list[threading.Thread] = []  # index files being written (_save_later)
+        # index files being written (_save_later): each file's thread, and what stops it
+        self._saving: dict[Path, tuple[threading.Thread, threading.Event]] = {}
+        self._saving_lock = threading.Lock()
+        self._checkpoints: list[threading.Thread] = []  # _checkpoint_later
+        self._stopped: set[Path] = set()  # index files whose write was stopped (_stop_saves)
         self._save_errors: list[OSError] = []
         # what _versioned keeps: ("allowed", namespace, filters) -> (the database's version then,
         # the ids they let through), and ("keys", namespace, exact) -> metadata_keys
@@ -294,6 +301,10 @@ class SQLiteStore(ClosingStore):
                 conn.execute("DELETE FROM items_fts")
                 for r in conn.execute("SELECT seq, metadata, text FROM items").fetchall():
                     self._set_keywords(conn, r["seq"], r["text"], json.loads(r["metadata"]))
+            if version is not None and version < 10:
+                # every delete wrote these two indexes, and no read needs them (schema 10)
+                conn.execute("DROP INDEX IF EXISTS removals_namespace")
+                conn.execute("DROP INDEX IF EXISTS deleted_namespace")
             if version is not None and version < 9:
                 # the live counts, counted once (schema 9 keeps them)
                 for (name,) in conn.execute("SELECT name FROM namespaces").fetchall():
@@ -610,18 +621,38 @@ class SQLiteStore(ClosingStore):
         rows is read or written here: a delete costs the id lookups, in id order."""
         self._require(namespace)
         ids = sorted(set(ids))
-        if len(ids) >= _READ_AHEAD_IDS:
-            self._read_ahead(namespace, ids)
+        self._stop_saves()  # the index changes at the next answer, and its file's write slows the lookups
+        large = len(ids) >= _LOOKUP_APART_IDS and str(self.path) != ":memory:"
+        with self._lock:
+            if large:
+                # the marks of random ids go into most pages of `deleted`: copying them from the
+                # log into the database at the commit (SQLite's checkpoint, with its syncs) took
+                # 0.4 s for 50,000 at 10M rows; done after the delete has returned instead
+                self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+            try:
+                deleted = self._mark_deleted(namespace, ids, large)
+            finally:
+                if large:
+                    self._conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
+                    self._checkpoint_later()
+        return deleted
+
+    def _mark_deleted(self, namespace: str, ids: list[str], large: bool) -> int:
         with self._tx() as conn:
-            sql = "SELECT seq FROM live_items WHERE namespace = ? AND id IN ({marks})"
-            seqs = [(r["seq"], namespace) for r in self._select_in(sql, [namespace], ids, conn)]
+            if large:
+                found = self._lookup_apart(namespace, ids)
+            else:
+                sql = "SELECT seq FROM live_items WHERE namespace = ? AND id IN ({marks})"
+                found = [r["seq"] for r in self._select_in(sql, [namespace], ids, conn)]
+            found.sort()  # in seq order: each page of `deleted` is visited once
+            seqs = [(s, namespace) for s in found]
             conn.executemany("INSERT INTO deleted (seq, namespace) VALUES (?, ?)", seqs)
             conn.executemany("INSERT INTO removals (seq, namespace) VALUES (?, ?)", seqs)
             deleted = len(seqs)
             texts = 0  # of the deleted rows, those with a text vector (looked up only where there are any)
             if deleted and conn.execute("SELECT live_texts FROM namespaces WHERE name = ?", (namespace,)).fetchone()[0]:
                 sql = "SELECT count(*) AS n FROM text_vectors WHERE seq IN ({marks})"
-                texts = sum(r["n"] for r in self._select_in(sql, [], [s for s, _ in seqs], conn))
+                texts = sum(r["n"] for r in self._select_in(sql, [], found, conn))
             self._count_live(conn, namespace, Counter(items=-deleted, texts=-texts))
             if deleted:
                 # the indexes apply the logged removals: no rebuild
@@ -632,27 +663,43 @@ class SQLiteStore(ClosingStore):
                 )
         return deleted
 
-    def _read_ahead(self, namespace: str, ids: list[str]) -> None:
-        """Bring the id index's pages for ``ids`` (sorted) into the page cache, a slice of them on
-        each of several read connections at once, so that the disk serves many reads together
-        instead of one at a time. The lookups that count run after, in the write transaction:
-        these only read (another writer may change the rows meanwhile). A database in memory has
-        no pages to read ahead: another connection would open another, empty one."""
-        if str(self.path) == ":memory:":
-            return
-        sql = "SELECT seq FROM items WHERE namespace = ? AND id IN ({marks})"
+    def _checkpoint_later(self) -> None:
+        """Copy the write-ahead log into the database on a connection of its own, in the
+        background (what SQLite does at a commit whose log has grown past _AUTOCHECKPOINT pages).
+        Readers and writers go on meanwhile; `close` waits for it."""
 
-        def read(part: list[str]) -> None:
+        def run() -> None:
             conn = sqlite3.connect(self.path, timeout=30)
             try:
-                for _ in self._select_in(sql, [namespace], part, conn):
-                    pass
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass  # busy or interrupted: the next commit past _AUTOCHECKPOINT pages does it
             finally:
                 conn.close()
 
-        step = -(-len(ids) // _READ_AHEAD)
-        with ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix="clipsearch-read-ahead") as pool:
-            list(pool.map(read, [ids[i : i + step] for i in range(0, len(ids), step)]))
+        thread = threading.Thread(target=run, name="clipsearch-checkpoint")
+        with self._saving_lock:
+            self._checkpoints = [t for t in self._checkpoints if t.is_alive()] + [thread]
+        thread.start()
+
+    def _lookup_apart(self, namespace: str, ids: list[str]) -> list[int]:
+        """The live seqs of ``ids`` (sorted), looked up a slice at a time on _LOOKUP_APART
+        connections at once, so that the disk serves many of the id index's page reads together
+        instead of one at a time. Called inside the write transaction: no other writer can
+        commit meanwhile, so these connections see exactly what it does."""
+        sql = "SELECT seq FROM items WHERE namespace = ? AND id IN ({marks}) AND seq NOT IN (SELECT seq FROM deleted)"
+
+        def lookup(part: list[str]) -> list[int]:
+            conn = sqlite3.connect(self.path, timeout=30)
+            try:
+                return [r[0] for r in self._select_in(sql, [namespace], part, conn)]
+            finally:
+                conn.close()
+
+        step = -(-len(ids) // _LOOKUP_APART)
+        with ThreadPoolExecutor(_LOOKUP_APART, thread_name_prefix="clipsearch-lookup") as pool:
+            parts = pool.map(lookup, [ids[i : i + step] for i in range(0, len(ids), step)])
+            return [seq for part in parts for seq in part]
 
     def purge_deleted(self, namespace: str, batch: int = 10_000) -> int:
         """Remove the rows marked deleted (their rows, keywords, metadata values and key counts),
@@ -865,10 +912,15 @@ class SQLiteStore(ClosingStore):
             gen, rebuild_gen = ns[gen_col], ns[rebuild_col]
             if index is not None and index.state.generation == gen and index.state.rebuild_generation == rebuild_gen:
                 self._indexes[(namespace, field)] = index
+                if index.unsaved and path in self._stopped and path not in self._saving:
+                    self._save_later(index, path)  # a delete stopped its write, and changed nothing
                 return index
-            self.wait_for_saves()  # an index is changed (or replaced) only once its file is written
+            # an index is changed (or replaced) only once its file is no longer being written: that
+            # file would be out of date on arrival, so it is stopped; the answer after writes it again
+            self._stop_saves(path)
             # read before the rows: a removal committed meanwhile is applied next time
-            last_mark = self._query("SELECT max(mark) AS m FROM removals WHERE namespace = ?", (namespace,))[0]["m"]
+            last = self._query("SELECT mark FROM removals WHERE namespace = ? ORDER BY mark DESC LIMIT 1", (namespace,))
+            last_mark = last[0]["mark"] if last else None
             count = self._count(namespace, field)
             asked = settings.kind != "auto"
             if not asked and previous is not None and previous.state.asked and not rebuild:
@@ -926,25 +978,50 @@ class SQLiteStore(ClosingStore):
         """Write a large index that was only caught up (rows added or removed since its file was
         written) after the answer, not before it: at 10M vectors the IVF-PQ file is 1.3 GB, and
         writing it made the first answer after deleting 100,000 rows ~5 s later. Searches go on
-        meanwhile (writing only reads the index); the next change to it waits (_fresh_index).
-        The thread is not a daemon: a process that answered and exits still leaves the file
-        written, so that the next process need not catch up again."""
+        meanwhile (writing only reads the index). A change to the index, or a delete (its id
+        lookups are random reads that the write's would slow), stops the write (_stop_saves); the
+        answer after the change starts it again. The thread is not a daemon: a process that
+        answered and exits still leaves the file written, so that the next process need not
+        catch up again."""
+        cancel = threading.Event()
 
         def write() -> None:
             try:
-                index.save(path)
+                index.save(path, cancel)
+            except SaveCancelled:
+                # the file stays as it was, and says so (whoever reads it catches up); the answer
+                # after the change writes it again, or, where the index did not change, the next
+                with self._saving_lock:
+                    self._stopped.add(path)
             except OSError as error:  # a full disk: said by the next wait, not lost in a thread
                 self._save_errors.append(error)
 
         thread = threading.Thread(target=write, name=f"clipsearch-save-{path.name}")
+        with self._saving_lock:
+            self._saving[path] = (thread, cancel)
+            self._stopped.discard(path)
         thread.start()
-        self._saving = [t for t in self._saving if t.is_alive()] + [thread]
 
-    def wait_for_saves(self) -> None:
-        """Return once the index files this store writes in the background are written; raise
-        the error that stopped one (the file stays as it was: the next process catches up)."""
-        for thread in self._saving:
+    def _stop_saves(self, path: Path | None = None) -> None:
+        """Stop writing the index file at ``path`` (every one when None) and wait until it has
+        stopped (within SAVE_PIECE): a write stopped before it landed leaves the old file."""
+        with self._saving_lock:
+            for at, (_, cancel) in self._saving.items():
+                if path is None or at == path:
+                    cancel.set()
+        self.wait_for_saves(path)
+
+    def wait_for_saves(self, path: Path | None = None) -> None:
+        """Return once the index files this store writes in the background (the one at ``path``,
+        or all) are written or stopped; raise the error that stopped one (the file stays as it
+        was: the next process catches up)."""
+        with self._saving_lock:
+            saving = [(at, thread) for at, (thread, _) in self._saving.items() if path is None or at == path]
+        for at, thread in saving:
             thread.join()
+            with self._saving_lock:
+                if self._saving.get(at, (None,))[0] is thread:
+                    del self._saving[at]
         if self._save_errors:
             error = self._save_errors[0]
             self._save_errors.clear()
@@ -1282,5 +1359,7 @@ class SQLiteStore(ClosingStore):
 
     def close(self) -> None:
         self.wait_for_saves()
+        for thread in self._checkpoints:
+            thread.join()
         with self._lock:
             self._conn.close()
