@@ -122,6 +122,7 @@ class _FileWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.cancel = cancel
         self.unsynced = 0
+        self.written = 0
 
     def write(self, data: bytes | memoryview) -> int:
         if self.cancel is not None and self.cancel.is_set():
@@ -131,6 +132,7 @@ class _FileWriter:
         while view:
             view = view[os.write(self.fd, view) :]
         self.unsynced += size
+        self.written += size
         if self.unsynced >= SAVE_PIECE:
             self.sync()
         return size
@@ -1334,9 +1336,10 @@ class VectorIndex:
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: Path, cancel: threading.Event | None = None) -> None:
-        """Write the index file (and its state beside it), on disk before it replaces the old
-        one: a crash leaves the old file or the new, never an empty one. ``cancel`` set meanwhile
-        stops the write (SaveCancelled) within one ``SAVE_PIECE``; the old file stays."""
+        """Write the index file (and its state beside it); one of ``SAVE_PIECE`` or more is on
+        disk before it replaces the old one (a crash leaves the old file or the new, not an
+        empty one in their place). ``cancel`` set meanwhile stops the write (SaveCancelled)
+        within one piece; the old file stays."""
         path.parent.mkdir(parents=True, exist_ok=True)
         # named by this process (another may be writing the same index) and by this write
         tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
@@ -1348,7 +1351,12 @@ class VectorIndex:
                 else:
                     faiss = _faiss()
                     faiss.write_index(self.index, faiss.PyCallbackIOWriter(out.write, 1 << 20))
-                out.sync()
+                # a file under one piece (a small index, written at every change) is left to the
+                # kernel: a sync there would cost each search after a write, and a file a crash
+                # broke is derived data, rebuilt when it cannot be read
+                large = out.written >= SAVE_PIECE
+                if large:
+                    out.sync()
             finally:
                 out.close()
             os.replace(tmp, path)  # readers never see a half-written index
@@ -1364,7 +1372,8 @@ class VectorIndex:
         meta_tmp = meta.with_name(f"{meta.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         meta_tmp.write_text(json.dumps(asdict(self.state)))
         os.replace(meta_tmp, meta)
-        _sync_folder(path.parent)
+        if large:
+            _sync_folder(path.parent)
         self.unsaved = 0
         VectorFile.remove_except(path, self.file.token if self.file is not None else None)
         _remove_orphans(path)
@@ -1418,8 +1427,8 @@ class VectorIndex:
                 # vector file this state names): read it again rather than rebuild it
                 if meta.read_text() == text:
                     return None
-            except (OSError, ValueError, TypeError, RuntimeError):
-                return None  # unreadable derived data is simply rebuilt
+            except (OSError, ValueError, TypeError, RuntimeError, EOFError):
+                return None  # unreadable derived data is simply rebuilt (EOFError: NumPy's, for an empty file)
         return None
 
 

@@ -264,6 +264,22 @@ def test_an_index_file_is_written_in_pieces_and_a_stopped_write_leaves_the_old_o
     assert seqs[0][0] == 251
 
 
+def test_an_index_file_a_crash_emptied_is_rebuilt(tmp_path):
+    """A small index file is not synced when written (it is rewritten at every change): one that
+    a crash left empty is read as no index, and rebuilt from the store."""
+    store = _open(tmp_path)
+    store.bind_namespace("default", IDENT, {"model": "tiny"})
+    vectors = _unit(np.random.default_rng(13), 30)
+    _write(store, [f"id{i}" for i in range(30)], vectors)
+    assert store.search("default", vectors[7:8], 1)[0][0].item.id == "id7"
+    store.close()
+    (tmp_path / "s.db-index" / "default.faiss").write_bytes(b"")
+    store = _open(tmp_path)
+    assert store.search("default", vectors[7:8], 1)[0][0].item.id == "id7"
+    assert (tmp_path / "s.db-index" / "default.faiss").stat().st_size > 0
+    store.close()
+
+
 def test_a_large_index_is_written_after_the_answer_not_before(tmp_path, monkeypatch):
     """At 10M vectors the IVF-PQ file is 1.3 GB: the first search after a large delete answers
     while the caught-up index is written beside it, other searches go on, and the next delete

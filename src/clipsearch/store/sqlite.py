@@ -68,8 +68,8 @@ def _fold_text(value: Any) -> Any:
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
 # A delete of this many ids or more looks them up on _LOOKUP_APART connections at once: at 10M
 # rows, 100,000 ids looked up from a cold page cache took 2.3-3.7 s on one connection (a page read
-# at a time) and 1.1-1.4 s on 8 (`benchmarks/scale.py`'s store), 4.2-4.8 s on 8 or 16 on a day when
-# this disk served 8,500-10,500 random reads a second at those depths
+# at a time) and 1.1-1.4 s on 8 (`benchmarks/scale.py`'s store); 1.8-3.4 s on 8 on a day when this
+# disk served a third as many random reads a second (8,500-11,400 at 8 to 32 at once)
 _LOOKUP_APART_IDS = 5_000
 _LOOKUP_APART = 8
 _AUTOCHECKPOINT = 1000  # SQLite's default: pages in the write-ahead log that a commit checkpoints
@@ -115,7 +115,9 @@ CREATE TABLE IF NOT EXISTS namespaces (
     -- counting them was an index scan of every row (~1 s at 10M rows, more from a cold disk)
     -- each time an index caught up, and on every `info`
     live_items INTEGER NOT NULL DEFAULT 0,
-    live_texts INTEGER NOT NULL DEFAULT 0
+    live_texts INTEGER NOT NULL DEFAULT 0,
+    -- rows marked deleted and not yet purged, kept likewise (`deleted` has no index by namespace)
+    unpurged INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -191,8 +193,9 @@ CREATE TABLE IF NOT EXISTS key_kinds (
 -- which the indexes drop them), honoured at once by every read (the live_* views). The rows,
 -- their keywords and metadata values go when `index build` purges them or their id is written
 -- again. A row's pages are not read to delete it: at 10M rows most are on disk, not in memory.
--- Counted and purged by scans in seq order (no index by namespace, see removals: the two took
--- 100,000 deletes at 10M rows from 2.0-2.3 s of inserts and commit to 1.2-1.5 s)
+-- Purged by a scan in seq order and counted in namespaces.unpurged, with no index by namespace
+-- (see removals: the two took 100,000 deletes at 10M rows from 2.0-2.3 s of inserts and commit
+-- to 1.2-1.5 s)
 CREATE TABLE IF NOT EXISTS deleted (seq INTEGER PRIMARY KEY, namespace TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS claims (
     namespace TEXT NOT NULL,
@@ -212,6 +215,7 @@ _ADDED_COLUMNS = (
     ("failures", "fingerprint", "TEXT"),
     ("namespaces", "live_items", "INTEGER NOT NULL DEFAULT 0"),
     ("namespaces", "live_texts", "INTEGER NOT NULL DEFAULT 0"),
+    ("namespaces", "unpurged", "INTEGER NOT NULL DEFAULT 0"),
 )
 _COUNTERS = {"image": ("generation", "rebuild_generation"), "text": ("text_generation", "text_rebuild_generation")}
 
@@ -302,9 +306,13 @@ class SQLiteStore(ClosingStore):
                 for r in conn.execute("SELECT seq, metadata, text FROM items").fetchall():
                     self._set_keywords(conn, r["seq"], r["text"], json.loads(r["metadata"]))
             if version is not None and version < 10:
-                # every delete wrote these two indexes, and no read needs them (schema 10)
+                # every delete wrote these two indexes, and no read needs them; the marks awaiting
+                # a purge are counted once, and kept by every write from now on (schema 10)
                 conn.execute("DROP INDEX IF EXISTS removals_namespace")
                 conn.execute("DROP INDEX IF EXISTS deleted_namespace")
+                conn.execute(
+                    "UPDATE namespaces SET unpurged = (SELECT count(*) FROM deleted d WHERE d.namespace = name)"
+                )
             if version is not None and version < 9:
                 # the live counts, counted once (schema 9 keeps them)
                 for (name,) in conn.execute("SELECT name FROM namespaces").fetchall():
@@ -612,6 +620,7 @@ class SQLiteStore(ClosingStore):
         conn.executemany("DELETE FROM items WHERE seq = ?", [(s,) for s in seqs])
         if purge:
             conn.executemany("DELETE FROM deleted WHERE seq = ?", [(s,) for s in seqs])
+            conn.execute("UPDATE namespaces SET unpurged = unpurged - ? WHERE name = ?", (len(seqs), namespace))
         else:
             conn.executemany("INSERT INTO removals (namespace, seq) VALUES (?, ?)", [(namespace, s) for s in seqs])
 
@@ -655,6 +664,7 @@ class SQLiteStore(ClosingStore):
                 texts = sum(r["n"] for r in self._select_in(sql, [], found, conn))
             self._count_live(conn, namespace, Counter(items=-deleted, texts=-texts))
             if deleted:
+                conn.execute("UPDATE namespaces SET unpurged = unpurged + ? WHERE name = ?", (deleted, namespace))
                 # the indexes apply the logged removals: no rebuild
                 conn.execute(
                     "UPDATE namespaces SET generation = generation + 1, text_generation = text_generation + 1 "
@@ -724,7 +734,7 @@ class SQLiteStore(ClosingStore):
 
     def pending_purge(self, namespace: str) -> int:
         """How many rows are marked deleted and not yet purged."""
-        return int(self._query("SELECT count(*) AS n FROM deleted WHERE namespace = ?", (namespace,))[0]["n"])
+        return int(self._query("SELECT unpurged AS n FROM namespaces WHERE name = ?", (namespace,))[0]["n"])
 
     def claim(self, namespace: str, ids: list[str], owner: str, lease_seconds: float = 600) -> set[str]:
         if not ids:
