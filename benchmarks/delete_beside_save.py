@@ -10,8 +10,9 @@ what the answer after a large add or delete starts), and times the first answer 
 Each delete waits first for the index file that the answer before it began writing (its
 catch-up changed more than 1% of the index). Run with ``PYTHONPATH`` at another tree's ``src``
 to measure that tree's store the same way.
-The ids come from the second half of a random order of the stored items' numbers: a delete of
-an id already deleted is a no-op, so a store other runs deleted from counts a little less.
+The ids are live ones, as a delete is given: the next ones not yet deleted in a fixed random
+order of the stored items (rows 1..N of the store are ids i0..i(N-1)), so that runs one after
+another on one store (another tree's with ``PYTHONPATH``) each delete ids that are there.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def main() -> None:
     store = c.store
     index = store._indexes[(c.namespace, "image")]
     path = store._index_path(c.namespace, "image")
-    n = c.info().items
-    pool = np.random.default_rng(11).permutation(n)[n // 2 :]
+    n = store._conn.execute("SELECT max(seq) FROM items").fetchone()[0]
+    live = c.info().items
+    gone = np.fromiter((r[0] for r in store._conn.execute("SELECT seq FROM deleted")), dtype=np.int64)
+    order = np.random.default_rng(11).permutation(np.arange(1, n + 1))
+    pool = order[~np.isin(order, gone)] - 1
     at, rows = 0, []
     for _ in range(args.rounds):
         for beside in (False, True):
@@ -54,7 +58,9 @@ def main() -> None:
                 time.sleep(0.2)  # the write under way
             t = time.perf_counter()
             for start in range(at, at + args.ids, 50_000):
-                c.delete([f"i{i}" for i in pool[start : min(start + 50_000, at + args.ids)]])
+                ids = [f"i{i}" for i in pool[start : min(start + 50_000, at + args.ids)]]
+                if c.delete(ids) != len(ids):
+                    raise SystemExit("a delete of live ids found fewer of them")
             at += args.ids
             deleted = time.perf_counter() - t
             c.search(vector=queries[0], limit=10)
@@ -62,7 +68,7 @@ def main() -> None:
             rows.append(["beside the index write" if beside else "alone", f"{deleted:.1f} s", f"{answered:.1f} s"])
     c.close()
     print_table(
-        f"Delete {args.ids:,} random items ({n:,} stored), database out of the page cache first",
+        f"Delete {args.ids:,} random live items ({live:,} live), database out of the page cache first",
         ["delete", "deleted in", "first answer after"],
         rows,
     )

@@ -138,18 +138,18 @@ class _FileWriter:
         return size
 
     def sync(self) -> None:
-        _datasync(self.fd)
+        datasync(self.fd)
         self.unsynced = 0
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def _datasync(fd: int) -> None:
+def datasync(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS and Windows have no fdatasync
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (POSIX: the folder's entry is data of its own)."""
     if os.name != "posix":
         return
@@ -1373,7 +1373,7 @@ class VectorIndex:
         meta_tmp.write_text(json.dumps(asdict(self.state)))
         os.replace(meta_tmp, meta)
         if large:
-            _sync_folder(path.parent)
+            sync_folder(path.parent)
         self.unsaved = 0
         VectorFile.remove_except(path, self.file.token if self.file is not None else None)
         _remove_orphans(path)

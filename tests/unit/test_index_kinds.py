@@ -393,7 +393,11 @@ def test_an_hnsw_index_is_opened_memory_mapped_and_read_in_to_grow(tmp_path):
     writer.search("default", queries, 10)  # the writer's catch-up replaces the file
     hits = reader.search("default", vectors[2500:2501], 1)[0]
     assert hits[0].item.id == "id2500" and reader._indexes[("default", "image")].mapped is None
-    assert sorted(p.name for p in (tmp_path / "s.db-index").iterdir()) == ["default.faiss", "default.json"]
+    assert sorted(p.name for p in (tmp_path / "s.db-index").iterdir()) == [
+        "default.faiss",
+        "default.ids",
+        "default.json",
+    ]
 
 
 def _locked_bytes() -> int:
@@ -524,6 +528,7 @@ def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path, monk
     assert sorted(p.name for p in folder.glob("default.*")) == sorted(
         [
             "default.faiss",
+            "default.ids",  # the id map `index build` wrote
             "default.json",
             *(p.name for p in VectorFile.paths(folder / "default.faiss", rebuilt.state.vector_file)),
         ]

@@ -16,6 +16,7 @@ from clipsearch.errors import DimensionError, ModelMismatchError, NotFoundError,
 from clipsearch.index import IndexSettings
 from clipsearch.store import FailureRecord, NewItem, SQLiteStore, open_store
 from clipsearch.store.postgres import PostgresStore
+from clipsearch.store.sqlite import SCHEMA_VERSION
 
 IDENT = ModelIdentity("open_clip", "tiny", "", 8, {"size": [224, 224]})
 
@@ -310,7 +311,7 @@ def test_a_schema_1_file_is_migrated_and_keyword_indexed(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("10",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
         # schema 9: the live counts, counted from the rows once (two of schema 1, one added since)
         assert conn.execute("SELECT live_items, live_texts FROM namespaces").fetchone() == (3, 0)
     SQLiteStore(path).close()  # opening a migrated file again changes nothing
@@ -340,7 +341,7 @@ def test_schema_10_drops_the_namespace_indexes_every_delete_wrote(tmp_path):
     with sqlite3.connect(path) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert not names & {"deleted_namespace", "removals_namespace"}
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("10",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 # each step: ("write", i, text) stores id i anew (with a text vector or none), ("touch", i, text)
@@ -659,6 +660,9 @@ def test_a_delete_is_a_mark_every_read_honours_until_index_build_purges_it(tmp_p
         for thread in store._checkpoints:
             thread.join()
         assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # the commits' own again
+        # and the log emptied (no one was reading): the next writer appends to a new file instead
+        # of rewriting the old one's frames, which from a cold page cache were read back first
+        assert os.path.getsize(tmp_path / "s.db-wal") == 0
     raw = sqlite3.connect(tmp_path / "s.db")
     assert raw.execute("SELECT count(*) FROM items").fetchone()[0] == 6  # marked, not removed
     assert store.pending_purge("default") == 2
@@ -706,6 +710,92 @@ def test_a_delete_is_a_mark_every_read_honours_until_index_build_purges_it(tmp_p
     assert {h.item.id for h in store.search("default", image, 6)[0]} == {"id0", "id1", "id3", "id4", "id5"}
     raw.close()
     store.close()
+
+
+def test_a_large_delete_finds_its_rows_in_the_id_map_and_the_rest_in_the_database(tmp_path, monkeypatch):
+    """`index build` writes the namespace's id map; a large delete takes the seqs it holds, and
+    looks up in the database only the ids it does not (written since) or holds at a seq removed
+    since (re-embedded, or deleted and written again). The removal log is kept back to the map."""
+    from clipsearch.store import sqlite as sqlite_module
+    from clipsearch.store.idmap import IdMap
+
+    monkeypatch.setattr(sqlite_module, "_LOOKUP_APART_IDS", 2)
+    asked = []
+    real = SQLiteStore._lookup
+    monkeypatch.setattr(SQLiteStore, "_lookup", lambda self, c, ns, ids: (asked.append(ids), real(self, c, ns, ids))[1])
+    store = SQLiteStore(tmp_path / "s.db")
+    vecs = _fill(store, 8)
+    store.delete_items("default", ["id7"])  # purged by the build: not in the map
+    store.build_index("default")
+    ns = store._require("default")
+    idmap = IdMap.open(store._idmap_path("default"), store._index_owner(ns))
+    assert idmap is not None and idmap.count == 7
+    seq_of = {r["id"]: r["seq"] for r in store._conn.execute("SELECT id, seq FROM live_items")}
+    assert idmap.find(["id0", "id6", "id7"])[1].tolist() == [seq_of["id0"], seq_of["id6"], -1]
+    plan = [r[3] for r in store._conn.execute("EXPLAIN QUERY PLAN " + sqlite_module._MAP_ROWS, ("default",))]
+    assert "COVERING INDEX" in plan[0], plan  # the ids and seqs from the index alone
+
+    store.write_batch("default", [NewItem("id3", {"label": "y"}, "h3b")], vecs[:1])  # re-embedded: a new seq
+    store.write_batch("default", [NewItem("id9", {"label": "x"}, "h9")], vecs[1:2])  # new since the map
+    store.delete_items("default", ["id5"])
+    store.write_batch("default", [NewItem("id5", {"label": "z"}, "h5b")], vecs[2:3])  # deleted, then written again
+    asked.clear()
+    assert store.delete_items("default", ["id1", "id3", "id5", "id9", "nope"]) == 4
+    assert asked == [["id3", "id5", "id9", "nope"]]  # id1 came from the map
+    assert {it.id for it in store.get_items("default", [f"id{i}" for i in range(10)])} == {"id0", "id2", "id4", "id6"}
+    assert store.count("default") == 4 == store._scan_count(store._conn, "default", "image")
+    asked.clear()
+    assert store.delete_items("default", ["id1", "id3", "id0"]) == 1  # the removals since the map, read again
+    assert asked == [["id1", "id3"]]
+
+    # a second build writes a new map from the live rows; the log before it goes
+    store.build_index("default")
+    fresh = IdMap.open(store._idmap_path("default"), store._index_owner(ns))
+    assert fresh.count == 3 and fresh.token != idmap.token
+    assert store._conn.execute("SELECT count(*) FROM removals").fetchone()[0] == 0
+    asked.clear()
+    assert store.delete_items("default", ["id2", "id4"]) == 2 and asked == []
+    assert [it.id for it in store.get_items("default", ["id2", "id4", "id6"])] == ["id6"]
+    store.close()
+
+
+# each step: ("write", i) stores id i anew, ("delete", ids) deletes them (looked up through the
+# id map where `index build` wrote one), ("build",) runs `index build`
+_map_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 7)),
+        st.tuples(st.just("delete"), st.lists(st.integers(0, 9), min_size=1, max_size=4)),
+        st.tuples(st.just("build")),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=_map_steps)
+def test_deletes_through_the_id_map_leave_exactly_the_live_ids_after_any_history(tmp_path_factory, monkeypatch, steps):
+    from clipsearch.store import sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "_LOOKUP_APART_IDS", 1)  # every delete is a large one
+    store = SQLiteStore(tmp_path_factory.mktemp("map") / "s.db")
+    try:
+        store.bind_namespace("default", IDENT, {})
+        vecs, live = _vectors(8), set()
+        for step in steps:
+            if step[0] == "write":
+                store.write_batch("default", [NewItem(f"id{step[1]}", {"n": step[1]})], vecs[step[1] : step[1] + 1])
+                live.add(step[1])
+            elif step[0] == "delete":
+                gone = live & set(step[1])
+                assert store.delete_items("default", [f"id{i}" for i in step[1]]) == len(gone), step
+                live -= gone
+            else:
+                store.build_index("default")
+            ids = {it.id for it in store.get_items("default", [f"id{i}" for i in range(10)])}
+            assert ids == {f"id{i}" for i in live}, step
+            assert store._count("default", "image") == store._scan_count(store._conn, "default", "image") == len(live)
+    finally:
+        store.close()
 
 
 def test_a_namespace_is_read_in_stored_order_by_an_index_range(tmp_path):
