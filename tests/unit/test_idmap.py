@@ -24,6 +24,7 @@ def test_a_written_map_finds_each_id_at_its_seq_and_holds_no_other(tmp_path):
     assert held.tolist() == [a in expected for a in asked]
     assert found.tolist() == [expected.get(a, -1) for a in asked]
     assert idmap.find([])[0].shape == (0,)
+    assert not idmap.find(["photo-\udcff.jpg"])[0].any()  # a name that was not UTF-8: asked, not found
 
 
 def test_a_map_of_another_owner_or_cut_short_is_not_read(tmp_path):

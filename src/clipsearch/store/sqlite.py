@@ -67,7 +67,8 @@ def _fold_text(value: Any) -> Any:
 
 
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
-# A delete of this many ids or more looks them up on _LOOKUP_APART connections at once: at 10M
+# A delete of this many ids or more reads the id map (_lookup_large), and looks up what it cannot
+# answer, where that is this many ids or more, on _LOOKUP_APART connections at once: at 10M
 # rows, 100,000 ids looked up from a cold page cache took 2.3-3.7 s on one connection (a page read
 # at a time) and 1.1-1.4 s on 8 (`benchmarks/scale.py`'s store); 1.8-3.4 s on 8 on a day when this
 # disk served a third as many random reads a second (8,500-11,400 at 8 to 32 at once)
