@@ -138,14 +138,46 @@ class _FileWriter:
         return size
 
     def sync(self) -> None:
-        datasync(self.fd)
+        _datasync(self.fd)
         self.unsynced = 0
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def datasync(fd: int) -> None:
+def write_file(path: Path, fill: Callable[[_FileWriter], None], cancel: threading.Event | None = None) -> bool:
+    """Write ``path`` anew: ``fill`` writes into a temporary file beside it, which replaces it in
+    one rename (readers never see a half-written file). One of ``SAVE_PIECE`` or more is on disk
+    before it does; returns whether it was, so that the caller syncs the folder once its renames
+    are done. ``cancel`` set meanwhile stops the write (SaveCancelled); the old file stays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # named by this process (another may be writing the same file) and by this write
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    out = _FileWriter(tmp, cancel)
+    try:
+        try:
+            fill(out)
+            # a file under one piece (a small index, written at every change) is left to the
+            # kernel: a sync there would cost each search after a write, and a file a crash
+            # broke is derived data, rebuilt when it cannot be read
+            large = out.written >= SAVE_PIECE
+            if large:
+                out.sync()
+        finally:
+            out.close()
+        os.replace(tmp, path)
+    except SaveCancelled:
+        # removed beside whatever stopped the write: freeing a large file's blocks takes ext4
+        # a while (0.6 s for 800 MB here), and the file is no longer read
+        threading.Thread(target=tmp.unlink, kwargs={"missing_ok": True}, name="clipsearch-unlink").start()
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return large
+
+
+def _datasync(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS and Windows have no fdatasync
 
 
@@ -1340,34 +1372,15 @@ class VectorIndex:
         disk before it replaces the old one (a crash leaves the old file or the new, not an
         empty one in their place). ``cancel`` set meanwhile stops the write (SaveCancelled)
         within one piece; the old file stays."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # named by this process (another may be writing the same index) and by this write
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        out = _FileWriter(tmp, cancel)
-        try:
-            try:
-                if isinstance(self.index, ExactIndex):
-                    self.index.save(out)
-                else:
-                    faiss = _faiss()
-                    faiss.write_index(self.index, faiss.PyCallbackIOWriter(out.write, 1 << 20))
-                # a file under one piece (a small index, written at every change) is left to the
-                # kernel: a sync there would cost each search after a write, and a file a crash
-                # broke is derived data, rebuilt when it cannot be read
-                large = out.written >= SAVE_PIECE
-                if large:
-                    out.sync()
-            finally:
-                out.close()
-            os.replace(tmp, path)  # readers never see a half-written index
-        except SaveCancelled:
-            # removed beside whatever stopped the write: freeing a large file's blocks takes ext4
-            # a while (0.6 s for 800 MB here), and the index is no longer read
-            threading.Thread(target=tmp.unlink, kwargs={"missing_ok": True}, name="clipsearch-unlink").start()
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        def fill(out: _FileWriter) -> None:
+            if isinstance(self.index, ExactIndex):
+                self.index.save(out)
+            else:
+                faiss = _faiss()
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(out.write, 1 << 20))
+
+        large = write_file(path, fill, cancel)
         meta = path.with_suffix(".json")
         meta_tmp = meta.with_name(f"{meta.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         meta_tmp.write_text(json.dumps(asdict(self.state)))
@@ -1376,7 +1389,7 @@ class VectorIndex:
             sync_folder(path.parent)
         self.unsaved = 0
         VectorFile.remove_except(path, self.file.token if self.file is not None else None)
-        _remove_orphans(path)
+        remove_orphans(path, meta)
 
     @staticmethod
     def read_state(path: Path) -> IndexState | None:
@@ -1495,12 +1508,13 @@ def search_effort(state: IndexState, settings: IndexSettings) -> str:
     return "exact"
 
 
-def _remove_orphans(path: Path) -> None:
-    """Remove what a process killed while writing this index left (``<index>.<pid>-<tag>.tmp``;
-    at 10M vectors 1.3 GB each): files named by a process that no longer runs."""
+def remove_orphans(*paths: Path) -> None:
+    """Remove what a process killed while writing these files left (``<file>.<pid>-<tag>.tmp``;
+    at 10M vectors an index's is 1.3 GB): files named by a process that no longer runs."""
     if os.name != "posix":
         return  # elsewhere os.kill(pid, 0) is not a question
-    for name in (path.name, path.with_suffix(".json").name):
+    for path in paths:
+        name = path.name
         for tmp in path.parent.glob(f"{name}.*.tmp"):
             pid = tmp.name[len(name) + 1 : -len(".tmp")].split("-")[0]
             if not pid.isdigit():

@@ -20,10 +20,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..index import SAVE_PIECE, datasync, sync_folder
+from ..index import remove_orphans, sync_folder, write_file
 
 MAGIC = "clipsearch-idmap"
 VERSION = 1
@@ -50,8 +51,7 @@ class IdMap:
     @classmethod
     def write(cls, path: Path, owner: str, mark: int, seqs: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> IdMap:
         """Write the map of the ids hashed to ``hi``, ``lo`` (``hash_ids``), each live at the seq
-        beside it at ``mark``, replacing the file at ``path`` in one rename; one of
-        ``SAVE_PIECE`` or more is on disk before it does."""
+        beside it at ``mark``, replacing the file at ``path`` in one rename (``write_file``)."""
         order = np.lexsort((lo, hi))
         hi, lo, seqs = hi[order], lo[order], np.asarray(seqs, dtype=np.int64)[order]
         if len(hi) > 1:
@@ -66,23 +66,15 @@ class IdMap:
         blob = json.dumps(header).encode()
         if len(blob) >= _HEADER:
             raise ValueError(f"id map header too long ({len(blob)} bytes)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{token[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(blob.ljust(_HEADER, b"\n"))
-                for array in (hi, lo, seqs):
-                    array.astype("<i8" if array is seqs else "<u8", copy=False).tofile(f)
-                f.flush()
-                large = f.tell() >= SAVE_PIECE
-                if large:
-                    datasync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if large:
+
+        def fill(out: Any) -> None:
+            out.write(blob.ljust(_HEADER, b"\n"))
+            for array in (hi, lo, seqs):
+                out.write(np.ascontiguousarray(array, dtype="<i8" if array is seqs else "<u8"))
+
+        if write_file(path, fill):
             sync_folder(path.parent)
+        remove_orphans(path)
         return cls(path, owner, mark, len(hi), token)
 
     @classmethod
