@@ -16,8 +16,9 @@ against an exact scan, hits returned and recall under each filter, and its anony
 apart from the page cache (`RssAnon`, `RssFile` in /proc/self/status; `--lock-vectors` serves with
 `CLIPSEARCH_LOCK_VECTORS=1` and adds what it locked, `VmLck`; `--cold` first drops the store's files
 from the page cache). Then the updates: rows
-added (10% more; the index appends without retraining) and deleted (1%, then 25% in all), each
-timed to the first answer that reflects it.
+added (10% more; the index appends without retraining) and deleted (1%, then 25% in all;
+`--deletes 0.01,0.25,0.6` goes on past half of the IVF-PQ fp16 file, which is then rewritten),
+each timed to the first answer that reflects it and to its index file written.
 
 On PostgreSQL (`--db postgresql://...`, an empty database on a server with pgvector 0.8) the
 same set goes into a halfvec table with its HNSW index, and the serving process asks the server;
@@ -492,22 +493,28 @@ def main() -> None:
             )
             rng = np.random.default_rng(5)
             order = rng.permutation(n)
+            already = 0
             for share in args.deletes:
                 gone = order[: int(share * n)]
-                already = int(args.deletes[0] * n) if share != args.deletes[0] else 0
                 t = time.perf_counter()
                 for start in range(already, len(gone), 50_000):
                     c.delete([f"i{i}" for i in gone[start : start + 50_000]])
+                already = len(gone)
                 deleted = time.perf_counter() - t
                 c.search(vector=queries[0], limit=10)
                 answered = time.perf_counter() - t
+                # the index file the answer began writing (and, past half removed, the fp16 file's
+                # rewrite before it), so that the serving process below reads the index as it is now
+                getattr(c.store, "wait_for_saves", lambda: None)()
+                written = time.perf_counter() - t
                 left = np.setdiff1d(np.arange(n), gone)
                 after = serve(db, qpath, [], "after", lock)
                 live_truth = exact_top(vectors, queries, left, extra=added)
                 updates.append(
                     [
                         f"delete {len(gone):,} ({share:.0%} in all)",
-                        f"{deleted:.1f} s deleted, first answer after {answered:.1f} s",
+                        f"{deleted:.1f} s deleted, first answer after {answered:.1f} s, "
+                        f"index file written after {written:.0f} s",
                         f"p50 {pct(after['times'], 50) * 1000:.1f} ms, recall@10 "
                         + ", ".join(
                             f"{kind} {recall([after['ids'][i] for i in sel], [live_truth[i] for i in sel]):.3f}"

@@ -94,6 +94,7 @@ class CollectionInfo:
             "index_fresh": self.index.fresh,
             "index_tombstones": self.index.tombstones,
             "deleted_unpurged": self.index.unpurged,
+            "index_id_map": self.index.id_map,
             "index_reason": self.index.reason,
             "index_memory": self.index.memory,
             "runtime": self.runtime,

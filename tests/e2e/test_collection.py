@@ -239,9 +239,11 @@ def test_export_errors_and_file_names(cli, photos, tmp_path):
 # -- 5. an explicit index kind is built ----------------------------------------------------------
 def test_index_build_builds_the_kind_asked_for(cli, photos):
     assert cli("ingest", photos)[0] == 0  # a fresh flat index
+    assert json.loads(cli("index", "status", "--json")[1])["id_map"] == 6  # the ingest wrote the first
     code, out, _ = cli("index", "build", "--kind", "hnsw")
     assert code == 0 and "default: hnsw index, 6 vectors, fresh" in out and "why hnsw: asked for" in out
-    assert "a query: efSearch 128" in out
+    assert "a query: efSearch 128" in out and "id map: 6 ids, read by deletes of 5,000 or more" in out
+    assert json.loads(cli("info", "--json")[1])["namespaces"][0]["index_id_map"] == 6
     assert json.loads(cli("info", "--json")[1])["namespaces"][0]["index"] == "hnsw"
     code, out, _ = cli("index", "build", "--kind", "flat")
     assert code == 0 and "flat index, 6 vectors" in out

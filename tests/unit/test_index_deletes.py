@@ -214,8 +214,8 @@ def test_a_large_index_is_written_only_once_enough_changed(tmp_path, monkeypatch
     store.wait_for_saves()  # written after the answer (the next test)
     assert state_file.read_text() != written and store.index_status("default").fresh
     assert _open(tmp_path, kind="hnsw").index_status("default").tombstones == 4
-    # compaction also drops the removal log both indexes have applied
-    store.build_index("default")
+    # `index build` also drops the removal log the indexes and the id map it writes have applied
+    store.build_index("default", "hnsw")
     assert store._query("SELECT count(*) AS n FROM removals")[0]["n"] == 0
     store.close()
 

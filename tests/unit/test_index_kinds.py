@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -536,6 +537,124 @@ def test_ivfpq_deletes_and_adds_without_retraining_until_outgrown(tmp_path, monk
     # `index build` retrains too
     store.build_index("default", "ivfpq")
     assert store._indexes[("default", "image")].state.vector_file != rebuilt.state.vector_file
+
+
+def _exact_scores(store, vectors: dict[str, np.ndarray], query: np.ndarray, k: int = 10) -> None:
+    """The store's top ``k`` for ``query`` scores as an exact scan of ``vectors`` (the live rows) does."""
+    got = [h.item.id for h in store.search("default", query[None], k)[0]]
+    assert not set(got) - set(vectors)
+    want = sorted((float(v @ query) for v in vectors.values()), reverse=True)[:k]
+    assert [float(vectors[i] @ query) for i in got] == pytest.approx(want, abs=2e-3)
+
+
+def _vector_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".f16", ".seq", ".tmp")))
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["written-at-once", "written-after-the-answer"])
+def test_a_mostly_removed_fp16_file_is_rewritten_not_rebuilt(tmp_path, monkeypatch, background):
+    if background:  # as a large index is: its file written after the answer, on a thread
+        monkeypatch.setattr(index_module, "SAVE_ALWAYS_BELOW", 0)
+    vectors = _clustered(1500, seed=21)
+    store = _store(tmp_path, kind="ivfpq", nprobe=64, rerank=2000)
+    _write(store, 0, vectors[:1000])
+    store.build_index("default")
+    index = store._indexes[("default", "image")]
+    token, codes = index.state.vector_file, index.index
+    folder = tmp_path / "s.db-index"
+    live = {f"id{i}": vectors[i] for i in range(1000)}
+    assert store.delete_items("default", [f"id{i}" for i in range(1, 1000, 2)][:499]) == 499  # not past half
+    queries = _clustered(3, seed=22)
+    _exact_scores(store, {f"id{i}": live[f"id{i}"] for i in [*range(0, 1000, 2), 999]}, queries[0])
+    store.wait_for_saves()
+    assert index.state.vector_file == token and index.state.file_rows == 1000
+    # two more: past half, though too few to make a large index worth writing again on their own
+    assert store.delete_items("default", ["id0", "id2"]) == 2
+    live = {f"id{i}": live[f"id{i}"] for i in [*range(4, 1000, 2), 999]}
+    _exact_scores(store, live, queries[0])
+    store.wait_for_saves()
+    # the same index, lists and codes (no retraining), over a new file of the 499 rows it holds
+    assert store._indexes[("default", "image")] is index and index.index is codes and index.state.trained_on == 1000
+    assert index.state.vector_file != token and index.state.file_rows == index.state.count == 499
+    new = VectorFile.paths(folder / "default.faiss", index.state.vector_file)
+    assert _vector_files(folder) == sorted(p.name for p in new)
+    assert np.array_equal(index.file.seqs, np.sort(index.file.seqs)) and len(index.file.seqs) == 499
+    # another process reads the rewritten file; rows appended to it (past the gaps) are found
+    again = SQLiteStore(tmp_path / "s.db", IndexSettings(kind="ivfpq", nprobe=64, rerank=2000))
+    assert again.index_status("default").kind == "ivfpq"
+    for q in queries:
+        _exact_scores(again, live, q)
+    _write(again, 1000, vectors[1000:])
+    live |= {f"id{i}": vectors[i] for i in range(1000, 1500)}
+    for q in queries:
+        _exact_scores(again, live, q)
+    grown = again._indexes[("default", "image")]
+    assert grown.state.vector_file == index.state.vector_file and grown.state.file_rows == 999
+    assert grown.state.trained_on == 1000
+    store.close()
+    again.close()
+
+
+def test_a_rewrite_a_delete_stopped_is_done_again_not_replaced_by_a_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "SAVE_ALWAYS_BELOW", 0)  # written after the answer, as at 10M
+    vectors = _clustered(1000, seed=25)
+    store = _store(tmp_path, kind="ivfpq", nprobe=64, rerank=2000)
+    _write(store, 0, vectors)
+    store.build_index("default")
+    index = store._indexes[("default", "image")]
+    token = index.state.vector_file
+    rewrite, started = VectorFile.rewrite, threading.Event()
+
+    def held_until_stopped(self, keep, cancel=None):
+        started.set()
+        cancel.wait()  # the rewrite is under way when the delete comes
+        return rewrite(self, keep, cancel)
+
+    monkeypatch.setattr(VectorFile, "rewrite", held_until_stopped)
+    store.delete_items("default", [f"id{i}" for i in range(600)])
+    query = _clustered(1, seed=26)[0]
+    _exact_scores(store, {f"id{i}": vectors[i] for i in range(600, 1000)}, query)
+    assert started.wait(10)
+    store.delete_items("default", ["id600"])  # stops it
+    assert index.file.token == token and index.wasteful
+    monkeypatch.setattr(VectorFile, "rewrite", rewrite)
+    _exact_scores(store, {f"id{i}": vectors[i] for i in range(601, 1000)}, query)
+    store.wait_for_saves()
+    assert store._indexes[("default", "image")] is index and index.state.trained_on == 1000
+    assert index.state.vector_file != token and index.state.file_rows == 399
+    store.close()
+
+
+@pytest.mark.parametrize("stop_after", [2, 10], ids=["within-the-vectors", "within-the-seqs"])
+def test_a_stopped_rewrite_leaves_the_old_file_in_use_and_nothing_new(tmp_path, monkeypatch, stop_after):
+    store = _store(tmp_path, kind="ivfpq")
+    vectors = _clustered(1000, seed=23)
+    _write(store, 0, vectors)
+    store.build_index("default")
+    index = store._indexes[("default", "image")]
+    index.remove(np.asarray(index.file.seqs[:600]))  # unsaved: a store would write it at once, this small
+    before = _vector_files(tmp_path / "s.db-index")
+    assert index.wasteful and len(before) == 2
+    # read 100 rows at a time: the vectors are 10 writes (each asks whether to stop), the seqs an 11th
+    monkeypatch.setattr(index_module, "SAVE_PIECE", 100 * DIM * 2)
+
+    class StopAfter(threading.Event):
+        asked = 0
+
+        def is_set(self) -> bool:
+            self.asked += 1
+            return self.asked > stop_after
+
+    with pytest.raises(index_module.SaveCancelled):
+        index.compact_file(StopAfter())
+    for thread in [t for t in threading.enumerate() if t.name == "clipsearch-unlink"]:
+        thread.join()
+    assert _vector_files(tmp_path / "s.db-index") == before
+    assert index.state.file_rows == 1000 and index.file.rows == 1000 and index.wasteful
+    scores, seqs = index.search(_clustered(1, seed=24), 10)
+    assert (seqs > index.file.seqs[599]).all() and len(set(seqs[0].tolist())) == 10
+    index.compact_file()  # and once not stopped
+    assert index.file.rows == 400 and not index.wasteful
 
 
 def test_a_process_whose_vector_file_was_rebuilt_elsewhere_reloads(tmp_path):

@@ -726,7 +726,9 @@ def test_a_large_delete_finds_its_rows_in_the_id_map_and_the_rest_in_the_databas
     store = SQLiteStore(tmp_path / "s.db")
     vecs = _fill(store, 8)
     store.delete_items("default", ["id7"])  # purged by the build: not in the map
-    store.build_index("default")
+    store.search("default", vecs[:1], 3)
+    assert store.index_status("default").id_map == 0  # a search writes the index, not the map
+    assert store.build_index("default").id_map == 7
     ns = store._require("default")
     idmap = IdMap.open(store._idmap_path("default"), store._index_owner(ns))
     assert idmap is not None and idmap.count == 7
@@ -752,10 +754,38 @@ def test_a_large_delete_finds_its_rows_in_the_id_map_and_the_rest_in_the_databas
     store.build_index("default")
     fresh = IdMap.open(store._idmap_path("default"), store._index_owner(ns))
     assert fresh.count == 3 and fresh.token != idmap.token
+    assert SQLiteStore(tmp_path / "s.db").index_status("default").id_map == 3  # another process reads it too
     assert store._conn.execute("SELECT count(*) FROM removals").fetchone()[0] == 0
     asked.clear()
     assert store.delete_items("default", ["id2", "id4"]) == 2 and asked == []
     assert [it.id for it in store.get_items("default", ["id2", "id4", "id6"])] == ["id6"]
+    store.close()
+
+
+def test_an_ingests_refresh_keeps_an_id_map_that_still_gives_most_ids(tmp_path):
+    """`index build` always writes the map; the refresh at the end of an ingest (no kind asked)
+    writes one where there is none or where a quarter of the live ids changed since, and keeps the
+    removal log back to the map it keeps."""
+    from clipsearch.store.idmap import IdMap
+
+    store = SQLiteStore(tmp_path / "s.db")
+    _fill(store, 8)
+
+    def token() -> str:
+        return IdMap.open(store._idmap_path("default"), store._index_owner(store._require("default"))).token
+
+    store.build_index("default")  # an ingest's: no map yet
+    first = token()
+    store.delete_items("default", ["id0"])  # 1 of 7 live since
+    store.build_index("default")
+    assert token() == first
+    assert store._conn.execute("SELECT count(*) FROM removals").fetchone()[0] == 1  # kept for the map
+    assert store.delete_items("default", ["id0", "id1", "id2"]) == 2  # through the map and its log
+    store.build_index("default")  # 3 of 5 live changed since
+    second = token()
+    assert second != first and store._conn.execute("SELECT count(*) FROM removals").fetchone()[0] == 0
+    store.build_index("default", "auto")  # `index build`
+    assert token() != second
     store.close()
 
 

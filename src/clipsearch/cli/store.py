@@ -236,6 +236,8 @@ def print_index_status(namespace: str, status: IndexStatus) -> None:
         out.print(f"  a query: {status.search}")
     if status.reason:
         out.print(f"  why {status.kind}: {status.reason}")
+    if status.id_map:
+        out.print(f"  id map: {status.id_map:,} ids, read by deletes of 5,000 or more (written by `index build`)")
 
 
 def import_(

@@ -320,6 +320,7 @@ class IndexStatus:
     lists: int = 0  # IVF-PQ's lists
     unpurged: int = 0  # rows deleted (skipped by every read) whose space `index build` reclaims (SQLite)
     search: str = ""  # what an unfiltered query does: "efSearch 807", "384 lists visited, 585 candidates re-ranked"
+    id_map: int = 0  # ids in the id map a delete of 5,000 or more reads (SQLite; 0: none, until `index build`)
 
 
 class Store(Protocol):
@@ -440,8 +441,10 @@ class Store(Protocol):
     def has_text_vectors(self, namespace: str) -> bool: ...
     def index_status(self, namespace: str) -> IndexStatus: ...
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
-        """Bring the vector index up to date; ``kind`` forces one (``hnsw``), None lets the store
-        choose by size."""
+        """Bring the vector index up to date; ``kind`` forces one (``hnsw``, or ``auto``: chosen
+        by size again, as `index build` asks), None (an ingest's refresh) lets the store choose by
+        size and keeps what is up to date (on SQLite the id map, rewritten only when there is
+        none or a quarter of the live ids have changed since it)."""
         ...
 
     def schema_version(self) -> int: ...

@@ -783,6 +783,15 @@ class SQLiteStore(ClosingStore):
             np.concatenate([empty.view(np.uint64), *los]),
         )  # fmt: skip
 
+    def _idmap_behind(self, namespace: str, idmap: IdMap) -> int:
+        """About how many of the live ids the map does not give as they are now: rows removed
+        since it was written (their entries in the log) and rows written since (the live count
+        past what it holds). A delete looks those up in the database."""
+        since = self._query(
+            "SELECT count(*) AS n FROM removals WHERE mark > ? AND namespace = ?", (idmap.mark, namespace)
+        )[0]["n"]
+        return since + max(0, self._count(namespace, "image") - idmap.count)
+
     def _lookup_apart(self, namespace: str, ids: list[str]) -> list[int]:
         """The live seqs of ``ids`` (sorted), looked up on _LOOKUP_APART connections at once
         (_apart), so that the disk serves many of the id index's page reads together instead of
@@ -995,9 +1004,10 @@ class SQLiteStore(ClosingStore):
         """The namespace's index of ``field`` vectors, brought up to date with the table: loaded,
         then the logged removals applied and new rows appended; rebuilt only when it is missing,
         another database's, of the wrong kind, outgrown (IVF-PQ: trained on far fewer vectors),
-        or (HNSW) more than ``MAX_DEAD_SHARE`` tombstones. ``compact``: rebuild any index that
-        holds tombstones. ``rebuild`` (``index build``): also retrain an IVF-PQ index, and choose
-        the kind again where an earlier build was asked for one."""
+        or (HNSW) more than ``MAX_DEAD_SHARE`` tombstones. (An IVF-PQ index whose fp16 file is
+        mostly removed rows is not rebuilt: its write rewrites that file, after the answer.)
+        ``compact``: rebuild any index that holds tombstones. ``rebuild`` (``index build``): also
+        retrain an IVF-PQ index, and choose the kind again where an earlier build was asked for one."""
         check_field(field)
         ns = self._require(namespace)
         settings = self.index_settings
@@ -1075,8 +1085,8 @@ class SQLiteStore(ClosingStore):
                 index.state.generation = -1
             elif rebuilt or compact or index.small:
                 index.save(path)
-            elif index.worth_saving():
-                self._save_later(index, path)
+            elif index.worth_saving() or index.wasteful:
+                self._save_later(index, path)  # (wasteful: its fp16 file is rewritten first)
             self._indexes[(namespace, field)] = index
             return index
 
@@ -1433,14 +1443,16 @@ class SQLiteStore(ClosingStore):
         # the state file says what the index holds; the index itself need not be loaded
         state = loaded.state if loaded else VectorIndex.read_state(self._index_path(namespace, field))
         unpurged = self.pending_purge(namespace) if field == "image" else 0
+        idmap = IdMap.open(self._idmap_path(namespace), self._index_owner(ns)) if field == "image" else None
+        id_map = idmap.count if idmap is not None else 0  # (its header only)
         if state is None or state.owner != self._index_owner(ns):
-            return IndexStatus(kind="none", fresh=False, vectors=0, unpurged=unpurged)
+            return IndexStatus(kind="none", fresh=False, vectors=0, unpurged=unpurged, id_map=id_map)
         gen_col, rebuild_col = _COUNTERS[field]
         fresh = state.generation == ns[gen_col] and state.rebuild_generation == ns[rebuild_col]
         return IndexStatus(
             kind=state.kind, fresh=fresh, vectors=state.live, tombstones=len(state.dead),
             reason=state.reason, memory=state.memory, lists=state.nlist,
-            unpurged=unpurged, search=search_effort(state, self.index_settings),
+            unpurged=unpurged, search=search_effort(state, self.index_settings), id_map=id_map,
         )  # fmt: skip
 
     def build_index(self, namespace: str, kind: str | None = None) -> IndexStatus:
@@ -1459,9 +1471,16 @@ class SQLiteStore(ClosingStore):
         if self.has_text_vectors(namespace):
             marks.append(self._fresh_index(namespace, "text", compact=True, rebuild=rebuild).state.removal_mark)
         if str(self.path) != ":memory:":
-            # after the indexes: its mark is at or past theirs, so the trim below keeps the log's
-            # entries after it, which a delete that reads the map checks its seqs against
-            self._write_idmap(self._require(namespace))
+            ns = self._require(namespace)
+            idmap = IdMap.open(self._idmap_path(namespace), self._index_owner(ns))
+            # an ingest's refresh (no kind asked) keeps a map that still gives most ids: writing one
+            # reads every id (~18 s at 10M), and the ids it lacks are looked up in the database
+            stale = idmap is None or self._idmap_behind(namespace, idmap) > self._count(namespace, "image") // 4
+            if rebuild or stale:
+                # after the indexes: its mark is at or past theirs, so the trim below keeps the
+                # log's entries after it, which a delete that reads the map checks its seqs against
+                idmap = self._write_idmap(ns)
+            marks.append(idmap.mark)
         with self._tx() as conn:
             # what both saved indexes and the id map have applied is no use to anyone any more
             conn.execute("DELETE FROM removals WHERE namespace = ? AND mark <= ?", (namespace, min(marks)))
