@@ -237,7 +237,7 @@ def print_index_status(namespace: str, status: IndexStatus) -> None:
     if status.reason:
         out.print(f"  why {status.kind}: {status.reason}")
     if status.id_map:
-        out.print(f"  id map: {status.id_map:,} ids, read by deletes of 5,000 or more (written by `index build`)")
+        out.print(f"  id map: {status.id_map:,} ids, read by deletes of 5,000 or more")
 
 
 def import_(
