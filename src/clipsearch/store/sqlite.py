@@ -736,6 +736,17 @@ class SQLiteStore(ClosingStore):
         rest = [ids[i] for i in np.flatnonzero(~held)]
         return seqs[held].tolist() + (self._lookup(conn, namespace, rest) if rest else [])
 
+    @staticmethod
+    def _logged(conn: sqlite3.Connection, namespace: str, after: int, upto: int) -> np.ndarray:
+        """The seqs the removals log holds for the namespace after mark ``after`` up to ``upto``,
+        in log order: read as one string that SQLite joins and NumPy parses (a row at a time
+        through Python took 4.6-5.0 s for 5.2M entries, this 0.8 s)."""
+        joined = conn.execute(
+            "SELECT group_concat(seq, ' ') FROM removals WHERE mark > ? AND mark <= ? AND namespace = ?",
+            (after, upto, namespace),
+        ).fetchone()[0]
+        return np.fromstring(joined, dtype=np.int64, sep=" ") if joined else np.empty(0, dtype=np.int64)
+
     def _removed_since(self, conn: sqlite3.Connection, namespace: str, idmap: IdMap) -> np.ndarray:
         """The seqs removed from the namespace since ``idmap``'s mark (sorted), read from the
         removals log; kept between calls, so that each reads only the log's new entries. Read
@@ -747,13 +758,8 @@ class SQLiteStore(ClosingStore):
         # no writer commits inside this transaction: nothing lands between the two reads
         end = conn.execute("SELECT coalesce(max(mark), 0) FROM removals").fetchone()[0]
         if end > last:
-            joined = conn.execute(
-                "SELECT group_concat(seq, ' ') FROM removals WHERE mark > ? AND mark <= ? AND namespace = ?",
-                (last, end, namespace),
-            ).fetchone()[0]
-            if joined:
-                new = np.sort(np.fromstring(joined, dtype=np.int64, sep=" "))
-                seqs = np.insert(seqs, np.searchsorted(seqs, new), new)  # merged: no sort of them all
+            new = np.sort(self._logged(conn, namespace, last, end))
+            seqs = np.insert(seqs, np.searchsorted(seqs, new), new)  # merged: no sort of them all
             last = end
         self._map_removed[namespace] = (idmap.token, last, seqs)
         return seqs
@@ -1053,11 +1059,7 @@ class SQLiteStore(ClosingStore):
             )
             if appendable:
                 assert index is not None
-                removed = self._query(
-                    "SELECT seq FROM removals WHERE namespace = ? AND mark > ? AND mark <= ?",
-                    (namespace, index.state.removal_mark, last_mark or 0),
-                )
-                index.remove(np.fromiter((r["seq"] for r in removed), dtype=np.int64, count=len(removed)))
+                index.remove(self._logged(self._conn, namespace, index.state.removal_mark, last_mark or 0))
                 appendable = index.dead_share <= MAX_DEAD_SHARE
             rebuilt = not appendable
             if rebuilt:
