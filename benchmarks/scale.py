@@ -634,9 +634,9 @@ def postgres_bq(url: str, queries: np.ndarray, kinds: list[str], truth: list[set
 
 def rerank_by_size(n: int, lists: int, nprobe: int = 0) -> int:
     """What CLIPSEARCH_IVF_RERANK=0 gives an IVF-PQ index of ``n`` vectors (VectorIndex.rerank)."""
-    from clipsearch.index import DEFAULT_RERANK, RERANK_SHARE
+    from clipsearch.index import DEFAULT_RERANK, MAX_NPROBE, RERANK_SHARE
 
-    nprobe = nprobe or max(16, lists // 32)
+    nprobe = nprobe or min(MAX_NPROBE, max(16, lists // 32))
     return max(DEFAULT_RERANK, n * nprobe // max(1, lists) // RERANK_SHARE) if lists else 0
 
 
