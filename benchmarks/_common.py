@@ -9,6 +9,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -197,6 +198,16 @@ def drop_from_page_cache(db: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def live_in_order(conn: Any, seed: int) -> np.ndarray:
+    """The numbers i of a kept store's live items (ids i0..i(N-1), rows numbered 1..N) in one
+    fixed random order of all its rows, the deleted ones left out: runs one after another with the
+    same seed each take the next ids not yet deleted."""
+    n = conn.execute("SELECT max(seq) FROM items").fetchone()[0]
+    gone = np.fromiter((r[0] for r in conn.execute("SELECT seq FROM deleted")), dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(np.arange(1, n + 1))
+    return order[~np.isin(order, gone)] - 1
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clipsearch
-from _common import print_table
+from _common import live_in_order, print_table
 
 
 def main() -> None:
@@ -31,10 +31,7 @@ def main() -> None:
     query = np.load(work / "queries.npy")[0].astype(np.float32)
     c = clipsearch.open(work / "scale.db", create=False)
     c.search(vector=query, limit=10)
-    conn = c.store._conn
-    n = conn.execute("SELECT max(seq) FROM items").fetchone()[0]
-    gone = np.fromiter((r[0] for r in conn.execute("SELECT seq FROM deleted")), dtype=np.int64)
-    pool = np.random.default_rng(args.seed).permutation(np.setdiff1d(np.arange(1, n + 1), gone)) - 1
+    pool = live_in_order(c.store._conn, args.seed)
     started = time.perf_counter()
     for at in range(0, args.ids, 50_000):
         ids = [f"i{i}" for i in pool[at : min(at + 50_000, args.ids)]]

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clipsearch
-from _common import drop_from_page_cache, print_table
+from _common import drop_from_page_cache, live_in_order, print_table
 
 
 def main() -> None:
@@ -43,11 +43,8 @@ def main() -> None:
     store = c.store
     index = store._indexes[(c.namespace, "image")]
     path = store._index_path(c.namespace, "image")
-    n = store._conn.execute("SELECT max(seq) FROM items").fetchone()[0]
     live = c.info().items
-    gone = np.fromiter((r[0] for r in store._conn.execute("SELECT seq FROM deleted")), dtype=np.int64)
-    order = np.random.default_rng(11).permutation(np.arange(1, n + 1))
-    pool = order[~np.isin(order, gone)] - 1
+    pool = live_in_order(store._conn, 11)
     at, rows = 0, []
     for _ in range(args.rounds):
         for beside in (False, True):

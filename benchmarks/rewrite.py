@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clipsearch
-from _common import pct, print_table
+from _common import live_in_order, pct, print_table
 from clipsearch.index import MAX_FILE_WASTE, VectorFile
 
 
@@ -51,10 +51,7 @@ def main() -> None:
     path = store._index_path(c.namespace, "image")
     before = index.state.file_rows, index.state.count, _size(index)
     target = int(index.state.file_rows * (1 - MAX_FILE_WASTE - args.past))
-    n = store._conn.execute("SELECT max(seq) FROM items").fetchone()[0]
-    gone = np.fromiter((r[0] for r in store._conn.execute("SELECT seq FROM deleted")), dtype=np.int64)
-    order = np.random.default_rng(23).permutation(np.arange(1, n + 1))
-    pool = order[~np.isin(order, gone)] - 1
+    pool = live_in_order(store._conn, 23)
     drop = max(0, index.state.count - target)
 
     t = time.perf_counter()
