@@ -469,6 +469,35 @@ def main() -> None:
             *([["of them locked in memory (VmLck: CLIPSEARCH_LOCK_VECTORS)", mb(s["rss"]["VmLck"])]] if lock else []),
         ]
         bq = postgres_bq(str(db), queries, kinds, truth, args.bq, phases) if args.bq else []
+        # printed now: the updates below take long at 10M, and a run that dies in them keeps these
+        title = f"{n:,} x {dim} {'given' if args.vectors else 'synthetic'} vectors, {os.cpu_count()} cores"
+        print_table(f"Build: {title}", ["phase", "time"], phases)
+        print_table("Files", ["file", "size"], sizes)
+        print_table("Serving process", ["measure", "value"], memory)
+        print_table(
+            f"Unfiltered search, k=10, index {s['index']['kind']} ({s['index']['reason']})",
+            ["queries", "p50 (ms)", "p99 (ms)", "recall@10", "hits / throughput"],
+            rows,
+        )
+        print_table(
+            "Filtered search, k=10 (client: at random; category: whole topics)",
+            ["filter", "rows", "recall@10", "queries short of min(10, rows)", "p50 (ms)", "p99 (ms)", "first (ms)"]
+            + (["plan (queries)"] if postgres else []),
+            frows,
+        )
+        if bq:
+            print_table(
+                "PostgreSQL: binary-quantised HNSW (bit_hamming_ops), inner LIMIT re-ranked by halfvec <#>",
+                ["inner LIMIT", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
+                bq,
+            )
+        if reranked:
+            print_table(
+                "Unfiltered search by CLIPSEARCH_IVF_RERANK (candidates re-scored) and _NPROBE (lists visited)",
+                ["setting", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
+                reranked,
+            )
+        sys.stdout.flush()
         updates = []
         if not args.skip_updates:
             gen = Synthetic(dim, n, args.seed + 1)
@@ -491,14 +520,22 @@ def main() -> None:
                     c.info().index.kind + (f", trained on {n:,}" if status.kind == "ivfpq" else ""),
                 ]
             )
+            print("update:", " | ".join(updates[-1]), flush=True)
             rng = np.random.default_rng(5)
             order = rng.permutation(n)
             already = 0
             for share in args.deletes:
                 gone = order[: int(share * n)]
                 t = time.perf_counter()
+                retried = []
                 for start in range(already, len(gone), 50_000):
-                    c.delete([f"i{i}" for i in gone[start : start + 50_000]])
+                    batch = [f"i{i}" for i in gone[start : start + 50_000]]
+                    try:
+                        c.delete(batch)
+                    except clipsearch.StorageError as e:  # reported in the row, and tried once more
+                        print(f"delete of ids {start:,}+ failed: {e}", file=sys.stderr, flush=True)
+                        retried.append(e.code)
+                        c.delete(batch)
                 already = len(gone)
                 deleted = time.perf_counter() - t
                 c.search(vector=queries[0], limit=10)
@@ -514,7 +551,8 @@ def main() -> None:
                     [
                         f"delete {len(gone):,} ({share:.0%} in all)",
                         f"{deleted:.1f} s deleted, first answer after {answered:.1f} s, "
-                        f"index file written after {written:.0f} s",
+                        f"index file written after {written:.0f} s"
+                        + (f" ({len(retried)} batches tried again after {', '.join(retried)})" if retried else ""),
                         f"p50 {pct(after['times'], 50) * 1000:.1f} ms, recall@10 "
                         + ", ".join(
                             f"{kind} {recall([after['ids'][i] for i in sel], [live_truth[i] for i in sel]):.3f}"
@@ -523,34 +561,8 @@ def main() -> None:
                         ),
                     ]
                 )
+                print("update:", " | ".join(updates[-1]), flush=True)
             c.close()
-    title = f"{n:,} x {dim} {'given' if args.vectors else 'synthetic'} vectors, {os.cpu_count()} cores"
-    print_table(f"Build: {title}", ["phase", "time"], phases)
-    print_table("Files", ["file", "size"], sizes)
-    print_table("Serving process", ["measure", "value"], memory)
-    print_table(
-        f"Unfiltered search, k=10, index {s['index']['kind']} ({s['index']['reason']})",
-        ["queries", "p50 (ms)", "p99 (ms)", "recall@10", "hits / throughput"],
-        rows,
-    )
-    print_table(
-        "Filtered search, k=10 (client: at random; category: whole topics)",
-        ["filter", "rows", "recall@10", "queries short of min(10, rows)", "p50 (ms)", "p99 (ms)", "first (ms)"]
-        + (["plan (queries)"] if postgres else []),
-        frows,
-    )
-    if bq:
-        print_table(
-            "PostgreSQL: binary-quantised HNSW (bit_hamming_ops), inner LIMIT re-ranked by halfvec <#>",
-            ["inner LIMIT", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
-            bq,
-        )
-    if reranked:
-        print_table(
-            "Unfiltered search by CLIPSEARCH_IVF_RERANK (candidates re-scored) and _NPROBE (lists visited)",
-            ["setting", "queries", "p50 (ms)", "p99 (ms)", "recall@10"],
-            reranked,
-        )
     if updates:
         print_table("Updates", ["change", "time", "after"], updates)
 

@@ -46,6 +46,7 @@ _EXPORTS = {
             "NamespaceNotFoundError",
             "NoDatabaseError",
             "NotFoundError",
+            "StorageError",
             "TooLargeError",
             "UsageError",
         )
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
         NamespaceNotFoundError,
         NoDatabaseError,
         NotFoundError,
+        StorageError,
         TooLargeError,
         UsageError,
     )
@@ -116,6 +118,7 @@ __all__ = [
     "NotFoundError",
     "Page",
     "RayOptions",
+    "StorageError",
     "TooLargeError",
     "UsageError",
     "__version__",

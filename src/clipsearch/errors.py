@@ -180,6 +180,29 @@ class ItemNotFoundError(NotFoundError):
         super().__init__(f"no item {item_id!r} in namespace {namespace!r}")
 
 
+class StorageError(ClipsearchError):
+    """The disk under a database failed a read or a write, is full, or holds a damaged file.
+
+    ``path``: the database; ``code``: SQLite's name for it (``SQLITE_IOERR_WRITE``,
+    ``SQLITE_FULL``, ``SQLITE_CORRUPT``...); ``reason``: what SQLite said; ``rolled_back``: it
+    failed a transaction, which was rolled back (the transactions an operation committed before it
+    stay: an import commits 10,000 rows at a time).
+    """
+
+    exit_code = 1
+
+    def __init__(self, path: str, code: str, reason: str, rolled_back: bool):
+        self.path, self.code, self.reason, self.rolled_back = path, code, reason, rolled_back
+        kept = "; the transaction in progress was rolled back" if rolled_back else ""
+        if code.startswith("SQLITE_FULL"):
+            fix = "free some space there and run it again"
+        elif code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            fix = "the file is damaged: restore it from a backup, or build it again from its sources"
+        else:
+            fix = "see what the system logged about that disk (dmesg), then run it again"
+        super().__init__(f"the database {path} could not be read or written: {reason} ({code}){kept}; {fix}")
+
+
 class ImageError(ClipsearchError):
     """An input could not be turned into an image; the message is the recorded reason."""
 

@@ -4,7 +4,8 @@ cancellation on disconnect), the API key, JSON errors, health, metrics, the docs
 The API's routes are one module per group (``api_openai``, ``api_search``, ``api_items``); each
 translates HTTP to ``Service`` and ``Collection`` calls and back. Every error leaves as
 ``{"error": {"message", "type", ...}}`` with its status: 400 bad input, 401 API key, 404,
-413 too large, 422 validation, 503 while the model loads.
+413 too large, 422 validation, 500 when the server's disk fails (``storage_error``), 503 while the
+model loads.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ..errors import (
     ModelMismatchError,
     NamespaceNotFoundError,
     NotFoundError,
+    StorageError,
     TooLargeError,
 )
 from ..store import Store, open_store
@@ -87,6 +89,8 @@ def _status(e: ClipsearchError) -> tuple[int, str, str | None]:
         return 400, "invalid_request_error", "model_mismatch"
     if isinstance(e, MissingExtraError):  # this server's install lacks it: not the request's fault
         return 501, "server_error", "missing_extra"
+    if isinstance(e, StorageError):  # the server's disk: not the request's fault
+        return 500, "server_error", "storage_error"
     return 400, "invalid_request_error", None
 
 
@@ -402,6 +406,10 @@ def create_app(settings: ServerSettings, loader: Loader, store: Store | None = N
         message = e.worded(http_name)
         if isinstance(e, NamespaceNotFoundError):  # where the store lives is the server's business
             message = f"namespace {e.namespace!r} does not exist"
+        if isinstance(e, StorageError):  # the operator's to mend: the whole line goes to the log
+            log.error("%s %s: %s", request.method, request.url.path, e)
+            kept = "; the change in progress was rolled back" if e.rolled_back else ""
+            message = f"the server could not read or write its database ({e.code}){kept}; its log says why"
         return error_response(status, message, type_, code, param=e.param)
 
     @app.exception_handler(RequestValidationError)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NotFoundError, UsageError
+from ..errors import NotFoundError, StorageError, UsageError
 from ..identity import ModelIdentity
 from ..index import KINDS, MAX_DEAD_SHARE, IndexSettings, SaveCancelled, VectorIndex, search_effort
 from ..keywords import index_text, query_terms
@@ -77,6 +77,9 @@ _LOOKUP_APART = 8
 # the rows an id map holds, by the (namespace, id) index, which has both columns: no row of the
 # table is read (at 10M rows its pages are most of a 55 GB file)
 _MAP_ROWS = "SELECT seq, id FROM items WHERE namespace = ? AND seq NOT IN (SELECT seq FROM deleted)"
+# SQLite's primary result codes for a disk that failed a read or write (IOERR), is full (FULL),
+# or holds a damaged file (CORRUPT, NOTADB): StorageError, not a bug's traceback
+_STORAGE_CODES = {10, 11, 13, 26}
 _AUTOCHECKPOINT = 1000  # SQLite's default: pages in the write-ahead log that a commit checkpoints
 _MAX_INDEXED_TEXT = 200  # longer text values (captions, paths) are filtered from the JSON
 
@@ -268,6 +271,8 @@ class SQLiteStore(ClosingStore):
                     "WHERE seq NOT IN (SELECT seq FROM main.deleted)"
                 )
         except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF in (10, 13):  # the disk failed, or is full
+                raise StorageError(str(self.path), e.sqlite_errorname, str(e), rolled_back=False) from e
             raise UsageError(f"{self.path} is not a clipsearch database ({e})") from None
 
     @property
@@ -343,14 +348,39 @@ class SQLiteStore(ClosingStore):
                 self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
                 self._conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as e:
+                failed = self._storage_error(e, change=True)
                 if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        # the log's uncommitted pages are never read: the change is gone either way
+                        if failed is None:
+                            raise
+                if failed is not None:
+                    raise failed from e
                 raise
 
     def _query(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                failed = self._storage_error(e, change=False)
+                if failed is not None:
+                    raise failed from e
+                raise
+
+    def _storage_error(self, e: BaseException, change: bool) -> StorageError | None:
+        """``e`` as the typed error a user can act on, where it says the disk failed a read or a
+        write, is full or holds a damaged file (None for the rest: those are bugs). Raised by
+        the store's own connection or by any of its others (a delete's lookups on several)."""
+        if isinstance(e, StorageError):
+            return e
+        code = getattr(e, "sqlite_errorcode", None)
+        if not isinstance(e, sqlite3.Error) or code is None or code & 0xFF not in _STORAGE_CODES:
+            return None
+        return StorageError(str(self.path), getattr(e, "sqlite_errorname", "SQLITE_IOERR"), str(e), change)
 
     # -- namespaces --------------------------------------------------------------------
     def _info(self, row: sqlite3.Row) -> NamespaceInfo:
@@ -780,6 +810,11 @@ class SQLiteStore(ClosingStore):
                 hi, lo = hash_ids([r[1] for r in rows])
                 his.append(hi)
                 los.append(lo)
+        except sqlite3.Error as e:
+            failed = self._storage_error(e, change=False)
+            if failed is None:
+                raise
+            raise failed from e
         finally:
             conn.close()
         empty = np.empty(0, dtype=np.int64)
