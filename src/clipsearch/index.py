@@ -1034,7 +1034,11 @@ class VectorIndex:
             if isinstance(self.index, ExactIndex):
                 removed = self.index.remove(seqs)
             else:
-                removed = int(self.index.remove_ids(_faiss().IDSelectorBatch(seqs)))
+                # a bitmap over the seqs: IDSelectorBatch hashes each id first and then each id
+                # the lists hold, 6x the time at a quarter of 4M removed
+                bits = _bitmap(seqs)
+                faiss = _faiss()
+                removed = int(self.index.remove_ids(faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))))
             self.state.count = int(self.index.ntotal)
             self.unsaved += removed
             self._changed()
