@@ -187,17 +187,32 @@ def open_as(src: Path, db: Path) -> None:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(theirs),))
 
 
+_DROP = """
+import os, sys
+from pathlib import Path
+db = Path(sys.argv[1])
+for p in [*db.parent.glob(f"{db.name}*"), *db.parent.glob(f"{db.name}-index/*")]:
+    if p.is_file():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+"""
+
+
 def drop_from_page_cache(db: Path) -> None:
     """Drop a SQLite store's files (the database, its WAL, its index folder) from the page cache
     (posix_fadvise), as a kernel that pages out idle file pages leaves them: a process started
-    after reads them from disk."""
-    for p in [*db.parent.glob(f"{db.name}*"), *db.parent.glob(f"{db.name}-index/*")]:
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    after reads them from disk. Done by a child process: closing any descriptor of the database
+    releases every POSIX lock this process holds on it, SQLite's included, and a connection still
+    open here (a collection not yet collected) then goes on as though it held them; the next
+    process to close its connection believes itself the last, checkpoints and deletes the
+    write-ahead log under that one, and its later reads of the log fail (SQLITE_IOERR_SHORT_READ:
+    what stopped two 10M runs in their deletes)."""
+    import sys
+
+    subprocess.run([sys.executable, "-c", _DROP, str(db)], check=True)
 
 
 def live_in_order(conn: Any, seed: int) -> np.ndarray:

@@ -354,7 +354,8 @@ def main() -> None:
                 filter_truth = pickle.load(f)
             truth = filter_truth.pop("")
             phases = [["(a store built before: --reuse)", ""]]
-            status = clipsearch.open(db, create=False).info().index
+            with clipsearch.open(db, create=False) as c:  # closed: see drop_from_page_cache
+                status = c.info().index
         else:
             data = make_data(work, args)
             n, dim, queries = data["n"], data["dim"], data["queries"]

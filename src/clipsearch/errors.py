@@ -198,6 +198,15 @@ class StorageError(ClipsearchError):
             fix = "free some space there and run it again"
         elif code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
             fix = "the file is damaged: restore it from a backup, or build it again from its sources"
+        elif code == "SQLITE_IOERR_SHORT_READ":
+            # what a write-ahead log removed under a reader looks like: another process believed
+            # itself the last user, because this one's locks were let go by a descriptor of the
+            # database closed outside SQLite (POSIX drops all of a process's locks on a file then)
+            fix = (
+                "its write-ahead log ended early, as when another process removed it, believing no one "
+                "else had the database open (a program that opens and closes the database's files beside "
+                "SQLite in this process lets go of its locks); open the store again"
+            )
         else:
             fix = "see what the system logged about that disk (dmesg), then run it again"
         super().__init__(f"the database {path} could not be read or written: {reason} ({code}){kept}; {fix}")

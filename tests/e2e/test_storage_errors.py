@@ -115,3 +115,28 @@ def test_a_damaged_database_over_http_is_a_json_500_without_the_servers_paths(da
         assert str(damaged["db"].parent) not in r.text
         assert client.get("/health").status_code == 200  # the server lives on
     assert any(str(damaged["db"]) in rec.getMessage() for rec in caplog.records)  # the operator's log says where
+
+
+def test_a_log_removed_under_a_reader_says_so(tmp_path):
+    """POSIX lets go of all of a process's locks on a file when any descriptor of it closes: a
+    program that opens and closes the database beside SQLite leaves its connections unlocked, the
+    next process to close believes itself the last and deletes the write-ahead log, and this
+    process's next reads of the log come up short (what stopped a 10M benchmark in its deletes)."""
+    db = tmp_path / "lib.db"
+    model = ModelIdentity("open_clip", "synthetic", "", 8, {})
+    ids = [f"r{i}" for i in range(20_000)]
+    vectors = np.random.default_rng(3).standard_normal((20_000, 8)).astype(np.float32)
+    with clipsearch.open(db) as c:
+        c.add_vectors(ids, vectors, model=model)
+        c.delete(ids[:5_000])  # 5,000 ids and more are looked up on several connections at once
+        os.close(os.open(db, os.O_RDONLY))  # the locks of this process on the file are gone
+        other = "import clipsearch, sys; clipsearch.open(sys.argv[1], create=False).close()"
+        subprocess.run([sys.executable, "-c", other, str(db)], check=True)
+        assert not Path(f"{db}-wal").exists()  # it believed itself the last, and removed the log
+        c.delete(ids[5_000:10_000])  # written to the log this process still holds open
+        with pytest.raises(StorageError) as caught:
+            c.delete(ids[10_000:15_000])  # read by connections that open the log anew: empty
+    assert caught.value.code == "SQLITE_IOERR_SHORT_READ" and caught.value.rolled_back
+    assert "write-ahead log ended early" in str(caught.value) and "open the store again" in str(caught.value)
+    with clipsearch.open(db) as c:  # the first connection's close wrote its log into the database
+        assert len(c) == 10_000
