@@ -375,8 +375,8 @@ class SQLiteStore(ClosingStore):
         """``e`` as the typed error a user can act on, where it says the disk failed a read or a
         write, is full or holds a damaged file (None for the rest: those are bugs). Raised by
         the store's own connection or by any of its others (a delete's lookups on several)."""
-        if isinstance(e, StorageError):
-            return e
+        if isinstance(e, StorageError):  # a read inside a transaction: rolled back with it
+            return e if e.rolled_back or not change else StorageError(e.path, e.code, e.reason, True)
         code = getattr(e, "sqlite_errorcode", None)
         if not isinstance(e, sqlite3.Error) or code is None or code & 0xFF not in _STORAGE_CODES:
             return None
