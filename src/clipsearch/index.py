@@ -1036,9 +1036,8 @@ class VectorIndex:
             else:
                 # a bitmap over the seqs: IDSelectorBatch hashes each id first and then each id
                 # the lists hold, 6x the time at a quarter of 4M removed
-                bits = _bitmap(seqs)
-                faiss = _faiss()
-                removed = int(self.index.remove_ids(faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))))
+                selector, _bits = _bitmap_selector(seqs)
+                removed = int(self.index.remove_ids(selector))
             self.state.count = int(self.index.ntotal)
             self.unsaved += removed
             self._changed()
@@ -1159,9 +1158,7 @@ class VectorIndex:
         view = self._allowed.get(id(allowed))
         if view is not None and view.ids() is allowed:
             return view
-        bits = _bitmap(allowed)
-        faiss = _faiss()
-        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+        selector, bits = _bitmap_selector(allowed)
         per_list = None
         if self.state.kind == "ivfpq":
             lists = self._lists()
@@ -1396,8 +1393,7 @@ class VectorIndex:
         faiss = _faiss()
         if self.state.dead:
             if self._dead_selector is None:
-                bits = _bitmap(np.asarray(self.state.dead, dtype=np.int64))
-                inner = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+                inner, bits = _bitmap_selector(np.asarray(self.state.dead, dtype=np.int64))
                 self._dead_selector = (faiss.IDSelectorNot(inner), inner, bits)
             return self._dead_selector[0], list(self._dead_selector)
         return None, []
@@ -1604,13 +1600,17 @@ def remove_orphans(*paths: Path) -> None:
                 pass  # alive, another user's
 
 
-def _bitmap(ids: np.ndarray) -> np.ndarray:
-    """FAISS's IDSelectorBitmap layout: bit ``i & 7`` of byte ``i >> 3`` is set for each id."""
-    if not len(ids):
-        return np.zeros(1, dtype=np.uint8)
-    bits = np.zeros(int(ids.max()) + 1, dtype=bool)
-    bits[ids] = True
-    return np.packbits(bits, bitorder="little")
+def _bitmap_selector(ids: np.ndarray) -> tuple[Any, np.ndarray]:
+    """A FAISS IDSelectorBitmap of ``ids`` and its bitmap (bit ``i & 7`` of byte ``i >> 3`` set for
+    each id), which the selector reads by pointer: the caller keeps it alive as long."""
+    if len(ids):
+        flags = np.zeros(int(ids.max()) + 1, dtype=bool)
+        flags[ids] = True
+        bits = np.packbits(flags, bitorder="little")
+    else:
+        bits = np.zeros(1, dtype=np.uint8)
+    faiss = _faiss()
+    return faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), bits
 
 
 def _sorted(scores: np.ndarray, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

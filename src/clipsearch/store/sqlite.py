@@ -362,14 +362,19 @@ class SQLiteStore(ClosingStore):
                 raise
 
     def _query(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            try:
-                return self._conn.execute(sql, params).fetchall()
-            except sqlite3.Error as e:
-                failed = self._storage_error(e, change=False)
-                if failed is not None:
-                    raise failed from e
+        with self._lock, self._reads():
+            return self._conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def _reads(self) -> Iterator[None]:
+        """Reads outside a transaction: a failing disk raises StorageError (see _storage_error)."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            failed = self._storage_error(e, change=False)
+            if failed is None:
                 raise
+            raise failed from e
 
     def _storage_error(self, e: BaseException, change: bool) -> StorageError | None:
         """``e`` as the typed error a user can act on, where it says the disk failed a read or a
@@ -802,19 +807,15 @@ class SQLiteStore(ClosingStore):
         conn = sqlite3.connect(self.path, timeout=30)
         seqs, his, los = [], [], []
         try:
-            conn.execute("BEGIN")
-            mark = conn.execute("SELECT coalesce(max(mark), 0) FROM removals").fetchone()[0]
-            cursor = conn.execute(_MAP_ROWS, (namespace,))
-            while rows := cursor.fetchmany(100_000):
-                seqs.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
-                hi, lo = hash_ids([r[1] for r in rows])
-                his.append(hi)
-                los.append(lo)
-        except sqlite3.Error as e:
-            failed = self._storage_error(e, change=False)
-            if failed is None:
-                raise
-            raise failed from e
+            with self._reads():
+                conn.execute("BEGIN")
+                mark = conn.execute("SELECT coalesce(max(mark), 0) FROM removals").fetchone()[0]
+                cursor = conn.execute(_MAP_ROWS, (namespace,))
+                while rows := cursor.fetchmany(100_000):
+                    seqs.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+                    hi, lo = hash_ids([r[1] for r in rows])
+                    his.append(hi)
+                    los.append(lo)
         finally:
             conn.close()
         empty = np.empty(0, dtype=np.int64)
